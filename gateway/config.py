@@ -1,0 +1,312 @@
+"""The configuration: one TOML file becomes one frozen `Settings`, validated once at start-up.
+
+Every error names the file and the dotted key (`ConfigError`). Relative paths are resolved against the
+directory of the configuration file, so a configuration can be moved together with its certificates.
+`gateway.example.toml` documents every key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.errors import ConfigError
+
+T = TypeVar("T")
+
+_AE_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)[bB]?\s*$")
+_ADDR_RE = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One mail server endpoint."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Partner:
+    """A teleradiology partner: where its mails go and how its signatures are checked."""
+
+    name: str
+    address: str
+    smime_cert: Path
+    ae_title: str
+
+
+@dataclass(frozen=True)
+class MailSettings:
+    """The gateway's own mailbox and the mail cluster it uses."""
+
+    address: str
+    client_cert: Path
+    client_key: Path
+    ca_bundle: Path
+    smtp_nodes: tuple[Node, ...]
+    pop3_nodes: tuple[Node, ...]
+    poll_interval: float
+    max_mail_size: int
+    connect_timeout: float
+    io_timeout: float
+    node_cooldown: float
+    subject: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway reads from its configuration file."""
+
+    source: Path
+    name: str
+    ae_title: str
+    dicom_bind: str
+    dicom_port: int
+    stability_delay: float
+    d_root: Path
+    e_root: Path
+    database_url: str
+    mail: MailSettings
+    smime_cert: Path
+    smime_key: Path
+    partners: tuple[Partner, ...]
+    log_level: str = "INFO"
+    retry_max_age: float = 2 * 24 * 3600.0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def partner_by_ae(self, ae_title: str) -> Partner | None:
+        """The partner a Called AE Title routes to, if any."""
+        for p in self.partners:
+            if p.ae_title == ae_title.strip():
+                return p
+        return None
+
+    def partner_by_name(self, name: str) -> Partner | None:
+        """The partner with this name, if any."""
+        return next((p for p in self.partners if p.name == name), None)
+
+    def partner_by_address(self, address: str) -> Partner | None:
+        """The partner that owns this mail address (case-insensitive), if any."""
+        address = address.strip().lower()
+        return next((p for p in self.partners if p.address.lower() == address), None)
+
+    @property
+    def catalog_is_sqlite(self) -> bool:
+        """True when the catalog is the embedded SQLite database."""
+        return self.database_url.startswith("sqlite:")
+
+
+class _Reader:
+    """Walks one TOML table, remembering which keys were read so unknown ones can be refused."""
+
+    def __init__(self, file: Path, prefix: str, table: dict[str, Any]) -> None:
+        self.file = file
+        self.prefix = prefix
+        self.table = table
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(str(self.file), self.key(name), problem)
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: Any = ..., check: Callable[[Any], str | None] | None = None) -> Any:
+        self.seen.add(name)
+        if name not in self.table:
+            if default is ...:
+                raise self.fail(name, "missing (required)")
+            return default
+        value = self.table[name]
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise self.fail(name, f"must be a number, not {value!r}")
+        if not isinstance(value, kind):
+            want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(name, f"must be {want}, not {type(value).__name__}")
+        if check is not None and (problem := check(value)) is not None:
+            raise self.fail(name, problem)
+        return value
+
+    def path(self, name: str, default: Any = ..., must_exist: bool = True) -> Path:
+        raw = self.get(name, str, default)
+        p = Path(raw)
+        if not p.is_absolute():
+            p = (self.file.parent / p).resolve()
+        if must_exist and not p.exists():
+            raise self.fail(name, f"file not found: {p}")
+        return p
+
+    def table_of(self, name: str, required: bool = True) -> _Reader:
+        self.seen.add(name)
+        value = self.table.get(name)
+        if value is None:
+            if required:
+                raise self.fail(name, "missing section")
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(name, "must be a table")
+        return _Reader(self.file, self.key(name), value)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key (typo?)")
+
+
+def parse_size(text: str | int) -> int:
+    """'20MB' / '512k' / 1048576 → bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    factor = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+    return int(float(m.group(1)) * factor)
+
+
+def _check_ae(value: str) -> str | None:
+    return None if _AE_RE.match(value) and value == value.strip() else "not a valid AE title (1-16 chars, no backslash)"
+
+
+def _check_addr(value: str) -> str | None:
+    return None if _ADDR_RE.match(value) else "not a mail address"
+
+
+def _check_positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _nodes(r: _Reader, name: str, default_port: int) -> tuple[Node, ...]:
+    raw = r.get(name, list)
+    if not raw:
+        raise r.fail(name, "needs at least one node")
+    nodes = []
+    for item in raw:
+        if not isinstance(item, str) or not item.strip():
+            raise r.fail(name, f"entry {item!r} is not 'host' or 'host:port'")
+        host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
+        if not port.isdigit() or not (0 < int(port) < 65536):
+            if port:
+                raise r.fail(name, f"entry {item!r} has a bad port")
+            port = str(default_port)
+        nodes.append(Node(host, int(port)))
+    return tuple(nodes)
+
+
+def _parse_size_key(r: _Reader, name: str, default: str) -> int:
+    raw = r.get(name, (str, int), default)
+    try:
+        size = parse_size(raw)
+    except ValueError as exc:
+        raise r.fail(name, str(exc)) from None
+    if size < 64 * 1024:
+        raise r.fail(name, "must be at least 64KB")
+    return size
+
+
+def load(path: str | Path) -> Settings:
+    """Read and validate a configuration file; raise `ConfigError` naming file and key."""
+    file = Path(path).resolve()
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(file), "-", "configuration file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(file), "-", f"not valid TOML: {exc}") from None
+    return from_dict(data, file)
+
+
+def from_dict(data: dict[str, Any], file: Path) -> Settings:
+    """Validate an already parsed TOML document (used by `load` and by tests)."""
+    root = _Reader(file, "", data)
+
+    gw = root.table_of("gateway")
+    name = gw.get("name", str, check=lambda v: None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) else "use letters, digits, . _ -")
+    ae_title = gw.get("ae_title", str, check=_check_ae)
+    dicom_bind = gw.get("dicom_bind", str, "127.0.0.1")
+    dicom_port = gw.get("dicom_port", int, 11112, check=lambda v: None if 0 <= v < 65536 else "not a port")
+    stability_delay = float(gw.get("stability_delay", (int, float), 30, check=lambda v: None if v >= 0 else "must be >= 0"))
+    log_level = gw.get("log_level", str, "INFO", check=lambda v: None if v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "DEBUG, INFO, WARNING or ERROR").upper()
+    retry_max_age = float(gw.get("retry_max_age", (int, float), 2 * 24 * 3600, check=_check_positive))
+    gw.done()
+
+    st = root.table_of("storage")
+    d_root = st.path("d_root", must_exist=False)
+    e_root = st.path("e_root", must_exist=False)
+    st.done()
+
+    db = root.table_of("database", required=False)
+    database_url = db.get("url", str, f"sqlite:///{d_root / 'catalog.sqlite'}", check=lambda v: None if v.startswith(("sqlite:///", "mysql://")) else "must start with sqlite:/// or mysql://")
+    db.done()
+
+    m = root.table_of("mail")
+    mail = MailSettings(
+        address=m.get("address", str, check=_check_addr),
+        client_cert=m.path("client_cert"),
+        client_key=m.path("client_key"),
+        ca_bundle=m.path("ca_bundle"),
+        smtp_nodes=_nodes(m, "smtp_nodes", 25),
+        pop3_nodes=_nodes(m, "pop3_nodes", 995),
+        poll_interval=float(m.get("poll_interval", (int, float), 10, check=_check_positive)),
+        max_mail_size=_parse_size_key(m, "max_mail_size", "20MB"),
+        connect_timeout=float(m.get("connect_timeout", (int, float), 15, check=_check_positive)),
+        io_timeout=float(m.get("io_timeout", (int, float), 120, check=_check_positive)),
+        node_cooldown=float(m.get("node_cooldown", (int, float), 60, check=lambda v: None if v >= 0 else "must be >= 0")),
+        subject=m.get("subject", str, "DICOM-eMail"),
+    )
+    m.done()
+
+    sm = root.table_of("smime")
+    smime_cert = sm.path("cert")
+    smime_key = sm.path("key")
+    sm.done()
+
+    partners_raw = root.get("partners", list, [])
+    partners: list[Partner] = []
+    for i, entry in enumerate(partners_raw):
+        if not isinstance(entry, dict):
+            raise root.fail(f"partners[{i}]", "must be a table ([[partners]])")
+        p = _Reader(file, f"partners[{i}]", entry)
+        partner = Partner(
+            name=p.get("name", str, check=lambda v: None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) else "use letters, digits, . _ -"),
+            address=p.get("address", str, check=_check_addr),
+            smime_cert=p.path("smime_cert"),
+            ae_title=p.get("ae_title", str, check=_check_ae),
+        )
+        p.done()
+        for other in partners:
+            if other.name == partner.name:
+                raise p.fail("name", f"duplicate partner name {partner.name!r}")
+            if other.ae_title == partner.ae_title:
+                raise p.fail("ae_title", f"AE title {partner.ae_title!r} already routes to {other.name!r}")
+        if partner.ae_title == ae_title:
+            raise p.fail("ae_title", "must differ from gateway.ae_title")
+        partners.append(partner)
+    root.done()
+
+    return Settings(
+        source=file,
+        name=name,
+        ae_title=ae_title,
+        dicom_bind=dicom_bind,
+        dicom_port=dicom_port,
+        stability_delay=stability_delay,
+        d_root=d_root,
+        e_root=e_root,
+        database_url=database_url,
+        mail=mail,
+        smime_cert=smime_cert,
+        smime_key=smime_key,
+        partners=tuple(partners),
+        log_level=log_level,
+        retry_max_age=retry_max_age,
+    )
