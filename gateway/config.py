@@ -247,6 +247,8 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     db = root.table_of("database", required=False)
     database_url = db.get("url", str, f"sqlite:///{d_root / 'catalog.sqlite'}", check=lambda v: None if v.startswith(("sqlite:///", "mysql://")) else "must start with sqlite:/// or mysql://")
     db.done()
+    if database_url.startswith("sqlite:///") and not Path(database_url[len("sqlite:///") :]).is_absolute():
+        database_url = f"sqlite:///{(file.parent / database_url[len('sqlite:///') :]).resolve()}"
 
     m = root.table_of("mail")
     mail = MailSettings(

@@ -1,0 +1,143 @@
+"""The DICOM edge: a pynetdicom C-STORE / C-ECHO SCP. Owns associations, nothing else.
+
+Handlers stay small (pynetdicom's model): the Called AE Title decides the route at association time
+(an unknown one is rejected with A-ASSOCIATE-RJ "called AE title not recognised"); the C-STORE handler hands
+the received file to a `store` callback and maps its outcome to a DIMSE status in one place (`_status_for`).
+
+pynetdicom runs one thread per association; the `store` callback runs in that thread and must make the instance
+durable before it returns, because the returned status is the acknowledgement to the modality.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from gateway.core.dicominfo import NotDicomError
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+def quiet_pynetdicom() -> None:
+    """pynetdicom logs identifiers (patient name/ID) by default: switch that off for good."""
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").propagate = True
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the SCP knows about one C-STORE beyond the file itself."""
+
+    temp_path: Path
+    called_ae: str
+    calling_ae: str
+    peer: str
+
+
+def _status_for(exc: BaseException) -> int:
+    """The one place where failures become DIMSE statuses."""
+    if isinstance(exc, NotDicomError):
+        return STATUS_CANNOT_UNDERSTAND
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return STATUS_OUT_OF_RESOURCES
+    if isinstance(exc, OSError):
+        return STATUS_OUT_OF_RESOURCES
+    return STATUS_PROCESSING_FAILURE
+
+
+class DicomScp:
+    """C-STORE/C-ECHO SCP accepting one AE title per route plus the gateway's own."""
+
+    def __init__(
+        self,
+        ae_title: str,
+        routes: set[str],
+        bind: tuple[str, int],
+        temp_dir: Path,
+        store: Callable[[Received], None],
+    ) -> None:
+        self.ae_title = ae_title
+        self.accepted_called = {ae_title, *routes}
+        self.bind = bind
+        self.store = store
+        quiet_pynetdicom()
+        # Receive datasets straight into a file on D: (flat memory, rename stays on one filesystem).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = str(temp_dir)
+        self.ae = AE(ae_title=ae_title)
+        self.ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
+        self.ae.require_called_aet = True
+        self.ae.maximum_associations = 32
+        self.ae.network_timeout = 60
+        self.ae.acse_timeout = 30
+        self.ae.dimse_timeout = 60
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(Verification)
+        self._server: Any = None
+
+    def _on_requested(self, event: evt.Event) -> None:
+        called = event.assoc.requestor.primitive.called_ae_title.strip()
+        if called in self.accepted_called:
+            # pynetdicom checks the Called AE against the acceptor's title (require_called_aet).
+            event.assoc.acceptor.ae_title = called
+        else:
+            log.warning("association from %s rejected: called AE title %r not configured", event.assoc.requestor.address, called)
+
+    def _on_store(self, event: evt.Event) -> int:
+        assoc = event.assoc
+        path = Path(event.dataset_path)
+        try:
+            self.store(
+                Received(
+                    temp_path=path,
+                    called_ae=assoc.acceptor.ae_title.strip(),
+                    calling_ae=assoc.requestor.ae_title.strip(),
+                    peer=str(assoc.requestor.address),
+                )
+            )
+        except Exception as exc:
+            status = _status_for(exc)
+            log.error("C-STORE refused with 0x%04X: %s", status, type(exc).__name__ if not isinstance(exc, NotDicomError) else exc)
+            path.unlink(missing_ok=True)
+            return status
+        return STATUS_SUCCESS
+
+    def start(self) -> None:
+        """Start listening (non-blocking; associations run in pynetdicom's threads)."""
+        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store)]
+        self._server = self.ae.start_server(self.bind, block=False, evt_handlers=handlers)
+        sock = self._server.socket
+        import socket as _s
+
+        sock.setsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY, 1)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0 in tests)."""
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting; running associations are aborted."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

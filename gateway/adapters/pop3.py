@@ -1,0 +1,108 @@
+"""The POP3S edge: implicit TLS on 995 with the client certificate, login by `AUTH EXTERNAL`.
+
+Blocking `poplib` wrapped for asyncio: every call runs in a worker thread (`asyncio.to_thread`). A session is
+used in three steps so the caller can make each mail durable before it is deleted:
+`open()` → `list()` / `retr(n)` … → `delete(n)` … → `close()` (QUIT commits the deletions; without QUIT the
+server keeps every mail, which is the safe outcome of a crash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import poplib
+import ssl
+import time
+
+from gateway.config import MailSettings, Node
+from gateway.core.nodepool import NodePool
+from gateway.errors import MailNodeError, TransientError
+
+log = logging.getLogger(__name__)
+
+poplib._MAXLINE = 64 * 1024  # type: ignore[attr-defined]  # long header lines from other mailers
+
+
+class Pop3Session:
+    """One logged-in POP3S session on one node."""
+
+    def __init__(self, node: Node, conn: poplib.POP3_SSL) -> None:
+        self.node = node
+        self.conn = conn
+
+    async def list(self) -> list[tuple[int, str, int]]:
+        """(number, uidl, size) of every mail in the mailbox."""
+
+        def _list() -> list[tuple[int, str, int]]:
+            _, uidls, _ = self.conn.uidl()
+            _, sizes, _ = self.conn.list()
+            size_of = {int(line.split()[0]): int(line.split()[1]) for line in sizes}
+            out = []
+            for line in uidls:
+                num, uid = line.decode().split(maxsplit=1)
+                out.append((int(num), uid, size_of.get(int(num), 0)))
+            return out
+
+        return await asyncio.to_thread(_list)
+
+    async def retr(self, number: int) -> bytes:
+        """The whole mail, with CRLF line ends as on the wire."""
+
+        def _retr() -> bytes:
+            _, lines, _ = self.conn.retr(number)
+            return b"\r\n".join(lines) + b"\r\n"
+
+        return await asyncio.to_thread(_retr)
+
+    async def delete(self, number: int) -> None:
+        """Mark a mail deleted (takes effect at `close`)."""
+        await asyncio.to_thread(self.conn.dele, number)
+
+    async def close(self) -> None:
+        """QUIT: commits deletions."""
+        await asyncio.to_thread(self.conn.quit)
+
+    def abort(self) -> None:
+        """Drop the connection without QUIT: nothing is deleted."""
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+class Pop3Cluster:
+    """Opens sessions on a round-robin pool of POP3S nodes."""
+
+    def __init__(self, mail: MailSettings, tls: ssl.SSLContext) -> None:
+        self.mail = mail
+        self.tls = tls
+        self.pool: NodePool[Node] = NodePool(mail.pop3_nodes, mail.node_cooldown)
+
+    def _connect(self, node: Node) -> poplib.POP3_SSL:
+        conn = poplib.POP3_SSL(node.host, node.port, context=self.tls, timeout=self.mail.connect_timeout)
+        try:
+            if conn.sock is not None:
+                conn.sock.settimeout(self.mail.io_timeout)
+            resp = conn._shortcmd("AUTH EXTERNAL =")  # type: ignore[attr-defined]
+            if not resp.startswith(b"+OK"):
+                raise poplib.error_proto(resp)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def open(self) -> Pop3Session:
+        """A logged-in session on the first node that works."""
+        problems = []
+        for node in self.pool.order(time.time()):
+            try:
+                conn = await asyncio.to_thread(self._connect, node)
+            except (OSError, ssl.SSLError, poplib.error_proto, EOFError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+                self.pool.failed(node, time.time(), problem)
+                log.warning("POP3 node %s failed: %s", node, problem)
+                problems.append(str(MailNodeError(str(node), problem)))
+                continue
+            self.pool.ok(node, time.time())
+            return Pop3Session(node, conn)
+        raise TransientError("all POP3 nodes failed: " + " | ".join(problems))

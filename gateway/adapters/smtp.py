@@ -1,0 +1,88 @@
+"""The SMTP edge: hand a prepared mail to one node of the cluster, failing over to the next.
+
+STARTTLS is required (aiosmtplib raises if the server does not offer it: never a plaintext fallback), the
+server certificate is verified against the configured CA and the gateway presents its client certificate.
+One mapping from SMTP outcomes to our errors (`_classify`): 5xx → `RejectedError` (permanent), everything
+else (refused, TLS failure, timeout, 4xx, disconnect) → `MailNodeError` and the next node is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+
+import aiosmtplib
+
+from gateway.config import MailSettings, Node
+from gateway.core.nodepool import NodePool
+from gateway.errors import MailNodeError, RejectedError, TransientError
+
+log = logging.getLogger(__name__)
+
+
+def _classify(node: Node, exc: BaseException) -> MailNodeError | RejectedError:
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and 500 <= exc.code < 600:
+        # A 5xx at connect/EHLO/STARTTLS is about this node's session, not about the message.
+        if isinstance(exc, aiosmtplib.SMTPRecipientsRefused | aiosmtplib.SMTPDataError | aiosmtplib.SMTPSenderRefused):
+            return RejectedError(f"{node}: {exc.code} {exc.message}")
+        return MailNodeError(str(node), f"{exc.code} {exc.message}")
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = [e.code for e in exc.recipients]
+        if codes and all(500 <= c < 600 for c in codes):
+            return RejectedError(f"{node}: recipient refused: {'; '.join(f'{e.code} {e.message}' for e in exc.recipients)}")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return MailNodeError(str(node), f"{exc.code} {exc.message}")
+    if isinstance(exc, ssl.SSLError | aiosmtplib.SMTPConnectError | aiosmtplib.SMTPConnectTimeoutError | aiosmtplib.SMTPTimeoutError):
+        return MailNodeError(str(node), f"{type(exc).__name__}: {exc}")
+    return MailNodeError(str(node), f"{type(exc).__name__}: {exc}")
+
+
+class SmtpCluster:
+    """Sends mails through a round-robin pool of SMTP nodes."""
+
+    def __init__(self, mail: MailSettings, tls: ssl.SSLContext) -> None:
+        self.mail = mail
+        self.tls = tls
+        self.pool: NodePool[Node] = NodePool(mail.smtp_nodes, mail.node_cooldown)
+
+    async def _send_via(self, node: Node, sender: str, recipient: str, data: bytes) -> None:
+        client = aiosmtplib.SMTP(
+            hostname=node.host,
+            port=node.port,
+            start_tls=True,
+            tls_context=self.tls,
+            timeout=self.mail.io_timeout,
+            local_hostname=sender.split("@", 1)[1],
+        )
+        await client.connect(timeout=self.mail.connect_timeout)
+        try:
+            errors, _ = await client.sendmail(sender, [recipient], data, timeout=self.mail.io_timeout)
+            if errors:
+                raise aiosmtplib.SMTPRecipientsRefused(
+                    [aiosmtplib.SMTPRecipientRefused(code, msg, rcpt) for rcpt, (code, msg) in errors.items()]
+                )
+        finally:
+            try:
+                await client.quit()
+            except Exception:
+                client.close()
+
+    async def send(self, sender: str, recipient: str, data: bytes) -> Node:
+        """Deliver to the first node that takes it; return that node. Raises RejectedError or TransientError."""
+        problems: list[str] = []
+        for node in self.pool.order(time.time()):
+            try:
+                await self._send_via(node, sender, recipient, data)
+            except Exception as exc:
+                err = _classify(node, exc)
+                if isinstance(err, RejectedError):
+                    self.pool.ok(node, time.time())  # the node works; it refuses this message
+                    raise err from None
+                self.pool.failed(node, time.time(), err.problem)
+                log.warning("SMTP node %s failed: %s", node, err.problem)
+                problems.append(str(err))
+                continue
+            self.pool.ok(node, time.time())
+            return node
+        raise TransientError("all SMTP nodes failed: " + " | ".join(problems))

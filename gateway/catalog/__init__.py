@@ -1,0 +1,440 @@
+"""The catalog: the index of studies, series, instances, transfers and mails (the files are the content).
+
+Both backends run the same SQL (see `db.py`). Schema creation and upgrades are automatic and versioned: the
+`schema_version` table holds the last applied migration; `MIGRATIONS` only ever grows.
+State changes go through `core.states`, so an illegal move raises before it reaches the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.catalog.db import Database, connect
+from gateway.core.dicominfo import InstanceInfo
+from gateway.core.states import MailState, TransferState, check_mail, check_transfer
+
+__all__ = ["MIGRATIONS", "Catalog", "InstanceRecord", "open_catalog"]
+
+MIGRATIONS: list[list[str]] = [
+    # 1: the first schema
+    [
+        """CREATE TABLE studies (
+            study_uid VARCHAR(64) NOT NULL PRIMARY KEY,
+            first_seen DOUBLE NOT NULL,
+            last_received DOUBLE NOT NULL)""",
+        """CREATE TABLE series (
+            series_uid VARCHAR(64) NOT NULL PRIMARY KEY,
+            study_uid VARCHAR(64) NOT NULL,
+            modality VARCHAR(16),
+            series_number INTEGER)""",
+        """CREATE TABLE instances (
+            sop_uid VARCHAR(64) NOT NULL PRIMARY KEY,
+            series_uid VARCHAR(64) NOT NULL,
+            study_uid VARCHAR(64) NOT NULL,
+            sop_class_uid VARCHAR(64) NOT NULL,
+            transfer_syntax VARCHAR(64) NOT NULL,
+            path VARCHAR(512) NOT NULL,
+            size BIGINT NOT NULL,
+            sha256 CHAR(64) NOT NULL,
+            source VARCHAR(16) NOT NULL,
+            origin VARCHAR(64) NOT NULL,
+            route VARCHAR(64),
+            out_transfer VARCHAR(160),
+            in_transfer VARCHAR(160),
+            received_at DOUBLE NOT NULL)""",
+        "CREATE INDEX ix_instances_study ON instances (study_uid)",
+        "CREATE INDEX ix_instances_route ON instances (route, out_transfer)",
+        """CREATE TABLE transfers (
+            id VARCHAR(160) NOT NULL PRIMARY KEY,
+            direction VARCHAR(3) NOT NULL,
+            partner VARCHAR(64) NOT NULL,
+            study_uid VARCHAR(64),
+            state VARCHAR(16) NOT NULL,
+            parts_total INTEGER,
+            parts_done INTEGER NOT NULL DEFAULT 0,
+            instance_count INTEGER NOT NULL DEFAULT 0,
+            bytes BIGINT NOT NULL DEFAULT 0,
+            created_at DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL,
+            error TEXT)""",
+        "CREATE INDEX ix_transfers_state ON transfers (direction, state)",
+        """CREATE TABLE mails (
+            id VARCHAR(190) NOT NULL PRIMARY KEY,
+            direction VARCHAR(3) NOT NULL,
+            transfer_id VARCHAR(160),
+            part INTEGER,
+            total INTEGER,
+            state VARCHAR(16) NOT NULL,
+            path VARCHAR(512),
+            size BIGINT NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt DOUBLE,
+            node VARCHAR(128),
+            created_at DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL,
+            error TEXT)""",
+        "CREATE INDEX ix_mails_transfer ON mails (transfer_id, part)",
+        "CREATE INDEX ix_mails_state ON mails (direction, state)",
+    ],
+]
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One stored instance as the catalog indexes it."""
+
+    info: InstanceInfo
+    path: str
+    size: int
+    sha256: str
+    source: str  # "dicom" | "mail" | "manual"
+    origin: str  # calling AE title or sending partner
+    route: str | None  # partner to send to, None = stays here
+    received_at: float
+    in_transfer: str | None = None
+
+
+class Catalog:
+    """Typed operations over the catalog tables."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # ----------------------------------------------------------------------------- schema
+    async def migrate(self) -> int:
+        """Apply missing migrations in order; return the schema version now in force."""
+        async with self.db.transaction() as tx:
+            await tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            rows = await tx.fetchall("SELECT version FROM schema_version")
+            if not rows:
+                await tx.execute("INSERT INTO schema_version (version) VALUES (0)")
+        version = int((await self.db.fetchone("SELECT version FROM schema_version"))[0])  # type: ignore[index]
+        if version > len(MIGRATIONS):
+            raise RuntimeError(f"catalog schema {version} is newer than this gateway ({len(MIGRATIONS)})")
+        for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+            # MariaDB commits DDL implicitly; each migration is written so that re-running a half-applied one
+            # fails loudly instead of silently skipping (the operator restores the backup).
+            async with self.db.transaction() as tx:
+                for sql in statements:
+                    await tx.execute(sql)
+                await tx.execute("UPDATE schema_version SET version = ?", (number,))
+            version = number
+        return version
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # ----------------------------------------------------------------------------- instances
+    async def record_instances(self, records: list[InstanceRecord]) -> int:
+        """Index stored instances (idempotent: a known SOP Instance UID is left as it is); return how many were new."""
+        ig = self.db.dialect.insert_ignore
+        new = 0
+        async with self.db.transaction() as tx:
+            for r in records:
+                i = r.info
+                new += await tx.execute(
+                    f"""{ig} INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, path,
+                        size, sha256, source, origin, route, in_transfer, received_at)
+                        VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+                    (i.sop_instance_uid, i.series_uid, i.study_uid, i.sop_class_uid, i.transfer_syntax, r.path,
+                     r.size, r.sha256, r.source, r.origin, r.route, r.in_transfer, r.received_at),
+                )
+                await tx.execute(
+                    f"{ig} INTO series (series_uid, study_uid, modality, series_number) VALUES (?,?,?,?)",
+                    (i.series_uid, i.study_uid, i.modality, i.series_number),
+                )
+                await tx.execute(
+                    f"{ig} INTO studies (study_uid, first_seen, last_received) VALUES (?,?,?)",
+                    (i.study_uid, r.received_at, r.received_at),
+                )
+                await tx.execute(
+                    "UPDATE studies SET last_received = ? WHERE study_uid = ? AND last_received < ?",
+                    (r.received_at, i.study_uid, r.received_at),
+                )
+        return new
+
+    async def instance(self, sop_uid: str) -> dict[str, Any] | None:
+        """One instance row as a dict."""
+        row = await self.db.fetchone(
+            "SELECT sop_uid, study_uid, series_uid, path, size, sha256, source, origin, route, out_transfer, in_transfer "
+            "FROM instances WHERE sop_uid = ?",
+            (sop_uid,),
+        )
+        keys = ("sop_uid", "study_uid", "series_uid", "path", "size", "sha256", "source", "origin", "route", "out_transfer", "in_transfer")
+        return dict(zip(keys, row, strict=True)) if row else None
+
+    async def stable_routes(self, quiet_since: float) -> list[tuple[str, str]]:
+        """(study, partner) pairs with unsent routed instances and no new instance since `quiet_since`."""
+        rows = await self.db.fetchall(
+            """SELECT i.study_uid, i.route FROM instances i JOIN studies s ON s.study_uid = i.study_uid
+               WHERE i.route IS NOT NULL AND i.out_transfer IS NULL AND s.last_received <= ?
+               GROUP BY i.study_uid, i.route ORDER BY MIN(i.received_at)""",
+            (quiet_since,),
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    # ----------------------------------------------------------------------------- outbound transfers
+    async def create_out_transfer(self, transfer_id: str, partner: str, study_uid: str, now: float) -> int:
+        """Create a pending transfer carrying every unsent instance of the study routed to the partner."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                """INSERT INTO transfers (id, direction, partner, study_uid, state, created_at, updated_at)
+                   VALUES (?, 'out', ?, ?, ?, ?, ?)""",
+                (transfer_id, partner, study_uid, TransferState.PENDING.value, now, now),
+            )
+            count = await tx.execute(
+                "UPDATE instances SET out_transfer = ? WHERE study_uid = ? AND route = ? AND out_transfer IS NULL",
+                (transfer_id, study_uid, partner),
+            )
+            rows = await tx.fetchall("SELECT COALESCE(SUM(size), 0) FROM instances WHERE out_transfer = ?", (transfer_id,))
+            await tx.execute(
+                "UPDATE transfers SET instance_count = ?, bytes = ? WHERE id = ?", (count, int(rows[0][0]), transfer_id)
+            )
+        return count
+
+    async def enqueue_manual(self, records: list[InstanceRecord], transfer_id: str, partner: str, now: float) -> int:
+        """Index instances handed in by `send` and put them straight into a pending transfer."""
+        await self.record_instances(records)
+        sops = [r.info.sop_instance_uid for r in records]
+        study = records[0].info.study_uid if records else None
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                """INSERT INTO transfers (id, direction, partner, study_uid, state, created_at, updated_at)
+                   VALUES (?, 'out', ?, ?, ?, ?, ?)""",
+                (transfer_id, partner, study, TransferState.PENDING.value, now, now),
+            )
+            total = 0
+            size = 0
+            for sop in sops:
+                n = await tx.execute(
+                    "UPDATE instances SET out_transfer = ?, route = ? WHERE sop_uid = ? AND out_transfer IS NULL",
+                    (transfer_id, partner, sop),
+                )
+                total += n
+            rows = await tx.fetchall("SELECT COALESCE(SUM(size), 0) FROM instances WHERE out_transfer = ?", (transfer_id,))
+            size = int(rows[0][0])
+            await tx.execute("UPDATE transfers SET instance_count = ?, bytes = ? WHERE id = ?", (total, size, transfer_id))
+        return total
+
+    async def transfers_in_state(self, direction: str, state: TransferState) -> list[dict[str, Any]]:
+        """Transfers of one direction in one state, oldest first."""
+        rows = await self.db.fetchall(
+            "SELECT id, partner, study_uid, parts_total, parts_done FROM transfers WHERE direction = ? AND state = ? ORDER BY created_at",
+            (direction, state.value),
+        )
+        return [dict(zip(("id", "partner", "study_uid", "parts_total", "parts_done"), r, strict=True)) for r in rows]
+
+    async def transfer(self, transfer_id: str) -> dict[str, Any] | None:
+        """One transfer row as a dict."""
+        row = await self.db.fetchone(
+            "SELECT id, direction, partner, study_uid, state, parts_total, parts_done, instance_count, bytes, created_at, updated_at, error "
+            "FROM transfers WHERE id = ?",
+            (transfer_id,),
+        )
+        keys = ("id", "direction", "partner", "study_uid", "state", "parts_total", "parts_done", "instance_count", "bytes", "created_at", "updated_at", "error")
+        return dict(zip(keys, row, strict=True)) if row else None
+
+    async def transfer_instances(self, transfer_id: str) -> list[tuple[str, str, int]]:
+        """(sop_uid, path, size) of an outbound transfer, in a stable order (series, then path)."""
+        rows = await self.db.fetchall(
+            "SELECT sop_uid, path, size FROM instances WHERE out_transfer = ? ORDER BY series_uid, path", (transfer_id,)
+        )
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    async def set_transfer_state(self, transfer_id: str, new: TransferState, now: float, error: str | None = None) -> None:
+        """Move a transfer to a new state (checked against the table)."""
+        async with self.db.transaction() as tx:
+            await self._move_transfer(tx, transfer_id, new, now, error)
+
+    async def _move_transfer(self, tx: Any, transfer_id: str, new: TransferState, now: float, error: str | None = None) -> None:
+        rows = await tx.fetchall("SELECT state FROM transfers WHERE id = ?", (transfer_id,))
+        if not rows:
+            raise KeyError(transfer_id)
+        check_transfer(rows[0][0], new)
+        await tx.execute(
+            "UPDATE transfers SET state = ?, updated_at = ?, error = ? WHERE id = ?", (new.value, now, error, transfer_id)
+        )
+
+    async def add_out_mails(self, transfer_id: str, mails: list[tuple[str, int, int, str, int]], now: float) -> None:
+        """Record the built mails (id, part, total, path, size) and mark the transfer packaged, atomically."""
+        async with self.db.transaction() as tx:
+            await tx.execute("DELETE FROM mails WHERE transfer_id = ? AND direction = 'out'", (transfer_id,))
+            for mail_id, part, total, path, size in mails:
+                await tx.execute(
+                    """INSERT INTO mails (id, direction, transfer_id, part, total, state, path, size, created_at, updated_at)
+                       VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (mail_id, transfer_id, part, total, MailState.QUEUED.value, path, size, now, now),
+                )
+            await tx.execute("UPDATE transfers SET parts_total = ? WHERE id = ?", (len(mails), transfer_id))
+            await self._move_transfer(tx, transfer_id, TransferState.PACKAGED, now)
+
+    async def due_out_mails(self, now: float, limit: int = 50) -> list[dict[str, Any]]:
+        """Queued outbound mails whose next attempt is due, oldest transfer and lowest part first."""
+        rows = await self.db.fetchall(
+            """SELECT m.id, m.transfer_id, m.part, m.total, m.path, m.attempts, t.partner, m.created_at
+               FROM mails m JOIN transfers t ON t.id = m.transfer_id
+               WHERE m.direction = 'out' AND m.state = ? AND (m.next_attempt IS NULL OR m.next_attempt <= ?)
+               ORDER BY m.created_at, m.part LIMIT ?""",
+            (MailState.QUEUED.value, now, limit),
+        )
+        keys = ("id", "transfer_id", "part", "total", "path", "attempts", "partner", "created_at")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    async def next_out_attempt(self) -> float | None:
+        """When the earliest deferred outbound mail is due."""
+        row = await self.db.fetchone(
+            "SELECT MIN(COALESCE(next_attempt, 0)) FROM mails WHERE direction = 'out' AND state = ?", (MailState.QUEUED.value,)
+        )
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def _move_mail(self, tx: Any, mail_id: str, new: MailState) -> str:
+        rows = await tx.fetchall("SELECT state, transfer_id FROM mails WHERE id = ?", (mail_id,))
+        if not rows:
+            raise KeyError(mail_id)
+        check_mail(rows[0][0], new)
+        return str(rows[0][1]) if rows[0][1] is not None else ""
+
+    async def mark_mail_sent(self, mail_id: str, node: str, now: float) -> bool:
+        """Record a 250 for one mail; when it was the last of its transfer, the transfer becomes sent (→ True)."""
+        async with self.db.transaction() as tx:
+            transfer_id = await self._move_mail(tx, mail_id, MailState.SENT)
+            await tx.execute(
+                "UPDATE mails SET state = ?, node = ?, updated_at = ?, error = NULL, attempts = attempts + 1 WHERE id = ?",
+                (MailState.SENT.value, node, now, mail_id),
+            )
+            rows = await tx.fetchall(
+                "SELECT COUNT(*), SUM(CASE WHEN state = ? THEN 1 ELSE 0 END) FROM mails WHERE transfer_id = ? AND direction = 'out'",
+                (MailState.SENT.value, transfer_id),
+            )
+            total, sent = int(rows[0][0]), int(rows[0][1] or 0)
+            await tx.execute("UPDATE transfers SET parts_done = ?, updated_at = ? WHERE id = ?", (sent, now, transfer_id))
+            if total and sent == total:
+                await self._move_transfer(tx, transfer_id, TransferState.SENT, now)
+                return True
+        return False
+
+    async def defer_mail(self, mail_id: str, attempts: int, next_attempt: float, error: str, now: float) -> None:
+        """Record a transient failure; the mail stays queued until `next_attempt`."""
+        async with self.db.transaction() as tx:
+            await self._move_mail(tx, mail_id, MailState.QUEUED)
+            await tx.execute(
+                "UPDATE mails SET attempts = ?, next_attempt = ?, error = ?, updated_at = ? WHERE id = ?",
+                (attempts, next_attempt, error[:1000], now, mail_id),
+            )
+
+    async def fail_mail(self, mail_id: str, error: str, now: float) -> None:
+        """Record a permanent failure of a mail; its transfer fails with the same reason."""
+        async with self.db.transaction() as tx:
+            transfer_id = await self._move_mail(tx, mail_id, MailState.FAILED)
+            await tx.execute(
+                "UPDATE mails SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+                (MailState.FAILED.value, error[:1000], now, mail_id),
+            )
+            await self._move_transfer(tx, transfer_id, TransferState.FAILED, now, error[:1000])
+
+    # ----------------------------------------------------------------------------- inbound
+    async def record_in_mail(self, mail_id: str, path: str, size: int, now: float) -> bool:
+        """Register a fetched mail (idempotent); True if it was new."""
+        return bool(
+            await self.db.execute(
+                f"""{self.db.dialect.insert_ignore} INTO mails (id, direction, state, path, size, created_at, updated_at)
+                   VALUES (?, 'in', ?, ?, ?, ?, ?)""",
+                (mail_id, MailState.FETCHED.value, path, size, now, now),
+            )
+        )
+
+    async def pending_in_mails(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Fetched mails not yet ingested, oldest first."""
+        rows = await self.db.fetchall(
+            "SELECT id, path FROM mails WHERE direction = 'in' AND state = ? ORDER BY created_at LIMIT ?",
+            (MailState.FETCHED.value, limit),
+        )
+        return [{"id": r[0], "path": r[1]} for r in rows]
+
+    async def in_part_done(self, transfer_id: str, part: int) -> bool:
+        """True if this part of this inbound transfer was already ingested (a re-delivery)."""
+        row = await self.db.fetchone(
+            "SELECT COUNT(*) FROM mails WHERE direction = 'in' AND transfer_id = ? AND part = ? AND state = ?",
+            (transfer_id, part, MailState.INGESTED.value),
+        )
+        return bool(row and row[0])
+
+    async def finish_in_mail(
+        self,
+        mail_id: str,
+        new: MailState,
+        now: float,
+        *,
+        transfer_id: str | None = None,
+        partner: str | None = None,
+        study_uid: str | None = None,
+        part: int | None = None,
+        total: int | None = None,
+        instances: int = 0,
+        size: int = 0,
+        error: str | None = None,
+    ) -> bool:
+        """Close an inbound mail; for an ingested one, count it into its transfer. True if the transfer completed."""
+        completed = False
+        async with self.db.transaction() as tx:
+            await self._move_mail(tx, mail_id, new)
+            await tx.execute(
+                "UPDATE mails SET state = ?, transfer_id = ?, part = ?, total = ?, error = ?, updated_at = ? WHERE id = ?",
+                (new.value, transfer_id, part, total, (error or "")[:1000] or None, now, mail_id),
+            )
+            if new is MailState.INGESTED and transfer_id is not None and partner is not None:
+                await tx.execute(
+                    f"""{self.db.dialect.insert_ignore} INTO transfers
+                        (id, direction, partner, study_uid, state, parts_total, created_at, updated_at)
+                        VALUES (?, 'in', ?, ?, ?, ?, ?, ?)""",
+                    (transfer_id, partner, study_uid, TransferState.RECEIVING.value, total, now, now),
+                )
+                rows = await tx.fetchall(
+                    "SELECT COUNT(DISTINCT part) FROM mails WHERE direction = 'in' AND transfer_id = ? AND state = ?",
+                    (transfer_id, MailState.INGESTED.value),
+                )
+                done = int(rows[0][0])
+                await tx.execute(
+                    """UPDATE transfers SET parts_done = ?, instance_count = instance_count + ?, bytes = bytes + ?,
+                       updated_at = ? WHERE id = ?""",
+                    (done, instances, size, now, transfer_id),
+                )
+                state = await tx.fetchall("SELECT state FROM transfers WHERE id = ?", (transfer_id,))
+                if total and done >= total and state[0][0] == TransferState.RECEIVING.value:
+                    await self._move_transfer(tx, transfer_id, TransferState.COMPLETE, now)
+                    completed = True
+        return completed
+
+    # ----------------------------------------------------------------------------- status
+    async def status(self, limit: int = 50) -> dict[str, Any]:
+        """Counts and the most recent transfers and studies, for `status` (no patient data is stored at all)."""
+        counts = await self.db.fetchall("SELECT direction, state, COUNT(*) FROM transfers GROUP BY direction, state")
+        mails = await self.db.fetchall("SELECT direction, state, COUNT(*) FROM mails GROUP BY direction, state")
+        transfers = await self.db.fetchall(
+            """SELECT id, direction, partner, study_uid, state, parts_done, parts_total, instance_count, bytes,
+                      created_at, updated_at, error FROM transfers ORDER BY updated_at DESC LIMIT ?""",
+            (limit,),
+        )
+        studies = await self.db.fetchall(
+            """SELECT s.study_uid, COUNT(i.sop_uid), COUNT(DISTINCT i.series_uid), COALESCE(SUM(i.size), 0),
+                      MIN(i.source), s.last_received
+               FROM studies s JOIN instances i ON i.study_uid = s.study_uid
+               GROUP BY s.study_uid, s.last_received ORDER BY s.last_received DESC LIMIT ?""",
+            (limit,),
+        )
+        tkeys = ("id", "direction", "partner", "study_uid", "state", "parts_done", "parts_total", "instances", "bytes", "created_at", "updated_at", "error")
+        skeys = ("study_uid", "instances", "series", "bytes", "source", "last_received")
+        return {
+            "transfers_by_state": [{"direction": d, "state": s, "count": int(c)} for d, s, c in counts],
+            "mails_by_state": [{"direction": d, "state": s, "count": int(c)} for d, s, c in mails],
+            "transfers": [dict(zip(tkeys, r, strict=True)) for r in transfers],
+            "studies": [dict(zip(skeys, r, strict=True)) for r in studies],
+        }
+
+
+async def open_catalog(url: str) -> Catalog:
+    """Connect, migrate, return the catalog."""
+    catalog = Catalog(await connect(url))
+    await catalog.migrate()
+    return catalog

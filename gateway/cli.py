@@ -1,0 +1,203 @@
+"""`dicom-mail-gateway`: run, send, status, dev.
+
+    dicom-mail-gateway run    -c gateway.toml                 run the gateway
+    dicom-mail-gateway send   -c gateway.toml --to PARTNER PATH...   enqueue DICOM files or folders by hand
+    dicom-mail-gateway status -c gateway.toml [--json]        studies and transfers by state
+    dicom-mail-gateway dev                                    dev certs + local mail cluster + loopback partner, then run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from gateway import config
+from gateway.errors import ConfigError
+
+log = logging.getLogger("gateway")
+
+
+def setup_logging(level: str) -> None:
+    """Plain lines to stderr (journald/docker friendly). Records carry ids and UIDs only."""
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from gateway.adapters.dicom_scp import quiet_pynetdicom
+
+    quiet_pynetdicom()
+
+
+def _load(path: str) -> config.Settings:
+    try:
+        return config.load(path)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway import service
+
+    settings = _load(args.config)
+    setup_logging(settings.log_level)
+    asyncio.run(service.run(settings))
+    return 0
+
+
+def _collect(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SystemExit(f"not found: {p}")
+    return files
+
+
+async def _send(settings: config.Settings, partner: str, paths: list[str]) -> int:
+    from gateway.catalog import InstanceRecord, open_catalog
+    from gateway.core.dicominfo import NotDicomError, read_info
+    from gateway.storage import Storage, StoreOutcome
+
+    target = settings.partner_by_name(partner)
+    if target is None:
+        print(f"unknown partner {partner!r}; configured: {', '.join(p.name for p in settings.partners)}", file=sys.stderr)
+        return 2
+    storage = Storage(settings.d_root)
+    storage.prepare()
+    catalog = await open_catalog(settings.database_url)
+    try:
+        records = []
+        skipped = 0
+        for f in _collect(paths):
+            try:
+                info = read_info(f)
+            except NotDicomError as exc:
+                skipped += 1
+                print(f"skipped {f}: {exc}", file=sys.stderr)
+                continue
+            result = storage.store_bytes(f.read_bytes(), info)
+            if result.outcome is StoreOutcome.CONFLICT:
+                print(f"skipped {f}: an instance with its UID and other content is already stored", file=sys.stderr)
+                continue
+            records.append(
+                InstanceRecord(info, storage.relative(result.path), result.size, result.sha256, "manual", "cli", None, time.time())
+            )
+        if not records:
+            print("nothing to send", file=sys.stderr)
+            return 1
+        by_study: dict[str, list[InstanceRecord]] = {}
+        for r in records:
+            by_study.setdefault(r.info.study_uid, []).append(r)
+        for study, group in by_study.items():
+            tid = uuid.uuid4().hex
+            n = await catalog.enqueue_manual(group, tid, target.name, time.time())
+            print(f"transfer {tid}: {n} instances of study {study} queued for {target.name}")
+        if skipped:
+            print(f"{skipped} files were not DICOM and were skipped", file=sys.stderr)
+        return 0
+    finally:
+        await catalog.close()
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    return asyncio.run(_send(settings, args.to, args.paths))
+
+
+def _ts(value: Any) -> str:
+    return dt.datetime.fromtimestamp(float(value)).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+async def _status(settings: config.Settings, as_json: bool) -> int:
+    from gateway.catalog import open_catalog
+
+    catalog = await open_catalog(settings.database_url)
+    try:
+        st = await catalog.status()
+    finally:
+        await catalog.close()
+    if as_json:
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    print(f"gateway {settings.name} ({settings.ae_title}), catalog {settings.database_url.split('://')[0]}")
+    print("\ntransfers by state:")
+    for row in st["transfers_by_state"] or [{"direction": "-", "state": "none", "count": 0}]:
+        print(f"  {row['direction']:>3} {row['state']:<10} {row['count']:>6}")
+    print("\nrecent transfers:")
+    print(f"  {'id':<32} {'dir':<3} {'partner':<14} {'state':<10} {'mails':>7} {'inst':>5} {'MB':>8}  updated")
+    for t in st["transfers"]:
+        mails = f"{t['parts_done']}/{t['parts_total'] or '?'}"
+        print(
+            f"  {t['id'][-32:]:<32} {t['direction']:<3} {t['partner'][:14]:<14} {t['state']:<10} {mails:>7} "
+            f"{t['instances']:>5} {t['bytes'] / 1e6:>8.1f}  {_ts(t['updated_at'])}" + (f"  ({t['error']})" if t["error"] else "")
+        )
+    print("\nrecent studies:")
+    print(f"  {'study instance UID':<64} {'series':>6} {'inst':>5} {'MB':>8}  last received")
+    for s in st["studies"]:
+        print(f"  {s['study_uid']:<64} {s['series']:>6} {s['instances']:>5} {s['bytes'] / 1e6:>8.1f}  {_ts(s['last_received'])}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    return asyncio.run(_status(settings, args.json))
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from gateway.devtools import devenv
+
+    cfg = devenv.prepare(Path(args.root).resolve(), port=args.port)
+    settings = _load(str(cfg))
+    setup_logging(settings.log_level)
+    print(
+        f"\n  dev gateway: send DICOM to {settings.dicom_bind}:{settings.dicom_port}, Called AE title "
+        f"{settings.partners[0].ae_title} (loopback partner: the study goes out by mail and comes back here)\n"
+        f"  e.g.  storescu -aec {settings.partners[0].ae_title} {settings.dicom_bind} {settings.dicom_port} +sd SOME_DICOM_FOLDER\n"
+        f"  then  dicom-mail-gateway status -c {cfg}\n",
+        flush=True,
+    )
+    from gateway import service
+
+    asyncio.run(service.run(settings))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    ap = argparse.ArgumentParser(prog="dicom-mail-gateway", description="DICOM e-mail gateway")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the gateway")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("send", help="enqueue DICOM files or folders for a partner")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--to", required=True, help="partner name")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_send)
+    p = sub.add_parser("status", help="studies and transfers by state")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("dev", help="run with embedded defaults: dev certs, local mail cluster, loopback partner")
+    p.add_argument("--root", default=".", help="checkout root (certs/dev, storage/, .dev/ go below it)")
+    p.add_argument("--port", type=int, default=11112)
+    p.set_defaults(func=cmd_dev)
+    args = ap.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

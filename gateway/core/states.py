@@ -1,0 +1,84 @@
+"""The states of transfers and mails, and the only moves allowed between them.
+
+A move that is not in a table is a bug: `check_transfer` / `check_mail` raise `IllegalTransition`.
+
+Outbound transfer:   pending ──package──▶ packaged ──all mails 250──▶ sent
+                        │                    │
+                        └──────────┬─────────┘
+                                   ▼
+                                 failed   (5xx, too large, retries exhausted; the reason is kept)
+
+Inbound transfer:    receiving ──all parts ingested──▶ complete
+
+Outbound mail:       queued ──250──▶ sent        queued ──4xx/timeout──▶ queued (attempts+1, next_attempt)
+                        └──5xx / too old──▶ failed
+Inbound mail:        fetched ──▶ ingested | duplicate | quarantined
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class IllegalTransition(RuntimeError):
+    """A state change that the transition table does not allow."""
+
+
+class TransferState(StrEnum):
+    """States of a transfer (one study to or from one partner)."""
+
+    PENDING = "pending"
+    PACKAGED = "packaged"
+    SENT = "sent"
+    FAILED = "failed"
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class MailState(StrEnum):
+    """States of one mail."""
+
+    QUEUED = "queued"
+    SENT = "sent"
+    FAILED = "failed"
+    FETCHED = "fetched"
+    INGESTED = "ingested"
+    DUPLICATE = "duplicate"
+    QUARANTINED = "quarantined"
+
+
+TRANSFER_MOVES: dict[TransferState, frozenset[TransferState]] = {
+    TransferState.PENDING: frozenset({TransferState.PACKAGED, TransferState.FAILED}),
+    TransferState.PACKAGED: frozenset({TransferState.SENT, TransferState.FAILED}),
+    TransferState.SENT: frozenset(),
+    TransferState.FAILED: frozenset({TransferState.PENDING}),  # an operator's retry
+    TransferState.RECEIVING: frozenset({TransferState.COMPLETE}),
+    TransferState.COMPLETE: frozenset(),
+}
+
+MAIL_MOVES: dict[MailState, frozenset[MailState]] = {
+    MailState.QUEUED: frozenset({MailState.QUEUED, MailState.SENT, MailState.FAILED}),
+    MailState.SENT: frozenset(),
+    MailState.FAILED: frozenset({MailState.QUEUED}),  # an operator's retry
+    MailState.FETCHED: frozenset({MailState.INGESTED, MailState.DUPLICATE, MailState.QUARANTINED}),
+    MailState.INGESTED: frozenset(),
+    MailState.DUPLICATE: frozenset(),
+    MailState.QUARANTINED: frozenset({MailState.FETCHED}),  # an operator's retry
+}
+
+
+def check_transfer(old: TransferState | str, new: TransferState) -> None:
+    """Raise unless old → new is allowed for a transfer."""
+    if new not in TRANSFER_MOVES[TransferState(old)]:
+        raise IllegalTransition(f"transfer {old} → {new}")
+
+
+def check_mail(old: MailState | str, new: MailState) -> None:
+    """Raise unless old → new is allowed for a mail."""
+    if new not in MAIL_MOVES[MailState(old)]:
+        raise IllegalTransition(f"mail {old} → {new}")
+
+
+def retry_delay(attempts: int, base: float = 30.0, cap: float = 1800.0) -> float:
+    """Exponential backoff: base·2^(attempts-1), at most `cap` seconds."""
+    return float(min(cap, base * (2 ** max(0, attempts - 1))))

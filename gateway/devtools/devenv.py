@@ -1,0 +1,105 @@
+"""The development environment behind `dicom-mail-gateway dev`: dev certificates in `certs/dev/`, the local mail
+cluster, storage under `storage/`, and a configuration whose only partner is the gateway itself (loopback), so
+that a study sent to it goes out by mail and comes back into the same gateway.
+
+`render_config` is also what the tests use to write gateway configurations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.devtools import pki
+from gateway.devtools.mailcluster import NODE_COUNT, MailCluster, node_ip
+
+
+def _q(value: object) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(
+    *,
+    name: str,
+    ae_title: str,
+    port: int,
+    d_root: Path,
+    e_root: Path,
+    pki_dir: Path,
+    partners: list[tuple[str, str, str]],
+    database_url: str | None = None,
+    stability_delay: float = 5,
+    poll_interval: float = 2,
+    max_mail_size: str = "20MB",
+    smtp_nodes: list[str] | None = None,
+    pop3_nodes: list[str] | None = None,
+    tls_stem: str | None = None,
+    node_cooldown: float = 30,
+) -> str:
+    """A gateway configuration for the dev PKI; partners are (name, gateway name for certs, AE title)."""
+    smtp = smtp_nodes or [f"{node_ip(n)}:25" for n in range(1, NODE_COUNT + 1)]
+    pop3 = pop3_nodes or [f"{node_ip(n)}:995" for n in range(1, NODE_COUNT + 1)]
+    tls = tls_stem or f"{name}-tls"
+    lines = [
+        "[gateway]",
+        f"name = {_q(name)}",
+        f"ae_title = {_q(ae_title)}",
+        'dicom_bind = "127.0.0.1"',
+        f"dicom_port = {port}",
+        f"stability_delay = {stability_delay}",
+        "",
+        "[storage]",
+        f"d_root = {_q(d_root)}",
+        f"e_root = {_q(e_root)}",
+        "",
+    ]
+    if database_url:
+        lines += ["[database]", f"url = {_q(database_url)}", ""]
+    lines += [
+        "[mail]",
+        f"address = {_q(pki.address_of(name))}",
+        f"client_cert = {_q(pki_dir / f'{tls}.pem')}",
+        f"client_key = {_q(pki_dir / f'{tls}.key')}",
+        f"ca_bundle = {_q(pki_dir / 'ca.pem')}",
+        "smtp_nodes = [" + ", ".join(map(_q, smtp)) + "]",
+        "pop3_nodes = [" + ", ".join(map(_q, pop3)) + "]",
+        f"poll_interval = {poll_interval}",
+        f"max_mail_size = {_q(max_mail_size)}",
+        "connect_timeout = 5",
+        "io_timeout = 30",
+        f"node_cooldown = {node_cooldown}",
+        "",
+        "[smime]",
+        f"cert = {_q(pki_dir / f'{name}-smime.pem')}",
+        f"key = {_q(pki_dir / f'{name}-smime.key')}",
+        "",
+    ]
+    for partner_name, partner_gateway, partner_ae in partners:
+        lines += [
+            "[[partners]]",
+            f"name = {_q(partner_name)}",
+            f"address = {_q(pki.address_of(partner_gateway))}",
+            f"smime_cert = {_q(pki_dir / f'{partner_gateway}-smime.pem')}",
+            f"ae_title = {_q(partner_ae)}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def prepare(root: Path, port: int = 11112) -> Path:
+    """Certificates, mail cluster, storage folders and `.dev/gateway.toml`; returns the configuration path."""
+    pki_dir = root / "certs" / "dev"
+    pki.make_dev_pki(pki_dir, ["gateway-a", "gateway-b"])
+    MailCluster(root / ".dev" / "mailcluster").up(pki_dir, ["gateway-a", "gateway-b"])
+    cfg = root / ".dev" / "gateway.toml"
+    cfg.write_text(
+        render_config(
+            name="gateway-a",
+            ae_title="DMG_DEV",
+            port=port,
+            d_root=root / "storage" / "d",
+            e_root=root / "storage" / "e",
+            pki_dir=pki_dir,
+            partners=[("loopback", "gateway-a", "LOOPBACK")],
+        )
+    )
+    return cfg

@@ -1,0 +1,174 @@
+"""The running gateway: one `asyncio.TaskGroup` owns every stage; start-up recovers what a crash left.
+
+    receive (SCP threads) ─▶ index ─▶ route ─▶ package ─▶ send ─▶ SMTP cluster
+    POP3S cluster ─▶ fetch ─▶ ingest ─▶ storage + catalog
+
+Start-up order: storage layout and stray temp files, catalog and migrations, intake journal replay, spool
+clean-up, then the stages, and the DICOM port last (nothing is acknowledged before the pipeline can take it).
+Shutdown: the DICOM port closes first, then the stages are cancelled; everything they had acknowledged is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+
+from gateway.adapters.dicom_scp import DicomScp
+from gateway.adapters.pop3 import Pop3Cluster
+from gateway.adapters.smtp import SmtpCluster
+from gateway.catalog import Catalog, open_catalog
+from gateway.config import Settings
+from gateway.core.smime import Identity
+from gateway.stages.fetch import Fetcher
+from gateway.stages.ingest import Ingester
+from gateway.stages.package import Packager
+from gateway.stages.receive import Intake
+from gateway.stages.route import Router
+from gateway.stages.send import Sender
+from gateway.storage import Storage
+from gateway.tls import mail_client_context
+
+log = logging.getLogger(__name__)
+
+
+def load_identity(settings: Settings) -> Identity:
+    """The gateway's S/MIME signing and decryption identity."""
+    return Identity.load(settings.smime_cert.read_bytes(), settings.smime_key.read_bytes())
+
+
+def load_partner_certs(settings: Settings) -> dict[str, x509.Certificate]:
+    """Each partner's pinned S/MIME certificate, by partner name."""
+    return {p.name: x509.load_pem_x509_certificate(p.smime_cert.read_bytes()) for p in settings.partners}
+
+
+@dataclass
+class Gateway:
+    """All stages of one gateway, wired together."""
+
+    settings: Settings
+    storage: Storage
+    catalog: Catalog
+    intake: Intake
+    scp: DicomScp
+    router: Router
+    packager: Packager
+    sender: Sender
+    fetcher: Fetcher
+    ingester: Ingester
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    async def create(cls, settings: Settings) -> Gateway:
+        """Build every stage and recover the state a previous run left."""
+        storage = Storage(settings.d_root)
+        removed = storage.prepare()
+        if removed:
+            log.info("removed %d temp files left by an interrupted write", removed)
+        identity = load_identity(settings)
+        partner_certs = load_partner_certs(settings)
+        catalog = await open_catalog(settings.database_url)
+        tls = mail_client_context(settings.mail)
+        wake_router, wake_packager, wake_sender, wake_ingest = (asyncio.Event() for _ in range(4))
+        intake = Intake(settings, storage, catalog, wake_router)
+        intake.loop = asyncio.get_running_loop()
+        await intake.recover()
+        scp = DicomScp(
+            settings.ae_title,
+            {p.ae_title for p in settings.partners},
+            (settings.dicom_bind, settings.dicom_port),
+            storage.tmp,
+            intake.store,
+        )
+        gw = cls(
+            settings=settings,
+            storage=storage,
+            catalog=catalog,
+            intake=intake,
+            scp=scp,
+            router=Router(settings, catalog, wake_router, wake_packager),
+            packager=Packager(settings, storage, catalog, identity, partner_certs, wake_packager, wake_sender),
+            sender=Sender(settings, storage, catalog, SmtpCluster(settings.mail, tls), wake_sender),
+            fetcher=Fetcher(settings, storage, catalog, Pop3Cluster(settings.mail, tls), wake_ingest),
+            ingester=Ingester(settings, storage, catalog, identity, partner_certs, wake_ingest),
+        )
+        await gw._clean_spool()
+        return gw
+
+    async def _clean_spool(self) -> None:
+        """Remove inbox files whose mail was already handled (a crash between commit and unlink)."""
+        pending = {m["path"] for m in await self.catalog.pending_in_mails(limit=1_000_000)}
+        for f in self.storage.inbox.glob("*.eml"):
+            rel = self.storage.relative(f)
+            if rel not in pending:
+                row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (f.stem,))
+                if row is None:
+                    # durable but never recorded (crash between write and insert): record it now
+                    await self.catalog.record_in_mail(f.stem, rel, f.stat().st_size, f.stat().st_mtime)
+                else:
+                    f.unlink()
+
+    def status(self) -> dict[str, Any]:
+        """Live counters (no patient data)."""
+        nodes = {}
+        for name, pool in (("smtp", self.sender.smtp.pool), ("pop3", self.fetcher.pop3.pool)):
+            nodes[name] = {
+                str(n): {"ok": h.successes, "failed": h.failures, "last_error": h.last_error} for n, h in pool.health.items()
+            }
+        return {
+            "intake": self.intake.stats(),
+            "sent_mails": self.sender.sent,
+            "fetched_mails": self.fetcher.fetched,
+            "ingested_mails": self.ingester.ingested,
+            "quarantined_mails": self.ingester.quarantined,
+            "nodes": nodes,
+        }
+
+    async def run(self) -> None:
+        """Run every stage until `stopping` is set."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.intake.index_forever(), name="index")
+                tg.create_task(self.router.run_forever(), name="route")
+                tg.create_task(self.packager.run_forever(), name="package")
+                tg.create_task(self.sender.run_forever(), name="send")
+                tg.create_task(self.fetcher.run_forever(), name="fetch")
+                tg.create_task(self.ingester.run_forever(), name="ingest")
+                self.scp.start()
+                log.info(
+                    "gateway %s ready: DICOM %s:%d AE %s; partners: %s",
+                    self.settings.name,
+                    self.settings.dicom_bind,
+                    self.scp.port,
+                    self.settings.ae_title,
+                    ", ".join(f"{p.ae_title}→{p.name}" for p in self.settings.partners) or "none",
+                )
+                await self.stopping.wait()
+                log.info("stopping: DICOM port closes, then the stages")
+                self.scp.stop()
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            self.scp.stop()
+            await self.catalog.close()
+            self.intake.journal.close()
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to cancel every stage."""
+
+
+async def run(settings: Settings) -> None:
+    """Run a gateway until SIGTERM or SIGINT."""
+    gw = await Gateway.create(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, gw.stopping.set)
+    await gw.run()

@@ -1,0 +1,72 @@
+"""Stage 5, fetch: poll the mailbox over POP3S; each mail is durable in the inbox spool before `DELE`.
+
+The inbox file is named by the SHA-256 of the mail, so fetching the same mail twice (a crash between the
+durable write and QUIT) lands on the same name and the same catalog row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+
+from gateway.adapters.pop3 import Pop3Cluster
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.errors import TransientError
+from gateway.storage import Storage, write_durable
+
+log = logging.getLogger(__name__)
+
+MAX_MAILS_PER_POLL = 200
+
+
+class Fetcher:
+    """Moves mails from the mailbox into the inbox spool."""
+
+    def __init__(self, settings: Settings, storage: Storage, catalog: Catalog, pop3: Pop3Cluster, wake_ingest: asyncio.Event) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.catalog = catalog
+        self.pop3 = pop3
+        self.wake_ingest = wake_ingest
+        self.fetched = 0
+
+    async def poll_once(self) -> int:
+        """One POP3 session: fetch, make durable, delete. Returns the number of mails taken."""
+        session = await self.pop3.open()
+        taken = 0
+        try:
+            listing = await session.list()
+            for number, _uid, _size in listing[:MAX_MAILS_PER_POLL]:
+                raw = await session.retr(number)
+                key = hashlib.sha256(raw).hexdigest()[:40]
+                target = self.storage.inbox / f"{key}.eml"
+                await asyncio.to_thread(write_durable, target, [raw], self.storage.tmp)
+                await self.catalog.record_in_mail(key, self.storage.relative(target), len(raw), time.time())
+                # crash here: mail durable and recorded, still on the server; fetched again → same key, ignored
+                await session.delete(number)
+                taken += 1
+                self.wake_ingest.set()
+            await session.close()  # QUIT commits the deletions
+        except BaseException:
+            session.abort()
+            raise
+        self.fetched += taken
+        if taken:
+            log.info("fetched %d mails via %s", taken, session.node)
+        return taken
+
+    async def run_forever(self) -> None:
+        """Poll every `poll_interval` seconds (at once again while the mailbox had mails); never dies."""
+        while True:
+            taken = 0
+            try:
+                taken = await self.poll_once()
+            except TransientError as exc:
+                log.warning("mailbox poll failed: %s", exc)
+            except Exception:
+                log.exception("mailbox poll failed")
+            if taken < MAX_MAILS_PER_POLL:
+                await asyncio.sleep(self.settings.mail.poll_interval)

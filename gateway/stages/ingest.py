@@ -1,0 +1,153 @@
+"""Stage 6, ingest: verify, decrypt and store fetched mails; quarantine what must not be ingested.
+
+A mail is ingested only when it is encrypted to us, signed by the partner whose address sent it (its pinned
+certificate from the configuration), and every part is a readable DICOM instance. Otherwise the whole mail goes
+to `spool/quarantine/` with a reason file, and its catalog row says why. Nothing of a refused mail is stored.
+
+De-duplication: a set part already ingested is recorded as a duplicate; an instance whose SOP Instance UID is
+already stored with the same bytes is not stored twice; same UID with other bytes is kept aside (conflicts/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from gateway.catalog import Catalog, InstanceRecord
+from gateway.config import Settings
+from gateway.core import mailformat, smime
+from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
+from gateway.core.smime import Identity
+from gateway.core.states import MailState
+from gateway.storage import Storage, StoreOutcome, fsync_dir, write_durable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A mail that passed every check, with its parts' identifiers."""
+
+    partner: str
+    transfer_id: str
+    part: int
+    total: int
+    study_uid: str | None
+    parts: list[tuple[InstanceInfo, bytes]]
+
+
+class Ingester:
+    """Turns inbox mails into stored instances, or quarantines them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        catalog: Catalog,
+        identity: Identity,
+        partner_certs: dict[str, x509.Certificate],
+        wake: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.catalog = catalog
+        self.identity = identity
+        self.partner_certs = partner_certs
+        self.wake = wake
+        self.ingested = 0
+        self.quarantined = 0
+
+    def check(self, raw: bytes) -> Accepted:
+        """All checks, no side effects (worker thread). Raises QuarantineReason as `ValueError` subclasses."""
+        outer = mailformat.read_outer(raw)
+        partner = self.settings.partner_by_address(outer.sender)
+        if partner is None:
+            raise mailformat.MailFormatError("sender is not in the address book")
+        opened = mailformat.open_mail(raw, self.identity, [self.partner_certs[partner.name]])
+        parts = []
+        for number, data in enumerate(opened.parts, start=1):
+            try:
+                parts.append((read_info(data), data))
+            except NotDicomError as exc:
+                raise mailformat.MailFormatError(f"part {number} is not DICOM: {exc}") from None
+        set_id = opened.set_id or hashlib.sha256(outer.message_id.encode() or raw[:4096]).hexdigest()[:32]
+        part, total = opened.part or 1, opened.total or 1
+        if not 1 <= part <= total:
+            raise mailformat.MailFormatError(f"set part {part} of {total} is impossible")
+        return Accepted(partner.name, f"{partner.name}:{set_id}", part, total, opened.study_uid, parts)
+
+    async def quarantine(self, mail_id: str, path: Path, reason: str) -> None:
+        """Move the mail aside with its reason; record it."""
+        target = self.storage.quarantine / path.name
+        await asyncio.to_thread(write_durable, target.with_suffix(".reason.txt"), [reason.encode() + b"\n"], self.storage.tmp)
+        if path.exists():
+            os.replace(path, target)
+            fsync_dir(self.storage.quarantine)
+        await self.catalog.finish_in_mail(mail_id, MailState.QUARANTINED, time.time(), error=reason)
+        self.quarantined += 1
+        log.warning("mail %s quarantined: %s", mail_id, reason)
+
+    async def ingest(self, mail_id: str, path: Path) -> None:
+        """Ingest or quarantine one fetched mail."""
+        raw = await asyncio.to_thread(path.read_bytes)
+        try:
+            accepted = await asyncio.to_thread(self.check, raw)
+        except (mailformat.MailFormatError, smime.SmimeError) as exc:
+            await self.quarantine(mail_id, path, str(exc))
+            return
+        now = time.time()
+        if await self.catalog.in_part_done(accepted.transfer_id, accepted.part):
+            await self.catalog.finish_in_mail(
+                mail_id, MailState.DUPLICATE, now, transfer_id=accepted.transfer_id, part=accepted.part, total=accepted.total
+            )
+            path.unlink(missing_ok=True)
+            log.info("mail %s: set %s part %d already ingested (re-delivery)", mail_id, accepted.transfer_id, accepted.part)
+            return
+        records = []
+        size = 0
+        for info, data in accepted.parts:
+            result = await asyncio.to_thread(self.storage.store_bytes, data, info)
+            if result.outcome is StoreOutcome.CONFLICT:
+                log.warning("mail %s: instance %s differs from the stored one; kept aside in conflicts/", mail_id, info.sop_instance_uid)
+                continue
+            size += result.size
+            records.append(
+                InstanceRecord(info, self.storage.relative(result.path), result.size, result.sha256, "mail",
+                               accepted.partner, None, now, in_transfer=accepted.transfer_id)
+            )
+        await self.catalog.record_instances(records)
+        completed = await self.catalog.finish_in_mail(
+            mail_id, MailState.INGESTED, time.time(), transfer_id=accepted.transfer_id, partner=accepted.partner,
+            study_uid=accepted.study_uid, part=accepted.part, total=accepted.total, instances=len(records), size=size,
+        )
+        # crash before this unlink: the row says ingested, the file is removed at the next start-up
+        path.unlink(missing_ok=True)
+        self.ingested += 1
+        log.info("mail %s: set %s part %d/%d ingested, %d instances", mail_id, accepted.transfer_id, accepted.part, accepted.total, len(records))
+        if completed:
+            log.info("transfer %s complete", accepted.transfer_id)
+
+    async def run_forever(self) -> None:
+        """Ingest fetched mails as they arrive; never dies."""
+        while True:
+            try:
+                for mail in await self.catalog.pending_in_mails():
+                    try:
+                        await self.ingest(str(mail["id"]), self.storage.root / str(mail["path"]))
+                    except Exception as exc:
+                        log.exception("mail %s: ingest failed", mail["id"])
+                        await self.quarantine(str(mail["id"]), self.storage.root / str(mail["path"]), f"internal error: {type(exc).__name__}")
+            except Exception:
+                log.exception("ingest loop error; retrying")
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=5)
+            except TimeoutError:
+                pass
+            self.wake.clear()

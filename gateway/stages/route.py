@@ -1,0 +1,55 @@
+"""Stage 2, route: when a study has been quiet for `stability_delay`, open one outbound transfer per partner.
+
+The route of each instance was decided at reception (the Called AE Title); this stage only decides *when* a
+study is complete ("stable", as Orthanc calls it) and groups its routed instances into a transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from gateway.catalog import Catalog
+from gateway.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """Turns stable studies into pending outbound transfers."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, wake: asyncio.Event, wake_packager: asyncio.Event) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.wake = wake
+        self.wake_packager = wake_packager
+
+    async def run_once(self, now: float) -> int:
+        """Create transfers for every study that is stable at `now`; return how many."""
+        created = 0
+        for study_uid, partner in await self.catalog.stable_routes(now - self.settings.stability_delay):
+            transfer_id = uuid.uuid4().hex
+            count = await self.catalog.create_out_transfer(transfer_id, partner, study_uid, now)
+            if count:
+                created += 1
+                log.info("transfer %s: study %s stable, %d instances for partner %s", transfer_id, study_uid, count, partner)
+        if created:
+            self.wake_packager.set()
+        return created
+
+    async def run_forever(self) -> None:
+        """Check on every new instance and at least every second; never dies."""
+        tick = max(0.2, min(1.0, self.settings.stability_delay / 4 or 0.2))
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=tick)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            try:
+                await self.run_once(time.time())
+            except Exception:
+                log.exception("routing failed; retrying")
+                await asyncio.sleep(2)

@@ -1,0 +1,185 @@
+"""The files on the working volume ("D:", `storage.d_root`), always written durably.
+
+Layout below `d_root`:
+
+    images/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   instances, byte for byte as received
+    conflicts/<SOPInstanceUID>.<sha256[:16]>.dcm         same UID, different content: kept aside, reported
+    spool/outbox/<transfer-id>/<part>.eml                 built mails waiting for SMTP
+    spool/inbox/<mail-key>.eml                            fetched mails waiting for ingest
+    spool/quarantine/<mail-key>.eml (+ .reason.txt)       mails refused with the reason
+    spool/intake/journal-<n>.jsonl                        received-instance journal (see stages/receive.py)
+    tmp/                                                  temp files, same filesystem so rename is atomic
+    catalog.sqlite                                        the embedded catalog (default database)
+
+Every write is temp file → fsync → rename → fsync of the directory, so a crash leaves either the old state or
+the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from gateway.core.dicominfo import InstanceInfo
+
+_SAFE = re.compile(r"^[0-9A-Za-z._-]{1,128}$")
+_CHUNK = 1 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory entry change (create, rename, unlink) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(path: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entry list changed."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
+
+
+def write_durable(target: Path, chunks: Iterable[bytes], tmp_dir: Path) -> int:
+    """Write `chunks` to `target` atomically and durably; return the size."""
+    makedirs_durable(target.parent)
+    tmp = tmp_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    size = 0
+    with tmp.open("wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            size += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    # crash here: a stray .tmp in tmp/ (removed at start-up), target unchanged
+    os.replace(tmp, target)
+    # crash here: rename may be lost with the directory not yet synced; the caller has not acknowledged yet
+    fsync_dir(target.parent)
+    return size
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe(component: str) -> str:
+    """A path component from a UID; anything odd is replaced by its hash so paths can never escape."""
+    return component if _SAFE.match(component) and component not in (".", "..") else hashlib.sha256(component.encode()).hexdigest()[:32]
+
+
+class StoreOutcome(StrEnum):
+    """What happened to an instance handed to storage."""
+
+    STORED = "stored"  # new instance, now durable
+    DUPLICATE = "duplicate"  # same UID, identical bytes already stored: nothing written
+    CONFLICT = "conflict"  # same UID, different bytes: kept under conflicts/, original untouched
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The durable result of storing one instance."""
+
+    outcome: StoreOutcome
+    path: Path
+    sha256: str
+    size: int
+
+
+class Storage:
+    """The working volume: paths and durable writes. Thread-safe (used from DICOM association threads)."""
+
+    def __init__(self, d_root: Path) -> None:
+        self.root = d_root
+        self.images = d_root / "images"
+        self.conflicts = d_root / "conflicts"
+        self.spool = d_root / "spool"
+        self.outbox = self.spool / "outbox"
+        self.inbox = self.spool / "inbox"
+        self.quarantine = self.spool / "quarantine"
+        self.intake = self.spool / "intake"
+        self.tmp = d_root / "tmp"
+        self._lock = threading.Lock()
+
+    def prepare(self) -> int:
+        """Create the layout and remove temp files a crash left behind; return how many were removed."""
+        for d in (self.images, self.conflicts, self.outbox, self.inbox, self.quarantine, self.intake, self.tmp):
+            makedirs_durable(d)
+        removed = 0
+        for stray in self.tmp.iterdir():
+            if stray.is_file():
+                stray.unlink()
+                removed += 1
+        return removed
+
+    def instance_path(self, info: InstanceInfo) -> Path:
+        """Where an instance lives."""
+        return self.images / _safe(info.study_uid) / _safe(info.series_uid) / f"{_safe(info.sop_instance_uid)}.dcm"
+
+    def relative(self, path: Path) -> str:
+        """A path relative to d_root (what the catalog records)."""
+        return str(path.relative_to(self.root))
+
+    def _place(self, info: InstanceInfo, tmp: Path, sha: str, size: int) -> StoreResult:
+        """Move a fully written and fsynced temp file into place, deduplicating by UID and content."""
+        target = self.instance_path(info)
+        with self._lock:
+            if target.exists():
+                if target.stat().st_size == size and sha256_file(target) == sha:
+                    tmp.unlink()
+                    return StoreResult(StoreOutcome.DUPLICATE, target, sha, size)
+                makedirs_durable(self.conflicts)
+                aside = self.conflicts / f"{_safe(info.sop_instance_uid)}.{sha[:16]}.dcm"
+                os.replace(tmp, aside)
+                fsync_dir(self.conflicts)
+                return StoreResult(StoreOutcome.CONFLICT, aside, sha, size)
+            makedirs_durable(target.parent)
+            os.replace(tmp, target)
+            # crash here: the rename may not survive until the directory is synced; nothing acknowledged yet
+            fsync_dir(target.parent)
+        return StoreResult(StoreOutcome.STORED, target, sha, size)
+
+    def store_temp_file(self, tmp: Path, info: InstanceInfo) -> StoreResult:
+        """Store a file already written below `tmp/` (the DICOM receive path); fsyncs it first."""
+        h = hashlib.sha256()
+        size = 0
+        with tmp.open("rb+") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+            os.fsync(f.fileno())
+        return self._place(info, tmp, h.hexdigest(), size)
+
+    def store_bytes(self, data: bytes, info: InstanceInfo) -> StoreResult:
+        """Store an instance held in memory (the mail ingest path)."""
+        tmp = self.tmp / f".in.{_safe(info.sop_instance_uid)}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return self._place(info, tmp, hashlib.sha256(data).hexdigest(), len(data))
+
+    def free_bytes(self) -> int:
+        """Free space on the working volume."""
+        return shutil.disk_usage(self.root).free

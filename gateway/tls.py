@@ -1,0 +1,23 @@
+"""TLS contexts, built once from the configuration and passed down (never paths at call sites).
+
+The mail context verifies the server against the configured CA bundle only (no system CAs: a
+TLS-intercepting proxy must fail), checks the host name, requires TLS 1.2+, and presents the gateway's
+client certificate.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from gateway.config import MailSettings
+
+
+def mail_client_context(mail: MailSettings) -> ssl.SSLContext:
+    """Client context for SMTP STARTTLS and POP3S with the gateway's certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+    ctx.load_verify_locations(cafile=str(mail.ca_bundle))
+    ctx.load_cert_chain(str(mail.client_cert), str(mail.client_key))
+    return ctx
