@@ -27,6 +27,11 @@ from gateway.core.dicominfo import NotDicomError
 
 log = logging.getLogger(__name__)
 
+_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
+# pynetdicom accepts the first of *our* syntaxes that the modality proposed. Compressed ones first, then explicit
+# before implicit, so a modality that offers what its file holds gets it accepted as-is: no conversion anywhere.
+ACCEPTED_TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED] + _UNCOMPRESSED
+
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
@@ -91,7 +96,7 @@ class DicomScp:
         self.ae.acse_timeout = 30
         self.ae.dimse_timeout = 60
         for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            self.ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self._server: Any = None
 

@@ -8,6 +8,7 @@ a power loss, which is what "acknowledged" means here.
 from __future__ import annotations
 
 import asyncio
+import decimal
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -108,6 +109,13 @@ class SqliteDatabase(Database):
             self._conn = None
 
 
+def _plain(value: Any) -> Any:
+    """MySQL returns SUM/COUNT arithmetic as Decimal; SQLite returns int/float. Make both look alike."""
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
 class MysqlDatabase(Database):
     """An aiomysql pool; every transaction takes a connection, runs, commits or rolls back."""
 
@@ -156,7 +164,7 @@ class MysqlDatabase(Database):
 
                 async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
                     await cur.execute(sql.replace("?", "%s"), tuple(params))
-                    return [tuple(r) for r in await cur.fetchall()]
+                    return [tuple(_plain(v) for v in r) for r in await cur.fetchall()]
 
             try:
                 yield _Tx()
