@@ -1,9 +1,9 @@
 """`dicom-mail-gateway`: run, send, status, dev.
 
-    dicom-mail-gateway run    -c gateway.toml                 run the gateway
-    dicom-mail-gateway send   -c gateway.toml --to PARTNER PATH...   enqueue DICOM files or folders by hand
-    dicom-mail-gateway status -c gateway.toml [--json]        studies and transfers by state
-    dicom-mail-gateway dev                                    dev certs + local mail cluster + loopback partner, then run
+dicom-mail-gateway run    -c gateway.toml                 run the gateway
+dicom-mail-gateway send   -c gateway.toml --to PARTNER PATH...   enqueue DICOM files or folders by hand
+dicom-mail-gateway status -c gateway.toml [--json]        studies and transfers by state
+dicom-mail-gateway dev                                    dev certs + local mail cluster + loopback partner, then run
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ async def _send(settings: config.Settings, partner: str, paths: list[str]) -> in
 
     target = settings.partner_by_name(partner)
     if target is None:
-        print(f"unknown partner {partner!r}; configured: {', '.join(p.name for p in settings.partners)}", file=sys.stderr)
+        print(
+            f"unknown partner {partner!r}; configured: {', '.join(p.name for p in settings.partners)}",
+            file=sys.stderr,
+        )
         return 2
     storage = Storage(settings.d_root)
     storage.prepare()
@@ -90,10 +93,22 @@ async def _send(settings: config.Settings, partner: str, paths: list[str]) -> in
                 continue
             result = storage.store_bytes(f.read_bytes(), info)
             if result.outcome is StoreOutcome.CONFLICT:
-                print(f"skipped {f}: an instance with its UID and other content is already stored", file=sys.stderr)
+                print(
+                    f"skipped {f}: an instance with its UID and other content is already stored",
+                    file=sys.stderr,
+                )
                 continue
             records.append(
-                InstanceRecord(info, storage.relative(result.path), result.size, result.sha256, "manual", "cli", None, time.time())
+                InstanceRecord(
+                    info,
+                    storage.relative(result.path),
+                    result.size,
+                    result.sha256,
+                    "manual",
+                    "cli",
+                    None,
+                    time.time(),
+                )
             )
         if not records:
             print("nothing to send", file=sys.stderr)
@@ -137,17 +152,22 @@ async def _status(settings: config.Settings, as_json: bool) -> int:
     for row in st["transfers_by_state"] or [{"direction": "-", "state": "none", "count": 0}]:
         print(f"  {row['direction']:>3} {row['state']:<10} {row['count']:>6}")
     print("\nrecent transfers:")
-    print(f"  {'id':<32} {'dir':<3} {'partner':<14} {'state':<10} {'mails':>7} {'inst':>5} {'MB':>8}  updated")
+    print(
+        f"  {'id':<32} {'dir':<3} {'partner':<14} {'state':<10} {'mails':>7} {'inst':>5} {'MB':>8}  updated"
+    )
     for t in st["transfers"]:
         mails = f"{t['parts_done']}/{t['parts_total'] or '?'}"
         print(
             f"  {t['id'][-32:]:<32} {t['direction']:<3} {t['partner'][:14]:<14} {t['state']:<10} {mails:>7} "
-            f"{t['instances']:>5} {t['bytes'] / 1e6:>8.1f}  {_ts(t['updated_at'])}" + (f"  ({t['error']})" if t["error"] else "")
+            f"{t['instances']:>5} {t['bytes'] / 1e6:>8.1f}  {_ts(t['updated_at'])}"
+            + (f"  ({t['error']})" if t["error"] else "")
         )
     print("\nrecent studies:")
     print(f"  {'study instance UID':<64} {'series':>6} {'inst':>5} {'MB':>8}  last received")
     for s in st["studies"]:
-        print(f"  {s['study_uid']:<64} {s['series']:>6} {s['instances']:>5} {s['bytes'] / 1e6:>8.1f}  {_ts(s['last_received'])}")
+        print(
+            f"  {s['study_uid']:<64} {s['series']:>6} {s['instances']:>5} {s['bytes'] / 1e6:>8.1f}  {_ts(s['last_received'])}"
+        )
     return 0
 
 
@@ -191,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("dev", help="run with embedded defaults: dev certs, local mail cluster, loopback partner")
+    p = sub.add_parser(
+        "dev", help="run with embedded defaults: dev certs, local mail cluster, loopback partner"
+    )
     p.add_argument("--root", default=".", help="checkout root (certs/dev, storage/, .dev/ go below it)")
     p.add_argument("--port", type=int, default=11112)
     p.set_defaults(func=cmd_dev)

@@ -120,7 +120,13 @@ class _Reader:
     def fail(self, name: str, problem: str) -> ConfigError:
         return ConfigError(str(self.file), self.key(name), problem)
 
-    def get(self, name: str, kind: type[T] | tuple[type, ...], default: Any = ..., check: Callable[[Any], str | None] | None = None) -> Any:
+    def get(
+        self,
+        name: str,
+        kind: type[T] | tuple[type, ...],
+        default: Any = ...,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
         self.seen.add(name)
         if name not in self.table:
             if default is ...:
@@ -174,7 +180,11 @@ def parse_size(text: str | int) -> int:
 
 
 def _check_ae(value: str) -> str | None:
-    return None if _AE_RE.match(value) and value == value.strip() else "not a valid AE title (1-16 chars, no backslash)"
+    return (
+        None
+        if _AE_RE.match(value) and value == value.strip()
+        else "not a valid AE title (1-16 chars, no backslash)"
+    )
 
 
 def _check_addr(value: str) -> str | None:
@@ -230,12 +240,25 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     root = _Reader(file, "", data)
 
     gw = root.table_of("gateway")
-    name = gw.get("name", str, check=lambda v: None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) else "use letters, digits, . _ -")
+    name = gw.get(
+        "name",
+        str,
+        check=lambda v: None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) else "use letters, digits, . _ -",
+    )
     ae_title = gw.get("ae_title", str, check=_check_ae)
     dicom_bind = gw.get("dicom_bind", str, "127.0.0.1")
     dicom_port = gw.get("dicom_port", int, 11112, check=lambda v: None if 0 <= v < 65536 else "not a port")
-    stability_delay = float(gw.get("stability_delay", (int, float), 30, check=lambda v: None if v >= 0 else "must be >= 0"))
-    log_level = gw.get("log_level", str, "INFO", check=lambda v: None if v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "DEBUG, INFO, WARNING or ERROR").upper()
+    stability_delay = float(
+        gw.get("stability_delay", (int, float), 30, check=lambda v: None if v >= 0 else "must be >= 0")
+    )
+    log_level = gw.get(
+        "log_level",
+        str,
+        "INFO",
+        check=lambda v: (
+            None if v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "DEBUG, INFO, WARNING or ERROR"
+        ),
+    ).upper()
     retry_max_age = float(gw.get("retry_max_age", (int, float), 2 * 24 * 3600, check=_check_positive))
     gw.done()
 
@@ -245,7 +268,14 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     st.done()
 
     db = root.table_of("database", required=False)
-    database_url = db.get("url", str, f"sqlite:///{d_root / 'catalog.sqlite'}", check=lambda v: None if v.startswith(("sqlite:///", "mysql://")) else "must start with sqlite:/// or mysql://")
+    database_url = db.get(
+        "url",
+        str,
+        f"sqlite:///{d_root / 'catalog.sqlite'}",
+        check=lambda v: (
+            None if v.startswith(("sqlite:///", "mysql://")) else "must start with sqlite:/// or mysql://"
+        ),
+    )
     db.done()
     if database_url.startswith("sqlite:///") and not Path(database_url[len("sqlite:///") :]).is_absolute():
         database_url = f"sqlite:///{(file.parent / database_url[len('sqlite:///') :]).resolve()}"
@@ -262,7 +292,9 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         max_mail_size=_parse_size_key(m, "max_mail_size", "20MB"),
         connect_timeout=float(m.get("connect_timeout", (int, float), 15, check=_check_positive)),
         io_timeout=float(m.get("io_timeout", (int, float), 120, check=_check_positive)),
-        node_cooldown=float(m.get("node_cooldown", (int, float), 60, check=lambda v: None if v >= 0 else "must be >= 0")),
+        node_cooldown=float(
+            m.get("node_cooldown", (int, float), 60, check=lambda v: None if v >= 0 else "must be >= 0")
+        ),
         subject=m.get("subject", str, "DICOM-eMail"),
     )
     m.done()
@@ -279,7 +311,13 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
             raise root.fail(f"partners[{i}]", "must be a table ([[partners]])")
         p = _Reader(file, f"partners[{i}]", entry)
         partner = Partner(
-            name=p.get("name", str, check=lambda v: None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) else "use letters, digits, . _ -"),
+            name=p.get(
+                "name",
+                str,
+                check=lambda v: (
+                    None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) else "use letters, digits, . _ -"
+                ),
+            ),
             address=p.get("address", str, check=_check_addr),
             smime_cert=p.path("smime_cert"),
             ae_title=p.get("ae_title", str, check=_check_ae),

@@ -92,7 +92,9 @@ class Gateway:
             intake=intake,
             scp=scp,
             router=Router(settings, catalog, wake_router, wake_packager),
-            packager=Packager(settings, storage, catalog, identity, partner_certs, wake_packager, wake_sender),
+            packager=Packager(
+                settings, storage, catalog, identity, partner_certs, wake_packager, wake_sender
+            ),
             sender=Sender(settings, storage, catalog, SmtpCluster(settings.mail, tls), wake_sender),
             fetcher=Fetcher(settings, storage, catalog, Pop3Cluster(settings.mail, tls), wake_ingest),
             ingester=Ingester(settings, storage, catalog, identity, partner_certs, wake_ingest),
@@ -118,7 +120,8 @@ class Gateway:
         nodes = {}
         for name, pool in (("smtp", self.sender.smtp.pool), ("pop3", self.fetcher.pop3.pool)):
             nodes[name] = {
-                str(n): {"ok": h.successes, "failed": h.failures, "last_error": h.last_error} for n, h in pool.health.items()
+                str(n): {"ok": h.successes, "failed": h.failures, "last_error": h.last_error}
+                for n, h in pool.health.items()
             }
         return {
             "intake": self.intake.stats(),

@@ -86,7 +86,11 @@ def sha256_file(path: Path) -> str:
 
 def _safe(component: str) -> str:
     """A path component from a UID; anything odd is replaced by its hash so paths can never escape."""
-    return component if _SAFE.match(component) and component not in (".", "..") else hashlib.sha256(component.encode()).hexdigest()[:32]
+    return (
+        component
+        if _SAFE.match(component) and component not in (".", "..")
+        else hashlib.sha256(component.encode()).hexdigest()[:32]
+    )
 
 
 class StoreOutcome(StrEnum):
@@ -124,7 +128,15 @@ class Storage:
 
     def prepare(self) -> int:
         """Create the layout and remove temp files a crash left behind; return how many were removed."""
-        for d in (self.images, self.conflicts, self.outbox, self.inbox, self.quarantine, self.intake, self.tmp):
+        for d in (
+            self.images,
+            self.conflicts,
+            self.outbox,
+            self.inbox,
+            self.quarantine,
+            self.intake,
+            self.tmp,
+        ):
             makedirs_durable(d)
         removed = 0
         for stray in self.tmp.iterdir():
@@ -135,7 +147,12 @@ class Storage:
 
     def instance_path(self, info: InstanceInfo) -> Path:
         """Where an instance lives."""
-        return self.images / _safe(info.study_uid) / _safe(info.series_uid) / f"{_safe(info.sop_instance_uid)}.dcm"
+        return (
+            self.images
+            / _safe(info.study_uid)
+            / _safe(info.series_uid)
+            / f"{_safe(info.sop_instance_uid)}.dcm"
+        )
 
     def relative(self, path: Path) -> str:
         """A path relative to d_root (what the catalog records)."""

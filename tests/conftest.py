@@ -113,7 +113,11 @@ class GatewayProcess:
 
     def cli(self, *args: str) -> str:
         r = subprocess.run(
-            [sys.executable, "-m", "gateway", *args, "-c", str(self.config)], capture_output=True, text=True, cwd=ROOT, timeout=60
+            [sys.executable, "-m", "gateway", *args, "-c", str(self.config)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
         )
         assert r.returncode == 0, r.stderr
         return r.stdout
@@ -165,7 +169,19 @@ def storescu(port: int, called_ae: str, folder: Path, *extra: str) -> subprocess
     """DCMTK storescu, a real modality client, with TCP_NODELAY (see notes/perf-anchors.md)."""
     env = {**os.environ, "TCP_NODELAY": "1"}
     return subprocess.run(
-        ["storescu", "-xr", "-aet", "MODALITY", "-aec", called_ae, *extra, "127.0.0.1", str(port), "+sd", str(folder)],
+        [
+            "storescu",
+            "-xr",
+            "-aet",
+            "MODALITY",
+            "-aec",
+            called_ae,
+            *extra,
+            "127.0.0.1",
+            str(port),
+            "+sd",
+            str(folder),
+        ],
         capture_output=True,
         text=True,
         env=env,

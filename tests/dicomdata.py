@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
     RLELossless,
     generate_uid,
 )
@@ -22,7 +22,16 @@ CANARY_ID = "PIDCANARY7731"
 CANARY_BIRTH = "19230417"
 
 
-def _instance(sop_class: str, modality: str, study: str, series: str, series_no: int, number: int, size: int, rng: np.random.Generator) -> Dataset:
+def _instance(
+    sop_class: str,
+    modality: str,
+    study: str,
+    series: str,
+    series_no: int,
+    number: int,
+    size: int,
+    rng: np.random.Generator,
+) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -51,18 +60,31 @@ def _instance(sop_class: str, modality: str, study: str, series: str, series_no:
     ds.HighBit = 11
     ds.PixelRepresentation = 0
     yy, xx = np.mgrid[0:size, 0:size]
-    phantom = ((np.hypot(yy - size / 2, xx - size / 2) < size / 3) * 1000 + rng.integers(0, 60, (size, size))).astype(np.uint16)
+    phantom = (
+        (np.hypot(yy - size / 2, xx - size / 2) < size / 3) * 1000 + rng.integers(0, 60, (size, size))
+    ).astype(np.uint16)
     ds.PixelData = phantom.tobytes()
     return ds
 
 
-def make_study(folder: Path, *, ct: int = 30, mr: int = 20, sc: int = 12, size: int = 128, rle_every: int = 4, seed: int = 1) -> list[Path]:
+def make_study(
+    folder: Path,
+    *,
+    ct: int = 30,
+    mr: int = 20,
+    sc: int = 12,
+    size: int = 128,
+    rle_every: int = 4,
+    seed: int = 1,
+) -> list[Path]:
     """Write a study: CT, MR and Secondary Capture series; every `rle_every`-th MR instance RLE compressed."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     study = generate_uid()
     paths = []
-    for series_no, (sop_class, modality, count) in enumerate(((CT, "CT", ct), (MR, "MR", mr), (SC, "OT", sc)), start=1):
+    for series_no, (sop_class, modality, count) in enumerate(
+        ((CT, "CT", ct), (MR, "MR", mr), (SC, "OT", sc)), start=1
+    ):
         series = generate_uid()
         for n in range(1, count + 1):
             ds = _instance(sop_class, modality, study, series, series_no, n, size, rng)

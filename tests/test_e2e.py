@@ -40,7 +40,9 @@ def assert_delivered_identically(a: GatewayProcess, b: GatewayProcess, sources: 
         at_b = stored_at(b, src).read_bytes()
         assert at_b == at_a, f"{src.name}: B's file differs from A's"
         # What storescu put on the wire is the dataset; the file meta is written by the receiving SCP.
-        assert at_b[dataset_offset(at_b) :] == sent[dataset_offset(sent) :], f"{src.name}: dataset bytes differ"
+        assert at_b[dataset_offset(at_b) :] == sent[dataset_offset(sent) :], (
+            f"{src.name}: dataset bytes differ"
+        )
 
 
 def assert_no_canaries(*gws: GatewayProcess) -> None:
@@ -91,7 +93,9 @@ def test_delivery_with_one_smtp_and_one_pop3_node_down(mail, make_gateway, maria
     assert_delivered_identically(a, b, sources)
 
 
-def test_sigkill_after_acknowledgement_loses_nothing_and_sends_once(mail, make_gateway, mariadb_url, tmp_path):  # type: ignore[no-untyped-def]
+def test_sigkill_after_acknowledgement_loses_nothing_and_sends_once(
+    mail, make_gateway, mariadb_url, tmp_path
+):  # type: ignore[no-untyped-def]
     a, b = pair(make_gateway, mariadb_url, stability_delay=6)
     b.start()
     a.start()
@@ -117,5 +121,7 @@ def test_unknown_called_ae_is_refused_and_echo_works(mail, make_gateway, mariadb
     r = storescu(a.port, "NOBODY", tmp_path / "s")
     assert r.returncode != 0
     assert "Called AE Title Not Recognized" in r.stdout + r.stderr
-    echo = subprocess.run(["echoscu", "-aec", "GATEWAY_A", "127.0.0.1", str(a.port)], capture_output=True, text=True, timeout=30)
+    echo = subprocess.run(
+        ["echoscu", "-aec", "GATEWAY_A", "127.0.0.1", str(a.port)], capture_output=True, text=True, timeout=30
+    )
     assert echo.returncode == 0, echo.stderr

@@ -36,15 +36,26 @@ def cert(pki_dir: Path, stem: str) -> x509.Certificate:
 
 def header(set_id: str, part: int = 1, total: int = 1) -> mailformat.MailHeader:
     return mailformat.MailHeader(
-        "gateway-a@dicommail.test", "gateway-b@dicommail.test", "DICOM-eMail", f"<{set_id}.{part}@dicommail.test>",
-        set_id, part, total, "1.2.3", time.time(),
+        "gateway-a@dicommail.test",
+        "gateway-b@dicommail.test",
+        "DICOM-eMail",
+        f"<{set_id}.{part}@dicommail.test>",
+        set_id,
+        part,
+        total,
+        "1.2.3",
+        time.time(),
     )
 
 
 def submit(gw_a_config: Path, data: bytes) -> None:
     """Hand a mail to the cluster as gateway A (real SMTP, client certificate)."""
     settings = load(gw_a_config)
-    asyncio.run(SmtpCluster(settings.mail, mail_client_context(settings.mail)).send(settings.mail.address, "gateway-b@dicommail.test", data))
+    asyncio.run(
+        SmtpCluster(settings.mail, mail_client_context(settings.mail)).send(
+            settings.mail.address, "gateway-b@dicommail.test", data
+        )
+    )
 
 
 def mails(gw: GatewayProcess) -> dict[str, int]:
@@ -60,19 +71,37 @@ def test_hostile_mails_are_quarantined_and_the_poller_keeps_going(mail, make_gat
     b_cert = cert(pki_dir, "gateway-b-smime")
 
     # 1. signed by a certificate that claims gateway-a's address but comes from the rogue CA
-    submit(a.config, mailformat.build_mail(header("rogue"), dicom[:1], identity(pki_dir, "rogue-gateway-a-smime"), b_cert))
+    submit(
+        a.config,
+        mailformat.build_mail(header("rogue"), dicom[:1], identity(pki_dir, "rogue-gateway-a-smime"), b_cert),
+    )
     # 2. encrypted but not signed
     inner = mailformat.build_inner(header("unsigned"), dicom[:1])
-    unsigned = mailformat.build_mail(header("unsigned"), dicom[:1], identity(pki_dir, "gateway-a-smime"), b_cert)
+    unsigned = mailformat.build_mail(
+        header("unsigned"), dicom[:1], identity(pki_dir, "gateway-a-smime"), b_cert
+    )
     outer_head = unsigned.split(b"\r\n\r\n", 1)[0]
     submit(a.config, outer_head + b"\r\n\r\n" + mailformat.b64_lines(smime.encrypt(inner, [b_cert])))
     # 3. properly signed and encrypted, but the part is not DICOM
-    submit(a.config, mailformat.build_mail(header("notdicom"), [b"MZ\x90\x00 this is not a DICOM file" * 20], identity(pki_dir, "gateway-a-smime"), b_cert))
+    submit(
+        a.config,
+        mailformat.build_mail(
+            header("notdicom"),
+            [b"MZ\x90\x00 this is not a DICOM file" * 20],
+            identity(pki_dir, "gateway-a-smime"),
+            b_cert,
+        ),
+    )
     # 4. signed by gateway-c, a valid certificate of the same CA, but not in B's address book
-    submit(a.config, mailformat.build_mail(header("stranger"), dicom[:1], identity(pki_dir, "gateway-c-smime"), b_cert))
+    submit(
+        a.config,
+        mailformat.build_mail(header("stranger"), dicom[:1], identity(pki_dir, "gateway-c-smime"), b_cert),
+    )
 
     wait_for(lambda: mails(b).get("quarantined", 0) >= 4, 60, 0.5, "four quarantined mails")
-    reasons = " | ".join(p.read_text() for p in (load(b.config).d_root / "spool" / "quarantine").glob("*.reason.txt"))
+    reasons = " | ".join(
+        p.read_text() for p in (load(b.config).d_root / "spool" / "quarantine").glob("*.reason.txt")
+    )
     assert "not in the address book" in reasons
     assert "not signed" in reasons
     assert "not DICOM" in reasons
@@ -80,7 +109,9 @@ def test_hostile_mails_are_quarantined_and_the_poller_keeps_going(mail, make_gat
     assert st["studies"] == [], "nothing of a refused mail may be ingested"
 
     # the poller still works: a good mail after the bad ones is ingested
-    submit(a.config, mailformat.build_mail(header("good"), dicom, identity(pki_dir, "gateway-a-smime"), b_cert))
+    submit(
+        a.config, mailformat.build_mail(header("good"), dicom, identity(pki_dir, "gateway-a-smime"), b_cert)
+    )
     wait_for(lambda: mails(b).get("ingested", 0) == 1, 60, 0.5, "the good mail to be ingested")
     assert json.loads(b.cli("status", "--json"))["studies"][0]["instances"] == 2
 
@@ -90,8 +121,16 @@ def test_rogue_client_certificate_never_gets_in(mail, make_gateway, pki_dir):  #
     settings = load(rogue.config)
     tls = mail_client_context(settings.mail)
     with pytest.raises(TransientError) as smtp_err:
-        asyncio.run(SmtpCluster(settings.mail, tls).send(settings.mail.address, "gateway-b@dicommail.test", b"Subject: x\r\n\r\nx\r\n"))
-    assert "421" in str(smtp_err.value) or "closed" in str(smtp_err.value).lower() or "disconnect" in str(smtp_err.value).lower()
+        asyncio.run(
+            SmtpCluster(settings.mail, tls).send(
+                settings.mail.address, "gateway-b@dicommail.test", b"Subject: x\r\n\r\nx\r\n"
+            )
+        )
+    assert (
+        "421" in str(smtp_err.value)
+        or "closed" in str(smtp_err.value).lower()
+        or "disconnect" in str(smtp_err.value).lower()
+    )
     assert mail.mailbox_count("gateway-b@dicommail.test") == 0
     with pytest.raises(TransientError) as pop_err:
         asyncio.run(Pop3Cluster(settings.mail, tls).open())
@@ -112,11 +151,32 @@ def test_mail_from_openssl_is_ingested(mail, make_gateway, pki_dir, tmp_path):  
     del mixed["MIME-Version"]
     (tmp_path / "inner.eml").write_bytes(mixed.as_bytes())
     run = lambda *args: subprocess.run(["openssl", "cms", *args], check=True, capture_output=True, timeout=60)  # noqa: E731
-    run("-sign", "-in", str(tmp_path / "inner.eml"), "-signer", str(pki_dir / "gateway-a-smime.pem"),
-        "-inkey", str(pki_dir / "gateway-a-smime.key"), "-out", str(tmp_path / "signed.eml"))
-    run("-encrypt", "-aes256", "-in", str(tmp_path / "signed.eml"), "-out", str(tmp_path / "mail.eml"),
-        "-from", "gateway-a@dicommail.test", "-to", "gateway-b@dicommail.test", "-subject", "DICOM-eMail",
-        str(pki_dir / "gateway-b-smime.pem"))
+    run(
+        "-sign",
+        "-in",
+        str(tmp_path / "inner.eml"),
+        "-signer",
+        str(pki_dir / "gateway-a-smime.pem"),
+        "-inkey",
+        str(pki_dir / "gateway-a-smime.key"),
+        "-out",
+        str(tmp_path / "signed.eml"),
+    )
+    run(
+        "-encrypt",
+        "-aes256",
+        "-in",
+        str(tmp_path / "signed.eml"),
+        "-out",
+        str(tmp_path / "mail.eml"),
+        "-from",
+        "gateway-a@dicommail.test",
+        "-to",
+        "gateway-b@dicommail.test",
+        "-subject",
+        "DICOM-eMail",
+        str(pki_dir / "gateway-b-smime.pem"),
+    )
     submit(a.config, (tmp_path / "mail.eml").read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
     wait_for(lambda: mails(b).get("ingested", 0) == 1, 60, 0.5, "the OpenSSL mail to be ingested")
     st = json.loads(b.cli("status", "--json"))
@@ -125,23 +185,60 @@ def test_mail_from_openssl_is_ingested(mail, make_gateway, pki_dir, tmp_path):  
 
 def test_openssl_decrypts_and_verifies_our_mail(pki_dir, tmp_path):  # type: ignore[no-untyped-def]
     dicom = [p.read_bytes() for p in make_study(tmp_path / "s", ct=2, mr=1, sc=0)]
-    data = mailformat.build_mail(header("x"), dicom, identity(pki_dir, "gateway-a-smime"), cert(pki_dir, "gateway-b-smime"))
+    data = mailformat.build_mail(
+        header("x"), dicom, identity(pki_dir, "gateway-a-smime"), cert(pki_dir, "gateway-b-smime")
+    )
     (tmp_path / "m.eml").write_bytes(data)
     subprocess.run(
-        ["openssl", "cms", "-decrypt", "-in", str(tmp_path / "m.eml"), "-recip", str(pki_dir / "gateway-b-smime.pem"),
-         "-inkey", str(pki_dir / "gateway-b-smime.key"), "-out", str(tmp_path / "dec.eml")],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "cms",
+            "-decrypt",
+            "-in",
+            str(tmp_path / "m.eml"),
+            "-recip",
+            str(pki_dir / "gateway-b-smime.pem"),
+            "-inkey",
+            str(pki_dir / "gateway-b-smime.key"),
+            "-out",
+            str(tmp_path / "dec.eml"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     v = subprocess.run(
-        ["openssl", "cms", "-verify", "-in", str(tmp_path / "dec.eml"), "-CAfile", str(pki_dir / "ca.pem"), "-out", str(tmp_path / "content.eml")],
-        capture_output=True, text=True, timeout=60,
+        [
+            "openssl",
+            "cms",
+            "-verify",
+            "-in",
+            str(tmp_path / "dec.eml"),
+            "-CAfile",
+            str(pki_dir / "ca.pem"),
+            "-out",
+            str(tmp_path / "content.eml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert v.returncode == 0 and "Verification successful" in v.stderr, v.stderr
     assert b"application/dicom" in (tmp_path / "content.eml").read_bytes()
     # and with the wrong key, OpenSSL cannot read it
     bad = subprocess.run(
-        ["openssl", "cms", "-decrypt", "-in", str(tmp_path / "m.eml"), "-recip", str(pki_dir / "gateway-a-smime.pem"),
-         "-inkey", str(pki_dir / "gateway-a-smime.key")],
-        capture_output=True, timeout=60,
+        [
+            "openssl",
+            "cms",
+            "-decrypt",
+            "-in",
+            str(tmp_path / "m.eml"),
+            "-recip",
+            str(pki_dir / "gateway-a-smime.pem"),
+            "-inkey",
+            str(pki_dir / "gateway-a-smime.key"),
+        ],
+        capture_output=True,
+        timeout=60,
     )
     assert bad.returncode != 0

@@ -96,17 +96,23 @@ class DicomScp:
         self.ae.acse_timeout = 30
         self.ae.dimse_timeout = 60
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
             self.ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self._server: Any = None
 
     def _on_requested(self, event: evt.Event) -> None:
-        called = event.assoc.requestor.primitive.called_ae_title.strip()
+        primitive = event.assoc.requestor.primitive
+        called = primitive.called_ae_title.strip() if primitive is not None else ""
         if called in self.accepted_called:
             # pynetdicom checks the Called AE against the acceptor's title (require_called_aet).
             event.assoc.acceptor.ae_title = called
         else:
-            log.warning("association from %s rejected: called AE title %r not configured", event.assoc.requestor.address, called)
+            log.warning(
+                "association from %s rejected: called AE title %r not configured",
+                event.assoc.requestor.address,
+                called,
+            )
 
     def _on_store(self, event: evt.Event) -> int:
         assoc = event.assoc
@@ -122,14 +128,18 @@ class DicomScp:
             )
         except Exception as exc:
             status = _status_for(exc)
-            log.error("C-STORE refused with 0x%04X: %s", status, type(exc).__name__ if not isinstance(exc, NotDicomError) else exc)
+            log.error(
+                "C-STORE refused with 0x%04X: %s",
+                status,
+                type(exc).__name__ if not isinstance(exc, NotDicomError) else exc,
+            )
             path.unlink(missing_ok=True)
             return status
         return STATUS_SUCCESS
 
     def start(self) -> None:
         """Start listening (non-blocking; associations run in pynetdicom's threads)."""
-        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store)]
+        handlers: list[Any] = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store)]
         self._server = self.ae.start_server(self.bind, block=False, evt_handlers=handlers)
         sock = self._server.socket
         import socket as _s

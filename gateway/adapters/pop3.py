@@ -9,6 +9,7 @@ server keeps every mail, which is the safe outcome of a crash).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import poplib
 import ssl
@@ -64,10 +65,8 @@ class Pop3Session:
 
     def abort(self) -> None:
         """Drop the connection without QUIT: nothing is deleted."""
-        try:
+        with contextlib.suppress(OSError):
             self.conn.close()
-        except OSError:
-            pass
 
 
 class Pop3Cluster:

@@ -24,16 +24,26 @@ log = logging.getLogger(__name__)
 def _classify(node: Node, exc: BaseException) -> MailNodeError | RejectedError:
     if isinstance(exc, aiosmtplib.SMTPResponseException) and 500 <= exc.code < 600:
         # A 5xx at connect/EHLO/STARTTLS is about this node's session, not about the message.
-        if isinstance(exc, aiosmtplib.SMTPRecipientsRefused | aiosmtplib.SMTPDataError | aiosmtplib.SMTPSenderRefused):
+        if isinstance(
+            exc, aiosmtplib.SMTPRecipientRefused | aiosmtplib.SMTPDataError | aiosmtplib.SMTPSenderRefused
+        ):
             return RejectedError(f"{node}: {exc.code} {exc.message}")
         return MailNodeError(str(node), f"{exc.code} {exc.message}")
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [e.code for e in exc.recipients]
         if codes and all(500 <= c < 600 for c in codes):
-            return RejectedError(f"{node}: recipient refused: {'; '.join(f'{e.code} {e.message}' for e in exc.recipients)}")
+            return RejectedError(
+                f"{node}: recipient refused: {'; '.join(f'{e.code} {e.message}' for e in exc.recipients)}"
+            )
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return MailNodeError(str(node), f"{exc.code} {exc.message}")
-    if isinstance(exc, ssl.SSLError | aiosmtplib.SMTPConnectError | aiosmtplib.SMTPConnectTimeoutError | aiosmtplib.SMTPTimeoutError):
+    if isinstance(
+        exc,
+        ssl.SSLError
+        | aiosmtplib.SMTPConnectError
+        | aiosmtplib.SMTPConnectTimeoutError
+        | aiosmtplib.SMTPTimeoutError,
+    ):
         return MailNodeError(str(node), f"{type(exc).__name__}: {exc}")
     return MailNodeError(str(node), f"{type(exc).__name__}: {exc}")
 

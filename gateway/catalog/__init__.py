@@ -137,8 +137,21 @@ class Catalog:
                     f"""{ig} INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, path,
                         size, sha256, source, origin, route, in_transfer, received_at)
                         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
-                    (i.sop_instance_uid, i.series_uid, i.study_uid, i.sop_class_uid, i.transfer_syntax, r.path,
-                     r.size, r.sha256, r.source, r.origin, r.route, r.in_transfer, r.received_at),
+                    (
+                        i.sop_instance_uid,
+                        i.series_uid,
+                        i.study_uid,
+                        i.sop_class_uid,
+                        i.transfer_syntax,
+                        r.path,
+                        r.size,
+                        r.sha256,
+                        r.source,
+                        r.origin,
+                        r.route,
+                        r.in_transfer,
+                        r.received_at,
+                    ),
                 )
                 await tx.execute(
                     f"{ig} INTO series (series_uid, study_uid, modality, series_number) VALUES (?,?,?,?)",
@@ -161,7 +174,19 @@ class Catalog:
             "FROM instances WHERE sop_uid = ?",
             (sop_uid,),
         )
-        keys = ("sop_uid", "study_uid", "series_uid", "path", "size", "sha256", "source", "origin", "route", "out_transfer", "in_transfer")
+        keys = (
+            "sop_uid",
+            "study_uid",
+            "series_uid",
+            "path",
+            "size",
+            "sha256",
+            "source",
+            "origin",
+            "route",
+            "out_transfer",
+            "in_transfer",
+        )
         return dict(zip(keys, row, strict=True)) if row else None
 
     async def stable_routes(self, quiet_since: float) -> list[tuple[str, str]]:
@@ -187,13 +212,18 @@ class Catalog:
                 "UPDATE instances SET out_transfer = ? WHERE study_uid = ? AND route = ? AND out_transfer IS NULL",
                 (transfer_id, study_uid, partner),
             )
-            rows = await tx.fetchall("SELECT COALESCE(SUM(size), 0) FROM instances WHERE out_transfer = ?", (transfer_id,))
+            rows = await tx.fetchall(
+                "SELECT COALESCE(SUM(size), 0) FROM instances WHERE out_transfer = ?", (transfer_id,)
+            )
             await tx.execute(
-                "UPDATE transfers SET instance_count = ?, bytes = ? WHERE id = ?", (count, int(rows[0][0]), transfer_id)
+                "UPDATE transfers SET instance_count = ?, bytes = ? WHERE id = ?",
+                (count, int(rows[0][0]), transfer_id),
             )
         return count
 
-    async def enqueue_manual(self, records: list[InstanceRecord], transfer_id: str, partner: str, now: float) -> int:
+    async def enqueue_manual(
+        self, records: list[InstanceRecord], transfer_id: str, partner: str, now: float
+    ) -> int:
         """Index instances handed in by `send` and put them straight into a pending transfer."""
         await self.record_instances(records)
         sops = [r.info.sop_instance_uid for r in records]
@@ -212,9 +242,13 @@ class Catalog:
                     (transfer_id, partner, sop),
                 )
                 total += n
-            rows = await tx.fetchall("SELECT COALESCE(SUM(size), 0) FROM instances WHERE out_transfer = ?", (transfer_id,))
+            rows = await tx.fetchall(
+                "SELECT COALESCE(SUM(size), 0) FROM instances WHERE out_transfer = ?", (transfer_id,)
+            )
             size = int(rows[0][0])
-            await tx.execute("UPDATE transfers SET instance_count = ?, bytes = ? WHERE id = ?", (total, size, transfer_id))
+            await tx.execute(
+                "UPDATE transfers SET instance_count = ?, bytes = ? WHERE id = ?", (total, size, transfer_id)
+            )
         return total
 
     async def transfers_in_state(self, direction: str, state: TransferState) -> list[dict[str, Any]]:
@@ -223,7 +257,10 @@ class Catalog:
             "SELECT id, partner, study_uid, parts_total, parts_done FROM transfers WHERE direction = ? AND state = ? ORDER BY created_at",
             (direction, state.value),
         )
-        return [dict(zip(("id", "partner", "study_uid", "parts_total", "parts_done"), r, strict=True)) for r in rows]
+        return [
+            dict(zip(("id", "partner", "study_uid", "parts_total", "parts_done"), r, strict=True))
+            for r in rows
+        ]
 
     async def transfer(self, transfer_id: str) -> dict[str, Any] | None:
         """One transfer row as a dict."""
@@ -232,31 +269,52 @@ class Catalog:
             "FROM transfers WHERE id = ?",
             (transfer_id,),
         )
-        keys = ("id", "direction", "partner", "study_uid", "state", "parts_total", "parts_done", "instance_count", "bytes", "created_at", "updated_at", "error")
+        keys = (
+            "id",
+            "direction",
+            "partner",
+            "study_uid",
+            "state",
+            "parts_total",
+            "parts_done",
+            "instance_count",
+            "bytes",
+            "created_at",
+            "updated_at",
+            "error",
+        )
         return dict(zip(keys, row, strict=True)) if row else None
 
     async def transfer_instances(self, transfer_id: str) -> list[tuple[str, str, int]]:
         """(sop_uid, path, size) of an outbound transfer, in a stable order (series, then path)."""
         rows = await self.db.fetchall(
-            "SELECT sop_uid, path, size FROM instances WHERE out_transfer = ? ORDER BY series_uid, path", (transfer_id,)
+            "SELECT sop_uid, path, size FROM instances WHERE out_transfer = ? ORDER BY series_uid, path",
+            (transfer_id,),
         )
         return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 
-    async def set_transfer_state(self, transfer_id: str, new: TransferState, now: float, error: str | None = None) -> None:
+    async def set_transfer_state(
+        self, transfer_id: str, new: TransferState, now: float, error: str | None = None
+    ) -> None:
         """Move a transfer to a new state (checked against the table)."""
         async with self.db.transaction() as tx:
             await self._move_transfer(tx, transfer_id, new, now, error)
 
-    async def _move_transfer(self, tx: Any, transfer_id: str, new: TransferState, now: float, error: str | None = None) -> None:
+    async def _move_transfer(
+        self, tx: Any, transfer_id: str, new: TransferState, now: float, error: str | None = None
+    ) -> None:
         rows = await tx.fetchall("SELECT state FROM transfers WHERE id = ?", (transfer_id,))
         if not rows:
             raise KeyError(transfer_id)
         check_transfer(rows[0][0], new)
         await tx.execute(
-            "UPDATE transfers SET state = ?, updated_at = ?, error = ? WHERE id = ?", (new.value, now, error, transfer_id)
+            "UPDATE transfers SET state = ?, updated_at = ?, error = ? WHERE id = ?",
+            (new.value, now, error, transfer_id),
         )
 
-    async def add_out_mails(self, transfer_id: str, mails: list[tuple[str, int, int, str, int]], now: float) -> None:
+    async def add_out_mails(
+        self, transfer_id: str, mails: list[tuple[str, int, int, str, int]], now: float
+    ) -> None:
         """Record the built mails (id, part, total, path, size) and mark the transfer packaged, atomically."""
         async with self.db.transaction() as tx:
             await tx.execute("DELETE FROM mails WHERE transfer_id = ? AND direction = 'out'", (transfer_id,))
@@ -284,7 +342,8 @@ class Catalog:
     async def next_out_attempt(self) -> float | None:
         """When the earliest deferred outbound mail is due."""
         row = await self.db.fetchone(
-            "SELECT MIN(COALESCE(next_attempt, 0)) FROM mails WHERE direction = 'out' AND state = ?", (MailState.QUEUED.value,)
+            "SELECT MIN(COALESCE(next_attempt, 0)) FROM mails WHERE direction = 'out' AND state = ?",
+            (MailState.QUEUED.value,),
         )
         return float(row[0]) if row and row[0] is not None else None
 
@@ -308,13 +367,17 @@ class Catalog:
                 (MailState.SENT.value, transfer_id),
             )
             total, sent = int(rows[0][0]), int(rows[0][1] or 0)
-            await tx.execute("UPDATE transfers SET parts_done = ?, updated_at = ? WHERE id = ?", (sent, now, transfer_id))
+            await tx.execute(
+                "UPDATE transfers SET parts_done = ?, updated_at = ? WHERE id = ?", (sent, now, transfer_id)
+            )
             if total and sent == total:
                 await self._move_transfer(tx, transfer_id, TransferState.SENT, now)
                 return True
         return False
 
-    async def defer_mail(self, mail_id: str, attempts: int, next_attempt: float, error: str, now: float) -> None:
+    async def defer_mail(
+        self, mail_id: str, attempts: int, next_attempt: float, error: str, now: float
+    ) -> None:
         """Record a transient failure; the mail stays queued until `next_attempt`."""
         async with self.db.transaction() as tx:
             await self._move_mail(tx, mail_id, MailState.QUEUED)
@@ -409,8 +472,12 @@ class Catalog:
     # ----------------------------------------------------------------------------- status
     async def status(self, limit: int = 50) -> dict[str, Any]:
         """Counts and the most recent transfers and studies, for `status` (no patient data is stored at all)."""
-        counts = await self.db.fetchall("SELECT direction, state, COUNT(*) FROM transfers GROUP BY direction, state")
-        mails = await self.db.fetchall("SELECT direction, state, COUNT(*) FROM mails GROUP BY direction, state")
+        counts = await self.db.fetchall(
+            "SELECT direction, state, COUNT(*) FROM transfers GROUP BY direction, state"
+        )
+        mails = await self.db.fetchall(
+            "SELECT direction, state, COUNT(*) FROM mails GROUP BY direction, state"
+        )
         transfers = await self.db.fetchall(
             """SELECT id, direction, partner, study_uid, state, parts_done, parts_total, instance_count, bytes,
                       created_at, updated_at, error FROM transfers ORDER BY updated_at DESC LIMIT ?""",
@@ -423,7 +490,20 @@ class Catalog:
                GROUP BY s.study_uid, s.last_received ORDER BY s.last_received DESC LIMIT ?""",
             (limit,),
         )
-        tkeys = ("id", "direction", "partner", "study_uid", "state", "parts_done", "parts_total", "instances", "bytes", "created_at", "updated_at", "error")
+        tkeys = (
+            "id",
+            "direction",
+            "partner",
+            "study_uid",
+            "state",
+            "parts_done",
+            "parts_total",
+            "instances",
+            "bytes",
+            "created_at",
+            "updated_at",
+            "error",
+        )
         skeys = ("study_uid", "instances", "series", "bytes", "source", "last_received")
         return {
             "transfers_by_state": [{"direction": d, "state": s, "count": int(c)} for d, s, c in counts],

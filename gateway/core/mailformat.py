@@ -195,7 +195,9 @@ def build_signed(inner: bytes, signer: Identity) -> bytes:
     )
 
 
-def build_mail(header: MailHeader, parts: list[bytes], signer: Identity, recipient_cert: x509.Certificate) -> bytes:
+def build_mail(
+    header: MailHeader, parts: list[bytes], signer: Identity, recipient_cert: x509.Certificate
+) -> bytes:
     """One complete mail: the DICOM parts signed by `signer` and encrypted for `recipient_cert`."""
     signed = build_signed(build_inner(header, parts), signer)
     enveloped = smime.encrypt(signed, [recipient_cert])

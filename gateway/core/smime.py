@@ -65,7 +65,9 @@ def sign_detached(content: bytes, signer: Identity) -> bytes:
 
 def encrypt(content: bytes, recipients: list[x509.Certificate]) -> bytes:
     """A CMS EnvelopedData (DER) of `content` for the recipients, AES-256-CBC."""
-    builder = pkcs7.PKCS7EnvelopeBuilder().set_data(content).set_content_encryption_algorithm(algorithms.AES256)
+    builder = (
+        pkcs7.PKCS7EnvelopeBuilder().set_data(content).set_content_encryption_algorithm(algorithms.AES256)
+    )
     for cert in recipients:
         builder = builder.add_recipient(cert)
     return builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
@@ -105,7 +107,9 @@ def _find_signer(sid: cms.SignerIdentifier, trusted: list[x509.Certificate]) -> 
     return None
 
 
-def _check_signature(cert: x509.Certificate, algo: cms.SignedDigestAlgorithm, digest_name: str, signature: bytes, data: bytes) -> None:
+def _check_signature(
+    cert: x509.Certificate, algo: cms.SignedDigestAlgorithm, digest_name: str, signature: bytes, data: bytes
+) -> None:
     key = cert.public_key()
     hash_cls = _HASHES[digest_name]
     sig_algo = algo.signature_algo
@@ -113,8 +117,15 @@ def _check_signature(cert: x509.Certificate, algo: cms.SignedDigestAlgorithm, di
         if isinstance(key, rsa.RSAPublicKey):
             if sig_algo == "rsassa_pss":
                 params = algo["parameters"]
-                mgf_hash = _HASHES.get(params["mask_gen_algorithm"]["parameters"]["algorithm"].native, hash_cls)
-                key.verify(signature, data, padding.PSS(padding.MGF1(mgf_hash()), params["salt_length"].native), hash_cls())
+                mgf_hash = _HASHES.get(
+                    params["mask_gen_algorithm"]["parameters"]["algorithm"].native, hash_cls
+                )
+                key.verify(
+                    signature,
+                    data,
+                    padding.PSS(padding.MGF1(mgf_hash()), params["salt_length"].native),
+                    hash_cls(),
+                )
             else:
                 key.verify(signature, data, padding.PKCS1v15(), hash_cls())
         elif isinstance(key, ec.EllipticCurvePublicKey):
@@ -133,7 +144,12 @@ class Verified:
     content: bytes
 
 
-def verify(signed_der: bytes, trusted: list[x509.Certificate], content: bytes | None = None, now: dt.datetime | None = None) -> Verified:
+def verify(
+    signed_der: bytes,
+    trusted: list[x509.Certificate],
+    content: bytes | None = None,
+    now: dt.datetime | None = None,
+) -> Verified:
     """Verify CMS SignedData; `content` is given for detached signatures, else it is taken from inside.
 
     Raises `SmimeError` unless at least one signer is a pinned certificate whose signature verifies and which is

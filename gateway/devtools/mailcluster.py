@@ -46,11 +46,22 @@ def ensure_installed() -> None:
     try:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(
-            ["debconf-set-selections"], input=b"postfix postfix/main_mailer_type select No configuration\n", check=False
+            ["debconf-set-selections"],
+            input=b"postfix postfix/main_mailer_type select No configuration\n",
+            check=False,
         )
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
         subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postfix", "dovecot-core", "dovecot-pop3d"],
+            [
+                "apt-get",
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "postfix",
+                "dovecot-core",
+                "dovecot-pop3d",
+            ],
             check=True,
             env=env,
         )
@@ -81,16 +92,16 @@ class MailCluster:
     def state_file(self) -> Path:
         return self.root / "cluster.json"
 
-    def _state(self) -> dict:  # type: ignore[type-arg]
+    def _state(self) -> dict:
         if self.state_file.exists():
-            return json.loads(self.state_file.read_text())  # type: ignore[no-any-return]
+            return json.loads(self.state_file.read_text())
         return {"down_smtp": [], "down_pop3": [], "mailboxes": []}
 
-    def _save_state(self, state: dict) -> None:  # type: ignore[type-arg]
+    def _save_state(self, state: dict) -> None:
         self.state_file.write_text(json.dumps(state))
 
     # ---------------------------------------------------------------- configuration
-    def _write_postfix(self, ca: Path, cert: pki.Issued, state: dict) -> None:  # type: ignore[type-arg]
+    def _write_postfix(self, ca: Path, cert: pki.Issued, state: dict) -> None:
         pf = self.pf
         for d in ("conf", "queue", "data", "log"):
             (pf / d).mkdir(parents=True, exist_ok=True)
@@ -177,7 +188,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         )
         (pf / "conf" / "master.cf").write_text(master)
 
-    def _write_dovecot(self, ca: Path, cert: pki.Issued, state: dict) -> None:  # type: ignore[type-arg]
+    def _write_dovecot(self, ca: Path, cert: pki.Issued, state: dict) -> None:
         dv = self.dv
         for d in ("run", "state", "log"):
             (dv / d).mkdir(parents=True, exist_ok=True)
@@ -237,7 +248,7 @@ service stats {{
 {locals_}"""
         (dv / "dovecot.conf").write_text(conf)
 
-    def _configure(self, state: dict) -> None:  # type: ignore[type-arg]
+    def _configure(self, state: dict) -> None:
         pki_dir = Path(state["pki"])
         ca = pki.CA(pki_dir, "ca", "DICOM Mail dev CA")
         cert = pki.mail_server_cert(ca)
@@ -270,7 +281,9 @@ service stats {{
             subprocess.run(["postfix", "-c", conf, "set-permissions"], check=False, capture_output=True)
             self._start_daemon(["postfix", "-c", conf, "start"], self.pf / "log" / "start.log")
         if self._dovecot_pid() is None:
-            self._start_daemon(["dovecot", "-c", str(self.dv / "dovecot.conf")], self.dv / "log" / "start.log")
+            self._start_daemon(
+                ["dovecot", "-c", str(self.dv / "dovecot.conf")], self.dv / "log" / "start.log"
+            )
         else:
             self._reload_dovecot()
         self.wait_ready(state)
@@ -283,7 +296,7 @@ service stats {{
         if r.returncode != 0:
             raise RuntimeError(f"{cmd[0]} start failed (exit {r.returncode}); see {log} and {log.parent}")
 
-    def _check_ports_free(self, state: dict) -> None:  # type: ignore[type-arg]
+    def _check_ports_free(self, state: dict) -> None:
         if self._postfix_running():
             return
         for n in range(1, NODE_COUNT + 1):
@@ -294,7 +307,7 @@ service stats {{
                         f"something else already listens on {node_ip(n)}:25 (a system Postfix on 0.0.0.0:25?); stop it first"
                     )
 
-    def wait_ready(self, state: dict | None = None, timeout: float = 20.0) -> None:  # type: ignore[type-arg]
+    def wait_ready(self, state: dict | None = None, timeout: float = 20.0) -> None:
         """Block until every node that should be up accepts connections on 25 and 995."""
         state = state or self._state()
         deadline = time.monotonic() + timeout
@@ -399,7 +412,9 @@ service stats {{
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
-    ap = argparse.ArgumentParser(prog="mailcluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="mailcluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("command", choices=["up", "down", "node-down", "node-up", "drain"])
     ap.add_argument("node", nargs="?", type=int)
     ap.add_argument("--dir", default=".dev/mailcluster")
@@ -410,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     cluster = MailCluster(Path(a.dir).resolve())
     if a.command == "up":
         cluster.up(Path(a.pki), a.mailbox or ["gateway-a", "gateway-b"])
-        print(f"mail cluster up: SMTP {node_ip(1)}..{node_ip(NODE_COUNT)}:25, POP3S :995, state in {cluster.root}")
+        print(
+            f"mail cluster up: SMTP {node_ip(1)}..{node_ip(NODE_COUNT)}:25, POP3S :995, state in {cluster.root}"
+        )
     elif a.command == "down":
         cluster.down()
     elif a.command == "drain":

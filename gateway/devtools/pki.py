@@ -40,16 +40,20 @@ def address_of(name: str) -> str:
 
 def _write_key(path: Path, key: PrivateKey) -> None:
     path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     path.chmod(0o600)
 
 
 def _name(cn: str, org: str = "DICOM Mail Gateway dev PKI") -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:  # type: ignore[no-untyped-def]
+def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
@@ -83,7 +87,9 @@ class CA:
                 .add_extension(
                     x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
                 )
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
+                .add_extension(
+                    x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
+                )
                 .sign(self.key, hashes.SHA256())
             )
             cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
@@ -106,7 +112,9 @@ class CA:
         if cert_path.exists() and key_path.exists():
             return Issued(cert_path, key_path)
         key: PrivateKey = (
-            rsa.generate_private_key(public_exponent=65537, key_size=2048) if rsa_key else ec.generate_private_key(ec.SECP256R1())
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if rsa_key
+            else ec.generate_private_key(ec.SECP256R1())
         )
         builder = _builder(_name(cn), self.cert.subject, key.public_key(), days)
         if not_after is not None:
@@ -115,7 +123,8 @@ class CA:
         cert = (
             builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(True, False, encipher, False, not rsa_key, False, False, False, False), critical=True
+                x509.KeyUsage(True, False, encipher, False, not rsa_key, False, False, False, False),
+                critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)

@@ -25,7 +25,14 @@ MAX_MAILS_PER_POLL = 200
 class Fetcher:
     """Moves mails from the mailbox into the inbox spool."""
 
-    def __init__(self, settings: Settings, storage: Storage, catalog: Catalog, pop3: Pop3Cluster, wake_ingest: asyncio.Event) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        catalog: Catalog,
+        pop3: Pop3Cluster,
+        wake_ingest: asyncio.Event,
+    ) -> None:
         self.settings = settings
         self.storage = storage
         self.catalog = catalog

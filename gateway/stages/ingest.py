@@ -26,6 +26,7 @@ from gateway.core import mailformat, smime
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
 from gateway.core.smime import Identity
 from gateway.core.states import MailState
+from gateway.stages import wait_woken
 from gateway.storage import Storage, StoreOutcome, fsync_dir, write_durable
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,9 @@ class Ingester:
     async def quarantine(self, mail_id: str, path: Path, reason: str) -> None:
         """Move the mail aside with its reason; record it."""
         target = self.storage.quarantine / path.name
-        await asyncio.to_thread(write_durable, target.with_suffix(".reason.txt"), [reason.encode() + b"\n"], self.storage.tmp)
+        await asyncio.to_thread(
+            write_durable, target.with_suffix(".reason.txt"), [reason.encode() + b"\n"], self.storage.tmp
+        )
         if path.exists():
             os.replace(path, target)
             fsync_dir(self.storage.quarantine)
@@ -105,32 +108,70 @@ class Ingester:
         now = time.time()
         if await self.catalog.in_part_done(accepted.transfer_id, accepted.part):
             await self.catalog.finish_in_mail(
-                mail_id, MailState.DUPLICATE, now, transfer_id=accepted.transfer_id, part=accepted.part, total=accepted.total
+                mail_id,
+                MailState.DUPLICATE,
+                now,
+                transfer_id=accepted.transfer_id,
+                part=accepted.part,
+                total=accepted.total,
             )
             path.unlink(missing_ok=True)
-            log.info("mail %s: set %s part %d already ingested (re-delivery)", mail_id, accepted.transfer_id, accepted.part)
+            log.info(
+                "mail %s: set %s part %d already ingested (re-delivery)",
+                mail_id,
+                accepted.transfer_id,
+                accepted.part,
+            )
             return
         records = []
         size = 0
         for info, data in accepted.parts:
             result = await asyncio.to_thread(self.storage.store_bytes, data, info)
             if result.outcome is StoreOutcome.CONFLICT:
-                log.warning("mail %s: instance %s differs from the stored one; kept aside in conflicts/", mail_id, info.sop_instance_uid)
+                log.warning(
+                    "mail %s: instance %s differs from the stored one; kept aside in conflicts/",
+                    mail_id,
+                    info.sop_instance_uid,
+                )
                 continue
             size += result.size
             records.append(
-                InstanceRecord(info, self.storage.relative(result.path), result.size, result.sha256, "mail",
-                               accepted.partner, None, now, in_transfer=accepted.transfer_id)
+                InstanceRecord(
+                    info,
+                    self.storage.relative(result.path),
+                    result.size,
+                    result.sha256,
+                    "mail",
+                    accepted.partner,
+                    None,
+                    now,
+                    in_transfer=accepted.transfer_id,
+                )
             )
         await self.catalog.record_instances(records)
         completed = await self.catalog.finish_in_mail(
-            mail_id, MailState.INGESTED, time.time(), transfer_id=accepted.transfer_id, partner=accepted.partner,
-            study_uid=accepted.study_uid, part=accepted.part, total=accepted.total, instances=len(records), size=size,
+            mail_id,
+            MailState.INGESTED,
+            time.time(),
+            transfer_id=accepted.transfer_id,
+            partner=accepted.partner,
+            study_uid=accepted.study_uid,
+            part=accepted.part,
+            total=accepted.total,
+            instances=len(records),
+            size=size,
         )
         # crash before this unlink: the row says ingested, the file is removed at the next start-up
         path.unlink(missing_ok=True)
         self.ingested += 1
-        log.info("mail %s: set %s part %d/%d ingested, %d instances", mail_id, accepted.transfer_id, accepted.part, accepted.total, len(records))
+        log.info(
+            "mail %s: set %s part %d/%d ingested, %d instances",
+            mail_id,
+            accepted.transfer_id,
+            accepted.part,
+            accepted.total,
+            len(records),
+        )
         if completed:
             log.info("transfer %s complete", accepted.transfer_id)
 
@@ -143,11 +184,11 @@ class Ingester:
                         await self.ingest(str(mail["id"]), self.storage.root / str(mail["path"]))
                     except Exception as exc:
                         log.exception("mail %s: ingest failed", mail["id"])
-                        await self.quarantine(str(mail["id"]), self.storage.root / str(mail["path"]), f"internal error: {type(exc).__name__}")
+                        await self.quarantine(
+                            str(mail["id"]),
+                            self.storage.root / str(mail["path"]),
+                            f"internal error: {type(exc).__name__}",
+                        )
             except Exception:
                 log.exception("ingest loop error; retrying")
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=5)
-            except TimeoutError:
-                pass
-            self.wake.clear()
+            await wait_woken(self.wake, 5)

@@ -20,6 +20,7 @@ from gateway.config import Settings
 from gateway.core import mailformat
 from gateway.core.smime import Identity
 from gateway.core.states import TransferState
+from gateway.stages import wait_woken
 from gateway.storage import Storage, write_durable
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class Packager:
         self.wake = wake
         self.wake_sender = wake_sender
 
-    def _build_one(self, header: mailformat.MailHeader, paths: list[Path], recipient: x509.Certificate, target: Path) -> int:
+    def _build_one(
+        self, header: mailformat.MailHeader, paths: list[Path], recipient: x509.Certificate, target: Path
+    ) -> int:
         parts = [p.read_bytes() for p in paths]
         data = mailformat.build_mail(header, parts, self.identity, recipient)
         if len(data) > self.settings.mail.max_mail_size:
@@ -65,7 +68,9 @@ class Packager:
         partner = self.settings.partner_by_name(str(transfer["partner"]))
         now = time.time()
         if partner is None:
-            await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, f"partner {transfer['partner']} no longer configured")
+            await self.catalog.set_transfer_state(
+                tid, TransferState.FAILED, now, f"partner {transfer['partner']} no longer configured"
+            )
             return
         instances = await self.catalog.transfer_instances(tid)
         try:
@@ -93,11 +98,19 @@ class Packager:
             )
             paths = [self.storage.root / instances[i][1] for i in indexes]
             target = folder / f"{part:05d}.eml"
-            size = await asyncio.to_thread(self._build_one, header, paths, self.partner_certs[partner.name], target)
+            size = await asyncio.to_thread(
+                self._build_one, header, paths, self.partner_certs[partner.name], target
+            )
             built.append((header.message_id, part, total, self.storage.relative(target), size))
         await self.catalog.add_out_mails(tid, built, time.time())
         # from here the mails are queued: the sender owns them
-        log.info("transfer %s: %d instances packaged into %d mails for %s", tid, len(instances), total, partner.name)
+        log.info(
+            "transfer %s: %d instances packaged into %d mails for %s",
+            tid,
+            len(instances),
+            total,
+            partner.name,
+        )
         self.wake_sender.set()
 
     async def run_forever(self) -> None:
@@ -110,12 +123,11 @@ class Packager:
                     except Exception as exc:
                         log.exception("transfer %s: packaging failed", transfer["id"])
                         await self.catalog.set_transfer_state(
-                            str(transfer["id"]), TransferState.FAILED, time.time(), f"packaging failed: {type(exc).__name__}: {exc}"
+                            str(transfer["id"]),
+                            TransferState.FAILED,
+                            time.time(),
+                            f"packaging failed: {type(exc).__name__}: {exc}",
                         )
             except Exception:
                 log.exception("packager loop error; retrying")
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=5)
-            except TimeoutError:
-                pass
-            self.wake.clear()
+            await wait_woken(self.wake, 5)

@@ -34,9 +34,20 @@ def _record_to_json(r: InstanceRecord) -> str:
     i = r.info
     return json.dumps(
         {
-            "sop": i.sop_instance_uid, "cls": i.sop_class_uid, "study": i.study_uid, "series": i.series_uid,
-            "ts": i.transfer_syntax, "mod": i.modality, "num": i.series_number, "path": r.path, "size": r.size,
-            "sha": r.sha256, "src": r.source, "origin": r.origin, "route": r.route, "at": r.received_at,
+            "sop": i.sop_instance_uid,
+            "cls": i.sop_class_uid,
+            "study": i.study_uid,
+            "series": i.series_uid,
+            "ts": i.transfer_syntax,
+            "mod": i.modality,
+            "num": i.series_number,
+            "path": r.path,
+            "size": r.size,
+            "sha": r.sha256,
+            "src": r.source,
+            "origin": r.origin,
+            "route": r.route,
+            "at": r.received_at,
         },
         separators=(",", ":"),
     )
@@ -99,7 +110,9 @@ class IntakeJournal:
 class Intake:
     """The receive stage: durable store in association threads, catalog indexing on the loop."""
 
-    def __init__(self, settings: Settings, storage: Storage, catalog: Catalog, wake_router: asyncio.Event) -> None:
+    def __init__(
+        self, settings: Settings, storage: Storage, catalog: Catalog, wake_router: asyncio.Event
+    ) -> None:
         self.settings = settings
         self.storage = storage
         self.catalog = catalog
@@ -119,7 +132,9 @@ class Intake:
         # crash here: file durable but not journaled; no success was sent, the modality resends; same bytes → duplicate
         if result.outcome is StoreOutcome.CONFLICT:
             self.conflicts += 1
-            log.warning("instance %s: same UID, different content: kept aside in conflicts/", info.sop_instance_uid)
+            log.warning(
+                "instance %s: same UID, different content: kept aside in conflicts/", info.sop_instance_uid
+            )
             return
         record = InstanceRecord(
             info=info,

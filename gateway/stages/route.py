@@ -13,6 +13,7 @@ import uuid
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
+from gateway.stages import wait_woken
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,9 @@ log = logging.getLogger(__name__)
 class Router:
     """Turns stable studies into pending outbound transfers."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, wake: asyncio.Event, wake_packager: asyncio.Event) -> None:
+    def __init__(
+        self, settings: Settings, catalog: Catalog, wake: asyncio.Event, wake_packager: asyncio.Event
+    ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.wake = wake
@@ -34,7 +37,13 @@ class Router:
             count = await self.catalog.create_out_transfer(transfer_id, partner, study_uid, now)
             if count:
                 created += 1
-                log.info("transfer %s: study %s stable, %d instances for partner %s", transfer_id, study_uid, count, partner)
+                log.info(
+                    "transfer %s: study %s stable, %d instances for partner %s",
+                    transfer_id,
+                    study_uid,
+                    count,
+                    partner,
+                )
         if created:
             self.wake_packager.set()
         return created
@@ -43,11 +52,7 @@ class Router:
         """Check on every new instance and at least every second; never dies."""
         tick = max(0.2, min(1.0, self.settings.stability_delay / 4 or 0.2))
         while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=tick)
-            except TimeoutError:
-                pass
-            self.wake.clear()
+            await wait_woken(self.wake, tick)
             try:
                 await self.run_once(time.time())
             except Exception:

@@ -15,6 +15,7 @@ from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.core.states import retry_delay
 from gateway.errors import RejectedError, TransientError
+from gateway.stages import wait_woken
 from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,9 @@ log = logging.getLogger(__name__)
 class Sender:
     """Delivers queued outbound mails."""
 
-    def __init__(self, settings: Settings, storage: Storage, catalog: Catalog, smtp: SmtpCluster, wake: asyncio.Event) -> None:
+    def __init__(
+        self, settings: Settings, storage: Storage, catalog: Catalog, smtp: SmtpCluster, wake: asyncio.Event
+    ) -> None:
         self.settings = settings
         self.storage = storage
         self.catalog = catalog
@@ -45,7 +48,9 @@ class Sender:
         try:
             node = await self.smtp.send(self.settings.mail.address, partner.address, data)
         except RejectedError as exc:
-            log.error("mail %s part %s/%s rejected: %s", mail["transfer_id"], mail["part"], mail["total"], exc)
+            log.error(
+                "mail %s part %s/%s rejected: %s", mail["transfer_id"], mail["part"], mail["total"], exc
+            )
             await self.catalog.fail_mail(mail_id, f"rejected: {exc}", time.time())
             return
         except TransientError as exc:
@@ -78,8 +83,4 @@ class Sender:
             timeout = 30.0 if nxt is None else max(0.05, min(30.0, nxt - time.time()))
             if await self.catalog.due_out_mails(time.time(), limit=1):
                 continue
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=timeout)
-            except TimeoutError:
-                pass
-            self.wake.clear()
+            await wait_woken(self.wake, timeout)

@@ -1,0 +1,267 @@
+"""The pure core, storage, configuration and the catalog on both backends (SQLite and the real MariaDB)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway import config
+from gateway.catalog import InstanceRecord, open_catalog
+from gateway.core import mailformat, smime
+from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
+from gateway.core.nodepool import NodePool
+from gateway.core.states import IllegalTransition, MailState, TransferState, check_transfer, retry_delay
+from gateway.devtools.devenv import render_config
+from gateway.errors import ConfigError
+from gateway.storage import Storage, StoreOutcome
+from tests.dicomdata import make_study
+
+
+# ------------------------------------------------------------------------------------------ configuration
+def write_cfg(tmp_path: Path, pki_dir: Path, **kw: object) -> Path:
+    p = tmp_path / "g.toml"
+    p.write_text(
+        render_config(
+            name="gateway-a",
+            ae_title="GW_A",
+            port=11112,
+            d_root=tmp_path / "d",
+            e_root=tmp_path / "e",
+            pki_dir=pki_dir,
+            partners=[("gateway-b", "gateway-b", "TO_B")],
+            **kw,
+        )  # type: ignore[arg-type]
+    )
+    return p
+
+
+def test_config_loads_and_routes(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
+    s = config.load(write_cfg(tmp_path, pki_dir))
+    assert s.partner_by_ae("TO_B").name == "gateway-b"  # type: ignore[union-attr]
+    assert s.partner_by_ae("OTHER") is None
+    assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("catalog.sqlite")
+    assert len(s.mail.smtp_nodes) == 6 and s.mail.smtp_nodes[0].port == 25
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda t: t.replace('ae_title = "GW_A"\n', ""), "gateway.ae_title"),
+        (lambda t: t.replace("poll_interval = 2", "poll_intervall = 2"), "mail.poll_intervall"),
+        (lambda t: t.replace('max_mail_size = "20MB"', 'max_mail_size = "huge"'), "mail.max_mail_size"),
+        (lambda t: t.replace('ae_title = "TO_B"', 'ae_title = "BAD\\\\AE"'), "partners[0].ae_title"),
+        (lambda t: t.replace("gateway-b-smime.pem", "missing.pem"), "partners[0].smime_cert"),
+        (lambda t: t.replace("dicom_port = 11112", 'dicom_port = "x"'), "gateway.dicom_port"),
+    ],
+)
+def test_config_errors_name_file_and_key(tmp_path, pki_dir, edit, key):  # type: ignore[no-untyped-def]
+    p = write_cfg(tmp_path, pki_dir)
+    p.write_text(edit(p.read_text()))
+    with pytest.raises(ConfigError) as err:
+        config.load(p)
+    assert err.value.key == key
+    assert str(p) in str(err.value)
+
+
+def test_example_configuration_is_valid_and_documents_every_key(tmp_path):  # type: ignore[no-untyped-def]
+    text = (Path(__file__).parents[1] / "gateway.example.toml").read_text()
+    import tomllib
+
+    data = tomllib.loads(text)
+    assert {"gateway", "storage", "database", "mail", "smime", "partners"} <= set(data)
+    # every key the loader knows appears in the example
+    for key in (
+        "stability_delay",
+        "d_root",
+        "e_root",
+        "url",
+        "client_cert",
+        "ca_bundle",
+        "smtp_nodes",
+        "pop3_nodes",
+        "poll_interval",
+        "max_mail_size",
+        "node_cooldown",
+        "smime_cert",
+        "retry_max_age",
+        "log_level",
+    ):
+        assert key in text, key
+
+
+# ------------------------------------------------------------------------------------------ mail format
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=400_000), min_size=1, max_size=60),
+    st.integers(min_value=64 * 1024, max_value=4 * 1024 * 1024),
+)
+def test_split_plan_never_exceeds_the_cap_and_keeps_order(sizes, cap):  # type: ignore[no-untyped-def]
+    try:
+        plan = mailformat.plan_mails(sizes, cap)
+    except mailformat.MailFormatError:
+        assert max(sizes) > mailformat.payload_capacity(cap)
+        return
+    assert [i for mail in plan for i in mail] == list(range(len(sizes)))
+    for mail in plan:
+        assert mailformat.estimate_mail_size([sizes[i] for i in mail]) <= cap
+
+
+def test_built_mails_respect_the_estimate_and_round_trip(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
+    a = smime.Identity.load(
+        (pki_dir / "gateway-a-smime.pem").read_bytes(), (pki_dir / "gateway-a-smime.key").read_bytes()
+    )
+    b = smime.Identity.load(
+        (pki_dir / "gateway-b-smime.pem").read_bytes(), (pki_dir / "gateway-b-smime.key").read_bytes()
+    )
+    parts = [p.read_bytes() for p in make_study(tmp_path / "s", ct=5, mr=4, sc=2, size=64)]
+    h = mailformat.MailHeader(
+        "gateway-a@dicommail.test",
+        "gateway-b@dicommail.test",
+        "DICOM-eMail",
+        "<m@x>",
+        "set9",
+        2,
+        3,
+        "1.2.3.4",
+        time.time(),
+    )
+    data = mailformat.build_mail(h, parts, a, b.cert)
+    assert len(data) <= mailformat.estimate_mail_size([len(p) for p in parts])
+    assert b"1.2.3.4" not in data, "the study UID travels only inside the encryption"
+    opened = mailformat.open_mail(data, b, [a.cert])
+    assert opened.parts == parts and (opened.set_id, opened.part, opened.total, opened.study_uid) == (
+        "set9",
+        2,
+        3,
+        "1.2.3.4",
+    )
+    with pytest.raises(smime.SmimeError, match="address book"):
+        mailformat.open_mail(data, b, [b.cert])
+    with pytest.raises(smime.SmimeError, match="decrypt"):
+        mailformat.open_mail(data, a, [a.cert])
+    # a signed content altered after signing (re-encrypted by an attacker who knows B's certificate) fails
+    signed = mailformat.build_signed(mailformat.build_inner(h, parts), a)
+    tampered = signed.replace(b"IM000001.dcm", b"IM000009.dcm", 1)
+    forged = (
+        data.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" + mailformat.b64_lines(smime.encrypt(tampered, [b.cert]))
+    )
+    with pytest.raises(smime.SmimeError, match="altered"):
+        mailformat.open_mail(forged, b, [a.cert])
+
+
+def test_plain_mail_is_not_accepted(pki_dir):  # type: ignore[no-untyped-def]
+    b = smime.Identity.load(
+        (pki_dir / "gateway-b-smime.pem").read_bytes(), (pki_dir / "gateway-b-smime.key").read_bytes()
+    )
+    with pytest.raises(mailformat.MailFormatError, match="not encrypted"):
+        mailformat.open_mail(b"From: x@y\r\nContent-Type: text/plain\r\n\r\nhello\r\n", b, [])
+
+
+# ------------------------------------------------------------------------------------------ DICOM, storage
+def test_read_info_and_refusals(tmp_path):  # type: ignore[no-untyped-def]
+    src = make_study(tmp_path / "s", ct=1, mr=0, sc=0)[0]
+    info = read_info(src)
+    assert info.modality == "CT" and info.transfer_syntax == "1.2.840.10008.1.2.1"
+    with pytest.raises(NotDicomError):
+        read_info(b"\x00" * 300)
+    with pytest.raises(NotDicomError):
+        read_info(src.read_bytes()[:200])
+
+
+def test_storage_deduplicates_and_keeps_conflicts_aside(tmp_path):  # type: ignore[no-untyped-def]
+    src = make_study(tmp_path / "s", ct=1, mr=0, sc=0)[0]
+    storage = Storage(tmp_path / "d")
+    storage.prepare()
+    data = src.read_bytes()
+    info = read_info(data)
+    first = storage.store_bytes(data, info)
+    assert first.outcome is StoreOutcome.STORED and first.path.read_bytes() == data
+    assert storage.store_bytes(data, info).outcome is StoreOutcome.DUPLICATE
+    other = data[:-2] + b"\x01\x02"
+    conflict = storage.store_bytes(other, info)
+    assert conflict.outcome is StoreOutcome.CONFLICT and conflict.path.parent == storage.conflicts
+    assert first.path.read_bytes() == data, "the stored instance is never overwritten"
+    assert list(storage.tmp.iterdir()) == []
+    hostile = InstanceInfo("1.2", "../../etc/passwd", "..", "a/b", "1.2.840.10008.1.2.1", "CT", None)
+    assert storage.images in storage.instance_path(hostile).parents
+
+
+# ------------------------------------------------------------------------------------------ states, nodes
+def test_transition_table_refuses_illegal_moves():  # type: ignore[no-untyped-def]
+    check_transfer(TransferState.PENDING, TransferState.PACKAGED)
+    with pytest.raises(IllegalTransition):
+        check_transfer(TransferState.SENT, TransferState.PENDING)
+    assert retry_delay(1) == 30 and retry_delay(20) == 1800
+
+
+def test_node_pool_round_robin_and_cooldown():  # type: ignore[no-untyped-def]
+    pool = NodePool(("n1", "n2", "n3"), cooldown=60)
+    assert pool.order(0)[0] == "n1" and pool.order(0)[0] == "n2"
+    pool.failed("n3", 0, "refused")
+    assert pool.order(1) == ["n1", "n2", "n3"]  # n3 rests, tried last
+    assert pool.order(100)[0] == "n1" and pool.order(100)[0] == "n2"
+    assert pool.order(100)[0] == "n3"  # cool-down over: n3 leads again in its turn
+
+
+# ------------------------------------------------------------------------------------------ catalog, both backends
+@pytest.fixture(params=["sqlite", "mariadb"])
+def catalog_url(request, tmp_path):  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'c.sqlite'}"
+    return request.getfixturevalue("mariadb_url")
+
+
+async def test_catalog_behaves_the_same_on_both_backends(catalog_url, tmp_path):  # type: ignore[no-untyped-def]
+    cat = await open_catalog(catalog_url)
+    try:
+        assert await cat.migrate() == 1  # idempotent
+        infos = [read_info(p) for p in make_study(tmp_path / "s", ct=3, mr=2, sc=0, size=32)]
+        recs = [
+            InstanceRecord(
+                i, f"images/{i.sop_instance_uid}", 100, "0" * 64, "dicom", "MOD", "gateway-b", 1000.0
+            )
+            for i in infos
+        ]
+        assert await cat.record_instances(recs) == 5
+        assert await cat.record_instances(recs) == 0, "indexing is idempotent"
+        assert await cat.stable_routes(999.0) == []
+        assert await cat.stable_routes(1000.0) == [(infos[0].study_uid, "gateway-b")]
+        assert await cat.create_out_transfer("t1", "gateway-b", infos[0].study_uid, 1001.0) == 5
+        assert await cat.stable_routes(2000.0) == []
+        await cat.add_out_mails("t1", [("<t1.1@x>", 1, 2, "p1", 10), ("<t1.2@x>", 2, 2, "p2", 10)], 1002.0)
+        due = await cat.due_out_mails(1003.0)
+        assert [m["part"] for m in due] == [1, 2]
+        await cat.defer_mail("<t1.2@x>", 1, 5000.0, "421 busy", 1003.0)
+        assert [m["part"] for m in await cat.due_out_mails(1004.0)] == [1]
+        assert await cat.mark_mail_sent("<t1.1@x>", "n1", 1005.0) is False
+        assert await cat.mark_mail_sent("<t1.2@x>", "n2", 1006.0) is True
+        t = await cat.transfer("t1")
+        assert t is not None and t["state"] == "sent" and t["parts_done"] == 2 and t["bytes"] == 500
+        with pytest.raises(IllegalTransition):
+            await cat.set_transfer_state("t1", TransferState.PACKAGED, 1007.0)
+        # inbound: parts in any order, re-delivery recognised
+        for key in ("m2", "m1"):
+            assert await cat.record_in_mail(key, f"spool/inbox/{key}.eml", 10, 1.0)
+        assert not await cat.record_in_mail("m1", "spool/inbox/m1.eml", 10, 1.0)
+        assert (
+            await cat.finish_in_mail(
+                "m2", MailState.INGESTED, 2.0, transfer_id="a:s", partner="a", part=2, total=2, instances=3
+            )
+            is False
+        )
+        assert await cat.in_part_done("a:s", 2) and not await cat.in_part_done("a:s", 1)
+        assert (
+            await cat.finish_in_mail(
+                "m1", MailState.INGESTED, 3.0, transfer_id="a:s", partner="a", part=1, total=2, instances=2
+            )
+            is True
+        )
+        st = await cat.status()
+        inbound = next(x for x in st["transfers"] if x["direction"] == "in")
+        assert inbound["state"] == "complete" and inbound["instances"] == 5
+    finally:
+        await cat.close()
