@@ -28,7 +28,7 @@ CANARIES = (b"CANARYZQX", b"PATIENTJWV", b"PIDCANARY7731", b"19230417")
 def pki_dir() -> Path:
     """The dev PKI (CA, mail server, gateway-a/b TLS and S/MIME certs, rogue look-alikes)."""
     folder = ROOT / "certs" / "dev"
-    pki.make_dev_pki(folder, ["gateway-a", "gateway-b", "gateway-c"])
+    pki.make_dev_pki(folder, ["gateway-a", "gateway-b", "gateway-c", "ghost"])
     return folder
 
 

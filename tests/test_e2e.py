@@ -125,3 +125,28 @@ def test_unknown_called_ae_is_refused_and_echo_works(mail, make_gateway, mariadb
         ["echoscu", "-aec", "GATEWAY_A", "127.0.0.1", str(a.port)], capture_output=True, text=True, timeout=30
     )
     assert echo.returncode == 0, echo.stderr
+
+
+def test_send_command_and_permanent_rejection(mail, make_gateway, mariadb_url, tmp_path):  # type: ignore[no-untyped-def]
+    """`send` enqueues files by hand; a 5xx (unknown mailbox) fails the transfer with the server's reply."""
+    b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1)
+    a = make_gateway(
+        "gateway-a",
+        [("gateway-b", "gateway-b", "TO_B"), ("ghost", "ghost", "TO_GHOST")],
+        database_url=mariadb_url,
+        max_mail_size="256KB",
+    )
+    b.start()
+    a.start()
+    sources = make_study(tmp_path / "study", ct=6, mr=3, sc=1)
+    (tmp_path / "study" / "notes.txt").write_text("not DICOM")
+    out = a.cli("send", "--to", "gateway-b", str(tmp_path / "study"))
+    assert "10 instances" in out
+    wait_for(lambda: transfers(b, "in", "complete"), 120, 1, "the hand-sent study at B")
+    assert_delivered_identically(a, b, sources)
+
+    a.cli("send", "--to", "ghost", str(sources[0]))
+    failed = wait_for(
+        lambda: transfers(a, "out", "failed"), 60, 1, "the transfer to an unknown mailbox to fail"
+    )
+    assert "550" in failed[0]["error"] and "rejected" in failed[0]["error"]

@@ -243,6 +243,12 @@ async def test_catalog_behaves_the_same_on_both_backends(catalog_url, tmp_path):
         assert t is not None and t["state"] == "sent" and t["parts_done"] == 2 and t["bytes"] == 500
         with pytest.raises(IllegalTransition):
             await cat.set_transfer_state("t1", TransferState.PACKAGED, 1007.0)
+        # an instance already sent can be sent again by hand (a resend, or to another partner)
+        assert await cat.enqueue_manual(recs[:2], "t2", "gateway-c", 1008.0) == 2
+        assert {sop for sop, _, _ in await cat.transfer_instances("t2")} == {
+            r.info.sop_instance_uid for r in recs[:2]
+        }
+        assert len(await cat.transfer_instances("t1")) == 5
         # inbound: parts in any order, re-delivery recognised
         for key in ("m2", "m1"):
             assert await cat.record_in_mail(key, f"spool/inbox/{key}.eml", 10, 1.0)

@@ -59,6 +59,10 @@ MIGRATIONS: list[list[str]] = [
             updated_at DOUBLE NOT NULL,
             error TEXT)""",
         "CREATE INDEX ix_transfers_state ON transfers (direction, state)",
+        """CREATE TABLE transfer_items (
+            transfer_id VARCHAR(160) NOT NULL,
+            sop_uid VARCHAR(64) NOT NULL,
+            PRIMARY KEY (transfer_id, sop_uid))""",
         """CREATE TABLE mails (
             id VARCHAR(190) NOT NULL PRIMARY KEY,
             direction VARCHAR(3) NOT NULL,
@@ -208,23 +212,34 @@ class Catalog:
                    VALUES (?, 'out', ?, ?, ?, ?, ?)""",
                 (transfer_id, partner, study_uid, TransferState.PENDING.value, now, now),
             )
-            count = await tx.execute(
+            await tx.execute(
+                """INSERT INTO transfer_items (transfer_id, sop_uid) SELECT ?, sop_uid FROM instances
+                   WHERE study_uid = ? AND route = ? AND out_transfer IS NULL""",
+                (transfer_id, study_uid, partner),
+            )
+            await tx.execute(
                 "UPDATE instances SET out_transfer = ? WHERE study_uid = ? AND route = ? AND out_transfer IS NULL",
                 (transfer_id, study_uid, partner),
             )
-            rows = await tx.fetchall(
-                "SELECT COALESCE(SUM(size), 0) FROM instances WHERE out_transfer = ?", (transfer_id,)
-            )
-            await tx.execute(
-                "UPDATE transfers SET instance_count = ?, bytes = ? WHERE id = ?",
-                (count, int(rows[0][0]), transfer_id),
-            )
+            return await self._count_items(tx, transfer_id)
+
+    async def _count_items(self, tx: Any, transfer_id: str) -> int:
+        """Refresh a transfer's instance count and bytes from its items; return the count."""
+        rows = await tx.fetchall(
+            """SELECT COUNT(*), COALESCE(SUM(i.size), 0) FROM transfer_items t
+               JOIN instances i ON i.sop_uid = t.sop_uid WHERE t.transfer_id = ?""",
+            (transfer_id,),
+        )
+        count, size = int(rows[0][0]), int(rows[0][1])
+        await tx.execute(
+            "UPDATE transfers SET instance_count = ?, bytes = ? WHERE id = ?", (count, size, transfer_id)
+        )
         return count
 
     async def enqueue_manual(
         self, records: list[InstanceRecord], transfer_id: str, partner: str, now: float
     ) -> int:
-        """Index instances handed in by `send` and put them straight into a pending transfer."""
+        """Index instances handed in by `send` and put them into a new pending transfer (even if sent before)."""
         await self.record_instances(records)
         sops = [r.info.sop_instance_uid for r in records]
         study = records[0].info.study_uid if records else None
@@ -234,21 +249,11 @@ class Catalog:
                    VALUES (?, 'out', ?, ?, ?, ?, ?)""",
                 (transfer_id, partner, study, TransferState.PENDING.value, now, now),
             )
-            total = 0
-            size = 0
-            for sop in sops:
-                n = await tx.execute(
-                    "UPDATE instances SET out_transfer = ?, route = ? WHERE sop_uid = ? AND out_transfer IS NULL",
-                    (transfer_id, partner, sop),
+            for sop in dict.fromkeys(sops):
+                await tx.execute(
+                    "INSERT INTO transfer_items (transfer_id, sop_uid) VALUES (?, ?)", (transfer_id, sop)
                 )
-                total += n
-            rows = await tx.fetchall(
-                "SELECT COALESCE(SUM(size), 0) FROM instances WHERE out_transfer = ?", (transfer_id,)
-            )
-            size = int(rows[0][0])
-            await tx.execute(
-                "UPDATE transfers SET instance_count = ?, bytes = ? WHERE id = ?", (total, size, transfer_id)
-            )
+            total = await self._count_items(tx, transfer_id)
         return total
 
     async def transfers_in_state(self, direction: str, state: TransferState) -> list[dict[str, Any]]:
@@ -288,7 +293,8 @@ class Catalog:
     async def transfer_instances(self, transfer_id: str) -> list[tuple[str, str, int]]:
         """(sop_uid, path, size) of an outbound transfer, in a stable order (series, then path)."""
         rows = await self.db.fetchall(
-            "SELECT sop_uid, path, size FROM instances WHERE out_transfer = ? ORDER BY series_uid, path",
+            """SELECT i.sop_uid, i.path, i.size FROM transfer_items t JOIN instances i ON i.sop_uid = t.sop_uid
+               WHERE t.transfer_id = ? ORDER BY i.series_uid, i.path""",
             (transfer_id,),
         )
         return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]

@@ -26,6 +26,9 @@ from pathlib import Path
 from gateway.devtools import pki
 
 NODE_COUNT = 6
+# The node addresses are machine-wide, so only one cluster can run per machine. The running one is recorded here
+# so that a new `up` from another checkout (a CI clone, say) can stop it and take over instead of failing.
+RUNNING_POINTER = Path("/tmp/dicom-mail-gateway-mailcluster.path")
 MAIL_UID = 8  # Debian's `mail` user owns the maildirs
 
 
@@ -273,6 +276,7 @@ service stats {{
         for dirpath, _dirs, _files in os.walk(self.maildirs):
             os.chown(dirpath, MAIL_UID, MAIL_UID)
         self._configure(state)
+        self._take_over_other_cluster()
         self._check_ports_free(state)
         conf = str(self.pf / "conf")
         if self._postfix_running():
@@ -287,6 +291,7 @@ service stats {{
         else:
             self._reload_dovecot()
         self.wait_ready(state)
+        RUNNING_POINTER.write_text(str(self.root))
 
     @staticmethod
     def _start_daemon(cmd: list[str], log: Path) -> None:
@@ -295,6 +300,17 @@ service stats {{
             r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         if r.returncode != 0:
             raise RuntimeError(f"{cmd[0]} start failed (exit {r.returncode}); see {log} and {log.parent}")
+
+    def _take_over_other_cluster(self) -> None:
+        try:
+            other = Path(RUNNING_POINTER.read_text().strip())
+        except OSError:
+            return
+        if other != self.root and (other / "cluster.json").exists():
+            MailCluster(other).down()
+            for n in range(1, NODE_COUNT + 1):
+                self._wait_closed((node_ip(n), 25))
+                self._wait_closed((node_ip(n), 995))
 
     def _check_ports_free(self, state: dict) -> None:
         if self._postfix_running():

@@ -73,6 +73,9 @@ class Packager:
             )
             return
         instances = await self.catalog.transfer_instances(tid)
+        if not instances:
+            await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, "transfer has no instances")
+            return
         try:
             plan = mailformat.plan_mails([size for _, _, size in instances], self.settings.mail.max_mail_size)
         except mailformat.MailFormatError as exc:
