@@ -62,12 +62,16 @@ def write_durable(target: Path, chunks: Iterable[bytes], tmp_dir: Path) -> int:
     makedirs_durable(target.parent)
     tmp = tmp_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     size = 0
-    with tmp.open("wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-            size += len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with tmp.open("wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                size += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # disk full, I/O error: no partial file stays behind
+        raise
     # crash here: a stray .tmp in tmp/ (removed at start-up), target unchanged
     os.replace(tmp, target)
     # crash here: rename may be lost with the directory not yet synced; the caller has not acknowledged yet
@@ -191,10 +195,14 @@ class Storage:
     def store_bytes(self, data: bytes, info: InstanceInfo) -> StoreResult:
         """Store an instance held in memory (the mail ingest path)."""
         tmp = self.tmp / f".in.{_safe(info.sop_instance_uid)}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with tmp.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # disk full, I/O error: no partial file stays behind
+            raise
         return self._place(info, tmp, hashlib.sha256(data).hexdigest(), len(data))
 
     def free_bytes(self) -> int:

@@ -182,6 +182,20 @@ class Ingester:
                 for mail in await self.catalog.pending_in_mails():
                     try:
                         await self.ingest(str(mail["id"]), self.storage.root / str(mail["path"]))
+                    except OSError as exc:
+                        if isinstance(exc, FileNotFoundError):
+                            await self.catalog.finish_in_mail(
+                                str(mail["id"]),
+                                MailState.QUARANTINED,
+                                time.time(),
+                                error="spool file missing",
+                            )
+                            continue
+                        # disk full or an I/O error: the mail stays fetched and is ingested again later
+                        log.warning(
+                            "mail %s: ingest paused: %s", mail["id"], exc.strerror or type(exc).__name__
+                        )
+                        break
                     except Exception as exc:
                         log.exception("mail %s: ingest failed", mail["id"])
                         await self.quarantine(

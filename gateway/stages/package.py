@@ -123,6 +123,22 @@ class Packager:
                 for transfer in await self.catalog.transfers_in_state("out", TransferState.PENDING):
                     try:
                         await self.package(transfer)
+                    except OSError as exc:
+                        if isinstance(exc, FileNotFoundError):
+                            await self.catalog.set_transfer_state(
+                                str(transfer["id"]),
+                                TransferState.FAILED,
+                                time.time(),
+                                "an instance file is missing from storage",
+                            )
+                            continue
+                        # disk full or an I/O error: the transfer stays pending and is packaged again later
+                        log.warning(
+                            "transfer %s: packaging paused: %s",
+                            transfer["id"],
+                            exc.strerror or type(exc).__name__,
+                        )
+                        break
                     except Exception as exc:
                         log.exception("transfer %s: packaging failed", transfer["id"])
                         await self.catalog.set_transfer_state(
