@@ -16,7 +16,7 @@ from gateway.config import load
 from gateway.core.dicominfo import dataset_offset, read_info
 from gateway.storage import Storage
 from tests.conftest import CANARIES, GatewayProcess, storescu, wait_for
-from tests.dicomdata import make_study
+from gateway.devtools.studies import make_study
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from gateway.core.smime import Identity
 from gateway.errors import TransientError
 from gateway.tls import mail_client_context
 from tests.conftest import GatewayProcess, wait_for
-from tests.dicomdata import make_study
+from gateway.devtools.studies import make_study
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from gateway.core.states import IllegalTransition, MailState, TransferState, che
 from gateway.devtools.devenv import render_config
 from gateway.errors import ConfigError
 from gateway.storage import Storage, StoreOutcome
-from tests.dicomdata import make_study
+from gateway.devtools.studies import make_study
 
 
 # ------------------------------------------------------------------------------------------ configuration

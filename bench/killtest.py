@@ -1,0 +1,217 @@
+"""Kill test: two gateways exchange a stream of studies through the real mail cluster while a driver SIGKILLs one of
+them at random moments and restarts it. Afterwards every SOP instance acknowledged to the modality must be in B's
+storage exactly once, byte-identical.
+
+    bench/killtest --kills 30 [--seed N] [--mariadb]
+
+Last line: kills=K acknowledged=A delivered=D lost=L duplicates=U
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.config import load  # noqa: E402
+from gateway.core.dicominfo import dataset_offset, read_info  # noqa: E402
+from gateway.devtools import pki  # noqa: E402
+from gateway.devtools.devenv import render_config  # noqa: E402
+from gateway.devtools.mailcluster import MailCluster  # noqa: E402
+from gateway.devtools.studies import make_study  # noqa: E402
+from gateway.storage import Storage  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """A gateway process that can be killed and restarted."""
+
+    def __init__(self, name: str, config: Path, port: int, log: Path) -> None:
+        self.name, self.config, self.port, self.log = name, config, port, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see {self.log}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not come up; see {self.log}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+_SENDING = re.compile(r"Sending file: (\S+)")
+_SUCCESS = re.compile(r"Received Store Response \(Success\)")
+
+
+def send_study(port: int, folder: Path) -> list[Path]:
+    """storescu the folder; return the files the gateway acknowledged with Success."""
+    r = subprocess.run(
+        ["storescu", "-v", "-xr", "-aet", "MODALITY", "-aec", "TO_B", "-to", "10", "-ta", "10", "-td", "10",
+         "127.0.0.1", str(port), "+sd", str(folder)],
+        capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=120,
+    )
+    acked: list[Path] = []
+    current: Path | None = None
+    for line in (r.stdout + r.stderr).splitlines():
+        if m := _SENDING.search(line):
+            current = Path(m.group(1))
+        elif _SUCCESS.search(line) and current is not None:
+            acked.append(current)
+            current = None
+    return acked
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kills", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--mariadb", action="store_true", help="gateway A on MariaDB (127.0.0.1:3306, root)")
+    ap.add_argument("--settle", type=float, default=300, help="seconds to wait for delivery after the last kill")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    a = ap.parse_args(argv)
+    rnd = random.Random(a.seed)
+    work = Path(tempfile.mkdtemp(prefix="killtest-"))
+    pki_dir = ROOT / "certs" / "dev"
+    pki.make_dev_pki(pki_dir, ["gateway-a", "gateway-b"])
+    cluster = MailCluster(ROOT / ".dev" / "mailcluster")
+    cluster.up(pki_dir, ["gateway-a", "gateway-b"])
+    cluster.drain()
+
+    db_name = f"dmg_killtest_{os.getpid()}"
+    procs: dict[str, Proc] = {}
+    for name, partner in (("gateway-a", ("gateway-b", "gateway-b", "TO_B")), ("gateway-b", ("gateway-a", "gateway-a", "TO_A"))):
+        port = free_port()
+        cfg = work / name / "gateway.toml"
+        cfg.parent.mkdir(parents=True)
+        extra = {"database_url": f"mysql://root@127.0.0.1:3306/{db_name}"} if (a.mariadb and name == "gateway-a") else {}
+        cfg.write_text(
+            render_config(name=name, ae_title=name.upper().replace("-", "_"), port=port, d_root=work / name / "d",
+                          e_root=work / name / "e", pki_dir=pki_dir, partners=[partner], stability_delay=1,
+                          poll_interval=0.5, max_mail_size="256KB", node_cooldown=2, **extra)  # type: ignore[arg-type]
+        )
+        procs[name] = Proc(name, cfg, port, work / name / "gateway.log")
+        procs[name].start()
+
+    acknowledged: dict[str, Path] = {}  # SOP Instance UID → source file
+    kills = 0
+    stop = threading.Event()
+
+    def killer() -> None:
+        nonlocal kills
+        while kills < a.kills and not stop.is_set():
+            time.sleep(rnd.uniform(0.3, 2.5))
+            victim = procs[rnd.choice(["gateway-a", "gateway-b"])]
+            with victim.lock:
+                victim.kill()
+                kills += 1
+                time.sleep(rnd.uniform(0.0, 0.5))
+                victim.start()
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    study_no = 0
+    deadline = time.monotonic() + 60 + a.kills * 8
+    while thread.is_alive() and time.monotonic() < deadline:
+        study_no += 1
+        folder = work / "studies" / f"s{study_no:04d}"
+        make_study(folder, ct=4, mr=3, sc=1, size=64, seed=study_no)
+        a_proc = procs["gateway-a"]
+        acked = send_study(a_proc.port, folder)
+        for path in acked:
+            acknowledged[read_info(path).sop_instance_uid] = path
+        if not acked:
+            time.sleep(0.3)  # A is down right now: a modality would retry a moment later
+    stop.set()
+    thread.join(30)
+
+    # Let the pipeline drain: wait until B holds every acknowledged instance (or the settle time runs out).
+    b_storage = Storage(load(procs["gateway-b"].config).d_root)
+    a_storage = Storage(load(procs["gateway-a"].config).d_root)
+    settle_end = time.monotonic() + a.settle
+    missing = dict(acknowledged)
+    while missing and time.monotonic() < settle_end:
+        for sop, path in list(missing.items()):
+            if b_storage.instance_path(read_info(path)).exists():
+                del missing[sop]
+        time.sleep(1)
+
+    delivered = 0
+    corrupt = 0
+    for _sop, path in acknowledged.items():
+        info = read_info(path)
+        at_b = b_storage.instance_path(info)
+        if not at_b.exists():
+            continue
+        data_b = at_b.read_bytes()
+        sent = path.read_bytes()
+        same = data_b[dataset_offset(data_b):] == sent[dataset_offset(sent):] and data_b == a_storage.instance_path(info).read_bytes()
+        delivered += same
+        corrupt += not same
+    conflicts = len(list(b_storage.conflicts.glob("*.dcm")))
+    status = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(procs["gateway-b"].config)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    rows = sum(s["instances"] for s in json.loads(status.stdout)["studies"]) if status.returncode == 0 else -1
+    # B may hold more than was acknowledged: instances A stored while the kill cut off their acknowledgement. They
+    # too must arrive at most once, so an excess counts only where B has more rows than A stored instances.
+    a_status = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(procs["gateway-a"].config)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+    a_rows = sum(s["instances"] for s in json.loads(a_status.stdout)["studies"]) if a_status.returncode == 0 else rows
+    duplicates = conflicts + max(0, rows - a_rows)
+    for p in procs.values():
+        p.stop()
+    if a.mariadb:
+        subprocess.run(["mariadb", "-h127.0.0.1", "-uroot", "-e", f"DROP DATABASE IF EXISTS `{db_name}`"], check=False)
+    lost = len(acknowledged) - delivered
+    print(f"work folder: {work}" if a.keep else "", file=sys.stderr)
+    if not a.keep and lost == 0 and duplicates == 0:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"studies={study_no} corrupt={corrupt} b_rows={rows} a_rows={a_rows} conflicts={conflicts}")
+    print(f"kills={kills} acknowledged={len(acknowledged)} delivered={delivered} lost={lost} duplicates={duplicates}")
+    return 0 if lost == 0 and duplicates == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

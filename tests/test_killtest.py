@@ -1,0 +1,26 @@
+"""The kill test's short form: 30 SIGKILLs of sender or receiver while studies stream through the real cluster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_thirty_kills_lose_and_duplicate_nothing(mail):  # type: ignore[no-untyped-def]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "killtest.py"), "--kills", "30", "--settle", "240"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    last = r.stdout.strip().splitlines()[-1]
+    fields = dict(item.split("=") for item in last.split())
+    assert int(fields["kills"]) == 30, last
+    assert int(fields["acknowledged"]) > 100, f"too little traffic to mean anything: {last}"
+    assert fields["lost"] == "0" and fields["duplicates"] == "0", r.stdout + r.stderr[-3000:]
