@@ -14,9 +14,9 @@ import pytest
 
 from gateway.config import load
 from gateway.core.dicominfo import dataset_offset, read_info
+from gateway.devtools.studies import make_study
 from gateway.storage import Storage
 from tests.conftest import CANARIES, GatewayProcess, storescu, wait_for
-from gateway.devtools.studies import make_study
 
 pytestmark = pytest.mark.slow
 

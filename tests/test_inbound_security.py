@@ -18,10 +18,10 @@ from gateway.adapters.smtp import SmtpCluster
 from gateway.config import load
 from gateway.core import mailformat, smime
 from gateway.core.smime import Identity
+from gateway.devtools.studies import make_study
 from gateway.errors import TransientError
 from gateway.tls import mail_client_context
 from tests.conftest import GatewayProcess, wait_for
-from gateway.devtools.studies import make_study
 
 pytestmark = pytest.mark.slow
 

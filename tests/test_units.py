@@ -16,9 +16,9 @@ from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
 from gateway.core.nodepool import NodePool
 from gateway.core.states import IllegalTransition, MailState, TransferState, check_transfer, retry_delay
 from gateway.devtools.devenv import render_config
+from gateway.devtools.studies import make_study
 from gateway.errors import ConfigError
 from gateway.storage import Storage, StoreOutcome
-from gateway.devtools.studies import make_study
 
 
 # ------------------------------------------------------------------------------------------ configuration
