@@ -10,7 +10,6 @@ Last line: kills=K acknowledged=A delivered=D lost=L duplicates=U
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -89,9 +88,29 @@ _SUCCESS = re.compile(r"Received Store Response \(Success\)")
 def send_study(port: int, folder: Path) -> list[Path]:
     """storescu the folder; return the files the gateway acknowledged with Success."""
     r = subprocess.run(
-        ["storescu", "-v", "-xr", "-aet", "MODALITY", "-aec", "TO_B", "-to", "10", "-ta", "10", "-td", "10",
-         "127.0.0.1", str(port), "+sd", str(folder)],
-        capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=120,
+        [
+            "storescu",
+            "-v",
+            "-xr",
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "TO_B",
+            "-to",
+            "10",
+            "-ta",
+            "10",
+            "-td",
+            "10",
+            "127.0.0.1",
+            str(port),
+            "+sd",
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        timeout=120,
     )
     acked: list[Path] = []
     current: Path | None = None
@@ -109,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=30)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--mariadb", action="store_true", help="gateway A on MariaDB (127.0.0.1:3306, root)")
-    ap.add_argument("--settle", type=float, default=300, help="seconds to wait for delivery after the last kill")
+    ap.add_argument(
+        "--settle", type=float, default=300, help="seconds to wait for delivery after the last kill"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args(argv)
     rnd = random.Random(a.seed)
@@ -122,15 +143,33 @@ def main(argv: list[str] | None = None) -> int:
 
     db_name = f"dmg_killtest_{os.getpid()}"
     procs: dict[str, Proc] = {}
-    for name, partner in (("gateway-a", ("gateway-b", "gateway-b", "TO_B")), ("gateway-b", ("gateway-a", "gateway-a", "TO_A"))):
+    for name, partner in (
+        ("gateway-a", ("gateway-b", "gateway-b", "TO_B")),
+        ("gateway-b", ("gateway-a", "gateway-a", "TO_A")),
+    ):
         port = free_port()
         cfg = work / name / "gateway.toml"
         cfg.parent.mkdir(parents=True)
-        extra = {"database_url": f"mysql://root@127.0.0.1:3306/{db_name}"} if (a.mariadb and name == "gateway-a") else {}
+        extra = (
+            {"database_url": f"mysql://root@127.0.0.1:3306/{db_name}"}
+            if (a.mariadb and name == "gateway-a")
+            else {}
+        )
         cfg.write_text(
-            render_config(name=name, ae_title=name.upper().replace("-", "_"), port=port, d_root=work / name / "d",
-                          e_root=work / name / "e", pki_dir=pki_dir, partners=[partner], stability_delay=1,
-                          poll_interval=0.5, max_mail_size="256KB", node_cooldown=2, **extra)  # type: ignore[arg-type]
+            render_config(
+                name=name,
+                ae_title=name.upper().replace("-", "_"),
+                port=port,
+                d_root=work / name / "d",
+                e_root=work / name / "e",
+                pki_dir=pki_dir,
+                partners=[partner],
+                stability_delay=1,
+                poll_interval=0.5,
+                max_mail_size="256KB",
+                node_cooldown=2,
+                **extra,
+            )  # type: ignore[arg-type]
         )
         procs[name] = Proc(name, cfg, port, work / name / "gateway.log")
         procs[name].start()
@@ -187,29 +226,34 @@ def main(argv: list[str] | None = None) -> int:
             continue
         data_b = at_b.read_bytes()
         sent = path.read_bytes()
-        same = data_b[dataset_offset(data_b):] == sent[dataset_offset(sent):] and data_b == a_storage.instance_path(info).read_bytes()
+        same = (
+            data_b[dataset_offset(data_b) :] == sent[dataset_offset(sent) :]
+            and data_b == a_storage.instance_path(info).read_bytes()
+        )
         delivered += same
         corrupt += not same
+    # Exactly once: one file per SOP Instance UID below images/ (files are named by it), nothing in conflicts/
+    # (a second, different copy), and nothing at B that A never stored.
+    b_files = [f.stem for f in b_storage.images.rglob("*.dcm")]
+    a_sops = {f.stem for f in a_storage.images.rglob("*.dcm")}
     conflicts = len(list(b_storage.conflicts.glob("*.dcm")))
-    status = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(procs["gateway-b"].config)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
-    rows = sum(s["instances"] for s in json.loads(status.stdout)["studies"]) if status.returncode == 0 else -1
-    # B may hold more than was acknowledged: instances A stored while the kill cut off their acknowledgement. They
-    # too must arrive at most once, so an excess counts only where B has more rows than A stored instances.
-    a_status = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "-c", str(procs["gateway-a"].config)],
-                              capture_output=True, text=True, cwd=ROOT, timeout=60)
-    a_rows = sum(s["instances"] for s in json.loads(a_status.stdout)["studies"]) if a_status.returncode == 0 else rows
-    duplicates = conflicts + max(0, rows - a_rows)
+    unexpected = len(set(b_files) - a_sops)
+    duplicates = conflicts + (len(b_files) - len(set(b_files))) + unexpected
+    rows, a_rows = len(b_files), len(a_sops)
     for p in procs.values():
         p.stop()
     if a.mariadb:
-        subprocess.run(["mariadb", "-h127.0.0.1", "-uroot", "-e", f"DROP DATABASE IF EXISTS `{db_name}`"], check=False)
+        subprocess.run(
+            ["mariadb", "-h127.0.0.1", "-uroot", "-e", f"DROP DATABASE IF EXISTS `{db_name}`"], check=False
+        )
     lost = len(acknowledged) - delivered
     print(f"work folder: {work}" if a.keep else "", file=sys.stderr)
     if not a.keep and lost == 0 and duplicates == 0:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"studies={study_no} corrupt={corrupt} b_rows={rows} a_rows={a_rows} conflicts={conflicts}")
-    print(f"kills={kills} acknowledged={len(acknowledged)} delivered={delivered} lost={lost} duplicates={duplicates}")
+    print(f"studies={study_no} corrupt={corrupt} files_at_b={rows} stored_at_a={a_rows} conflicts={conflicts}")
+    print(
+        f"kills={kills} acknowledged={len(acknowledged)} delivered={delivered} lost={lost} duplicates={duplicates}"
+    )
     return 0 if lost == 0 and duplicates == 0 else 1
 
 

@@ -60,6 +60,8 @@ class MailSettings:
     io_timeout: float
     node_cooldown: float
     subject: str
+    retry_base: float = 30.0
+    retry_cap: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Settings:
     stability_delay: float
     d_root: Path
     e_root: Path
+    min_free: int
     database_url: str
     mail: MailSettings
     smime_cert: Path
@@ -265,6 +268,11 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     st = root.table_of("storage")
     d_root = st.path("d_root", must_exist=False)
     e_root = st.path("e_root", must_exist=False)
+    min_free_raw = st.get("min_free", (str, int), "1GB")
+    try:
+        min_free = parse_size(min_free_raw)
+    except ValueError as exc:
+        raise st.fail("min_free", str(exc)) from None
     st.done()
 
     db = root.table_of("database", required=False)
@@ -296,6 +304,8 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
             m.get("node_cooldown", (int, float), 60, check=lambda v: None if v >= 0 else "must be >= 0")
         ),
         subject=m.get("subject", str, "DICOM-eMail"),
+        retry_base=float(m.get("retry_base", (int, float), 30, check=_check_positive)),
+        retry_cap=float(m.get("retry_cap", (int, float), 1800, check=_check_positive)),
     )
     m.done()
 
@@ -342,6 +352,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         stability_delay=stability_delay,
         d_root=d_root,
         e_root=e_root,
+        min_free=min_free,
         database_url=database_url,
         mail=mail,
         smime_cert=smime_cert,

@@ -17,6 +17,7 @@ the new one, never a torn file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -115,11 +116,19 @@ class StoreResult:
     size: int
 
 
+class DiskFullError(OSError):
+    """Free space on the working volume is below the configured reserve (`storage.min_free`)."""
+
+    def __init__(self, free: int, reserve: int) -> None:
+        super().__init__(errno.ENOSPC, f"D: has {free} bytes free, below the reserve of {reserve}")
+
+
 class Storage:
     """The working volume: paths and durable writes. Thread-safe (used from DICOM association threads)."""
 
-    def __init__(self, d_root: Path) -> None:
+    def __init__(self, d_root: Path, min_free: int = 0) -> None:
         self.root = d_root
+        self.min_free = min_free
         self.images = d_root / "images"
         self.conflicts = d_root / "conflicts"
         self.spool = d_root / "spool"
@@ -208,3 +217,25 @@ class Storage:
     def free_bytes(self) -> int:
         """Free space on the working volume."""
         return shutil.disk_usage(self.root).free
+
+    def has_room(self) -> bool:
+        """True while free space is above the reserve."""
+        return self.free_bytes() >= self.min_free
+
+    def check_room(self) -> None:
+        """Raise `DiskFullError` when free space is below the reserve."""
+        free = self.free_bytes()
+        if free < self.min_free:
+            raise DiskFullError(free, self.min_free)
+
+    def sweep_tmp(self, older_than: float, now: float) -> int:
+        """Remove temp files older than `older_than` seconds (left by aborted receives); return how many."""
+        removed = 0
+        for f in self.tmp.iterdir():
+            try:
+                if f.is_file() and now - f.stat().st_mtime > older_than:
+                    f.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

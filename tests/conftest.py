@@ -46,8 +46,9 @@ def mail(cluster: MailCluster) -> Iterator[MailCluster]:
     cluster.drain()
     yield cluster
     state = cluster._state()
-    for n in set(state["down_smtp"]) | set(state["down_pop3"]):
-        cluster.set_node(n, up=True)
+    down = sorted(set(state["down_smtp"]) | set(state["down_pop3"]))
+    if down:
+        cluster.set_nodes(down, up=True)
     cluster.drain()
 
 
@@ -130,7 +131,7 @@ def make_gateway(tmp_path: Path, pki_dir: Path) -> Iterator:  # type: ignore[typ
 
     def factory(name: str, partners: list[tuple[str, str, str]], **kw: object) -> GatewayProcess:
         port = free_port()
-        d_root = tmp_path / name / "d"
+        d_root = Path(str(kw.pop("d_root", tmp_path / name / "d")))
         cfg = tmp_path / name / "gateway.toml"
         cfg.parent.mkdir(parents=True, exist_ok=True)
         cfg.write_text(

@@ -59,7 +59,7 @@ def pair(make_gateway, mariadb_url: str, **a_kw: object) -> tuple[GatewayProcess
     return a, b
 
 
-def test_study_goes_from_a_to_b_through_the_cluster(mail, make_gateway, mariadb_url, tmp_path):  # type: ignore[no-untyped-def]
+def test_study_goes_from_a_to_b_through_the_cluster(mail, mariadb_url, make_gateway, tmp_path):  # type: ignore[no-untyped-def]
     a, b = pair(make_gateway, mariadb_url)
     b.start()
     a.start()
@@ -81,7 +81,7 @@ def test_study_goes_from_a_to_b_through_the_cluster(mail, make_gateway, mariadb_
     assert "complete" in b.cli("status")
 
 
-def test_delivery_with_one_smtp_and_one_pop3_node_down(mail, make_gateway, mariadb_url, tmp_path):  # type: ignore[no-untyped-def]
+def test_delivery_with_one_smtp_and_one_pop3_node_down(mail, mariadb_url, make_gateway, tmp_path):  # type: ignore[no-untyped-def]
     mail.set_node(1, up=False, pop3=False)  # SMTP on mail1 refuses connections
     mail.set_node(2, up=False, smtp=False)  # POP3S on mail2 refuses connections
     a, b = pair(make_gateway, mariadb_url)
@@ -114,7 +114,7 @@ def test_sigkill_after_acknowledgement_loses_nothing_and_sends_once(
     assert_delivered_identically(a, b, sources)
 
 
-def test_unknown_called_ae_is_refused_and_echo_works(mail, make_gateway, mariadb_url, tmp_path):  # type: ignore[no-untyped-def]
+def test_unknown_called_ae_is_refused_and_echo_works(mail, mariadb_url, make_gateway, tmp_path):  # type: ignore[no-untyped-def]
     a, _ = pair(make_gateway, mariadb_url)
     a.start()
     make_study(tmp_path / "s", ct=1, mr=0, sc=0)
@@ -127,7 +127,7 @@ def test_unknown_called_ae_is_refused_and_echo_works(mail, make_gateway, mariadb
     assert echo.returncode == 0, echo.stderr
 
 
-def test_send_command_and_permanent_rejection(mail, make_gateway, mariadb_url, tmp_path):  # type: ignore[no-untyped-def]
+def test_send_command_and_permanent_rejection(mail, mariadb_url, make_gateway, tmp_path):  # type: ignore[no-untyped-def]
     """`send` enqueues files by hand; a 5xx (unknown mailbox) fails the transfer with the server's reply."""
     b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1)
     a = make_gateway(

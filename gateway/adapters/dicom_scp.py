@@ -10,7 +10,6 @@ durable before it returns, because the returned status is the acknowledgement to
 
 from __future__ import annotations
 
-import errno
 import logging
 import tempfile
 from collections.abc import Callable
@@ -61,9 +60,7 @@ def _status_for(exc: BaseException) -> int:
     """The one place where failures become DIMSE statuses."""
     if isinstance(exc, NotDicomError):
         return STATUS_CANNOT_UNDERSTAND
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return STATUS_OUT_OF_RESOURCES
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError):  # ENOSPC, EDQUOT, the free-space reserve, I/O errors: the modality may retry
         return STATUS_OUT_OF_RESOURCES
     return STATUS_PROCESSING_FAILURE
 
@@ -128,10 +125,11 @@ class DicomScp:
             )
         except Exception as exc:
             status = _status_for(exc)
+            # NotDicomError and OSError texts carry no patient data; other exceptions are named by type only
             log.error(
                 "C-STORE refused with 0x%04X: %s",
                 status,
-                type(exc).__name__ if not isinstance(exc, NotDicomError) else exc,
+                exc if isinstance(exc, NotDicomError | OSError) else type(exc).__name__,
             )
             path.unlink(missing_ok=True)
             return status

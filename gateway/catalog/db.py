@@ -133,7 +133,13 @@ class MysqlDatabase(Database):
         self._pool: Any = None
 
     async def open(self) -> None:
+        import warnings
+
         import aiomysql
+        import pymysql
+
+        # INSERT IGNORE of a known row is how indexing stays idempotent; MySQL's warning about it is noise.
+        warnings.filterwarnings("ignore", category=pymysql.Warning)
 
         # Create the database on first start (needs the privilege; otherwise create it by hand).
         conn = await aiomysql.connect(host=self.host, port=self.port, user=self.user, password=self.password)

@@ -34,6 +34,8 @@ def render_config(
     pop3_nodes: list[str] | None = None,
     tls_stem: str | None = None,
     node_cooldown: float = 30,
+    retry_base: float = 30,
+    min_free: str = "64MB",
 ) -> str:
     """A gateway configuration for the dev PKI; partners are (name, gateway name for certs, AE title)."""
     smtp = smtp_nodes or [f"{node_ip(n)}:25" for n in range(1, NODE_COUNT + 1)]
@@ -50,6 +52,7 @@ def render_config(
         "[storage]",
         f"d_root = {_q(d_root)}",
         f"e_root = {_q(e_root)}",
+        f"min_free = {_q(min_free)}",
         "",
     ]
     if database_url:
@@ -67,6 +70,7 @@ def render_config(
         "connect_timeout = 5",
         "io_timeout = 30",
         f"node_cooldown = {node_cooldown}",
+        f"retry_base = {retry_base}",
         "",
         "[smime]",
         f"cert = {_q(pki_dir / f'{name}-smime.pem')}",

@@ -42,11 +42,20 @@ class Fetcher:
 
     async def poll_once(self) -> int:
         """One POP3 session: fetch, make durable, delete. Returns the number of mails taken."""
+        if not self.storage.has_room():
+            # D: is full: mails stay on the server until there is room again
+            log.warning("D: below its free-space reserve: mailbox not polled")
+            return 0
         session = await self.pop3.open()
         taken = 0
         try:
             listing = await session.list()
-            for number, _uid, _size in listing[:MAX_MAILS_PER_POLL]:
+            for number, _uid, size in listing[:MAX_MAILS_PER_POLL]:
+                if self.storage.free_bytes() - 2 * size < self.storage.min_free:
+                    log.warning(
+                        "D: too full for the next mail (%d bytes): the rest stays on the server", size
+                    )
+                    break
                 raw = await session.retr(number)
                 key = hashlib.sha256(raw).hexdigest()[:40]
                 target = self.storage.inbox / f"{key}.eml"

@@ -180,6 +180,9 @@ class Ingester:
         while True:
             try:
                 for mail in await self.catalog.pending_in_mails():
+                    if not self.storage.has_room():
+                        log.warning("D: below its free-space reserve: ingest paused")
+                        break
                     try:
                         await self.ingest(str(mail["id"]), self.storage.root / str(mail["path"]))
                     except OSError as exc:

@@ -123,9 +123,12 @@ class Intake:
         self.received = 0
         self.duplicates = 0
         self.conflicts = 0
+        self._last_sweep = time.monotonic()
 
     def store(self, received: Received) -> None:
         """Make one received instance durable (association thread). Raises to refuse it."""
+        # Below the reserve the instance is refused with 0xA700 (out of resources); the modality retries later.
+        self.storage.check_room()
         info = read_info(received.temp_path)
         partner = self.settings.partner_by_ae(received.called_ae)
         result = self.storage.store_temp_file(received.temp_path, info)
@@ -178,6 +181,10 @@ class Intake:
                     await asyncio.sleep(2)
             self.journal.mark_indexed(len(batch))
             self.wake_router.set()
+            if time.monotonic() - self._last_sweep > 600:
+                self._last_sweep = time.monotonic()
+                # temp files of receives that pynetdicom aborted (e.g. the disk filled up mid-dataset)
+                await asyncio.to_thread(self.storage.sweep_tmp, 3600, time.time())
 
     def stats(self) -> dict[str, Any]:
         """Counters for status output."""

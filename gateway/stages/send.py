@@ -58,7 +58,7 @@ class Sender:
             if now - float(str(mail["created_at"])) > self.settings.retry_max_age:
                 await self.catalog.fail_mail(mail_id, f"gave up after {attempts} attempts: {exc}", now)
                 return
-            delay = retry_delay(attempts)
+            delay = retry_delay(attempts, self.settings.mail.retry_base, self.settings.mail.retry_cap)
             log.warning("mail %s part %s deferred %.0f s: %s", mail["transfer_id"], mail["part"], delay, exc)
             await self.catalog.defer_mail(mail_id, attempts, now + delay, str(exc), now)
             return

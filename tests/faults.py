@@ -1,0 +1,105 @@
+"""Injected mail-node faults that a healthy real server cannot show: silence, a foreign certificate, 421."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def silent_listener(host: str, port: int) -> Iterator[list[socket.socket]]:
+    """Accepts TCP connections and never says a word (a hung node)."""
+    srv = socket.create_server((host, port), reuse_port=False)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                conn, _ = srv.accept()
+                held.append(conn)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        yield held
+    finally:
+        stop.set()
+        t.join(2)
+        for c in held:
+            c.close()
+        srv.close()
+
+
+@dataclass
+class FakeSmtp:
+    """A minimal SMTP peer: `mode` 'rogue-tls' (STARTTLS with a certificate from another CA) or '421'."""
+
+    host: str
+    port: int
+    mode: str
+    cert: Path | None = None
+    key: Path | None = None
+    plaintext_mail_from: bool = False
+    sessions: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> FakeSmtp:
+        self._srv = socket.create_server((self.host, self.port))
+        self._srv.settimeout(0.2)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._srv.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._srv.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.sessions += 1
+            with contextlib.suppress(OSError, ssl.SSLError):
+                self._session(conn)
+            conn.close()
+
+    def _session(self, conn: socket.socket) -> None:
+        """'rogue-tls': STARTTLS with a certificate the client must not trust. '421': STARTTLS with a valid
+        certificate, then 421 at MAIL FROM (a node shutting down mid-session)."""
+        sock: socket.socket = conn
+        sock.settimeout(5)
+        f = sock.makefile("rb")
+        sock.sendall(b"220 fake ESMTP\r\n")
+        tls_up = False
+        while line := f.readline():
+            verb = line.split(b" ")[0].strip().upper()
+            if verb in (b"EHLO", b"HELO"):
+                sock.sendall(b"250-fake\r\n250 STARTTLS\r\n" if not tls_up else b"250 fake\r\n")
+            elif verb == b"STARTTLS":
+                sock.sendall(b"220 go ahead\r\n")
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.load_cert_chain(str(self.cert), str(self.key))
+                sock = ctx.wrap_socket(
+                    conn, server_side=True
+                )  # raises when the client refuses our certificate
+                f = sock.makefile("rb")
+                tls_up = True
+            elif verb == b"MAIL":
+                self.plaintext_mail_from = self.plaintext_mail_from or not tls_up
+                sock.sendall(b"421 4.3.2 service shutting down\r\n")
+                return
+            elif verb == b"QUIT":
+                sock.sendall(b"221 bye\r\n")
+                return
+            else:
+                sock.sendall(b"502 no\r\n")

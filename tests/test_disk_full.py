@@ -1,0 +1,98 @@
+"""'D:' full, on a real small tmpfs: refusals with 0xA700, no partial files, pauses, and recovery by itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.core.dicominfo import read_info
+from gateway.devtools.studies import make_study
+from tests.conftest import storescu, wait_for
+from tests.test_e2e import assert_delivered_identically
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs standing in for a nearly full D: (grow it with `grow`)."""
+    mnt = tmp_path / "small-d"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def grow(mnt: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+
+
+def instances_at(gw) -> int:  # type: ignore[no-untyped-def]
+    return sum(s["instances"] for s in json.loads(gw.cli("status", "--json"))["studies"])
+
+
+def test_full_d_refuses_with_out_of_resources_and_recovers(
+    mail, mariadb_url, make_gateway, small_volume, tmp_path
+):  # type: ignore[no-untyped-def]
+    b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1)
+    a = make_gateway(
+        "gateway-a",
+        [("gateway-b", "gateway-b", "TO_B")],
+        database_url=mariadb_url,
+        d_root=small_volume / "d",
+        min_free="1MB",
+        stability_delay=2,
+    )
+    b.start()
+    a.start()
+    sources = make_study(tmp_path / "s", ct=16, mr=0, sc=0, size=256)  # 16 x 128 KB: more than fits
+    first = storescu(a.port, "TO_B", tmp_path / "s", "-v")
+    out = first.stdout + first.stderr
+    assert "Refused: OutOfResources" in out, out[-2000:]  # storescu's words for status 0xA700
+    assert "Received Store Response (Success)" in out, "some instances fit before the reserve"
+    images = list((small_volume / "d" / "images").rglob("*.dcm"))
+    assert 0 < len(images) < len(sources)
+    for f in images:  # every stored file is whole
+        read_info(f)
+    assert list((small_volume / "d" / "tmp").iterdir()) == [], "no partial file stays behind"
+
+    grow(small_volume)  # an operator frees space: no restart needed
+    again = storescu(a.port, "TO_B", tmp_path / "s")
+    assert again.returncode == 0, again.stdout + again.stderr
+    wait_for(lambda: instances_at(b) == len(sources), 120, 1, "every instance at B")
+    assert_delivered_identically(a, b, sources)
+
+
+def test_full_d_pauses_fetching_and_ingest_until_space_returns(mail, make_gateway, small_volume, tmp_path):  # type: ignore[no-untyped-def]
+    b = make_gateway(
+        "gateway-b",
+        [("gateway-a", "gateway-a", "TO_A")],
+        poll_interval=1,
+        d_root=small_volume / "d",
+        database_url=f"sqlite:///{tmp_path / 'b-catalog.sqlite'}",
+        min_free="2MB",
+    )
+    a = make_gateway(
+        "gateway-a", [("gateway-b", "gateway-b", "TO_B")], stability_delay=1, max_mail_size="512KB"
+    )
+    b.start()
+    a.start()
+    sources = make_study(tmp_path / "s", ct=12, mr=0, sc=0, size=256)
+    assert storescu(a.port, "TO_B", tmp_path / "s").returncode == 0
+    wait_for(
+        lambda: "free-space reserve" in b.log.read_text() or "too full" in b.log.read_text(),
+        60,
+        1,
+        "B to pause",
+    )
+    wait_for(lambda: mail.mailbox_count("gateway-b@dicommail.test") > 0, 30, 1, "mails to wait on the server")
+    assert instances_at(b) < len(sources)
+
+    grow(small_volume)
+    wait_for(lambda: instances_at(b) == len(sources), 120, 1, "B to resume and ingest everything")
+    assert_delivered_identically(a, b, sources)
+    assert mail.mailbox_count("gateway-b@dicommail.test") == 0

@@ -1,0 +1,82 @@
+"""Mail-node faults against the real cluster: hung nodes, a node with a foreign certificate, 421, nodes down."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from gateway.devtools.pki import CA
+from gateway.devtools.studies import make_study
+from tests.conftest import free_port, storescu, wait_for
+from tests.faults import FakeSmtp, silent_listener
+from tests.test_e2e import assert_delivered_identically, transfers
+
+pytestmark = pytest.mark.slow
+
+
+def test_hung_rogue_and_421_nodes_are_skipped_and_tls_never_falls_back(mail, make_gateway, pki_dir, tmp_path):  # type: ignore[no-untyped-def]
+    # a node whose certificate comes from another CA (a TLS-intercepting proxy, or a spoofed node)
+    rogue_server = CA(pki_dir, "rogue-ca", "Rogue CA").issue(
+        "rogue-mail-server",
+        "mail.dicommail.test",
+        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+        sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.18")), x509.DNSName("mail.dicommail.test")],
+    )
+    busy_port = (
+        free_port()
+    )  # a node with a valid certificate (127.0.0.1 is in its SANs) that says 421 mid-session
+    b = make_gateway(
+        "gateway-b",
+        [("gateway-a", "gateway-a", "TO_A")],
+        poll_interval=1,
+        pop3_nodes=["127.0.0.17:995", "127.0.0.12:995"],  # the first one hangs
+    )
+    a = make_gateway(
+        "gateway-a",
+        [("gateway-b", "gateway-b", "TO_B")],
+        stability_delay=1,
+        smtp_nodes=["127.0.0.17:25", "127.0.0.18:25", f"127.0.0.1:{busy_port}", "127.0.0.11:25"],
+    )
+    with (
+        silent_listener("127.0.0.17", 25),
+        silent_listener("127.0.0.17", 995),
+        FakeSmtp("127.0.0.18", 25, "rogue-tls", rogue_server.cert, rogue_server.key) as rogue_node,
+        FakeSmtp(
+            "127.0.0.1", busy_port, "421", pki_dir / "mail-server.pem", pki_dir / "mail-server.key"
+        ) as busy_node,
+    ):
+        b.start()
+        a.start()
+        sources = make_study(tmp_path / "s", ct=3, mr=2, sc=1, size=32)
+        assert storescu(a.port, "TO_B", tmp_path / "s").returncode == 0
+        wait_for(lambda: transfers(b, "in", "complete"), 120, 1, "delivery past the faulty nodes")
+        assert_delivered_identically(a, b, sources)
+        assert rogue_node.sessions >= 1 and not rogue_node.plaintext_mail_from, (
+            "no plaintext after a TLS failure"
+        )
+        assert busy_node.sessions >= 1 and not busy_node.plaintext_mail_from
+    log_a = a.log.read_text()
+    assert (
+        "127.0.0.17:25 failed" in log_a
+        and "127.0.0.18:25 failed" in log_a
+        and f"127.0.0.1:{busy_port} failed: 421" in log_a
+    )
+    assert "127.0.0.17:995 failed" in b.log.read_text()
+
+
+def test_all_smtp_nodes_down_then_back(mail, make_gateway, tmp_path):  # type: ignore[no-untyped-def]
+    b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1)
+    a = make_gateway("gateway-a", [("gateway-b", "gateway-b", "TO_B")], stability_delay=1, retry_base=2)
+    mail.set_nodes(list(range(1, 7)), up=False, pop3=False)
+    b.start()
+    a.start()
+    sources = make_study(tmp_path / "s", ct=2, mr=1, sc=1, size=32)
+    assert storescu(a.port, "TO_B", tmp_path / "s").returncode == 0
+    wait_for(lambda: "deferred" in a.log.read_text(), 30, 0.5, "the mail to be deferred")
+    assert not transfers(a, "out", "sent")
+    mail.set_nodes(list(range(1, 7)), up=True, pop3=False)
+    wait_for(lambda: transfers(b, "in", "complete"), 120, 1, "delivery once the cluster is back")
+    assert_delivered_identically(a, b, sources)
