@@ -250,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder: {work}" if a.keep else "", file=sys.stderr)
     if not a.keep and lost == 0 and duplicates == 0:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"studies={study_no} corrupt={corrupt} files_at_b={rows} stored_at_a={a_rows} conflicts={conflicts}")
+    print(
+        f"studies={study_no} corrupt={corrupt} files_at_b={rows} stored_at_a={a_rows} conflicts={conflicts}"
+    )
     print(
         f"kills={kills} acknowledged={len(acknowledged)} delivered={delivered} lost={lost} duplicates={duplicates}"
     )
