@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 
 import pytest
 from cryptography import x509
@@ -80,3 +81,44 @@ def test_all_smtp_nodes_down_then_back(mail, make_gateway, tmp_path):  # type: i
     mail.set_nodes(list(range(1, 7)), up=True, pop3=False)
     wait_for(lambda: transfers(b, "in", "complete"), 120, 1, "delivery once the cluster is back")
     assert_delivered_identically(a, b, sources)
+
+
+def restart_mariadb() -> None:
+    """Shut the machine's MariaDB down and start it again (as the machine kind documents)."""
+    subprocess.run(["mariadb-admin", "-h127.0.0.1", "-uroot", "shutdown"], check=True, timeout=60)
+
+    def gone() -> bool:  # shutdown returns before the process has exited
+        return subprocess.run(["pgrep", "-x", "mariadbd"], capture_output=True).returncode != 0
+
+    wait_for(gone, 60, 0.2, "the old MariaDB to exit")
+    subprocess.run(
+        ["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", "/usr/sbin/mariadbd"],
+        check=True,
+        timeout=30,
+    )
+
+    def up() -> bool:
+        return (
+            subprocess.run(
+                ["mariadb", "-h127.0.0.1", "-uroot", "-e", "select 1"], capture_output=True
+            ).returncode
+            == 0
+        )
+
+    wait_for(up, 60, 0.5, "MariaDB to come back")
+
+
+def test_mariadb_restart_while_running_loses_nothing(mail, mariadb_url, make_gateway, tmp_path):  # type: ignore[no-untyped-def]
+    b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1)
+    a = make_gateway(
+        "gateway-a", [("gateway-b", "gateway-b", "TO_B")], database_url=mariadb_url, stability_delay=3
+    )
+    b.start()
+    a.start()
+    first = make_study(tmp_path / "one", ct=4, mr=2, sc=1, size=32, seed=11)
+    assert storescu(a.port, "TO_B", tmp_path / "one").returncode == 0  # acknowledged, catalog rows pending
+    restart_mariadb()  # while the study waits for its quiet period
+    second = make_study(tmp_path / "two", ct=3, mr=1, sc=1, size=32, seed=12)
+    assert storescu(a.port, "TO_B", tmp_path / "two").returncode == 0
+    wait_for(lambda: len(transfers(b, "in", "complete")) == 2, 120, 1, "both studies at B")
+    assert_delivered_identically(a, b, first + second)
