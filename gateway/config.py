@@ -7,6 +7,7 @@ directory of the configuration file, so a configuration can be moved together wi
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
@@ -84,6 +85,9 @@ class Settings:
     partners: tuple[Partner, ...]
     log_level: str = "INFO"
     retry_max_age: float = 2 * 24 * 3600.0
+    allowed_calling_ae: tuple[str, ...] = ()
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    dicom_timeout: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def partner_by_ae(self, ae_title: str) -> Partner | None:
@@ -263,6 +267,17 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         ),
     ).upper()
     retry_max_age = float(gw.get("retry_max_age", (int, float), 2 * 24 * 3600, check=_check_positive))
+    allowed_ae_raw = gw.get("allowed_calling_ae", list, [])
+    for item in allowed_ae_raw:
+        if not isinstance(item, str) or _check_ae(item) is not None:
+            raise gw.fail("allowed_calling_ae", f"entry {item!r} is not a valid AE title")
+    networks = []
+    for item in gw.get("allowed_networks", list, []):
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise gw.fail("allowed_networks", f"entry {item!r} is not an address or network (CIDR)") from None
+    dicom_timeout = float(gw.get("dicom_timeout", (int, float), 60, check=_check_positive))
     gw.done()
 
     st = root.table_of("storage")
@@ -360,4 +375,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         partners=tuple(partners),
         log_level=log_level,
         retry_max_age=retry_max_age,
+        allowed_calling_ae=tuple(allowed_ae_raw),
+        allowed_networks=tuple(networks),
+        dicom_timeout=dicom_timeout,
     )

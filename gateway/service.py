@@ -84,6 +84,9 @@ class Gateway:
             (settings.dicom_bind, settings.dicom_port),
             storage.tmp,
             intake.store,
+            settings.allowed_calling_ae,
+            settings.allowed_networks,
+            settings.dicom_timeout,
         )
         gw = cls(
             settings=settings,

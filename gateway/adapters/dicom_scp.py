@@ -10,6 +10,7 @@ durable before it returns, because the returned status is the acknowledgement to
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import tempfile
 from collections.abc import Callable
@@ -75,8 +76,13 @@ class DicomScp:
         bind: tuple[str, int],
         temp_dir: Path,
         store: Callable[[Received], None],
+        allowed_calling_ae: tuple[str, ...] = (),
+        allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
+        timeout: float = 60.0,
     ) -> None:
         self.ae_title = ae_title
+        self.allowed_calling_ae = set(allowed_calling_ae)
+        self.allowed_networks = allowed_networks
         self.accepted_called = {ae_title, *routes}
         self.bind = bind
         self.store = store
@@ -89,27 +95,46 @@ class DicomScp:
         self.ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
         self.ae.require_called_aet = True
         self.ae.maximum_associations = 32
-        self.ae.network_timeout = 60
-        self.ae.acse_timeout = 30
-        self.ae.dimse_timeout = 60
+        # an association that goes silent (abandoned, half-open) is dropped after `timeout` seconds
+        self.ae.network_timeout = timeout
+        self.ae.acse_timeout = timeout
+        self.ae.dimse_timeout = timeout
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None
             self.ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self._server: Any = None
 
+    def _refusal(self, calling: str, called: str, peer: str) -> tuple[tuple[int, int, int], str] | None:
+        """Why an association request must be rejected (A-ASSOCIATE-RJ result, source, reason), if it must."""
+        if self.allowed_networks:
+            try:
+                ip = ipaddress.ip_address(peer)
+            except ValueError:
+                ip = None
+            if ip is None or not any(ip in net for net in self.allowed_networks):
+                return (0x01, 0x01, 0x01), "peer address not allowed"
+        if self.allowed_calling_ae and calling not in self.allowed_calling_ae:
+            return (0x01, 0x01, 0x03), f"calling AE title {calling!r} not allowed"
+        if called not in self.accepted_called:
+            return (0x01, 0x01, 0x07), f"called AE title {called!r} not configured"
+        return None
+
     def _on_requested(self, event: evt.Event) -> None:
         primitive = event.assoc.requestor.primitive
         called = primitive.called_ae_title.strip() if primitive is not None else ""
-        if called in self.accepted_called:
+        calling = primitive.calling_ae_title.strip() if primitive is not None else ""
+        peer = str(event.assoc.requestor.address)
+        refusal = self._refusal(calling, called, peer)
+        if refusal is None:
             # pynetdicom checks the Called AE against the acceptor's title (require_called_aet).
             event.assoc.acceptor.ae_title = called
-        else:
-            log.warning(
-                "association from %s rejected: called AE title %r not configured",
-                event.assoc.requestor.address,
-                called,
-            )
+            return
+        (result, source, reason), why = refusal
+        log.warning("association from %s rejected: %s", peer, why)
+        event.assoc.acse.send_reject(result, source, reason)
+        # as pynetdicom's own rejections do: wait for the DUL to put the A-ASSOCIATE-RJ on the wire
+        event.assoc.kill()
 
     def _on_store(self, event: evt.Event) -> int:
         assoc = event.assoc

@@ -36,6 +36,7 @@ def render_config(
     node_cooldown: float = 30,
     retry_base: float = 30,
     min_free: str = "64MB",
+    gateway_extra: str = "",
 ) -> str:
     """A gateway configuration for the dev PKI; partners are (name, gateway name for certs, AE title)."""
     smtp = smtp_nodes or [f"{node_ip(n)}:25" for n in range(1, NODE_COUNT + 1)]
@@ -48,6 +49,7 @@ def render_config(
         'dicom_bind = "127.0.0.1"',
         f"dicom_port = {port}",
         f"stability_delay = {stability_delay}",
+        gateway_extra,
         "",
         "[storage]",
         f"d_root = {_q(d_root)}",
