@@ -44,6 +44,10 @@ _B64_LINE = 76
 _FIXED_OVERHEAD = 16 * 1024
 _PER_PART_OVERHEAD = 400
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# Limits against hostile mails: no legitimate DICOM mail comes near them.
+MAX_HEADER_BYTES = 256 * 1024
+MAX_PARTS = 10_000
+MAX_DEPTH = 8
 
 
 class MailFormatError(ValueError):
@@ -251,7 +255,7 @@ def _int_or_none(value: str | None) -> int | None:
     if value is None:
         return None
     value = value.strip()
-    return int(value) if value.isdigit() and len(value) < 9 else None
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 9 else None
 
 
 def _safe_id(value: str | None) -> str | None:
@@ -263,25 +267,32 @@ def _safe_id(value: str | None) -> str | None:
 
 def read_outer(raw: bytes) -> OuterInfo:
     """Parse the outer headers only (cheap, even for large mails)."""
-    head, _, _ = raw.partition(b"\r\n\r\n") if b"\r\n\r\n" in raw[:65536] else raw.partition(b"\n\n")
-    msg = email.message_from_bytes(head + b"\r\n\r\n", policy=email.policy.compat32)
+    msg, _ = _split_entity(raw)
     return OuterInfo(
-        message_id=str(msg.get("Message-ID", "")).strip()[:250],
-        sender=parseaddr(str(msg.get("From", "")))[1].lower(),
-        set_id=_safe_id(msg.get(H_SET)),
-        part=_int_or_none(msg.get(H_PART)),
-        total=_int_or_none(msg.get(H_TOTAL)),
+        message_id=(_header(msg, "Message-ID") or "").strip()[:250],
+        sender=parseaddr(_header(msg, "From") or "")[1].lower(),
+        set_id=_safe_id(_header(msg, H_SET)),
+        part=_int_or_none(_header(msg, H_PART)),
+        total=_int_or_none(_header(msg, H_TOTAL)),
     )
 
 
 def _split_entity(entity: bytes) -> tuple[Message, bytes]:
-    """Headers parsed, body as raw bytes."""
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        idx = entity.find(sep)
-        if idx >= 0:
-            head, body = entity[: idx + len(sep)], entity[idx + len(sep) :]
-            return email.message_from_bytes(head, policy=email.policy.compat32), body
-    raise MailFormatError("entity without header/body separator")
+    """Headers parsed, body as raw bytes. The first blank line ends the headers, whatever the line ends."""
+    found = [
+        (i, sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := entity.find(sep, 0, MAX_HEADER_BYTES + 4)) >= 0
+    ]
+    if not found:
+        raise MailFormatError("no end of headers within the size limit (headers too large or missing body)")
+    idx, sep = min(found)
+    head, body = entity[: idx + len(sep)], entity[idx + len(sep) :]
+    return email.message_from_bytes(head, policy=email.policy.compat32), body
+
+
+def _header(msg: Message, name: str) -> str | None:
+    """A header as text (compat32 returns `Header` objects for undecodable bytes), or None."""
+    value = msg.get(name)
+    return None if value is None else str(value)
 
 
 def _content_type(msg: Message) -> str:
@@ -354,6 +365,22 @@ def _unwrap_signature(entity: bytes, trusted: list[x509.Certificate]) -> tuple[x
     raise MailFormatError(f"mail is not signed (found {ctype} inside the encryption)")
 
 
+def _check_shape(msg: Message) -> None:
+    """Refuse absurd structures before walking them: nesting depth and number of parts."""
+    count = 0
+    stack: list[tuple[Message, int]] = [(msg, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise MailFormatError(f"MIME nesting deeper than {MAX_DEPTH} levels")
+        count += 1
+        if count > MAX_PARTS:
+            raise MailFormatError(f"more than {MAX_PARTS} MIME parts")
+        payload = node.get_payload() if node.is_multipart() else None
+        if isinstance(payload, list):
+            stack.extend((child, depth + 1) for child in payload if isinstance(child, Message))
+
+
 def open_mail(raw: bytes, me: Identity, trusted: list[x509.Certificate]) -> OpenedMail:
     """Decrypt with `me`, verify against the pinned `trusted` certificates, return the DICOM parts.
 
@@ -367,18 +394,19 @@ def open_mail(raw: bytes, me: Identity, trusted: list[x509.Certificate]) -> Open
     smime_type = str(outer.get_param("smime-type") or "enveloped-data").lower()
     if smime_type != "enveloped-data":
         raise MailFormatError(f"mail is not encrypted (smime-type {smime_type})")
-    if str(outer.get("Content-Transfer-Encoding", "base64")).strip().lower() != "base64":
+    if (_header(outer, "Content-Transfer-Encoding") or "base64").strip().lower() != "base64":
         raise MailFormatError("encrypted body is not base64")
     decrypted = smime.decrypt(_decode_b64(body), me)
     signer, content = _unwrap_signature(decrypted, trusted)
 
     inner = email.message_from_bytes(content, policy=email.policy.compat32)
+    _check_shape(inner)
     parts: list[bytes] = []
     ignored = 0
     leaves = [inner] if not inner.is_multipart() else [p for p in inner.walk() if not p.is_multipart()]
     for leaf in leaves:
         ctype = _content_type(leaf)
-        disposition = str(leaf.get("Content-Disposition", "")).lower()
+        disposition = (_header(leaf, "Content-Disposition") or "").lower()
         if ctype == "application/dicom":
             payload = leaf.get_payload(decode=True)
             if not isinstance(payload, bytes) or not payload:
@@ -392,10 +420,10 @@ def open_mail(raw: bytes, me: Identity, trusted: list[x509.Certificate]) -> Open
         raise MailFormatError("mail carries no DICOM part")
     return OpenedMail(
         signer=signer,
-        set_id=_safe_id(inner.get(H_SET)),
-        part=_int_or_none(inner.get(H_PART)),
-        total=_int_or_none(inner.get(H_TOTAL)),
-        study_uid=(str(inner.get(H_STUDY)).strip()[:64] if inner.get(H_STUDY) else None),
+        set_id=_safe_id(_header(inner, H_SET)),
+        part=_int_or_none(_header(inner, H_PART)),
+        total=_int_or_none(_header(inner, H_TOTAL)),
+        study_uid=(_header(inner, H_STUDY) or "").strip()[:64] or None,
         parts=parts,
         ignored_parts=ignored,
     )

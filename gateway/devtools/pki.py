@@ -53,16 +53,20 @@ def _name(cn: str, org: str = "DICOM Mail Gateway dev PKI") -> x509.Name:
     )
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key, days: int, not_after: dt.datetime | None = None
+) -> x509.CertificateBuilder:
+    """A certificate valid from an hour ago for `days` days, or until `not_after` (which may be in the past)."""
     now = dt.datetime.now(dt.UTC)
+    not_before = min(now - dt.timedelta(hours=1), (not_after or now) - dt.timedelta(days=1))
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after or now + dt.timedelta(days=days))
     )
 
 
@@ -116,9 +120,7 @@ class CA:
             if rsa_key
             else ec.generate_private_key(ec.SECP256R1())
         )
-        builder = _builder(_name(cn), self.cert.subject, key.public_key(), days)
-        if not_after is not None:
-            builder = builder.not_valid_after(not_after)
+        builder = _builder(_name(cn), self.cert.subject, key.public_key(), days, not_after)
         encipher = rsa_key
         cert = (
             builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

@@ -11,37 +11,22 @@ already stored with the same bytes is not stored twice; same UID with other byte
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 
 from gateway.catalog import Catalog, InstanceRecord
 from gateway.config import Settings
-from gateway.core import mailformat, smime
-from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
+from gateway.core.inbound import Refused, Sender, inspect_mail
 from gateway.core.smime import Identity
 from gateway.core.states import MailState
 from gateway.stages import wait_woken
 from gateway.storage import Storage, StoreOutcome, fsync_dir, write_durable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """A mail that passed every check, with its parts' identifiers."""
-
-    partner: str
-    transfer_id: str
-    part: int
-    total: int
-    study_uid: str | None
-    parts: list[tuple[InstanceInfo, bytes]]
 
 
 class Ingester:
@@ -60,29 +45,12 @@ class Ingester:
         self.storage = storage
         self.catalog = catalog
         self.identity = identity
-        self.partner_certs = partner_certs
+        self.address_book = {
+            p.address.lower(): Sender(p.name, (partner_certs[p.name],)) for p in settings.partners
+        }
         self.wake = wake
         self.ingested = 0
         self.quarantined = 0
-
-    def check(self, raw: bytes) -> Accepted:
-        """All checks, no side effects (worker thread). Raises QuarantineReason as `ValueError` subclasses."""
-        outer = mailformat.read_outer(raw)
-        partner = self.settings.partner_by_address(outer.sender)
-        if partner is None:
-            raise mailformat.MailFormatError("sender is not in the address book")
-        opened = mailformat.open_mail(raw, self.identity, [self.partner_certs[partner.name]])
-        parts = []
-        for number, data in enumerate(opened.parts, start=1):
-            try:
-                parts.append((read_info(data), data))
-            except NotDicomError as exc:
-                raise mailformat.MailFormatError(f"part {number} is not DICOM: {exc}") from None
-        set_id = opened.set_id or hashlib.sha256(outer.message_id.encode() or raw[:4096]).hexdigest()[:32]
-        part, total = opened.part or 1, opened.total or 1
-        if not 1 <= part <= total:
-            raise mailformat.MailFormatError(f"set part {part} of {total} is impossible")
-        return Accepted(partner.name, f"{partner.name}:{set_id}", part, total, opened.study_uid, parts)
 
     async def quarantine(self, mail_id: str, path: Path, reason: str) -> None:
         """Move the mail aside with its reason; record it."""
@@ -101,9 +69,9 @@ class Ingester:
         """Ingest or quarantine one fetched mail."""
         raw = await asyncio.to_thread(path.read_bytes)
         try:
-            accepted = await asyncio.to_thread(self.check, raw)
-        except (mailformat.MailFormatError, smime.SmimeError) as exc:
-            await self.quarantine(mail_id, path, str(exc))
+            accepted = await asyncio.to_thread(inspect_mail, raw, self.identity, self.address_book)
+        except Refused as exc:
+            await self.quarantine(mail_id, path, exc.reason)
             return
         now = time.time()
         if await self.catalog.in_part_done(accepted.transfer_id, accepted.part):
