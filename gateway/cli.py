@@ -138,12 +138,16 @@ def _ts(value: Any) -> str:
 
 async def _status(settings: config.Settings, as_json: bool) -> int:
     from gateway.catalog import open_catalog
+    from gateway.storage import Storage
 
     catalog = await open_catalog(settings.database_url)
     try:
         st = await catalog.status()
     finally:
         await catalog.close()
+    conflicts = Storage(settings.d_root).conflicts
+    # same SOP Instance UID, different content: kept aside for an operator (file names are UIDs only)
+    st["conflicts"] = sorted(f.name for f in conflicts.glob("*.dcm")) if conflicts.exists() else []
     if as_json:
         print(json.dumps(st, indent=2, default=str))
         return 0
@@ -162,6 +166,10 @@ async def _status(settings: config.Settings, as_json: bool) -> int:
             f"{t['instances']:>5} {t['bytes'] / 1e6:>8.1f}  {_ts(t['updated_at'])}"
             + (f"  ({t['error']})" if t["error"] else "")
         )
+    if st["conflicts"]:
+        print(f"\nconflicts (same UID, other content, kept in {conflicts}): {len(st['conflicts'])}")
+        for name in st["conflicts"][:20]:
+            print(f"  {name}")
     print("\nrecent studies:")
     print(f"  {'study instance UID':<64} {'series':>6} {'inst':>5} {'MB':>8}  last received")
     for s in st["studies"]:

@@ -105,7 +105,18 @@ async def test_corpus_through_the_ingest_stage(tmp_path, pki_dir, caplog):  # ty
                 assert (storage.quarantine / f"{name}.reason.txt").exists()
         stored = list(storage.images.rglob("*.dcm"))
         assert len(stored) == 3, "only the good mails' instances are stored: no partial ingest"
+        assert len(list(storage.conflicts.glob("*.dcm"))) == 1, (
+            "the UID collision is kept aside, not overwritten"
+        )
         assert list(storage.inbox.iterdir()) == []
+        # a replay of a mail already ingested is recognised and not ingested again
+        replay = storage.inbox / "replay.eml"
+        replay.write_bytes((CORPUS / "mails" / "01-good-two-instances.eml").read_bytes())
+        await catalog.record_in_mail("replay", storage.relative(replay), replay.stat().st_size, 0.0)
+        await ingester.ingest("replay", replay)
+        row = await catalog.db.fetchone("SELECT state FROM mails WHERE id = 'replay'")
+        assert row is not None and row[0] == "duplicate"
+        assert len(list(storage.images.rglob("*.dcm"))) == 3
     finally:
         await catalog.close()
     for canary in CANARIES:

@@ -21,7 +21,7 @@ from gateway.core.smime import Identity
 from gateway.devtools.studies import make_study
 from gateway.errors import TransientError
 from gateway.tls import mail_client_context
-from tests.conftest import GatewayProcess, wait_for
+from tests.conftest import CANARIES, GatewayProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +114,9 @@ def test_hostile_mails_are_quarantined_and_the_poller_keeps_going(mail, make_gat
     )
     wait_for(lambda: mails(b).get("ingested", 0) == 1, 60, 0.5, "the good mail to be ingested")
     assert json.loads(b.cli("status", "--json"))["studies"][0]["instances"] == 2
+    log = b.log.read_bytes() + b.cli("status").encode() + reasons.encode()
+    for canary in CANARIES:  # the refused mails carried canary patient data
+        assert canary not in log
 
 
 def test_rogue_client_certificate_never_gets_in(mail, make_gateway, pki_dir):  # type: ignore[no-untyped-def]

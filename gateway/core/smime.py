@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from asn1crypto import cms
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
@@ -77,7 +77,7 @@ def decrypt(der: bytes, me: Identity) -> bytes:
     """Decrypt a CMS EnvelopedData addressed to `me`."""
     try:
         return pkcs7.pkcs7_decrypt_der(der, me.cert, me.key, [])
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise SmimeError(f"cannot decrypt: {exc}") from None
 
 
@@ -134,6 +134,8 @@ def _check_signature(
             raise SmimeError(f"unsupported signer key type {type(key).__name__}")
     except InvalidSignature:
         raise SmimeError("signature does not verify (content altered or wrong signer)") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise SmimeError(f"signature cannot be checked: {exc}") from None
 
 
 @dataclass(frozen=True)

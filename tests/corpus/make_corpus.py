@@ -320,6 +320,9 @@ def main() -> None:
         ),
         "non-DICOM part (text/plain)",
     )
+    # accepted by the gate, but the instance's UID is already stored with other content: kept aside at ingest
+    collision = dicom[0][:-4] + b"\x07\x07\x07\x07"
+    add("uid-collision", mf.build_mail(header("corpus6"), [collision], a, b.cert), "ACCEPT")
     (HERE / "expected.json").write_text(json.dumps(cases, indent=1) + "\n")
     print(f"{len(cases)} corpus mails written to {MAILS}")
     _ = base64  # (kept for ad-hoc cases)
