@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,10 @@ from gateway.adapters.pop3 import Pop3Cluster
 from gateway.adapters.smtp import SmtpCluster
 from gateway.catalog import Catalog, open_catalog
 from gateway.config import Settings
+from gateway.core.queue import QueueState
 from gateway.core.smime import Identity
+from gateway.core.states import MailState
+from gateway.spool import Spool
 from gateway.stages.fetch import Fetcher
 from gateway.stages.ingest import Ingester
 from gateway.stages.package import Packager
@@ -61,7 +65,10 @@ class Gateway:
     sender: Sender
     fetcher: Fetcher
     ingester: Ingester
+    outbox: Spool
+    inbox: Spool
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    storage_report: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     async def create(cls, settings: Settings) -> Gateway:
@@ -74,6 +81,9 @@ class Gateway:
         partner_certs = load_partner_certs(settings)
         catalog = await open_catalog(settings.database_url)
         tls = mail_client_context(settings.mail)
+        outbox, inbox = Spool(storage.outbox, storage.tmp), Spool(storage.inbox, storage.tmp)
+        outbox.prepare()
+        inbox.prepare()
         wake_router, wake_packager, wake_sender, wake_ingest = (asyncio.Event() for _ in range(4))
         intake = Intake(settings, storage, catalog, wake_router)
         intake.loop = asyncio.get_running_loop()
@@ -96,27 +106,95 @@ class Gateway:
             scp=scp,
             router=Router(settings, catalog, wake_router, wake_packager),
             packager=Packager(
-                settings, storage, catalog, identity, partner_certs, wake_packager, wake_sender
+                settings, storage, catalog, identity, partner_certs, wake_packager, wake_sender, outbox
             ),
-            sender=Sender(settings, storage, catalog, SmtpCluster(settings.mail, tls), wake_sender),
-            fetcher=Fetcher(settings, storage, catalog, Pop3Cluster(settings.mail, tls), wake_ingest),
-            ingester=Ingester(settings, storage, catalog, identity, partner_certs, wake_ingest),
+            sender=Sender(settings, storage, catalog, SmtpCluster(settings.mail, tls), wake_sender, outbox),
+            fetcher=Fetcher(settings, storage, catalog, Pop3Cluster(settings.mail, tls), wake_ingest, inbox),
+            ingester=Ingester(settings, storage, catalog, identity, partner_certs, wake_ingest, inbox),
+            outbox=outbox,
+            inbox=inbox,
         )
-        await gw._clean_spool()
+        await gw.recover()
         return gw
 
-    async def _clean_spool(self) -> None:
-        """Remove inbox files whose mail was already handled (a crash between commit and unlink)."""
-        pending = {m["path"] for m in await self.catalog.pending_in_mails(limit=1_000_000)}
-        for f in self.storage.inbox.glob("*.eml"):
-            rel = self.storage.relative(f)
-            if rel not in pending:
-                row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (f.stem,))
-                if row is None:
-                    # durable but never recorded (crash between write and insert): record it now
-                    await self.catalog.record_in_mail(f.stem, rel, f.stat().st_size, f.stat().st_mtime)
-                else:
-                    f.unlink()
+    async def recover(self) -> None:
+        """Start-up: re-queue work a crash left active, finish staged sets, make the catalog agree with the disk."""
+        for name, spool in (("outbox", self.outbox), ("inbox", self.inbox)):
+            for item in await asyncio.to_thread(spool.recover):
+                log.warning("%s item %s was active at a crash: now %s", name, item.id, item.state)
+        released = await self.packager.release_staged()
+        if released:
+            log.info("moved %d recorded but staged sets into the outbox", released)
+        fixed = await self.reconcile_catalog()
+        if fixed:
+            log.info("catalog brought in line with the queues for %d mails", fixed)
+
+    async def reconcile_catalog(self) -> int:
+        """The queues are the truth for mails: record what the catalog missed (a crash between disk and catalog)."""
+        fixed = 0
+        now = time.time()
+        for item in (
+            self.outbox.items(QueueState.DONE)
+            + self.outbox.items(QueueState.HOLD)
+            + self.outbox.items(QueueState.CORRUPT)
+        ):
+            mid = str(item.meta.get("message_id", ""))
+            row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (mid,))
+            if row is None or row[0] != MailState.QUEUED.value:
+                continue
+            if item.state is QueueState.DONE:
+                await self.catalog.mark_mail_sent(mid, str(item.meta.get("node", "")), now)
+            else:
+                await self.catalog.fail_mail(mid, str(item.meta.get("reason", "set aside")), now)
+            fixed += 1
+        for state in (QueueState.INCOMING, QueueState.DEFERRED, QueueState.HOLD, QueueState.CORRUPT):
+            for item in self.inbox.items(state):
+                if await self.catalog.record_in_mail(
+                    item.id, f"spool/inbox/{item.id}", int(item.meta.get("size", 0)), now
+                ):
+                    fixed += 1
+                if state in (QueueState.HOLD, QueueState.CORRUPT):
+                    row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (item.id,))
+                    if row is not None and row[0] == MailState.FETCHED.value:
+                        reason = str(item.meta.get("reason", "set aside"))
+                        await self.catalog.finish_in_mail(item.id, MailState.QUARANTINED, now, error=reason)
+                        fixed += 1
+        return fixed
+
+    async def reconcile_storage(self) -> dict[str, int]:
+        """Compare stored files with catalog rows and report differences (runs in the background after start)."""
+
+        def files() -> set[str]:
+            return {self.storage.relative(p) for p in self.storage.images.rglob("*.dcm")}
+
+        on_disk = await asyncio.to_thread(files)
+        rows = {str(r[0]) for r in await self.catalog.db.fetchall("SELECT path FROM instances")}
+        unindexed, missing = on_disk - rows, rows - on_disk
+        for path in sorted(missing)[:50]:
+            log.error("catalog row without file: %s", path)
+        if unindexed:
+            # a file stored but never acknowledged nor recorded (a crash in between); a resend indexes it
+            log.warning(
+                "%d stored files have no catalog row (never acknowledged); first: %s",
+                len(unindexed),
+                min(unindexed),
+            )
+        if missing:
+            log.error("%d catalog rows have no file on D:", len(missing))
+        self.storage_report = {
+            "files": len(on_disk),
+            "rows": len(rows),
+            "unindexed": len(unindexed),
+            "missing": len(missing),
+        }
+        log.info(
+            "storage check: %d files, %d rows, %d unindexed, %d missing",
+            len(on_disk),
+            len(rows),
+            len(unindexed),
+            len(missing),
+        )
+        return self.storage_report
 
     def status(self) -> dict[str, Any]:
         """Live counters (no patient data)."""
@@ -132,6 +210,7 @@ class Gateway:
             "fetched_mails": self.fetcher.fetched,
             "ingested_mails": self.ingester.ingested,
             "quarantined_mails": self.ingester.quarantined,
+            "queues": {"outbox": self.outbox.counts(), "inbox": self.inbox.counts()},
             "nodes": nodes,
         }
 
@@ -145,6 +224,7 @@ class Gateway:
                 tg.create_task(self.sender.run_forever(), name="send")
                 tg.create_task(self.fetcher.run_forever(), name="fetch")
                 tg.create_task(self.ingester.run_forever(), name="ingest")
+                tg.create_task(self.reconcile_storage(), name="storage-check")
                 self.scp.start()
                 log.info(
                     "gateway %s ready: DICOM %s:%d AE %s; partners: %s",

@@ -4,10 +4,11 @@ Layout below `d_root`:
 
     images/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   instances, byte for byte as received
     conflicts/<SOPInstanceUID>.<sha256[:16]>.dcm         same UID, different content: kept aside, reported
-    spool/outbox/<transfer-id>/<part>.eml                 built mails waiting for SMTP
-    spool/inbox/<mail-key>.eml                            fetched mails waiting for ingest
-    spool/quarantine/<mail-key>.eml (+ .reason.txt)       mails refused with the reason
-    spool/intake/journal-<n>.jsonl                        received-instance journal (see stages/receive.py)
+    spool/outbox/<state>/<transfer>.<part>/               outbound mails; state: incoming active deferred hold
+                                                          corrupt done (see gateway/spool.py)
+    spool/outbox-staging/<transfer>/                      a set being built (moved into outbox when complete)
+    spool/inbox/<state>/<mail-key>/                       fetched mails; hold = quarantined, with the reason
+    spool/intake/journal.jsonl                            received-instance journal (see stages/receive.py)
     tmp/                                                  temp files, same filesystem so rename is atomic
     catalog.sqlite                                        the embedded catalog (default database)
 
@@ -133,8 +134,8 @@ class Storage:
         self.conflicts = d_root / "conflicts"
         self.spool = d_root / "spool"
         self.outbox = self.spool / "outbox"
+        self.outbox_staging = self.spool / "outbox-staging"
         self.inbox = self.spool / "inbox"
-        self.quarantine = self.spool / "quarantine"
         self.intake = self.spool / "intake"
         self.tmp = d_root / "tmp"
         self._lock = threading.Lock()
@@ -144,18 +145,18 @@ class Storage:
         for d in (
             self.images,
             self.conflicts,
-            self.outbox,
-            self.inbox,
-            self.quarantine,
+            self.outbox_staging,
             self.intake,
             self.tmp,
         ):
             makedirs_durable(d)
         removed = 0
         for stray in self.tmp.iterdir():
-            if stray.is_file():
+            if stray.is_dir():
+                shutil.rmtree(stray)
+            else:
                 stray.unlink()
-                removed += 1
+            removed += 1
         return removed
 
     def instance_path(self, info: InstanceInfo) -> Path:

@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 from gateway import config
 from gateway.catalog import open_catalog
 from gateway.core.inbound import Refused, Sender, inspect_mail
+from gateway.core.queue import QueueState
 from gateway.core.smime import Identity
+from gateway.spool import Spool
 from gateway.stages.ingest import Ingester
 from gateway.storage import Storage
 from tests.conftest import CANARIES
@@ -87,13 +89,14 @@ async def test_corpus_through_the_ingest_stage(tmp_path, pki_dir, caplog):  # ty
     storage.prepare()
     catalog = await open_catalog(settings_.database_url)
     try:
-        ingester = Ingester(settings_, storage, catalog, ME, {"sender": SENDER_CERT}, asyncio.Event())
+        inbox = Spool(storage.inbox, storage.tmp)
+        inbox.prepare()
+        ingester = Ingester(settings_, storage, catalog, ME, {"sender": SENDER_CERT}, asyncio.Event(), inbox)
         ingester.address_book = BOOK
-        for name in sorted(EXPECTED):
-            target = storage.inbox / f"{name}.eml"
-            target.write_bytes((CORPUS / "mails" / name).read_bytes())
-            await catalog.record_in_mail(name, storage.relative(target), target.stat().st_size, 0.0)
-            await ingester.ingest(name, target)
+        for n, name in enumerate(sorted(EXPECTED)):
+            inbox.put(name, (CORPUS / "mails" / name).read_bytes(), {"created": float(n)})
+            await catalog.record_in_mail(name, f"spool/inbox/{name}", 0, 0.0)
+        assert await ingester.run_once() == len(EXPECTED)
         rows = await catalog.db.fetchall("SELECT id, state, error FROM mails WHERE direction = 'in'")
         by_id = {r[0]: (r[1], r[2]) for r in rows}
         for name, expected in EXPECTED.items():
@@ -102,18 +105,19 @@ async def test_corpus_through_the_ingest_stage(tmp_path, pki_dir, caplog):  # ty
                 assert state == "ingested", (name, error)
             else:
                 assert state == "quarantined" and expected in error, (name, state, error)
-                assert (storage.quarantine / f"{name}.reason.txt").exists()
+                held = inbox.find(name)
+                assert held is not None and held.state is QueueState.HOLD and expected in held.meta["reason"]
+                assert held.content.exists(), "a held mail keeps its bytes for the operator"
         stored = list(storage.images.rglob("*.dcm"))
         assert len(stored) == 3, "only the good mails' instances are stored: no partial ingest"
         assert len(list(storage.conflicts.glob("*.dcm"))) == 1, (
             "the UID collision is kept aside, not overwritten"
         )
-        assert list(storage.inbox.iterdir()) == []
+        assert inbox.counts()["incoming"] == 0 and inbox.counts()["active"] == 0
         # a replay of a mail already ingested is recognised and not ingested again
-        replay = storage.inbox / "replay.eml"
-        replay.write_bytes((CORPUS / "mails" / "01-good-two-instances.eml").read_bytes())
-        await catalog.record_in_mail("replay", storage.relative(replay), replay.stat().st_size, 0.0)
-        await ingester.ingest("replay", replay)
+        inbox.put("replay", (CORPUS / "mails" / "01-good-two-instances.eml").read_bytes(), {})
+        await catalog.record_in_mail("replay", "spool/inbox/replay", 0, 0.0)
+        assert await ingester.run_once() == 1
         row = await catalog.db.fetchone("SELECT state FROM mails WHERE id = 'replay'")
         assert row is not None and row[0] == "duplicate"
         assert len(list(storage.images.rglob("*.dcm"))) == 3

@@ -17,9 +17,11 @@ from gateway.adapters.pop3 import Pop3Cluster
 from gateway.adapters.smtp import SmtpCluster
 from gateway.config import load
 from gateway.core import mailformat, smime
+from gateway.core.queue import QueueState
 from gateway.core.smime import Identity
 from gateway.devtools.studies import make_study
 from gateway.errors import TransientError
+from gateway.spool import Spool
 from gateway.tls import mail_client_context
 from tests.conftest import CANARIES, GatewayProcess, wait_for
 
@@ -99,9 +101,10 @@ def test_hostile_mails_are_quarantined_and_the_poller_keeps_going(mail, make_gat
     )
 
     wait_for(lambda: mails(b).get("quarantined", 0) >= 4, 60, 0.5, "four quarantined mails")
-    reasons = " | ".join(
-        p.read_text() for p in (load(b.config).d_root / "spool" / "quarantine").glob("*.reason.txt")
+    held = Spool(load(b.config).d_root / "spool" / "inbox", load(b.config).d_root / "tmp").items(
+        QueueState.HOLD
     )
+    reasons = " | ".join(str(item.meta["reason"]) for item in held)
     assert "not in the address book" in reasons
     assert "not signed" in reasons
     assert "not DICOM" in reasons

@@ -333,26 +333,6 @@ class Catalog:
             await tx.execute("UPDATE transfers SET parts_total = ? WHERE id = ?", (len(mails), transfer_id))
             await self._move_transfer(tx, transfer_id, TransferState.PACKAGED, now)
 
-    async def due_out_mails(self, now: float, limit: int = 50) -> list[dict[str, Any]]:
-        """Queued outbound mails whose next attempt is due, oldest transfer and lowest part first."""
-        rows = await self.db.fetchall(
-            """SELECT m.id, m.transfer_id, m.part, m.total, m.path, m.attempts, t.partner, m.created_at
-               FROM mails m JOIN transfers t ON t.id = m.transfer_id
-               WHERE m.direction = 'out' AND m.state = ? AND (m.next_attempt IS NULL OR m.next_attempt <= ?)
-               ORDER BY m.created_at, m.part LIMIT ?""",
-            (MailState.QUEUED.value, now, limit),
-        )
-        keys = ("id", "transfer_id", "part", "total", "path", "attempts", "partner", "created_at")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
-
-    async def next_out_attempt(self) -> float | None:
-        """When the earliest deferred outbound mail is due."""
-        row = await self.db.fetchone(
-            "SELECT MIN(COALESCE(next_attempt, 0)) FROM mails WHERE direction = 'out' AND state = ?",
-            (MailState.QUEUED.value,),
-        )
-        return float(row[0]) if row and row[0] is not None else None
-
     async def _move_mail(self, tx: Any, mail_id: str, new: MailState) -> str:
         rows = await tx.fetchall("SELECT state, transfer_id FROM mails WHERE id = ?", (mail_id,))
         if not rows:
@@ -412,14 +392,6 @@ class Catalog:
                 (mail_id, MailState.FETCHED.value, path, size, now, now),
             )
         )
-
-    async def pending_in_mails(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Fetched mails not yet ingested, oldest first."""
-        rows = await self.db.fetchall(
-            "SELECT id, path FROM mails WHERE direction = 'in' AND state = ? ORDER BY created_at LIMIT ?",
-            (MailState.FETCHED.value, limit),
-        )
-        return [{"id": r[0], "path": r[1]} for r in rows]
 
     async def in_part_done(self, transfer_id: str, part: int) -> bool:
         """True if this part of this inbound transfer was already ingested (a re-delivery)."""

@@ -1,7 +1,7 @@
-"""Stage 5, fetch: poll the mailbox over POP3S; each mail is durable in the inbox spool before `DELE`.
+"""Stage 5, fetch: poll the mailbox over POP3S; each mail is durable in the inbox queue before `DELE`.
 
-The inbox file is named by the SHA-256 of the mail, so fetching the same mail twice (a crash between the
-durable write and QUIT) lands on the same name and the same catalog row.
+The inbox item is named by the SHA-256 of the mail, so fetching the same mail twice (a crash between the
+durable write and QUIT) lands on the same item and the same catalog row.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from gateway.adapters.pop3 import Pop3Cluster
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.errors import TransientError
-from gateway.storage import Storage, write_durable
+from gateway.spool import Spool
+from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ class Fetcher:
         catalog: Catalog,
         pop3: Pop3Cluster,
         wake_ingest: asyncio.Event,
+        inbox: Spool,
     ) -> None:
+        self.inbox = inbox
         self.settings = settings
         self.storage = storage
         self.catalog = catalog
@@ -58,9 +61,11 @@ class Fetcher:
                     break
                 raw = await session.retr(number)
                 key = hashlib.sha256(raw).hexdigest()[:40]
-                target = self.storage.inbox / f"{key}.eml"
-                await asyncio.to_thread(write_durable, target, [raw], self.storage.tmp)
-                await self.catalog.record_in_mail(key, self.storage.relative(target), len(raw), time.time())
+                await asyncio.to_thread(
+                    self.inbox.put, key, raw, {"node": str(session.node), "size": len(raw)}
+                )
+                # crash here: queued but not indexed; start-up reconciliation records it
+                await self.catalog.record_in_mail(key, f"spool/inbox/{key}", len(raw), time.time())
                 # crash here: mail durable and recorded, still on the server; fetched again → same key, ignored
                 await session.delete(number)
                 taken += 1

@@ -1,86 +1,148 @@
-"""Stage 4, send: queued mails go to the SMTP cluster; "sent" is recorded only after the server's 250.
+"""Stage 4, send: outbox items go to the SMTP cluster; "sent" is recorded only after the server's 250.
 
-Transient failures (every node refused, timed out, 4xx) defer the mail with exponential backoff; a 5xx, or a
-mail still undeliverable after `retry_max_age`, fails the transfer with the server's reply.
+Each item is claimed (incoming/deferred → active), sent, and moved on: done after 250; deferred with exponential
+backoff after a transient failure (every node refused, timed out, 4xx); hold after a 5xx or when still
+undeliverable after `retry_max_age` (its transfer fails with the server's reply); corrupt after an unexpected
+error, with the traceback. The disk move comes first, then the catalog, which is retried until it answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+import traceback
+from collections.abc import Awaitable, Callable
 
 from gateway.adapters.smtp import SmtpCluster
 from gateway.catalog import Catalog
 from gateway.config import Settings
+from gateway.core.queue import QueueState
 from gateway.core.states import retry_delay
 from gateway.errors import RejectedError, TransientError
+from gateway.spool import Item, Spool
 from gateway.stages import wait_woken
 from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
 
 
+async def record(what: str, action: Callable[[], Awaitable[object]]) -> None:
+    """Run a catalog update until it succeeds (the database may be restarting); the disk already holds the truth."""
+    delay = 1.0
+    while True:
+        try:
+            await action()
+            return
+        except Exception as exc:
+            log.warning("catalog update (%s) failed: %s; retrying in %.0f s", what, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(30.0, delay * 2)
+
+
 class Sender:
     """Delivers queued outbound mails."""
 
     def __init__(
-        self, settings: Settings, storage: Storage, catalog: Catalog, smtp: SmtpCluster, wake: asyncio.Event
+        self,
+        settings: Settings,
+        storage: Storage,
+        catalog: Catalog,
+        smtp: SmtpCluster,
+        wake: asyncio.Event,
+        outbox: Spool,
     ) -> None:
         self.settings = settings
         self.storage = storage
         self.catalog = catalog
         self.smtp = smtp
         self.wake = wake
+        self.outbox = outbox
         self.sent = 0
 
-    async def send_one(self, mail: dict[str, object]) -> None:
+    async def _hold(self, item: Item, reason: str) -> None:
+        self.outbox.move(item, QueueState.HOLD, reason=reason)
+        await record("fail", lambda: self.catalog.fail_mail(item.meta["message_id"], reason, time.time()))
+
+    async def send_one(self, item: Item) -> None:
         """Try one mail once and record the outcome."""
-        mail_id = str(mail["id"])
-        partner = self.settings.partner_by_name(str(mail["partner"]))
-        path = self.storage.root / str(mail["path"])
-        now = time.time()
+        meta = item.meta
+        attempts = int(meta.get("attempts", 0)) + 1
+        # crash while active: start-up puts the item back (it may be sent twice; the receiver drops the copy)
+        item = self.outbox.move(item, QueueState.ACTIVE, attempts=attempts)
+        partner = self.settings.partner_by_name(str(meta.get("partner")))
         if partner is None:
-            await self.catalog.fail_mail(mail_id, f"partner {mail['partner']} no longer configured", now)
+            await self._hold(item, f"partner {meta.get('partner')} no longer configured")
             return
-        data = await asyncio.to_thread(path.read_bytes)
-        attempts = int(str(mail["attempts"])) + 1
+        data = await asyncio.to_thread(item.content.read_bytes)
         try:
             node = await self.smtp.send(self.settings.mail.address, partner.address, data)
         except RejectedError as exc:
-            log.error(
-                "mail %s part %s/%s rejected: %s", mail["transfer_id"], mail["part"], mail["total"], exc
-            )
-            await self.catalog.fail_mail(mail_id, f"rejected: {exc}", time.time())
+            log.error("mail %s rejected: %s", item.id, exc)
+            await self._hold(item, f"rejected: {exc}")
             return
         except TransientError as exc:
             now = time.time()
-            if now - float(str(mail["created_at"])) > self.settings.retry_max_age:
-                await self.catalog.fail_mail(mail_id, f"gave up after {attempts} attempts: {exc}", now)
+            if now - float(meta.get("created", now)) > self.settings.retry_max_age:
+                await self._hold(item, f"gave up after {attempts} attempts: {exc}")
                 return
             delay = retry_delay(attempts, self.settings.mail.retry_base, self.settings.mail.retry_cap)
-            log.warning("mail %s part %s deferred %.0f s: %s", mail["transfer_id"], mail["part"], delay, exc)
-            await self.catalog.defer_mail(mail_id, attempts, now + delay, str(exc), now)
+            error = str(exc)
+            log.warning("mail %s deferred %.0f s: %s", item.id, delay, error)
+            self.outbox.move(item, QueueState.DEFERRED, next_attempt=now + delay, last_error=error[:1000])
+            await record(
+                "defer",
+                lambda: self.catalog.defer_mail(
+                    meta["message_id"], attempts, now + delay, error, time.time()
+                ),
+            )
             return
-        # crash here: the server has the mail but the catalog does not know; it is sent again after restart and
-        # the receiver drops the duplicate (same set id and part). At-least-once on the wire, exactly-once in storage.
-        done = await self.catalog.mark_mail_sent(mail_id, str(node), time.time())
-        path.unlink(missing_ok=True)
+        # crash here: the server has the mail, the item is still active: it is sent again after restart and the
+        # receiver drops the duplicate (same set id and part). At-least-once on the wire, exactly-once in storage.
+        self.outbox.move(item, QueueState.DONE, drop_content=True, node=str(node))
+        await record("sent", lambda: self.catalog.mark_mail_sent(meta["message_id"], str(node), time.time()))
         self.sent += 1
-        if done:
-            log.info("transfer %s sent: all %s mails accepted", mail["transfer_id"], mail["total"])
+        if int(meta.get("part", 0)) == int(meta.get("total", -1)):
+            log.info(
+                "transfer %s: last mail (%s of %s) accepted by %s",
+                meta.get("transfer"),
+                meta.get("part"),
+                meta.get("total"),
+                node,
+            )
 
     async def run_forever(self) -> None:
         """Send due mails; sleep until woken or the next retry is due; never dies."""
         while True:
             try:
-                for mail in await self.catalog.due_out_mails(time.time()):
-                    await self.send_one(mail)
-                nxt = await self.catalog.next_out_attempt()
+                for item in await asyncio.to_thread(self.outbox.due, time.time()):
+                    try:
+                        await self.send_one(item)
+                    except Exception as exc:
+                        log.exception("mail %s: unexpected error; set aside as corrupt", item.id)
+                        current = self.outbox.find(item.id)
+                        if current is not None and current.state is QueueState.ACTIVE:
+                            self.outbox.move(
+                                current,
+                                QueueState.CORRUPT,
+                                reason=f"internal error: {type(exc).__name__}",
+                                traceback=traceback.format_exc()[-4000:],
+                            )
+                            await record(
+                                "fail",
+                                functools.partial(
+                                    self.catalog.fail_mail,
+                                    str(item.meta.get("message_id")),
+                                    f"internal error: {type(exc).__name__}",
+                                    time.time(),
+                                ),
+                            )
+                nxt = self.outbox.next_due()
             except Exception:
                 log.exception("sender loop error; retrying")
                 nxt = time.time() + 5
-            timeout = 30.0 if nxt is None else max(0.05, min(30.0, nxt - time.time()))
-            if await self.catalog.due_out_mails(time.time(), limit=1):
+            if self.outbox.due(time.time(), limit=1):
                 continue
+            timeout = 30.0 if nxt is None else max(0.05, min(30.0, nxt - time.time()))
             await wait_woken(self.wake, timeout)

@@ -1,0 +1,107 @@
+"""The on-disk queues: states as directories, the transition table, crash recovery, poison items."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from gateway.core.queue import MAX_CRASHES, IllegalMove, QueueState
+from gateway.spool import Spool
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "inbox", tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    s.prepare()
+    return s
+
+
+def test_states_are_directories_and_moves_follow_the_table(spool):  # type: ignore[no-untyped-def]
+    item = spool.put("m1", b"mail", {"size": 4})
+    assert item.path.parent.name == "incoming" and item.content.read_bytes() == b"mail"
+    assert spool.put("m1", b"other", {}).content.read_bytes() == b"mail", "put is idempotent"
+    active = spool.move(item, QueueState.ACTIVE)
+    with pytest.raises(IllegalMove):
+        spool.move(active, QueueState.ACTIVE)
+    done = spool.move(active, QueueState.DONE, drop_content=True, outcome="ingested")
+    assert (
+        done.path.parent.name == "done" and not done.content.exists() and done.meta["outcome"] == "ingested"
+    )
+    with pytest.raises(IllegalMove):
+        spool.move(done, QueueState.INCOMING)
+    assert spool.counts() == {"incoming": 0, "active": 0, "deferred": 0, "hold": 0, "corrupt": 0, "done": 1}
+
+
+def test_deferred_items_wait_until_due(spool):  # type: ignore[no-untyped-def]
+    item = spool.move(spool.put("m1", b"x", {}), QueueState.ACTIVE)
+    spool.move(item, QueueState.DEFERRED, next_attempt=1000.0)
+    assert spool.due(999.0) == []
+    assert [i.id for i in spool.due(1000.0)] == ["m1"]
+    assert spool.next_due() == 1000.0
+
+
+def test_crashed_items_are_requeued_then_set_aside(spool):  # type: ignore[no-untyped-def]
+    spool.put("poison", b"x", {})
+    for crash in range(1, MAX_CRASHES + 1):
+        item = spool.find("poison")
+        assert item is not None and item.state is QueueState.INCOMING
+        spool.move(item, QueueState.ACTIVE)  # ...and the gateway dies here
+        [recovered] = spool.recover()
+        assert recovered.meta["crashes"] == crash
+    assert recovered.state is QueueState.CORRUPT, "no crash loop: set aside after MAX_CRASHES"
+    assert "stopped" in recovered.meta["reason"] and recovered.content.exists()
+    assert spool.due(1e12) == []
+
+
+async def test_an_unexpected_error_sets_the_mail_aside_with_its_traceback(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
+    from gateway import config
+    from gateway.catalog import open_catalog
+    from gateway.core.smime import Identity
+    from gateway.stages.ingest import Ingester
+    from gateway.storage import Storage
+
+    data = {
+        "gateway": {"name": "gateway-b", "ae_title": "GW_B"},
+        "storage": {"d_root": str(tmp_path / "d"), "e_root": str(tmp_path / "e"), "min_free": 0},
+        "mail": {
+            "address": "gateway-b@dicommail.test",
+            "client_cert": str(pki_dir / "gateway-b-tls.pem"),
+            "client_key": str(pki_dir / "gateway-b-tls.key"),
+            "ca_bundle": str(pki_dir / "ca.pem"),
+            "smtp_nodes": ["127.0.0.11"],
+            "pop3_nodes": ["127.0.0.11"],
+        },
+        "smime": {"cert": str(pki_dir / "gateway-b-smime.pem"), "key": str(pki_dir / "gateway-b-smime.key")},
+    }
+    settings = config.from_dict(data, tmp_path / "g.toml")
+    storage = Storage(settings.d_root)
+    storage.prepare()
+    inbox = Spool(storage.inbox, storage.tmp)
+    inbox.prepare()
+    catalog = await open_catalog(settings.database_url)
+    try:
+        me = Identity.load(settings.smime_cert.read_bytes(), settings.smime_key.read_bytes())
+        ingester = Ingester(settings, storage, catalog, me, {}, asyncio.Event(), inbox)
+
+        def broken(*_args: object) -> None:  # an injected bug in the gate
+            raise ZeroDivisionError("injected")
+
+        import gateway.stages.ingest as ingest_module
+
+        original = ingest_module.inspect_mail
+        ingest_module.inspect_mail = broken  # type: ignore[assignment]
+        try:
+            inbox.put("m1", b"From: x@y\r\n\r\nx", {})
+            await ingester.run_once()
+        finally:
+            ingest_module.inspect_mail = original
+        item = inbox.find("m1")
+        assert item is not None and item.state is QueueState.CORRUPT
+        assert "ZeroDivisionError" in item.meta["traceback"] and item.content.exists()
+        row = await catalog.db.fetchone("SELECT state, error FROM mails WHERE id = 'm1'")
+        assert row == ("quarantined", "internal error: ZeroDivisionError")
+    finally:
+        await catalog.close()
