@@ -40,6 +40,8 @@ from gateway.tls import mail_client_context
 
 log = logging.getLogger(__name__)
 
+DONE_KEEP_DAYS = 7
+
 
 def load_identity(settings: Settings) -> Identity:
     """The gateway's S/MIME signing and decryption identity."""
@@ -196,6 +198,27 @@ class Gateway:
         )
         return self.storage_report
 
+    async def housekeeping(self) -> None:
+        """Every 10 minutes: temp files of aborted receives, and finished queue items older than DONE_KEEP_DAYS."""
+        while True:
+            await asyncio.sleep(600)
+            try:
+                now = time.time()
+                # a receive that pynetdicom aborted (e.g. the disk filled up mid-dataset) leaves its temp file
+                swept = await asyncio.to_thread(self.storage.sweep_tmp, 3600, now)
+                pruned = sum(
+                    [
+                        await asyncio.to_thread(q.prune_done, DONE_KEEP_DAYS * 86400, now)
+                        for q in (self.outbox, self.inbox)
+                    ]
+                )
+                if swept or pruned:
+                    log.info(
+                        "housekeeping: %d stale temp files, %d finished queue items removed", swept, pruned
+                    )
+            except Exception:
+                log.exception("housekeeping failed")
+
     def status(self) -> dict[str, Any]:
         """Live counters (no patient data)."""
         nodes = {}
@@ -225,6 +248,7 @@ class Gateway:
                 tg.create_task(self.fetcher.run_forever(), name="fetch")
                 tg.create_task(self.ingester.run_forever(), name="ingest")
                 tg.create_task(self.reconcile_storage(), name="storage-check")
+                tg.create_task(self.housekeeping(), name="housekeeping")
                 self.scp.start()
                 log.info(
                     "gateway %s ready: DICOM %s:%d AE %s; partners: %s",

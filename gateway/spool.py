@@ -171,6 +171,15 @@ class Spool:
             if d.exists()
         }
 
+    def prune_done(self, older_than: float, now: float) -> int:
+        """Remove DONE items older than `older_than` seconds (the catalog keeps their history)."""
+        removed = 0
+        for item in self.items(QueueState.DONE):
+            if now - float(item.meta.get("state_since", item.meta.get("created", now))) > older_than:
+                shutil.rmtree(item.path, ignore_errors=True)
+                removed += 1
+        return removed
+
     def discard(self, item: Item) -> None:
         """Remove an item entirely (a half-built set that will be rebuilt)."""
         shutil.rmtree(item.path, ignore_errors=True)

@@ -32,7 +32,9 @@ def test_states_are_directories_and_moves_follow_the_table(spool):  # type: igno
     )
     with pytest.raises(IllegalMove):
         spool.move(done, QueueState.INCOMING)
-    assert spool.counts() == {"incoming": 0, "active": 0, "deferred": 0, "hold": 0, "corrupt": 0, "done": 1}
+    assert spool.prune_done(3600, float(done.meta["state_since"]) + 10) == 0
+    assert spool.prune_done(3600, float(done.meta["state_since"]) + 4000) == 1
+    assert spool.counts() == {"incoming": 0, "active": 0, "deferred": 0, "hold": 0, "corrupt": 0, "done": 0}
 
 
 def test_deferred_items_wait_until_due(spool):  # type: ignore[no-untyped-def]

@@ -123,7 +123,6 @@ class Intake:
         self.received = 0
         self.duplicates = 0
         self.conflicts = 0
-        self._last_sweep = time.monotonic()
 
     def store(self, received: Received) -> None:
         """Make one received instance durable (association thread). Raises to refuse it."""
@@ -181,10 +180,6 @@ class Intake:
                     await asyncio.sleep(2)
             self.journal.mark_indexed(len(batch))
             self.wake_router.set()
-            if time.monotonic() - self._last_sweep > 600:
-                self._last_sweep = time.monotonic()
-                # temp files of receives that pynetdicom aborted (e.g. the disk filled up mid-dataset)
-                await asyncio.to_thread(self.storage.sweep_tmp, 3600, time.time())
 
     def stats(self) -> dict[str, Any]:
         """Counters for status output."""
