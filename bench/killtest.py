@@ -14,7 +14,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from gateway.core.dicominfo import dataset_offset, read_info  # noqa: E402
 from gateway.devtools import pki  # noqa: E402
 from gateway.devtools.devenv import render_config  # noqa: E402
 from gateway.devtools.mailcluster import MailCluster  # noqa: E402
+from gateway.devtools.process import GatewayProcess  # noqa: E402
 from gateway.devtools.studies import make_study  # noqa: E402
 from gateway.storage import Storage  # noqa: E402
 
@@ -39,46 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class Proc:
-    """A gateway process that can be killed and restarted."""
-
-    def __init__(self, name: str, config: Path, port: int, log: Path) -> None:
-        self.name, self.config, self.port, self.log = name, config, port, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.lock = threading.Lock()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited; see {self.log}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not come up; see {self.log}")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 _SENDING = re.compile(r"Sending file: (\S+)")
@@ -142,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster.drain()
 
     db_name = f"dmg_killtest_{os.getpid()}"
-    procs: dict[str, Proc] = {}
+    procs: dict[str, GatewayProcess] = {}
     for name, partner in (
         ("gateway-a", ("gateway-b", "gateway-b", "TO_B")),
         ("gateway-b", ("gateway-a", "gateway-a", "TO_A")),
@@ -171,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 **extra,
             )  # type: ignore[arg-type]
         )
-        procs[name] = Proc(name, cfg, port, work / name / "gateway.log")
+        procs[name] = GatewayProcess(name, cfg, port, work / name / "gateway.log", work / name / "d")
         procs[name].start()
 
     acknowledged: dict[str, Path] = {}  # SOP Instance UID → source file
@@ -183,11 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         while kills < a.kills and not stop.is_set():
             time.sleep(rnd.uniform(0.3, 2.5))
             victim = procs[rnd.choice(["gateway-a", "gateway-b"])]
-            with victim.lock:
-                victim.kill()
-                kills += 1
-                time.sleep(rnd.uniform(0.0, 0.5))
-                victim.start()
+            victim.kill()
+            kills += 1
+            time.sleep(rnd.uniform(0.0, 0.5))
+            victim.start()
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()

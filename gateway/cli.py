@@ -184,6 +184,71 @@ def cmd_status(args: argparse.Namespace) -> int:
     return asyncio.run(_status(settings, args.json))
 
 
+async def _queue(settings: config.Settings, action: str, item_id: str | None, as_json: bool) -> int:
+    from gateway.catalog import open_catalog
+    from gateway.core.queue import QueueState
+    from gateway.spool import Spool
+    from gateway.storage import Storage
+
+    storage = Storage(settings.d_root)
+    queues = {"outbox": Spool(storage.outbox, storage.tmp), "inbox": Spool(storage.inbox, storage.tmp)}
+    if action == "list":
+        listing: dict[str, Any] = {
+            name: {
+                "counts": q.counts() if q.root.exists() else {},
+                "set_aside": [
+                    {
+                        "id": i.id,
+                        "state": i.state.value,
+                        "reason": i.meta.get("reason", ""),
+                        "since": i.meta.get("state_since"),
+                    }
+                    for state in (QueueState.HOLD, QueueState.CORRUPT)
+                    for i in (q.items(state) if q.dirs[state].exists() else [])
+                ],
+            }
+            for name, q in queues.items()
+        }
+        if as_json:
+            print(json.dumps(listing, indent=2, default=str))
+            return 0
+        for name, data in listing.items():
+            counts = " ".join(f"{k}={v}" for k, v in data["counts"].items())
+            print(f"{name}: {counts}")
+            for entry in data["set_aside"]:
+                print(f"  {entry['state']:<8} {entry['id']}  {_ts(entry['since'])}  {entry['reason']}")
+        return 0
+    assert item_id is not None
+    for name, q in queues.items():
+        item = q.find(item_id) if q.root.exists() else None
+        if item is None:
+            continue
+        if item.state not in (QueueState.HOLD, QueueState.CORRUPT):
+            print(
+                f"{name} item {item_id} is {item.state}: only held or corrupt items can be released or discarded"
+            )
+            return 1
+        catalog = await open_catalog(settings.database_url)
+        try:
+            if action == "release":
+                # the running gateway picks the item up from incoming
+                q.move(item, QueueState.INCOMING, crashes=0, released=time.time())
+                await catalog.release_mail(str(item.meta.get("message_id", item_id)), time.time())
+            else:
+                q.move(item, QueueState.DONE, outcome="discarded by operator")
+        finally:
+            await catalog.close()
+        print(f"{name} item {item_id}: {action}d")
+        return 0
+    print(f"no queue item {item_id}", file=sys.stderr)
+    return 1
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    return asyncio.run(_queue(settings, args.action, args.id, args.json))
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from gateway.devtools import devenv
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pymysql
@@ -19,6 +16,7 @@ import pytest
 from gateway.devtools import pki
 from gateway.devtools.devenv import render_config
 from gateway.devtools.mailcluster import MailCluster
+from gateway.devtools.process import GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 CANARIES = (b"CANARYZQX", b"PATIENTJWV", b"PIDCANARY7731", b"19230417")
@@ -52,6 +50,27 @@ def mail(cluster: MailCluster) -> Iterator[MailCluster]:
     cluster.drain()
 
 
+def minimal_settings(tmp_path: Path, pki_dir: Path, smime_cert: Path, smime_key: Path, **extra: object):  # type: ignore[no-untyped-def]
+    """Settings for exercising one stage in-process (no DICOM port, no mail traffic)."""
+    from gateway import config
+
+    data = {
+        "gateway": {"name": "gateway-b", "ae_title": "GW_B"},
+        "storage": {"d_root": str(tmp_path / "d"), "e_root": str(tmp_path / "e"), "min_free": 0},
+        "mail": {
+            "address": "gateway-b@dicommail.test",
+            "client_cert": str(pki_dir / "gateway-b-tls.pem"),
+            "client_key": str(pki_dir / "gateway-b-tls.key"),
+            "ca_bundle": str(pki_dir / "ca.pem"),
+            "smtp_nodes": ["127.0.0.11"],
+            "pop3_nodes": ["127.0.0.11"],
+        },
+        "smime": {"cert": str(smime_cert), "key": str(smime_key)},
+        **extra,
+    }
+    return config.from_dict(data, tmp_path / "gateway.toml")
+
+
 @pytest.fixture
 def mariadb_url() -> Iterator[str]:
     """A database of its own on the machine's MariaDB, dropped afterwards."""
@@ -67,61 +86,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@dataclass
-class GatewayProcess:
-    """A gateway running as its own process, as an operator runs it."""
-
-    name: str
-    config: Path
-    port: int
-    log: Path
-    d_root: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not open its DICOM port: {self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to clean up."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def cli(self, *args: str) -> str:
-        r = subprocess.run(
-            [sys.executable, "-m", "gateway", *args, "-c", str(self.config)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-        )
-        assert r.returncode == 0, r.stderr
-        return r.stdout
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import config
 from gateway.catalog import open_catalog
 from gateway.core.inbound import Refused, Sender, inspect_mail
 from gateway.core.queue import QueueState
@@ -27,7 +26,7 @@ from gateway.core.smime import Identity
 from gateway.spool import Spool
 from gateway.stages.ingest import Ingester
 from gateway.storage import Storage
-from tests.conftest import CANARIES
+from tests.conftest import CANARIES, minimal_settings
 
 CORPUS = Path(__file__).parent / "corpus"
 EXPECTED: dict[str, str] = json.loads((CORPUS / "expected.json").read_text())
@@ -63,19 +62,12 @@ def test_each_corpus_mail(name):  # type: ignore[no-untyped-def]
 
 async def test_corpus_through_the_ingest_stage(tmp_path, pki_dir, caplog):  # type: ignore[no-untyped-def]
     caplog.set_level(logging.DEBUG)
-    data = {
-        "gateway": {"name": "gateway-b", "ae_title": "GW_B"},
-        "storage": {"d_root": str(tmp_path / "d"), "e_root": str(tmp_path / "e"), "min_free": 0},
-        "mail": {
-            "address": "receiver@corpus.test",
-            "client_cert": str(pki_dir / "gateway-b-tls.pem"),
-            "client_key": str(pki_dir / "gateway-b-tls.key"),
-            "ca_bundle": str(pki_dir / "ca.pem"),
-            "smtp_nodes": ["127.0.0.11"],
-            "pop3_nodes": ["127.0.0.11"],
-        },
-        "smime": {"cert": str(CORPUS / "pki" / "receiver.pem"), "key": str(CORPUS / "pki" / "receiver.key")},
-        "partners": [
+    settings_ = minimal_settings(
+        tmp_path,
+        pki_dir,
+        CORPUS / "pki" / "receiver.pem",
+        CORPUS / "pki" / "receiver.key",
+        partners=[
             {
                 "name": "sender",
                 "address": "sender@corpus.test",
@@ -83,8 +75,7 @@ async def test_corpus_through_the_ingest_stage(tmp_path, pki_dir, caplog):  # ty
                 "ae_title": "TO_SENDER",
             }
         ],
-    }
-    settings_ = config.from_dict(data, tmp_path / "gateway.toml")
+    )
     storage = Storage(settings_.d_root)
     storage.prepare()
     catalog = await open_catalog(settings_.database_url)

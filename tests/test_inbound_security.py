@@ -117,7 +117,19 @@ def test_hostile_mails_are_quarantined_and_the_poller_keeps_going(mail, make_gat
     )
     wait_for(lambda: mails(b).get("ingested", 0) == 1, 60, 0.5, "the good mail to be ingested")
     assert json.loads(b.cli("status", "--json"))["studies"][0]["instances"] == 2
-    log = b.log.read_bytes() + b.cli("status").encode() + reasons.encode()
+    # the operator sees the held mails with their reasons, and can release one: it is checked again, and refused again
+    listing = b.cli("queue")
+    assert "hold" in listing and "not signed" in listing
+    unsigned_item = next(item for item in held if "not signed" in str(item.meta["reason"]))
+    assert "released" in b.cli("queue", "release", unsigned_item.id)
+    spool = Spool(load(b.config).d_root / "spool" / "inbox", load(b.config).d_root / "tmp")
+
+    def held_again() -> bool:
+        item = spool.find(unsigned_item.id)
+        return item is not None and item.state is QueueState.HOLD and "released" in item.meta
+
+    wait_for(held_again, 30, 0.5, "the released mail to be checked and held again")
+    log = b.log.read_bytes() + b.cli("status").encode() + reasons.encode() + listing.encode()
     for canary in CANARIES:  # the refused mails carried canary patient data
         assert canary not in log
 

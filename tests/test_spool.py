@@ -9,6 +9,7 @@ import pytest
 
 from gateway.core.queue import MAX_CRASHES, IllegalMove, QueueState
 from gateway.spool import Spool
+from tests.conftest import minimal_settings
 
 
 @pytest.fixture
@@ -59,26 +60,14 @@ def test_crashed_items_are_requeued_then_set_aside(spool):  # type: ignore[no-un
 
 
 async def test_an_unexpected_error_sets_the_mail_aside_with_its_traceback(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
-    from gateway import config
     from gateway.catalog import open_catalog
     from gateway.core.smime import Identity
     from gateway.stages.ingest import Ingester
     from gateway.storage import Storage
 
-    data = {
-        "gateway": {"name": "gateway-b", "ae_title": "GW_B"},
-        "storage": {"d_root": str(tmp_path / "d"), "e_root": str(tmp_path / "e"), "min_free": 0},
-        "mail": {
-            "address": "gateway-b@dicommail.test",
-            "client_cert": str(pki_dir / "gateway-b-tls.pem"),
-            "client_key": str(pki_dir / "gateway-b-tls.key"),
-            "ca_bundle": str(pki_dir / "ca.pem"),
-            "smtp_nodes": ["127.0.0.11"],
-            "pop3_nodes": ["127.0.0.11"],
-        },
-        "smime": {"cert": str(pki_dir / "gateway-b-smime.pem"), "key": str(pki_dir / "gateway-b-smime.key")},
-    }
-    settings = config.from_dict(data, tmp_path / "g.toml")
+    settings = minimal_settings(
+        tmp_path, pki_dir, pki_dir / "gateway-b-smime.pem", pki_dir / "gateway-b-smime.key"
+    )
     storage = Storage(settings.d_root)
     storage.prepare()
     inbox = Spool(storage.inbox, storage.tmp)

@@ -382,6 +382,28 @@ class Catalog:
             )
             await self._move_transfer(tx, transfer_id, TransferState.FAILED, now, error[:1000])
 
+    async def release_mail(self, mail_id: str, now: float) -> None:
+        """An operator released a held mail: outbound failed → queued (its transfer → packaged), inbound → fetched."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT direction, state, transfer_id FROM mails WHERE id = ?", (mail_id,)
+            )
+            if not rows:
+                return
+            direction, state, transfer_id = rows[0]
+            new = MailState.QUEUED if direction == "out" else MailState.FETCHED
+            if state == new.value:
+                return
+            check_mail(state, new)
+            await tx.execute(
+                "UPDATE mails SET state = ?, error = NULL, next_attempt = NULL, updated_at = ? WHERE id = ?",
+                (new.value, now, mail_id),
+            )
+            if direction == "out" and transfer_id:
+                t = await tx.fetchall("SELECT state FROM transfers WHERE id = ?", (transfer_id,))
+                if t and t[0][0] == TransferState.FAILED.value:
+                    await self._move_transfer(tx, str(transfer_id), TransferState.PACKAGED, now)
+
     # ----------------------------------------------------------------------------- inbound
     async def record_in_mail(self, mail_id: str, path: str, size: int, now: float) -> bool:
         """Register a fetched mail (idempotent); True if it was new."""

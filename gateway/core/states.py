@@ -7,6 +7,7 @@ Outbound transfer:   pending ──package──▶ packaged ──all mails 250
                         └──────────┬─────────┘
                                    ▼
                                  failed   (5xx, too large, retries exhausted; the reason is kept)
+                                   └──operator releases a held mail──▶ packaged
 
 Inbound transfer:    receiving ──all parts ingested──▶ complete
 
@@ -51,7 +52,7 @@ TRANSFER_MOVES: dict[TransferState, frozenset[TransferState]] = {
     TransferState.PENDING: frozenset({TransferState.PACKAGED, TransferState.FAILED}),
     TransferState.PACKAGED: frozenset({TransferState.SENT, TransferState.FAILED}),
     TransferState.SENT: frozenset(),
-    TransferState.FAILED: frozenset({TransferState.PENDING}),  # an operator's retry
+    TransferState.FAILED: frozenset({TransferState.PENDING, TransferState.PACKAGED}),  # an operator's retry
     TransferState.RECEIVING: frozenset({TransferState.COMPLETE}),
     TransferState.COMPLETE: frozenset(),
 }
