@@ -218,9 +218,8 @@ async def _queue(settings: config.Settings, action: str, item_id: str | None, as
             for entry in data["set_aside"]:
                 print(f"  {entry['state']:<8} {entry['id']}  {_ts(entry['since'])}  {entry['reason']}")
         return 0
-    assert item_id is not None
     for name, q in queues.items():
-        item = q.find(item_id) if q.root.exists() else None
+        item = q.find(str(item_id)) if q.root.exists() else None
         if item is None:
             continue
         if item.state not in (QueueState.HOLD, QueueState.CORRUPT):
@@ -245,6 +244,9 @@ async def _queue(settings: config.Settings, action: str, item_id: str | None, as
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.id:
+        print(f"queue {args.action} needs the item id (see `queue list`)", file=sys.stderr)
+        return 2
     settings = _load(args.config)
     return asyncio.run(_queue(settings, args.action, args.id, args.json))
 
@@ -284,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("queue", help="list the mail queues; release or discard a held or corrupt item")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("action", choices=["list", "release", "discard"], nargs="?", default="list")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_queue)
     p = sub.add_parser(
         "dev", help="run with embedded defaults: dev certs, local mail cluster, loopback partner"
     )

@@ -62,7 +62,7 @@ class MailSettings:
     node_cooldown: float
     subject: str
     retry_base: float = 30.0
-    retry_cap: float = 1800.0
+    retry_cap: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         ),
         subject=m.get("subject", str, "DICOM-eMail"),
         retry_base=float(m.get("retry_base", (int, float), 30, check=_check_positive)),
-        retry_cap=float(m.get("retry_cap", (int, float), 1800, check=_check_positive)),
+        retry_cap=float(m.get("retry_cap", (int, float), 300, check=_check_positive)),
     )
     m.done()
 

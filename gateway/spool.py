@@ -171,6 +171,12 @@ class Spool:
             if d.exists()
         }
 
+    def update(self, item: Item, **meta: Any) -> Item:
+        """Rewrite an item's metadata in place (no state change)."""
+        merged = {**item.meta, **meta}
+        _write_json(item.path / META, merged)
+        return Item(item.id, item.state, item.path, merged)
+
     def prune_done(self, older_than: float, now: float) -> int:
         """Remove DONE items older than `older_than` seconds (the catalog keeps their history)."""
         removed = 0

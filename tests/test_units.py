@@ -201,7 +201,7 @@ def test_transition_table_refuses_illegal_moves():  # type: ignore[no-untyped-de
     check_transfer(TransferState.PENDING, TransferState.PACKAGED)
     with pytest.raises(IllegalTransition):
         check_transfer(TransferState.SENT, TransferState.PENDING)
-    assert retry_delay(1) == 30 and retry_delay(20) == 1800
+    assert retry_delay(1) == 30 and retry_delay(3) == 120 and retry_delay(20) == 300
 
 
 def test_node_pool_round_robin_and_cooldown():  # type: ignore[no-untyped-def]

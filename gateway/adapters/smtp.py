@@ -95,4 +95,6 @@ class SmtpCluster:
                 continue
             self.pool.ok(node, time.time())
             return node
-        raise TransientError("all SMTP nodes failed: " + " | ".join(problems))
+        raise TransientError(
+            "all SMTP nodes failed: " + " | ".join(problems)
+        )  # see stages/send.ALL_NODES_FAILED

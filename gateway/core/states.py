@@ -80,6 +80,6 @@ def check_mail(old: MailState | str, new: MailState) -> None:
         raise IllegalTransition(f"mail {old} → {new}")
 
 
-def retry_delay(attempts: int, base: float = 30.0, cap: float = 1800.0) -> float:
+def retry_delay(attempts: int, base: float = 30.0, cap: float = 300.0) -> float:
     """Exponential backoff: base·2^(attempts-1), at most `cap` seconds."""
     return float(min(cap, base * (2 ** max(0, attempts - 1))))

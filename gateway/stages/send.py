@@ -27,6 +27,8 @@ from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
 
+ALL_NODES_FAILED = "all SMTP nodes failed"
+
 
 async def record(what: str, action: Callable[[], Awaitable[object]]) -> None:
     """Run a catalog update until it succeeds (the database may be restarting); the disk already holds the truth."""
@@ -103,6 +105,10 @@ class Sender:
         self.outbox.move(item, QueueState.DONE, drop_content=True, node=str(node))
         await record("sent", lambda: self.catalog.mark_mail_sent(meta["message_id"], str(node), time.time()))
         self.sent += 1
+        # the cluster answers again: mails deferred because every node failed need not wait out their backoff
+        for waiting in self.outbox.items(QueueState.DEFERRED):
+            if str(waiting.meta.get("last_error", "")).startswith(ALL_NODES_FAILED):
+                self.outbox.update(waiting, next_attempt=0)
         if int(meta.get("part", 0)) == int(meta.get("total", -1)):
             log.info(
                 "transfer %s: last mail (%s of %s) accepted by %s",
