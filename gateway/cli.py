@@ -251,6 +251,50 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return asyncio.run(_queue(settings, args.action, args.id, args.json))
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from gateway import backup
+
+    settings = _load(args.config)
+    setup_logging(settings.log_level)
+    try:
+        result = asyncio.run(backup.run_backup(settings))
+    except Exception as exc:
+        backup.record_outcome(settings, False, f"{type(exc).__name__}: {exc}")
+        print(f"backup failed: {exc}", file=sys.stderr)
+        return 1
+    backup.record_outcome(settings, True, f"{result.path.name}: {result.files} files, {result.bytes} bytes")
+    print(f"backup {result.path}: {result.files} files, {result.bytes} bytes, rows {result.rows}")
+    if result.removed:
+        print(f"removed by retention: {', '.join(result.removed)}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from gateway import backup
+
+    folder = Path(args.path)
+    try:
+        manifest = backup.verify(folder)
+        url = args.database_url
+        if url is None:
+            restored_config = folder / "config" / "gateway.toml"
+            import tomllib
+
+            url = tomllib.loads(restored_config.read_text()).get("database", {}).get("url")
+            if url is None:
+                raise backup.BackupError(
+                    "the backed-up configuration uses the default SQLite catalog: give --database-url"
+                )
+        counts = asyncio.run(
+            backup.restore(folder, url, Path(args.config_to) if args.config_to else None, force=args.force)
+        )
+    except backup.BackupError as exc:
+        print(f"restore refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"restored {manifest['gateway']} from {folder.name} into {url.split('://')[0]}: {counts}")
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from gateway.devtools import devenv
 
@@ -286,6 +330,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("backup", help="back up configuration, certificates and catalog now")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_backup)
+    p = sub.add_parser("restore", help="verify a backup set and rebuild catalog and configuration from it")
+    p.add_argument("path")
+    p.add_argument("--database-url", help="target catalog (default: the one in the backed-up configuration)")
+    p.add_argument(
+        "--config-to", help="folder for configuration and certificates (default: their original paths)"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="restore into a non-empty catalog / over existing files"
+    )
+    p.set_defaults(func=cmd_restore)
     p = sub.add_parser("queue", help="list the mail queues; release or discard a held or corrupt item")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("action", choices=["list", "release", "discard"], nargs="?", default="list")

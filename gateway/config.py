@@ -7,6 +7,7 @@ directory of the configuration file, so a configuration can be moved together wi
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import re
 import tomllib
@@ -66,6 +67,17 @@ class MailSettings:
 
 
 @dataclass(frozen=True)
+class BackupSettings:
+    """The nightly backup to e_root/backup."""
+
+    time: dt.time = dt.time(2, 0)
+    keep_days: float = 5.0
+    copy_to: str = ""
+    include_private_keys: bool = False
+    passphrase_env: str = "DMG_BACKUP_PASSPHRASE"
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the gateway reads from its configuration file."""
 
@@ -88,6 +100,7 @@ class Settings:
     allowed_calling_ae: tuple[str, ...] = ()
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     dicom_timeout: float = 60.0
+    backup: BackupSettings = field(default_factory=BackupSettings)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def partner_by_ae(self, ae_title: str) -> Partner | None:
@@ -329,6 +342,21 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     smime_key = sm.path("key")
     sm.done()
 
+    bk = root.table_of("backup", required=False)
+
+    def _check_time(v: str) -> str | None:
+        return None if re.fullmatch(r"([01]?\d|2[0-3]):[0-5]\d", v) else "must be HH:MM (local time)"
+
+    hh, mm = bk.get("time", str, "02:00", check=_check_time).split(":")
+    backup = BackupSettings(
+        time=dt.time(int(hh), int(mm)),
+        keep_days=float(bk.get("keep_days", (int, float), 5, check=_check_positive)),
+        copy_to=bk.get("copy_to", str, ""),
+        include_private_keys=bk.get("include_private_keys", bool, False),
+        passphrase_env=bk.get("passphrase_env", str, "DMG_BACKUP_PASSPHRASE"),
+    )
+    bk.done()
+
     partners_raw = root.get("partners", list, [])
     partners: list[Partner] = []
     for i, entry in enumerate(partners_raw):
@@ -378,4 +406,5 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         allowed_calling_ae=tuple(allowed_ae_raw),
         allowed_networks=tuple(networks),
         dicom_timeout=dicom_timeout,
+        backup=backup,
     )

@@ -20,6 +20,7 @@ from typing import Any
 
 from cryptography import x509
 
+from gateway import backup
 from gateway.adapters.dicom_scp import DicomScp
 from gateway.adapters.pop3 import Pop3Cluster
 from gateway.adapters.smtp import SmtpCluster
@@ -249,6 +250,7 @@ class Gateway:
                 tg.create_task(self.ingester.run_forever(), name="ingest")
                 tg.create_task(self.reconcile_storage(), name="storage-check")
                 tg.create_task(self.housekeeping(), name="housekeeping")
+                tg.create_task(backup.run_forever(self.settings), name="backup")
                 self.scp.start()
                 log.info(
                     "gateway %s ready: DICOM %s:%d AE %s; partners: %s",

@@ -72,7 +72,7 @@ def test_example_configuration_is_valid_and_documents_every_key(tmp_path):  # ty
     import tomllib
 
     data = tomllib.loads(text)
-    assert {"gateway", "storage", "database", "mail", "smime", "partners"} <= set(data)
+    assert {"gateway", "storage", "database", "mail", "smime", "partners", "backup"} <= set(data)
     # every key the loader knows appears in the example
     for key in (
         "stability_delay",
@@ -92,6 +92,10 @@ def test_example_configuration_is_valid_and_documents_every_key(tmp_path):  # ty
         "allowed_calling_ae",
         "allowed_networks",
         "dicom_timeout",
+        "keep_days",
+        "copy_to",
+        "include_private_keys",
+        "passphrase_env",
         "smime_cert",
         "retry_max_age",
         "log_level",

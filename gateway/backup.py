@@ -1,0 +1,376 @@
+"""Backup and restore of configuration, certificates, catalog and queue metadata ("E:", `e_root/backup/`).
+
+A backup set is a folder `e_root/backup/<YYYYmmdd-HHMMSS>/`:
+
+    manifest.json          every file with its SHA-256 and size, the gateway, the schema version, the backend
+    catalog/<table>.jsonl  one JSON object per row, from one consistent snapshot (backend-neutral: a SQLite backup
+                           restores into MariaDB and back)
+    catalog.sqlite         with the SQLite backend also the database file itself (SQLite online backup API)
+    config/                the configuration file and every certificate it names (public parts)
+    keys/                  private keys, only with `backup.include_private_keys`, encrypted with the passphrase
+                           from the environment variable `backup.passphrase_env`
+    queues.json            metadata of every queue item (state, reason, attempts), not the mails themselves
+
+A set counts only when its manifest verifies; older sets are removed only after a new set verified, keeping
+`backup.keep_days` days. The snapshot runs on its own database connection and never blocks DICOM reception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from gateway.catalog import MIGRATIONS, open_catalog
+from gateway.catalog.db import _plain
+from gateway.config import Settings
+from gateway.storage import fsync_dir, sha256_file
+
+log = logging.getLogger(__name__)
+
+TABLES = ("studies", "series", "instances", "transfers", "transfer_items", "mails")
+STAMP = "%Y%m%d-%H%M%S"
+
+
+class BackupError(RuntimeError):
+    """A backup could not be made, or a backup set is damaged; the message says why."""
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """What a backup run produced."""
+
+    path: Path
+    files: int
+    bytes: int
+    rows: dict[str, int]
+    removed: list[str]
+
+
+def backup_root(settings: Settings) -> Path:
+    """Where backup sets live."""
+    return settings.e_root / "backup"
+
+
+# ---------------------------------------------------------------------------------------------- snapshot
+def _write_rows(folder: Path, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> int:
+    with (folder / f"{table}.jsonl").open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(
+                json.dumps(dict(zip(columns, (_plain(v) for v in row), strict=True)), separators=(",", ":"))
+            )
+            f.write("\n")
+    return len(rows)
+
+
+def _sqlite_snapshot(db_path: Path, folder: Path, file_copy: Path) -> tuple[int, dict[str, int]]:
+    """All tables from one read transaction (WAL: writers go on), plus a copy via the online backup API."""
+    con = sqlite3.connect(str(db_path))
+    try:
+        con.execute("BEGIN")
+        version = int(con.execute("SELECT version FROM schema_version").fetchone()[0])
+        counts = {}
+        for table in TABLES:
+            cur = con.execute(f"SELECT * FROM {table}")
+            counts[table] = _write_rows(folder, table, [d[0] for d in cur.description], cur.fetchall())
+        con.execute("COMMIT")
+        dst = sqlite3.connect(str(file_copy))
+        try:
+            con.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        con.close()
+    return version, counts
+
+
+async def _mysql_snapshot(url: str, folder: Path) -> tuple[int, dict[str, int]]:
+    """All tables from one consistent InnoDB snapshot (the equivalent of mariadb-dump --single-transaction)."""
+    import aiomysql
+
+    u = urllib.parse.urlsplit(url)
+    conn = await aiomysql.connect(
+        host=u.hostname or "127.0.0.1",
+        port=u.port or 3306,
+        user=urllib.parse.unquote(u.username or "root"),
+        password=urllib.parse.unquote(u.password or ""),
+        db=u.path.lstrip("/"),
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            await cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+            await cur.execute("SELECT version FROM schema_version")
+            version = int((await cur.fetchone())[0])
+            counts = {}
+            for table in TABLES:
+                await cur.execute(f"SELECT * FROM {table}")
+                columns = [d[0] for d in cur.description]
+                rows = list(await cur.fetchall())
+                counts[table] = await asyncio.to_thread(_write_rows, folder, table, columns, rows)
+            await cur.execute("COMMIT")
+    finally:
+        conn.close()
+    return version, counts
+
+
+# ---------------------------------------------------------------------------------------------- the set
+def _config_files(settings: Settings) -> dict[str, Path]:
+    """Configuration and public certificate files, by name inside config/."""
+    files = {"gateway.toml": settings.source}
+    files["mail-client.pem"] = settings.mail.client_cert
+    files["mail-ca.pem"] = settings.mail.ca_bundle
+    files["smime.pem"] = settings.smime_cert
+    for p in settings.partners:
+        files[f"partner-{p.name}.pem"] = p.smime_cert
+    return files
+
+
+def _encrypted_key(path: Path, passphrase: bytes) -> bytes:
+    key = serialization.load_pem_private_key(path.read_bytes(), None)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase),
+    )
+
+
+def _queue_metadata(settings: Settings) -> dict[str, Any]:
+    from gateway.core.queue import QueueState
+    from gateway.spool import Spool
+    from gateway.storage import Storage
+
+    storage = Storage(settings.d_root)
+    out: dict[str, Any] = {}
+    for name, root in (("outbox", storage.outbox), ("inbox", storage.inbox)):
+        spool = Spool(root, storage.tmp)
+        out[name] = [
+            {"id": item.id, "state": state.value, "meta": item.meta}
+            for state in QueueState
+            if spool.dirs[state].exists()
+            for item in spool.items(state)
+        ]
+    return out
+
+
+def _write_manifest(folder: Path, info: dict[str, Any]) -> tuple[int, int]:
+    files = {}
+    total = 0
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            size = p.stat().st_size
+            files[str(p.relative_to(folder))] = {"sha256": sha256_file(p), "size": size}
+            total += size
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    manifest = {**info, "files": files}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    fsync_dir(folder)
+    return len(files), total
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check a backup set against its manifest; raise `BackupError` with the reason, or return the manifest."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise BackupError(f"{folder}: no manifest.json (incomplete backup)") from None
+    except ValueError:
+        raise BackupError(f"{folder}: manifest.json is damaged") from None
+    listed = manifest.get("files", {})
+    for rel, expect in sorted(listed.items()):
+        p = folder / rel
+        if not p.is_file():
+            raise BackupError(f"{folder}: {rel} is missing")
+        if p.stat().st_size != expect["size"] or sha256_file(p) != expect["sha256"]:
+            raise BackupError(f"{folder}: {rel} is damaged (checksum mismatch)")
+    present = {
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"
+    }
+    if present - set(listed):
+        raise BackupError(f"{folder}: files not in the manifest: {', '.join(sorted(present - set(listed)))}")
+    return dict(manifest)
+
+
+def apply_retention(root: Path, keep_days: float, newest: dt.datetime) -> list[str]:
+    """Remove sets older than `keep_days` before the newest verified one; return the removed names."""
+    cutoff = newest - dt.timedelta(days=keep_days)
+    removed = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            when = dt.datetime.strptime(folder.name, STAMP)
+        except ValueError:
+            continue  # not ours
+        if when <= cutoff:
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+    if removed:
+        fsync_dir(root)
+    return removed
+
+
+def _copy_elsewhere(folder: Path, target: str) -> None:
+    """The seed asks for a second copy: a local path, or an rsync target (host:path)."""
+    if ":" in target and not Path(target).exists() and not target.startswith("/"):
+        subprocess.run(["rsync", "-a", f"{folder}", target], check=True, capture_output=True, timeout=3600)
+    else:
+        dest = Path(target) / folder.name
+        shutil.copytree(folder, dest, dirs_exist_ok=True)
+        verify(dest)
+
+
+async def run_backup(settings: Settings, now: dt.datetime | None = None) -> BackupResult:
+    """Make, verify and record one backup set; then apply retention and copy it elsewhere if configured."""
+    now = now or dt.datetime.now()
+    root = backup_root(settings)
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / now.strftime(STAMP)
+    partial = root / f".{folder.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    (partial / "catalog").mkdir(parents=True)
+    (partial / "config").mkdir()
+    try:
+        if settings.catalog_is_sqlite:
+            db_path = Path(settings.database_url[len("sqlite:///") :])
+            version, counts = await asyncio.to_thread(
+                _sqlite_snapshot, db_path, partial / "catalog", partial / "catalog.sqlite"
+            )
+        else:
+            version, counts = await _mysql_snapshot(settings.database_url, partial / "catalog")
+        for name, src in _config_files(settings).items():
+            shutil.copy2(src, partial / "config" / name)
+        bk = settings.backup
+        if bk.include_private_keys:
+            passphrase = os.environ.get(bk.passphrase_env, "").encode()
+            if len(passphrase) < 12:
+                raise BackupError(
+                    f"include_private_keys needs a passphrase of 12+ characters in ${bk.passphrase_env}"
+                )
+            (partial / "keys").mkdir()
+            for name, key in (
+                ("mail-client.key", settings.mail.client_key),
+                ("smime.key", settings.smime_key),
+            ):
+                (partial / "keys" / name).write_bytes(_encrypted_key(key, passphrase))
+        (partial / "queues.json").write_text(json.dumps(_queue_metadata(settings), default=str))
+        info = {
+            "gateway": settings.name,
+            "created": now.isoformat(timespec="seconds"),
+            "schema_version": version,
+            "backend": "sqlite" if settings.catalog_is_sqlite else "mysql",
+            "rows": counts,
+            "config_paths": {name: str(p) for name, p in _config_files(settings).items()},
+        }
+        files, size = await asyncio.to_thread(_write_manifest, partial, info)
+        os.rename(partial, folder)
+        fsync_dir(root)
+        await asyncio.to_thread(verify, folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    removed = apply_retention(root, settings.backup.keep_days, now)
+    if settings.backup.copy_to:
+        await asyncio.to_thread(_copy_elsewhere, folder, settings.backup.copy_to)
+    return BackupResult(folder, files, size, counts, removed)
+
+
+def record_outcome(settings: Settings, ok: bool, detail: str, when: float | None = None) -> None:
+    """Remember the last backup's outcome for monitoring (`e_root/backup/last.json`)."""
+    root = backup_root(settings)
+    root.mkdir(parents=True, exist_ok=True)
+    data = {"ok": ok, "detail": detail[:500], "at": when or time.time()}
+    tmp = root / ".last.json.tmp"
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, root / "last.json")
+
+
+def last_outcome(settings: Settings) -> dict[str, Any] | None:
+    """The last recorded backup outcome, if any."""
+    try:
+        return dict(json.loads((backup_root(settings) / "last.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- restore
+async def restore(
+    folder: Path, database_url: str, config_to: Path | None = None, force: bool = False
+) -> dict[str, int]:
+    """Verify a set, rebuild the catalog into `database_url` (empty), and write the configuration files back.
+
+    Configuration and certificates go back to the paths recorded at backup time, or below `config_to`.
+    """
+    manifest = await asyncio.to_thread(verify, folder)
+    if int(manifest.get("schema_version", 0)) > len(MIGRATIONS):
+        raise BackupError(f"{folder}: made by a newer gateway (schema {manifest['schema_version']})")
+    catalog = await open_catalog(database_url)
+    counts: dict[str, int] = {}
+    try:
+        for table in TABLES:
+            row = await catalog.db.fetchone(f"SELECT COUNT(*) FROM {table}")
+            if row and row[0] and not force:
+                raise BackupError(
+                    f"the target catalog is not empty ({table} has rows); restore refuses to mix"
+                )
+        async with catalog.db.transaction() as tx:
+            for table in TABLES:
+                src = folder / "catalog" / f"{table}.jsonl"
+                n = 0
+                for line in src.read_text(encoding="utf-8").splitlines():
+                    record = json.loads(line)
+                    cols = list(record)
+                    await tx.execute(
+                        f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                        [record[c] for c in cols],
+                    )
+                    n += 1
+                counts[table] = n
+    finally:
+        await catalog.close()
+    for name, original in manifest.get("config_paths", {}).items():
+        target = (config_to / name) if config_to else Path(original)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() or force:
+            shutil.copy2(folder / "config" / name, target)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def next_run(now: dt.datetime, at: dt.time) -> dt.datetime:
+    """The next local time `at` strictly after `now`."""
+    candidate = now.replace(hour=at.hour, minute=at.minute, second=0, microsecond=0)
+    return candidate if candidate > now else candidate + dt.timedelta(days=1)
+
+
+async def run_forever(settings: Settings) -> None:
+    """Back up every day at `backup.time`; record each outcome; never dies."""
+    while True:
+        now = dt.datetime.now()
+        wait = (next_run(now, settings.backup.time) - now).total_seconds()
+        await asyncio.sleep(wait)
+        try:
+            result = await run_backup(settings)
+            record_outcome(settings, True, f"{result.path.name}: {result.files} files, {result.bytes} bytes")
+            log.info(
+                "backup %s: %d files, %d bytes; removed %s",
+                result.path.name,
+                result.files,
+                result.bytes,
+                result.removed or "none",
+            )
+        except Exception as exc:
+            record_outcome(settings, False, f"{type(exc).__name__}: {exc}")
+            log.exception("backup failed")

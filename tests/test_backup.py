@@ -1,0 +1,207 @@
+"""Backup → wipe → restore on both catalog backends, damaged sets, retention, encrypted keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from gateway import backup, config
+from gateway.catalog import InstanceRecord, open_catalog
+from gateway.core.dicominfo import read_info
+from gateway.core.states import MailState
+from gateway.devtools.devenv import render_config
+from gateway.devtools.studies import make_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_settings(tmp_path: Path, pki_dir: Path, url: str | None, extra: str = "") -> config.Settings:
+    cfg = tmp_path / "site" / "gateway.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    text = render_config(
+        name="gateway-a",
+        ae_title="GW_A",
+        port=11112,
+        d_root=tmp_path / "d",
+        e_root=tmp_path / "e",
+        pki_dir=pki_dir,
+        partners=[("gateway-b", "gateway-b", "TO_B")],
+        database_url=url,
+    )
+    cfg.write_text(text + extra)
+    return config.load(cfg)
+
+
+async def populate(url: str, tmp_path: Path) -> None:
+    cat = await open_catalog(url)
+    try:
+        infos = [read_info(p) for p in make_study(tmp_path / "s", ct=3, mr=2, sc=1, size=16)]
+        recs = [
+            InstanceRecord(
+                i,
+                f"images/{i.sop_instance_uid}.dcm",
+                4000 + n,
+                f"{n:064x}",
+                "dicom",
+                "CT1",
+                "gateway-b",
+                1000.5 + n,
+            )
+            for n, i in enumerate(infos)
+        ]
+        await cat.record_instances(recs)
+        await cat.create_out_transfer("t1", "gateway-b", infos[0].study_uid, 1010.25)
+        await cat.add_out_mails(
+            "t1",
+            [
+                ("<t1.1@x>", 1, 2, "spool/outbox/t1.00001", 10),
+                ("<t1.2@x>", 2, 2, "spool/outbox/t1.00002", 11),
+            ],
+            1011.0,
+        )
+        await cat.mark_mail_sent("<t1.1@x>", "127.0.0.11:25", 1012.0)
+        await cat.defer_mail("<t1.2@x>", 1, 2000.0, "421 busy", 1013.0)
+        await cat.record_in_mail("in1", "spool/inbox/in1", 99, 1020.0)
+        await cat.finish_in_mail("in1", MailState.QUARANTINED, 1021.0, error="mail is not signed")
+    finally:
+        await cat.close()
+
+
+async def dump(url: str) -> dict[str, list[tuple[object, ...]]]:
+    cat = await open_catalog(url)
+    try:
+        return {
+            t: sorted(tuple(r) for r in await cat.db.fetchall(f"SELECT * FROM {t}")) for t in backup.TABLES
+        }
+    finally:
+        await cat.close()
+
+
+@pytest.fixture
+def second_mariadb_url():  # type: ignore[no-untyped-def]
+    import secrets
+
+    import pymysql
+
+    name = f"dmg_restore_{secrets.token_hex(4)}"
+    yield f"mysql://root@127.0.0.1:3306/{name}"
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="")
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+@pytest.mark.parametrize("direction", ["sqlite-to-mariadb", "mariadb-to-sqlite"])
+async def test_backup_wipe_restore_is_identical(
+    direction, tmp_path, pki_dir, mariadb_url, second_mariadb_url
+):  # type: ignore[no-untyped-def]
+    source = f"sqlite:///{tmp_path / 'src.sqlite'}" if direction.startswith("sqlite") else mariadb_url
+    target = (
+        second_mariadb_url if direction.endswith("mariadb") else f"sqlite:///{tmp_path / 'restored.sqlite'}"
+    )
+    settings = write_settings(tmp_path, pki_dir, source)
+    await populate(source, tmp_path)
+    before = await dump(source)
+    result = await backup.run_backup(settings)
+    assert result.rows["instances"] == 6 and result.rows["mails"] == 3
+    assert (result.path / "catalog.sqlite").exists() == direction.startswith("sqlite")
+    assert not (result.path / "keys").exists(), "no private keys unless the operator asks"
+
+    # an empty machine: nothing of the catalog, the configuration or the certificates
+    restored = tmp_path / "restored-site"
+    counts = await backup.restore(result.path, target, config_to=restored)
+    assert counts["transfers"] == 1
+    after = await dump(target)
+    assert after == before, "catalog rows and transfer history identical after restore"
+    assert (restored / "gateway.toml").read_bytes() == settings.source.read_bytes()
+    assert (restored / "partner-gateway-b.pem").read_bytes() == settings.partners[0].smime_cert.read_bytes()
+    with pytest.raises(backup.BackupError, match="not empty"):
+        await backup.restore(result.path, target, config_to=restored)
+
+
+async def test_damaged_backups_are_refused_with_the_reason(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
+    settings = write_settings(tmp_path, pki_dir, None)
+    await populate(settings.database_url, tmp_path)
+    result = await backup.run_backup(settings)
+    rows = result.path / "catalog" / "instances.jsonl"
+    original = rows.read_bytes()
+    data = bytearray(original)
+    data[10] ^= 0x01
+    rows.write_bytes(bytes(data))
+    with pytest.raises(backup.BackupError, match=r"instances.jsonl is damaged"):
+        backup.verify(result.path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "restore",
+            str(result.path),
+            "--database-url",
+            f"sqlite:///{tmp_path / 'x.sqlite'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "restore refused" in r.stderr and "checksum mismatch" in r.stderr
+    rows.write_bytes(original)
+    backup.verify(result.path)
+    (result.path / "config" / "gateway.toml").unlink()
+    with pytest.raises(backup.BackupError, match=r"gateway\.toml is missing"):
+        backup.verify(result.path)
+    (result.path / "manifest.json").write_text("{broken")
+    with pytest.raises(backup.BackupError, match=r"manifest\.json is damaged"):
+        backup.verify(result.path)
+
+
+async def test_retention_keeps_exactly_the_newest_five_days(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
+    settings = write_settings(tmp_path, pki_dir, None)
+    await populate(settings.database_url, tmp_path)
+    for day in range(1, 9):
+        await backup.run_backup(settings, now=dt.datetime(2026, 11, day, 2, 0))
+    kept = sorted(p.name for p in backup.backup_root(settings).iterdir() if p.is_dir())
+    assert kept == [f"202611{d:02d}-020000" for d in range(4, 9)]
+
+
+async def test_private_keys_only_encrypted_and_on_request(tmp_path, pki_dir, monkeypatch):  # type: ignore[no-untyped-def]
+    settings = write_settings(
+        tmp_path, pki_dir, None, '\n[backup]\ninclude_private_keys = true\npassphrase_env = "TEST_BK_PW"\n'
+    )
+    await populate(settings.database_url, tmp_path)
+    monkeypatch.delenv("TEST_BK_PW", raising=False)
+    with pytest.raises(backup.BackupError, match="passphrase"):
+        await backup.run_backup(settings)
+    assert [p for p in backup.backup_root(settings).iterdir() if p.is_dir()] == [], (
+        "a failed backup leaves no set"
+    )
+    monkeypatch.setenv("TEST_BK_PW", "correct horse battery")
+    result = await backup.run_backup(settings)
+    pem = (result.path / "keys" / "smime.key").read_bytes()
+    assert b"ENCRYPTED PRIVATE KEY" in pem
+    key = serialization.load_pem_private_key(pem, b"correct horse battery")
+    assert (
+        key.public_key().public_numbers()
+        == serialization.load_pem_private_key(  # type: ignore[union-attr]
+            settings.smime_key.read_bytes(), None
+        )
+        .public_key()
+        .public_numbers()
+    )
+    assert json.loads((result.path / "manifest.json").read_text())["files"]["keys/smime.key"]["sha256"]
+
+
+def test_schedule_and_outcome(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
+    at = dt.time(2, 0)
+    assert backup.next_run(dt.datetime(2026, 11, 23, 1, 59), at) == dt.datetime(2026, 11, 23, 2, 0)
+    assert backup.next_run(dt.datetime(2026, 11, 23, 2, 0), at) == dt.datetime(2026, 11, 24, 2, 0)
+    settings = write_settings(tmp_path, pki_dir, None)
+    backup.record_outcome(settings, False, "OSError: disk full", when=123.0)
+    assert backup.last_outcome(settings) == {"ok": False, "detail": "OSError: disk full", "at": 123.0}
