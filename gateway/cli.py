@@ -295,6 +295,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_mk(args: argparse.Namespace) -> int:
+    from gateway import monitoring
+
+    try:
+        settings = config.load(args.config)
+    except ConfigError as exc:
+        # check_mk must still get a section: the configuration problem is the service state
+        print('<<<local:sep(0)>>>\n2 "DMG Configuration" - ' + str(exc).replace("\n", " "))
+        return 0
+    print(monitoring.render(asyncio.run(monitoring.collect(settings))), end="")
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from gateway.devtools import devenv
 
@@ -343,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="restore into a non-empty catalog / over existing files"
     )
     p.set_defaults(func=cmd_restore)
+    p = sub.add_parser("check-mk", help="print a check_mk local-check section (no patient data)")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_check_mk)
     p = sub.add_parser("queue", help="list the mail queues; release or discard a held or corrupt item")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("action", choices=["list", "release", "discard"], nargs="?", default="list")

@@ -78,6 +78,22 @@ class BackupSettings:
 
 
 @dataclass(frozen=True)
+class MonitoringSettings:
+    """WARN/CRIT thresholds of the check_mk services."""
+
+    queue_depth_warn: float = 100
+    queue_depth_crit: float = 1000
+    queue_age_warn: float = 1800
+    queue_age_crit: float = 7200
+    cert_days_warn: float = 30
+    cert_days_crit: float = 14
+    backup_age_warn_h: float = 26
+    backup_age_crit_h: float = 50
+    free_pct_warn: float = 15
+    free_pct_crit: float = 5
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the gateway reads from its configuration file."""
 
@@ -101,6 +117,7 @@ class Settings:
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     dicom_timeout: float = 60.0
     backup: BackupSettings = field(default_factory=BackupSettings)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def partner_by_ae(self, ae_title: str) -> Partner | None:
@@ -357,6 +374,23 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     )
     bk.done()
 
+    mon = root.table_of("monitoring", required=False)
+    defaults = MonitoringSettings()
+    monitoring = MonitoringSettings(
+        **{
+            key: float(
+                mon.get(
+                    key,
+                    (int, float),
+                    getattr(defaults, key),
+                    check=lambda v: None if v >= 0 else "must be >= 0",
+                )
+            )
+            for key in MonitoringSettings.__dataclass_fields__
+        }
+    )
+    mon.done()
+
     partners_raw = root.get("partners", list, [])
     partners: list[Partner] = []
     for i, entry in enumerate(partners_raw):
@@ -407,4 +441,5 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         allowed_networks=tuple(networks),
         dicom_timeout=dicom_timeout,
         backup=backup,
+        monitoring=monitoring,
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography import x509
 
-from gateway import backup
+from gateway import backup, monitoring
 from gateway.adapters.dicom_scp import DicomScp
 from gateway.adapters.pop3 import Pop3Cluster
 from gateway.adapters.smtp import SmtpCluster
@@ -220,12 +220,32 @@ class Gateway:
             except Exception:
                 log.exception("housekeeping failed")
 
+    async def publish_health(self) -> None:
+        """Every 5 s: heartbeat, node health and counters to d_root/state/health.json (for check_mk)."""
+        started = time.time()
+        while True:
+            try:
+                await asyncio.to_thread(
+                    monitoring.write_health,
+                    self.settings,
+                    {**self.status(), "heartbeat": time.time(), "started": started},
+                )
+            except Exception:
+                log.exception("could not publish health")
+            await asyncio.sleep(5)
+
     def status(self) -> dict[str, Any]:
         """Live counters (no patient data)."""
         nodes = {}
         for name, pool in (("smtp", self.sender.smtp.pool), ("pop3", self.fetcher.pop3.pool)):
             nodes[name] = {
-                str(n): {"ok": h.successes, "failed": h.failures, "last_error": h.last_error}
+                str(n): {
+                    "ok": h.successes,
+                    "failed": h.failures,
+                    "last_ok": h.last_ok,
+                    "last_error": h.last_error,
+                    "last_error_at": h.last_error_at,
+                }
                 for n, h in pool.health.items()
             }
         return {
@@ -251,6 +271,7 @@ class Gateway:
                 tg.create_task(self.reconcile_storage(), name="storage-check")
                 tg.create_task(self.housekeeping(), name="housekeeping")
                 tg.create_task(backup.run_forever(self.settings), name="backup")
+                tg.create_task(self.publish_health(), name="health")
                 self.scp.start()
                 log.info(
                     "gateway %s ready: DICOM %s:%d AE %s; partners: %s",

@@ -72,7 +72,9 @@ def test_example_configuration_is_valid_and_documents_every_key(tmp_path):  # ty
     import tomllib
 
     data = tomllib.loads(text)
-    assert {"gateway", "storage", "database", "mail", "smime", "partners", "backup"} <= set(data)
+    assert {"gateway", "storage", "database", "mail", "smime", "partners", "backup", "monitoring"} <= set(
+        data
+    )
     # every key the loader knows appears in the example
     for key in (
         "stability_delay",
@@ -96,6 +98,10 @@ def test_example_configuration_is_valid_and_documents_every_key(tmp_path):  # ty
         "copy_to",
         "include_private_keys",
         "passphrase_env",
+        "queue_depth_warn",
+        "cert_days_crit",
+        "backup_age_crit_h",
+        "free_pct_warn",
         "smime_cert",
         "retry_max_age",
         "log_level",

@@ -37,6 +37,7 @@ def render_config(
     retry_base: float = 30,
     min_free: str = "64MB",
     gateway_extra: str = "",
+    tail: str = "",
 ) -> str:
     """A gateway configuration for the dev PKI; partners are (name, gateway name for certs, AE title)."""
     smtp = smtp_nodes or [f"{node_ip(n)}:25" for n in range(1, NODE_COUNT + 1)]
@@ -88,7 +89,7 @@ def render_config(
             f"ae_title = {_q(partner_ae)}",
             "",
         ]
-    return "\n".join(lines)
+    return "\n".join(lines) + ("\n" + tail if tail else "")
 
 
 def prepare(root: Path, port: int = 11112) -> Path:

@@ -1,0 +1,296 @@
+"""Operating state for check_mk, without any patient data.
+
+The running gateway publishes `d_root/state/health.json` every few seconds (heartbeat, mail node health, counters).
+`dicom-mail-gateway check-mk` reads it together with the queues, the catalog, the certificates, the last backup
+and the free space, and prints a check_mk local-check section:
+
+    <<<local:sep(0)>>>
+    0 "DMG DICOM reception" instances_24h=120 accepting on 127.0.0.1:11112
+    2 "DMG Certificate partner gateway-b" days_left=-3;30;14 expired 2026-11-20
+
+Install: copy or link `contrib/check_mk/dicom_mail_gateway` into the agent's `local/` directory (see README).
+Everything printed is counts, ages, node addresses and certificate names: never a patient name, ID or birth date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from gateway.config import Settings
+
+OK, WARN, CRIT, UNKNOWN = 0, 1, 2, 3
+HEARTBEAT_STALE = 120.0
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One check_mk metric: name=value;warn;crit."""
+
+    name: str
+    value: float
+    warn: float | None = None
+    crit: float | None = None
+
+    def render(self) -> str:
+        def num(v: float | None) -> str:
+            return "" if v is None else (str(int(v)) if float(v).is_integer() else f"{v:.2f}")
+
+        text = f"{self.name}={num(self.value)}"
+        if self.warn is not None or self.crit is not None:
+            text += f";{num(self.warn)};{num(self.crit)}"
+        return text
+
+
+@dataclass(frozen=True)
+class Service:
+    """One line of the local check."""
+
+    state: int
+    name: str
+    text: str
+    metrics: tuple[Metric, ...] = field(default_factory=tuple)
+
+    def render(self) -> str:
+        metrics = "|".join(m.render() for m in self.metrics) or "-"
+        text = self.text.replace("\n", " ").replace('"', "'")
+        return f'{self.state} "{self.name}" {metrics} {text}'
+
+
+def _upper(value: float, warn: float, crit: float) -> int:
+    return CRIT if value >= crit else WARN if value >= warn else OK
+
+
+def _lower(value: float, warn: float, crit: float) -> int:
+    return CRIT if value <= crit else WARN if value <= warn else OK
+
+
+# ------------------------------------------------------------------------------------------------ health file
+def health_path(settings: Settings) -> Path:
+    """Where the running gateway publishes its health."""
+    return settings.d_root / "state" / "health.json"
+
+
+def write_health(settings: Settings, data: dict[str, Any]) -> None:
+    """Publish the health document atomically (no fsync: it is rewritten every few seconds)."""
+    path = health_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".health.json.tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    os.replace(tmp, path)
+
+
+def read_health(settings: Settings) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(health_path(settings).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ services
+def _reception(settings: Settings, health: dict[str, Any] | None, now: float, instances_24h: int) -> Service:
+    host = "127.0.0.1" if settings.dicom_bind in ("0.0.0.0", "::", "") else settings.dicom_bind
+    try:
+        with socket.create_connection((host, settings.dicom_port), timeout=3):
+            listening = True
+    except OSError:
+        listening = False
+    metrics = (Metric("instances_24h", instances_24h),)
+    if not listening:
+        return Service(
+            CRIT, "DMG DICOM reception", f"nothing listens on {host}:{settings.dicom_port}", metrics
+        )
+    if health is None or now - float(health.get("heartbeat", 0)) > HEARTBEAT_STALE:
+        return Service(CRIT, "DMG DICOM reception", "the gateway's heartbeat is missing or stale", metrics)
+    return Service(OK, "DMG DICOM reception", f"accepting on {host}:{settings.dicom_port}", metrics)
+
+
+def _queue(settings: Settings, name: str, label: str, now: float) -> Service:
+    from gateway.core.queue import QueueState
+    from gateway.spool import Spool
+    from gateway.storage import Storage
+
+    storage = Storage(settings.d_root)
+    spool = Spool(storage.spool / name, storage.tmp)
+    if not spool.root.exists():
+        return Service(OK, f"DMG {label} queue", "empty (no queue yet)", (Metric("depth", 0),))
+    waiting = [
+        i for s in (QueueState.INCOMING, QueueState.ACTIVE, QueueState.DEFERRED) for i in spool.items(s)
+    ]
+    aside = len(spool.items(QueueState.HOLD)) + len(spool.items(QueueState.CORRUPT))
+    oldest = max((now - float(i.meta.get("created", now)) for i in waiting), default=0.0)
+    m = settings.monitoring
+    state = max(
+        _upper(len(waiting), m.queue_depth_warn, m.queue_depth_crit),
+        _upper(oldest, m.queue_age_warn, m.queue_age_crit),
+    )
+    if aside:
+        state = max(state, WARN)
+    text = f"{len(waiting)} waiting, oldest {oldest:.0f} s, {aside} held or corrupt"
+    return Service(
+        state,
+        f"DMG {label} queue",
+        text,
+        (
+            Metric("depth", len(waiting), m.queue_depth_warn, m.queue_depth_crit),
+            Metric("oldest_age", round(oldest), m.queue_age_warn, m.queue_age_crit),
+            Metric("set_aside", aside),
+        ),
+    )
+
+
+def _nodes(health: dict[str, Any] | None, now: float) -> list[Service]:
+    out = []
+    for proto, nodes in sorted((health or {}).get("nodes", {}).items()):
+        for node, h in sorted(nodes.items()):
+            name = f"DMG Mail node {node} {proto.upper()}"
+            last_ok, err_at = h.get("last_ok"), h.get("last_error_at")
+            failing = err_at is not None and (last_ok is None or float(err_at) > float(last_ok))
+            ok_age = f"last success {now - float(last_ok):.0f} s ago" if last_ok else "no success yet"
+            if failing:
+                out.append(Service(CRIT, name, f"failing: {h.get('last_error', '')[:200]}; {ok_age}"))
+            else:
+                out.append(Service(OK, name, ok_age if last_ok else "not used yet"))
+    return out
+
+
+def _certificates(settings: Settings, now: float) -> list[Service]:
+    certs = [("mail client", settings.mail.client_cert), ("S/MIME own", settings.smime_cert)]
+    certs += [(f"partner {p.name}", p.smime_cert) for p in settings.partners]
+    m = settings.monitoring
+    out = []
+    for label, path in certs:
+        name = f"DMG Certificate {label}"
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            out.append(Service(CRIT, name, f"unreadable: {type(exc).__name__}"))
+            continue
+        days = (cert.not_valid_after_utc.timestamp() - now) / 86400
+        state = _lower(days, m.cert_days_warn, m.cert_days_crit)
+        when = cert.not_valid_after_utc.date().isoformat()
+        text = f"expired {when}" if days < 0 else f"valid until {when}"
+        out.append(
+            Service(
+                state, name, text, (Metric("days_left", round(days, 1), m.cert_days_warn, m.cert_days_crit),)
+            )
+        )
+    return out
+
+
+def _backup(settings: Settings, now: float) -> Service:
+    from gateway import backup
+
+    last = backup.last_outcome(settings)
+    m = settings.monitoring
+    if last is None:
+        return Service(WARN, "DMG Backup", "no backup recorded yet")
+    age_h = (now - float(last.get("at", 0))) / 3600
+    metric = (Metric("age_hours", round(age_h, 1), m.backup_age_warn_h, m.backup_age_crit_h),)
+    if not last.get("ok"):
+        return Service(
+            CRIT, "DMG Backup", f"last backup failed {age_h:.1f} h ago: {last.get('detail', '')}", metric
+        )
+    state = _upper(age_h, m.backup_age_warn_h, m.backup_age_crit_h)
+    return Service(state, "DMG Backup", f"last backup {age_h:.1f} h ago: {last.get('detail', '')}", metric)
+
+
+def _space(settings: Settings, label: str, path: Path, reserve: int) -> Service:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    usage = shutil.disk_usage(probe)
+    pct = 100.0 * usage.free / usage.total if usage.total else 0.0
+    m = settings.monitoring
+    state = _lower(pct, m.free_pct_warn, m.free_pct_crit)
+    if usage.free < reserve:
+        state = CRIT
+    text = f"{usage.free / 1e9:.1f} GB free of {usage.total / 1e9:.1f} GB ({pct:.0f} %)"
+    if usage.free < reserve:
+        text += ", below the reserve: DICOM refused, mail paused"
+    return Service(
+        state,
+        f"DMG Free space {label}",
+        text,
+        (
+            Metric("free_pct", round(pct, 1), m.free_pct_warn, m.free_pct_crit),
+            Metric("free_bytes", usage.free),
+        ),
+    )
+
+
+def _quarantine(settings: Settings) -> Service:
+    from gateway.core.queue import QueueState
+    from gateway.spool import Spool
+    from gateway.storage import Storage
+
+    storage = Storage(settings.d_root)
+    inbox = Spool(storage.inbox, storage.tmp)
+    held = sum(len(inbox.items(s)) for s in (QueueState.HOLD, QueueState.CORRUPT) if inbox.dirs[s].exists())
+    conflicts = len(list(storage.conflicts.glob("*.dcm"))) if storage.conflicts.exists() else 0
+    state = WARN if held or conflicts else OK
+    return Service(
+        state,
+        "DMG Quarantine",
+        f"{held} inbound mails held, {conflicts} conflicting instances (see `dicom-mail-gateway queue` and `status`)",
+        (Metric("held", held), Metric("conflicts", conflicts)),
+    )
+
+
+async def collect(settings: Settings, now: float | None = None) -> list[Service]:
+    """Every service, from the files and the catalog (the gateway itself need not answer)."""
+    from gateway.catalog import open_catalog
+
+    now = now or time.time()
+    health = read_health(settings)
+    failed = recent = 0
+    catalog_problem = None
+    try:
+        catalog = await open_catalog(settings.database_url)
+        try:
+            row = await catalog.db.fetchone(
+                "SELECT COUNT(*) FROM instances WHERE received_at > ?", (now - 86400,)
+            )
+            recent = int(row[0]) if row else 0
+            row = await catalog.db.fetchone(
+                "SELECT COUNT(*) FROM transfers WHERE direction = 'out' AND state = 'failed' AND updated_at > ?",
+                (now - 7 * 86400,),
+            )
+            failed = int(row[0]) if row else 0
+        finally:
+            await catalog.close()
+    except Exception as exc:
+        catalog_problem = f"catalog unreachable: {type(exc).__name__}"
+    services = [_reception(settings, health, now, recent)]
+    services += [_queue(settings, "outbox", "Outbound", now), _queue(settings, "inbox", "Inbound", now)]
+    services += _nodes(health, now)
+    if catalog_problem:
+        services.append(Service(CRIT, "DMG Transfers failed", catalog_problem))
+    else:
+        services.append(
+            Service(
+                WARN if failed else OK,
+                "DMG Transfers failed",
+                f"{failed} outbound transfers failed in 7 days",
+                (Metric("failed_7d", failed),),
+            )
+        )
+    services += _certificates(settings, now)
+    services.append(_backup(settings, now))
+    services.append(_space(settings, "D:", settings.d_root, settings.min_free))
+    services.append(_space(settings, "E:", settings.e_root, 0))
+    services.append(_quarantine(settings))
+    return services
+
+
+def render(services: list[Service]) -> str:
+    """The local-check section."""
+    return "\n".join(["<<<local:sep(0)>>>", *(s.render() for s in services)]) + "\n"
