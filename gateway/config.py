@@ -94,6 +94,26 @@ class MonitoringSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The web port: status page, /metrics, /healthz."""
+
+    bind: str = "127.0.0.1"
+    port: int = 8080
+    show_patient_data: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    password_env: str = "DMG_WEB_PASSWORD"
+
+    @property
+    def requires_login(self) -> bool:
+        """Bound to anything but loopback: TLS and a login are required."""
+        try:
+            return not ipaddress.ip_address(self.bind).is_loopback
+        except ValueError:
+            return self.bind != "localhost"
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the gateway reads from its configuration file."""
 
@@ -118,6 +138,7 @@ class Settings:
     dicom_timeout: float = 60.0
     backup: BackupSettings = field(default_factory=BackupSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def partner_by_ae(self, ae_title: str) -> Partner | None:
@@ -391,6 +412,23 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     )
     mon.done()
 
+    w = root.table_of("web", required=False)
+    web = WebSettings(
+        bind=w.get("bind", str, "127.0.0.1"),
+        port=w.get(
+            "port", int, 8080, check=lambda v: None if 0 <= v < 65536 else "not a port (0 turns the page off)"
+        ),
+        show_patient_data=w.get("show_patient_data", bool, False),
+        tls_cert=w.path("tls_cert") if "tls_cert" in w.table else None,
+        tls_key=w.path("tls_key") if "tls_key" in w.table else None,
+        password_env=w.get("password_env", str, "DMG_WEB_PASSWORD"),
+    )
+    if web.requires_login and web.port and (web.tls_cert is None or web.tls_key is None):
+        raise w.fail(
+            "bind", "a non-loopback address needs tls_cert and tls_key (and a password, see password_env)"
+        )
+    w.done()
+
     partners_raw = root.get("partners", list, [])
     partners: list[Partner] = []
     for i, entry in enumerate(partners_raw):
@@ -442,4 +480,5 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         dicom_timeout=dicom_timeout,
         backup=backup,
         monitoring=monitoring,
+        web=web,
     )

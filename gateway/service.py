@@ -38,6 +38,7 @@ from gateway.stages.route import Router
 from gateway.stages.send import Sender
 from gateway.storage import Storage
 from gateway.tls import mail_client_context
+from gateway.web import WebApp
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Gateway:
     inbox: Spool
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     storage_report: dict[str, int] = field(default_factory=dict)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @classmethod
     async def create(cls, settings: Settings) -> Gateway:
@@ -199,6 +201,11 @@ class Gateway:
         )
         return self.storage_report
 
+    def wake_all(self) -> None:
+        """Wake every stage (after an operator released a mail)."""
+        for event in (self.router.wake, self.packager.wake, self.sender.wake, self.ingester.wake):
+            event.set()
+
     async def housekeeping(self) -> None:
         """Every 10 minutes: temp files of aborted receives, and finished queue items older than DONE_KEEP_DAYS."""
         while True:
@@ -262,16 +269,22 @@ class Gateway:
         """Run every stage until `stopping` is set."""
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.intake.index_forever(), name="index")
-                tg.create_task(self.router.run_forever(), name="route")
-                tg.create_task(self.packager.run_forever(), name="package")
-                tg.create_task(self.sender.run_forever(), name="send")
-                tg.create_task(self.fetcher.run_forever(), name="fetch")
-                tg.create_task(self.ingester.run_forever(), name="ingest")
-                tg.create_task(self.reconcile_storage(), name="storage-check")
-                tg.create_task(self.housekeeping(), name="housekeeping")
-                tg.create_task(backup.run_forever(self.settings), name="backup")
-                tg.create_task(self.publish_health(), name="health")
+                # the stages that must run as long as the gateway does (watched by /healthz)
+                self.tasks = [
+                    tg.create_task(self.intake.index_forever(), name="index"),
+                    tg.create_task(self.router.run_forever(), name="route"),
+                    tg.create_task(self.packager.run_forever(), name="package"),
+                    tg.create_task(self.sender.run_forever(), name="send"),
+                    tg.create_task(self.fetcher.run_forever(), name="fetch"),
+                    tg.create_task(self.ingester.run_forever(), name="ingest"),
+                    tg.create_task(self.housekeeping(), name="housekeeping"),
+                    tg.create_task(backup.run_forever(self.settings), name="backup"),
+                    tg.create_task(self.publish_health(), name="health"),
+                ]
+                tg.create_task(self.reconcile_storage(), name="storage-check")  # runs once
+                webapp = WebApp(self) if self.settings.web.port else None
+                if webapp is not None:
+                    await webapp.start()
                 self.scp.start()
                 log.info(
                     "gateway %s ready: DICOM %s:%d AE %s; partners: %s",
@@ -284,6 +297,8 @@ class Gateway:
                 await self.stopping.wait()
                 log.info("stopping: DICOM port closes, then the stages")
                 self.scp.stop()
+                if webapp is not None:
+                    await webapp.stop()
                 raise _Stop
         except* _Stop:
             pass

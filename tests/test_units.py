@@ -102,6 +102,8 @@ def test_example_configuration_is_valid_and_documents_every_key(tmp_path):  # ty
         "cert_days_crit",
         "backup_age_crit_h",
         "free_pct_warn",
+        "show_patient_data",
+        "password_env",
         "smime_cert",
         "retry_max_age",
         "log_level",

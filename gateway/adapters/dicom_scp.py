@@ -104,6 +104,7 @@ class DicomScp:
             self.ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self._server: Any = None
+        self.refused = 0
 
     def _refusal(self, calling: str, called: str, peer: str) -> tuple[tuple[int, int, int], str] | None:
         """Why an association request must be rejected (A-ASSOCIATE-RJ result, source, reason), if it must."""
@@ -150,6 +151,7 @@ class DicomScp:
             )
         except Exception as exc:
             status = _status_for(exc)
+            self.refused += 1
             # NotDicomError and OSError texts carry no patient data; other exceptions are named by type only
             log.error(
                 "C-STORE refused with 0x%04X: %s",
@@ -168,6 +170,11 @@ class DicomScp:
         import socket as _s
 
         sock.setsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY, 1)
+
+    @property
+    def listening(self) -> bool:
+        """True while the DICOM port is open."""
+        return self._server is not None
 
     @property
     def port(self) -> int:

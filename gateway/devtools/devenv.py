@@ -38,6 +38,7 @@ def render_config(
     min_free: str = "64MB",
     gateway_extra: str = "",
     tail: str = "",
+    web_port: int = 0,
 ) -> str:
     """A gateway configuration for the dev PKI; partners are (name, gateway name for certs, AE title)."""
     smtp = smtp_nodes or [f"{node_ip(n)}:25" for n in range(1, NODE_COUNT + 1)]
@@ -89,6 +90,7 @@ def render_config(
             f"ae_title = {_q(partner_ae)}",
             "",
         ]
+    lines += ["[web]", f"port = {web_port}", ""]
     return "\n".join(lines) + ("\n" + tail if tail else "")
 
 
@@ -107,6 +109,7 @@ def prepare(root: Path, port: int = 11112) -> Path:
             e_root=root / "storage" / "e",
             pki_dir=pki_dir,
             partners=[("loopback", "gateway-a", "LOOPBACK")],
+            web_port=8080,
         )
     )
     return cfg

@@ -36,6 +36,8 @@ class Fetcher:
         inbox: Spool,
     ) -> None:
         self.inbox = inbox
+        self.per_node: dict[str, int] = {}
+        self.bytes_received = 0
         self.settings = settings
         self.storage = storage
         self.catalog = catalog
@@ -69,6 +71,8 @@ class Fetcher:
                 # crash here: mail durable and recorded, still on the server; fetched again → same key, ignored
                 await session.delete(number)
                 taken += 1
+                self.per_node[str(session.node)] = self.per_node.get(str(session.node), 0) + 1
+                self.bytes_received += len(raw)
                 self.wake_ingest.set()
             await session.close()  # QUIT commits the deletions
         except BaseException:

@@ -24,6 +24,7 @@ from gateway.errors import RejectedError, TransientError
 from gateway.spool import Item, Spool
 from gateway.stages import wait_woken
 from gateway.storage import Storage
+from gateway.web import TRANSFER_LATENCY
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class Sender:
         self.wake = wake
         self.outbox = outbox
         self.sent = 0
+        self.deferred = 0
+        self.rejected = 0
+        self.bytes_sent = 0
 
     async def _hold(self, item: Item, reason: str) -> None:
         self.outbox.move(item, QueueState.HOLD, reason=reason)
@@ -82,6 +86,7 @@ class Sender:
             node = await self.smtp.send(self.settings.mail.address, partner.address, data)
         except RejectedError as exc:
             log.error("mail %s rejected: %s", item.id, exc)
+            self.rejected += 1
             await self._hold(item, f"rejected: {exc}")
             return
         except TransientError as exc:
@@ -91,6 +96,7 @@ class Sender:
                 return
             delay = retry_delay(attempts, self.settings.mail.retry_base, self.settings.mail.retry_cap)
             error = str(exc)
+            self.deferred += 1
             log.warning("mail %s deferred %.0f s: %s", item.id, delay, error)
             self.outbox.move(item, QueueState.DEFERRED, next_attempt=now + delay, last_error=error[:1000])
             await record(
@@ -105,11 +111,13 @@ class Sender:
         self.outbox.move(item, QueueState.DONE, drop_content=True, node=str(node))
         await record("sent", lambda: self.catalog.mark_mail_sent(meta["message_id"], str(node), time.time()))
         self.sent += 1
+        self.bytes_sent += len(data)
         # the cluster answers again: mails deferred because every node failed need not wait out their backoff
         for waiting in self.outbox.items(QueueState.DEFERRED):
             if str(waiting.meta.get("last_error", "")).startswith(ALL_NODES_FAILED):
                 self.outbox.update(waiting, next_attempt=0)
         if int(meta.get("part", 0)) == int(meta.get("total", -1)):
+            TRANSFER_LATENCY.observe(time.time() - float(meta.get("created", time.time())))
             log.info(
                 "transfer %s: last mail (%s of %s) accepted by %s",
                 meta.get("transfer"),

@@ -1,0 +1,353 @@
+"""The web port: a status page for operators, `/metrics` for Prometheus, `/healthz` for orchestrators.
+
+Served by the gateway itself (aiohttp), on `web.bind` (localhost by default). Bound elsewhere, TLS and a login are
+required (`web.tls_cert`, `web.tls_key`, password of the user `operator` from the environment variable
+`web.password_env`). The page is plain server-rendered HTML that refreshes itself; the only script is the
+confirmation of a quarantine action. Patient-identifying fields are not shown unless `web.show_patient_data`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import html
+import io
+import ipaddress
+import logging
+import os
+import ssl
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from gateway import backup
+
+if TYPE_CHECKING:
+    from gateway.service import Gateway
+
+log = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry()
+TRANSFER_LATENCY = Histogram(
+    "dmg_transfer_latency_seconds",
+    "From packaging a transfer to the server's 250 for its last mail",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 900, 3600, 14400),
+    registry=REGISTRY,
+)
+
+
+class GatewayCollector:
+    """Counters and gauges read from the running gateway at scrape time (no patient data: counts only)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Any:
+        gw = self.gw
+        c = CounterMetricFamily("dmg_instances_received", "DICOM instances acknowledged to modalities")
+        c.add_metric([], gw.intake.received)
+        yield c
+        c = CounterMetricFamily("dmg_mails_sent", "Mails accepted by an SMTP node", labels=["node"])
+        for node, h in gw.sender.smtp.pool.health.items():
+            c.add_metric([str(node)], h.successes)
+        yield c
+        c = CounterMetricFamily("dmg_mails_received", "Mails fetched from a POP3 node", labels=["node"])
+        for pop3_node, n in gw.fetcher.per_node.items():
+            c.add_metric([pop3_node], n)
+        yield c
+        c = CounterMetricFamily("dmg_bytes", "Mail bytes on the wire", labels=["direction"])
+        c.add_metric(["out"], gw.sender.bytes_sent)
+        c.add_metric(["in"], gw.fetcher.bytes_received)
+        yield c
+        c = CounterMetricFamily(
+            "dmg_mail_node_failures", "Failed attempts per mail node", labels=["protocol", "node"]
+        )
+        for proto, pool in (("smtp", gw.sender.smtp.pool), ("pop3", gw.fetcher.pop3.pool)):
+            for node, h in pool.health.items():
+                c.add_metric([proto, str(node)], h.failures)
+        yield c
+        c = CounterMetricFamily("dmg_errors", "Errors by kind", labels=["kind"])
+        c.add_metric(["dicom_refused"], gw.scp.refused)
+        c.add_metric(["dicom_conflict"], gw.intake.conflicts)
+        c.add_metric(["mail_quarantined"], gw.ingester.quarantined)
+        c.add_metric(["mail_deferred"], gw.sender.deferred)
+        c.add_metric(["mail_rejected"], gw.sender.rejected)
+        yield c
+        g = GaugeMetricFamily("dmg_queue_depth", "Queue items by state", labels=["queue", "state"])
+        for name, spool in (("outbox", gw.outbox), ("inbox", gw.inbox)):
+            for state, n in spool.counts().items():
+                g.add_metric([name, state], n)
+        yield g
+        g = GaugeMetricFamily("dmg_free_bytes", "Free bytes on the working volume D:")
+        g.add_metric([], gw.storage.free_bytes())
+        yield g
+
+
+def _e(value: object) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _ts(value: object) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(value))) if value else "-"  # type: ignore[arg-type]
+
+
+def thumbnail_png(path: str, size: int = 128) -> bytes:
+    """A small PNG of the first frame (Pillow); a grey square when the pixel data cannot be decoded here."""
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    try:
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+        if getattr(ds, "NumberOfFrames", 1) and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            arr = arr[0]
+        arr = arr.astype("float64")
+        lo, hi = float(np.percentile(arr, 1)), float(np.percentile(arr, 99))
+        arr = np.clip((arr - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype("uint8")
+        if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+            arr = 255 - arr
+        image = Image.fromarray(arr)
+    except Exception:
+        image = Image.new("L", (size, size), 96)
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(out, format="PNG")
+    return out.getvalue()
+
+
+class WebApp:
+    """The aiohttp application of one gateway."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.settings = gw.settings.web
+        REGISTRY.register(GatewayCollector(gw))  # one gateway per process
+        self.app = web.Application(middlewares=[self._auth])
+        self.app.add_routes(
+            [
+                web.get("/", self.page),
+                web.get("/healthz", self.healthz),
+                web.get("/metrics", self.metrics),
+                web.get("/thumb/{sop}.png", self.thumb),
+                web.post("/queue/{action}/{item}", self.queue_action),
+            ]
+        )
+        self.runner: web.AppRunner | None = None
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        password = os.environ.get(self.settings.password_env, "") if self.settings.requires_login else None
+        if password is not None and request.path != "/healthz":
+            header = request.headers.get("Authorization", "")
+            ok = False
+            if header.startswith("Basic "):
+                try:
+                    user, _, given = base64.b64decode(header[6:]).decode().partition(":")
+                    ok = user == "operator" and bool(password) and hmac.compare_digest(given, password)
+                except ValueError:
+                    ok = False
+            if not ok:
+                return web.Response(
+                    status=401, headers={"WWW-Authenticate": 'Basic realm="dicom-mail-gateway"'}
+                )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def start(self) -> None:
+        """Listen on the configured address (TLS when configured)."""
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        ctx = None
+        if self.settings.tls_cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(self.settings.tls_cert), str(self.settings.tls_key))
+        site = web.TCPSite(self.runner, self.settings.bind, self.settings.port, ssl_context=ctx)
+        await site.start()
+        log.info(
+            "web status page on %s://%s:%d/",
+            "https" if ctx else "http",
+            self.settings.bind,
+            self.settings.port,
+        )
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # ------------------------------------------------------------------------------------------ handlers
+    async def healthz(self, request: web.Request) -> web.Response:
+        ok = self.gw.scp.listening and all(not t.done() for t in self.gw.tasks)
+        return web.json_response({"ok": ok, "gateway": self.gw.settings.name}, status=200 if ok else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(generate_latest, REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def thumb(self, request: web.Request) -> web.Response:
+        sop = request.match_info["sop"]
+        row = await self.gw.catalog.db.fetchone("SELECT path FROM instances WHERE sop_uid = ?", (sop,))
+        if row is None:
+            raise web.HTTPNotFound()
+        png = await asyncio.to_thread(thumbnail_png, str(self.gw.storage.root / str(row[0])))
+        return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    async def queue_action(self, request: web.Request) -> web.Response:
+        from gateway.core.queue import QueueState
+
+        action, item_id = request.match_info["action"], request.match_info["item"]
+        if action not in ("release", "discard"):
+            raise web.HTTPBadRequest(text="unknown action")
+        for spool in (self.gw.inbox, self.gw.outbox):
+            item = spool.find(item_id)
+            if item is None or item.state not in (QueueState.HOLD, QueueState.CORRUPT):
+                continue
+            if action == "release":
+                spool.move(item, QueueState.INCOMING, crashes=0, released=time.time())
+                await self.gw.catalog.release_mail(str(item.meta.get("message_id", item_id)), time.time())
+                self.gw.wake_all()
+            else:
+                spool.move(item, QueueState.DONE, outcome="discarded by operator")
+            log.info("operator %sd queue item %s via the web page", action, item_id)
+            raise web.HTTPSeeOther("/#quarantine")
+        raise web.HTTPNotFound(text="no held or corrupt item with that id")
+
+    async def _studies(self) -> list[dict[str, Any]]:
+        db = self.gw.catalog.db
+        studies = await db.fetchall(
+            """SELECT s.study_uid, s.last_received, COUNT(i.sop_uid), MIN(i.source)
+               FROM studies s JOIN instances i ON i.study_uid = s.study_uid
+               GROUP BY s.study_uid, s.last_received ORDER BY s.last_received DESC LIMIT 10"""
+        )
+        out = []
+        for study_uid, last, count, source in studies:
+            series = await db.fetchall(
+                """SELECT i.series_uid, MAX(se.modality), COUNT(*), MIN(i.sop_uid) FROM instances i
+                   LEFT JOIN series se ON se.series_uid = i.series_uid WHERE i.study_uid = ?
+                   GROUP BY i.series_uid ORDER BY i.series_uid""",
+                (study_uid,),
+            )
+            entry: dict[str, Any] = {
+                "uid": study_uid,
+                "last": last,
+                "count": count,
+                "source": source,
+                "series": series,
+            }
+            if self.settings.show_patient_data and series:
+                entry["patient"] = await asyncio.to_thread(self._patient, str(series[0][3]))
+            out.append(entry)
+        return out
+
+    def _patient(self, sop: str) -> str:
+        """Only with web.show_patient_data: name and ID from the stored file, for the operator's eyes only."""
+        import pydicom
+
+        path = next(iter(self.gw.storage.images.rglob(f"{sop}.dcm")), None)
+        if path is None:
+            return ""
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID"])
+        return f"{ds.get('PatientName', '')} ({ds.get('PatientID', '')})"
+
+    async def page(self, request: web.Request) -> web.Response:
+        from gateway.core.queue import QueueState
+
+        gw = self.gw
+        st = await gw.catalog.status(limit=30)
+        studies = await self._studies()
+        parts = [
+            "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='10'>",
+            f"<title>{_e(gw.settings.name)} — DICOM mail gateway</title><style>",
+            "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}",
+            "td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left}th{background:#eee}",
+            ".bad{color:#b00}.ok{color:#070}img{margin:2px;border:1px solid #999}</style></head><body>",
+            f"<h1>{_e(gw.settings.name)} <small>AE {_e(gw.settings.ae_title)}, DICOM port {gw.scp.port}</small></h1>",
+            "<h2>Queues</h2><table><tr><th>queue</th>",
+            *[f"<th>{s.value}</th>" for s in QueueState],
+            "</tr>",
+        ]
+        for name, spool in (("outbox", gw.outbox), ("inbox", gw.inbox)):
+            counts = spool.counts()
+            parts.append(
+                f"<tr><td>{name}</td>"
+                + "".join(f"<td>{counts.get(s.value, 0)}</td>" for s in QueueState)
+                + "</tr>"
+            )
+        parts.append(
+            "</table><h2>Mail nodes</h2><table><tr><th>node</th><th>protocol</th><th>ok</th><th>failed</th><th>last error</th></tr>"
+        )
+        for proto, pool in (("SMTP", gw.sender.smtp.pool), ("POP3", gw.fetcher.pop3.pool)):
+            for node, h in pool.health.items():
+                cls = "bad" if h.last_error_at and (not h.last_ok or h.last_error_at > h.last_ok) else "ok"
+                parts.append(
+                    f"<tr class='{cls}'><td>{_e(node)}</td><td>{proto}</td><td>{h.successes}</td><td>{h.failures}</td>"
+                    f"<td>{_e(h.last_error or '')}</td></tr>"
+                )
+        parts.append(
+            "</table><h2>Transfers</h2><table><tr><th>transfer</th><th>dir</th><th>partner</th><th>state</th>"
+            "<th>mails</th><th>instances</th><th>updated</th><th>reason</th></tr>"
+        )
+        for t in st["transfers"]:
+            cls = "bad" if t["state"] == "failed" else ""
+            parts.append(
+                f"<tr class='{cls}'><td>{_e(t['id'])}</td><td>{_e(t['direction'])}</td><td>{_e(t['partner'])}</td>"
+                f"<td>{_e(t['state'])}</td><td>{t['parts_done']}/{_e(t['parts_total'] or '?')}</td><td>{t['instances']}</td>"
+                f"<td>{_ts(t['updated_at'])}</td><td>{_e(t['error'] or '')}</td></tr>"
+            )
+        parts.append("</table><h2>Recent studies</h2>")
+        for s in studies:
+            patient = f" — {_e(s['patient'])}" if s.get("patient") else ""
+            parts.append(
+                f"<div class='study'><b>{_e(s['uid'])}</b>{patient}: {s['count']} instances, {len(s['series'])} series, "
+                f"from {_e(s['source'])}, {_ts(s['last'])}<br>"
+            )
+            for series_uid, modality, n, sop in s["series"]:
+                parts.append(
+                    f"<img class='thumb' src='/thumb/{_e(sop)}.png' width='96' alt='{_e(modality)} series, {n} images' "
+                    f"title='{_e(modality)} {_e(series_uid)}: {n}'>"
+                )
+            parts.append("</div>")
+        parts.append("<h2>Backups</h2><ul>")
+        last = backup.last_outcome(gw.settings)
+        if last:
+            state = "ok" if last.get("ok") else "failed"
+            parts.append(
+                f"<li class='{'ok' if last.get('ok') else 'bad'}'>last: {state} {_ts(last.get('at'))} {_e(last.get('detail'))}</li>"
+            )
+        root = backup.backup_root(gw.settings)
+        for folder in (
+            sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
+            if root.exists()
+            else []
+        ):
+            parts.append(f"<li>{_e(folder.name)}</li>")
+        parts.append(
+            "</ul><h2 id='quarantine'>Quarantine</h2><table><tr><th>mail</th><th>state</th><th>since</th><th>reason</th><th></th></tr>"
+        )
+        for state in (QueueState.HOLD, QueueState.CORRUPT):
+            for spool in (gw.inbox, gw.outbox):
+                for item in spool.items(state):
+                    iid = _e(item.id)
+                    parts.append(
+                        f"<tr><td>{iid}</td><td>{state.value}</td><td>{_ts(item.meta.get('state_since'))}</td>"
+                        f"<td>{_e(item.meta.get('reason', ''))}</td><td>"
+                        f"<form method='post' action='/queue/release/{iid}' style='display:inline' "
+                        f"onsubmit=\"return confirm('Check and process this mail again?')\"><button class='retry'>retry</button></form> "
+                        f"<form method='post' action='/queue/discard/{iid}' style='display:inline' "
+                        f"onsubmit=\"return confirm('Discard this mail for good?')\"><button class='discard'>discard</button></form>"
+                        "</td></tr>"
+                    )
+        parts.append(f"</table><p><small>refreshed {_ts(time.time())}</small></p></body></html>")
+        return web.Response(text="".join(parts), content_type="text/html")
+
+
+def is_loopback(bind: str) -> bool:
+    """True for addresses only this machine can reach."""
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return bind == "localhost"

@@ -1,0 +1,175 @@
+"""The web port: status page in headless Chromium (thumbnails, quarantine retry, screenshot), /metrics, /healthz."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from gateway.adapters.smtp import SmtpCluster
+from gateway.config import load
+from gateway.core.queue import QueueState
+from gateway.devtools.studies import make_study
+from gateway.spool import Spool
+from gateway.tls import mail_client_context
+from tests.conftest import CANARIES, free_port, storescu, wait_for
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = Path(__file__).resolve().parents[1] / ".dev" / "artifacts"
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.profile = tempfile.mkdtemp(prefix="dmg-chromium-")
+        self.proc = subprocess.Popen(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={self.profile}",
+                f"--remote-debugging-port={self.port}",
+                "--window-size=1280,1600",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.next_id = 0
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    async def connect(self) -> None:
+        def targets() -> list[dict]:  # type: ignore[type-arg]
+            try:
+                return [
+                    t
+                    for t in json.loads(get(f"http://127.0.0.1:{self.port}/json/list")[1])
+                    if t["type"] == "page"
+                ]
+            except OSError:
+                return []
+
+        page = (await asyncio.to_thread(wait_for, targets, 30, 0.2, "Chromium's DevTools endpoint"))[0]
+        self.session = aiohttp.ClientSession()
+        self.ws = await self.session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+
+    async def call(self, method: str, **params: object) -> dict:  # type: ignore[type-arg]
+        self.next_id += 1
+        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
+        while True:
+            msg = await asyncio.wait_for(self.ws.receive_json(), 30)
+            if msg.get("id") == self.next_id:
+                return msg.get("result", {})  # type: ignore[no-any-return]
+
+    async def evaluate(self, expression: str) -> object:
+        result = await self.call(
+            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
+        )
+        return result["result"].get("value")
+
+    async def goto(self, url: str) -> None:
+        await self.call("Page.enable")
+        await self.call("Page.navigate", url=url)
+        for _ in range(100):
+            if await self.evaluate("document.readyState") == "complete":
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError("the page never finished loading")
+
+
+async def test_status_page_in_a_real_browser(mail, make_gateway, pki_dir, tmp_path):  # type: ignore[no-untyped-def]
+    web_port = free_port()
+    gw = make_gateway("gateway-c", [("gateway-b", "gateway-b", "TO_B")], poll_interval=1, web_port=web_port)
+    gw.start()
+    base = f"http://127.0.0.1:{web_port}"
+    make_study(tmp_path / "s", ct=3, mr=2, sc=1, size=64)
+    assert storescu(gw.port, "GATEWAY_C", tmp_path / "s").returncode == 0
+    # a mail from a sender that is not in gateway-c's address book: quarantined
+    a = load(make_gateway("gateway-a", [("gateway-b", "gateway-b", "TO_B")]).config)
+    await SmtpCluster(a.mail, mail_client_context(a.mail)).send(
+        a.mail.address, "gateway-c@dicommail.test", b"Subject: x\r\n\r\nhello\r\n"
+    )
+    inbox = Spool(gw.d_root / "spool" / "inbox", gw.d_root / "tmp")
+    held = await asyncio.to_thread(
+        wait_for, lambda: inbox.items(QueueState.HOLD), 30, 0.5, "the mail to be held"
+    )
+    assert "address book" in held[0].meta["reason"]
+
+    status, body = await asyncio.to_thread(get, f"{base}/healthz")
+    assert status == 200 and json.loads(body)["ok"] is True
+    status, metrics = await asyncio.to_thread(get, f"{base}/metrics")
+    assert status == 200
+    assert (
+        b"dmg_instances_received_total 6.0" in metrics
+        and b'dmg_queue_depth{queue="inbox",state="hold"} 1.0' in metrics
+    )
+    assert b"dmg_transfer_latency_seconds_bucket" in metrics
+
+    browser = Browser()
+    try:
+        await browser.connect()
+        await browser.goto(base + "/")
+        text = str(await browser.evaluate("document.body.innerText"))
+        assert "Quarantine" in text and "address book" in text and "Mail nodes" in text
+        assert await browser.evaluate("document.querySelectorAll('img.thumb').length") == 3  # one per series
+        await asyncio.sleep(1)
+        loaded = await browser.evaluate(
+            "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+        )
+        assert loaded is True, "every thumbnail loads"
+        shot = await browser.call("Page.captureScreenshot", format="png")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "web-status.png").write_bytes(base64.b64decode(shot["data"]))
+        html = str(await browser.evaluate("document.documentElement.outerHTML"))
+        for canary in CANARIES:
+            assert canary.decode() not in html and canary not in metrics
+        # the operator clicks "retry" and confirms: the mail is checked again (and held again, for the same reason)
+        await browser.evaluate(
+            "window.confirm = () => true; document.querySelector('button.retry').click(); 1"
+        )
+
+        def rechecked() -> bool:
+            item = inbox.find(held[0].id)
+            return item is not None and item.state is QueueState.HOLD and "released" in item.meta
+
+        await asyncio.to_thread(wait_for, rechecked, 30, 0.5, "the released mail to be checked again")
+        await browser.session.close()
+    finally:
+        browser.close()
+
+    status, png = await asyncio.to_thread(
+        get, f"{base}/thumb/{json.loads(gw.cli('status', '--json'))['studies'][0]['study_uid']}.png"
+    )
+    assert status == 404  # a study UID is not an instance: nothing leaks by guessing
+    image = Image.open(io.BytesIO((ARTIFACTS / "web-status.png").read_bytes()))
+    assert image.size[0] >= 1000
