@@ -167,7 +167,7 @@ async def test_status_page_in_a_real_browser(mail, make_gateway, pki_dir, tmp_pa
     finally:
         browser.close()
 
-    status, png = await asyncio.to_thread(
+    status, _ = await asyncio.to_thread(
         get, f"{base}/thumb/{json.loads(gw.cli('status', '--json'))['studies'][0]['study_uid']}.png"
     )
     assert status == 404  # a study UID is not an instance: nothing leaks by guessing
