@@ -67,6 +67,19 @@ class MailSettings:
 
 
 @dataclass(frozen=True)
+class Pacs:
+    """A local PACS that receives every inbound instance (C-STORE)."""
+
+    name: str
+    host: str
+    port: int
+    ae_title: str
+    calling_ae: str
+    max_attempts: int = 5
+    retry_base: float = 30.0
+
+
+@dataclass(frozen=True)
 class BackupSettings:
     """The nightly backup to e_root/backup."""
 
@@ -139,6 +152,7 @@ class Settings:
     backup: BackupSettings = field(default_factory=BackupSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    pacs: tuple[Pacs, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def partner_by_ae(self, ae_title: str) -> Partner | None:
@@ -429,6 +443,33 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         )
     w.done()
 
+    pacs_nodes: list[Pacs] = []
+    for i, entry in enumerate(root.get("pacs", list, [])):
+        if not isinstance(entry, dict):
+            raise root.fail(f"pacs[{i}]", "must be a table ([[pacs]])")
+        pr = _Reader(file, f"pacs[{i}]", entry)
+        node = Pacs(
+            name=pr.get(
+                "name",
+                str,
+                check=lambda v: (
+                    None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) else "use letters, digits, . _ -"
+                ),
+            ),
+            host=pr.get("host", str),
+            port=pr.get("port", int, check=lambda v: None if 0 < v < 65536 else "not a port"),
+            ae_title=pr.get("ae_title", str, check=_check_ae),
+            calling_ae=pr.get("calling_ae", str, ae_title, check=_check_ae),
+            max_attempts=pr.get(
+                "max_attempts", int, 5, check=lambda v: None if v >= 1 else "must be at least 1"
+            ),
+            retry_base=float(pr.get("retry_base", (int, float), 30, check=_check_positive)),
+        )
+        pr.done()
+        if any(other.name == node.name for other in pacs_nodes):
+            raise pr.fail("name", f"duplicate PACS name {node.name!r}")
+        pacs_nodes.append(node)
+
     partners_raw = root.get("partners", list, [])
     partners: list[Partner] = []
     for i, entry in enumerate(partners_raw):
@@ -481,4 +522,5 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         backup=backup,
         monitoring=monitoring,
         web=web,
+        pacs=tuple(pacs_nodes),
     )

@@ -252,6 +252,7 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
     now = now or time.time()
     health = read_health(settings)
     failed = recent = 0
+    forwards: dict[str, int] = {}
     catalog_problem = None
     try:
         catalog = await open_catalog(settings.database_url)
@@ -265,6 +266,10 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
                 (now - 7 * 86400,),
             )
             failed = int(row[0]) if row else 0
+            for state, count in await catalog.db.fetchall(
+                "SELECT state, COUNT(*) FROM pacs_forwards GROUP BY state"
+            ):
+                forwards[str(state)] = int(count)
         finally:
             await catalog.close()
     except Exception as exc:
@@ -281,6 +286,20 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
                 "DMG Transfers failed",
                 f"{failed} outbound transfers failed in 7 days",
                 (Metric("failed_7d", failed),),
+            )
+        )
+    if settings.pacs:
+        refused, waiting = forwards.get("rejected", 0), forwards.get("pending", 0) + forwards.get("retry", 0)
+        services.append(
+            Service(
+                WARN if refused else OK,
+                "DMG PACS forwarding",
+                f"{forwards.get('accepted', 0)} accepted, {waiting} waiting, {refused} instances refused by the PACS",
+                (
+                    Metric("accepted", forwards.get("accepted", 0)),
+                    Metric("waiting", waiting),
+                    Metric("refused", refused),
+                ),
             )
         )
     services += _certificates(settings, now)

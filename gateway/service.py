@@ -31,6 +31,7 @@ from gateway.core.smime import Identity
 from gateway.core.states import MailState
 from gateway.spool import Spool
 from gateway.stages.fetch import Fetcher
+from gateway.stages.forward import Forwarder
 from gateway.stages.ingest import Ingester
 from gateway.stages.package import Packager
 from gateway.stages.receive import Intake
@@ -71,6 +72,7 @@ class Gateway:
     ingester: Ingester
     outbox: Spool
     inbox: Spool
+    forwarder: Forwarder
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     storage_report: dict[str, int] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -118,7 +120,9 @@ class Gateway:
             ingester=Ingester(settings, storage, catalog, identity, partner_certs, wake_ingest, inbox),
             outbox=outbox,
             inbox=inbox,
+            forwarder=Forwarder(settings, storage, catalog, asyncio.Event()),
         )
+        gw.ingester.wake_forwarder = gw.forwarder.wake
         await gw.recover()
         return gw
 
@@ -280,6 +284,7 @@ class Gateway:
                     tg.create_task(self.housekeeping(), name="housekeeping"),
                     tg.create_task(backup.run_forever(self.settings), name="backup"),
                     tg.create_task(self.publish_health(), name="health"),
+                    tg.create_task(self.forwarder.run_forever(), name="forward"),
                 ]
                 tg.create_task(self.reconcile_storage(), name="storage-check")  # runs once
                 webapp = WebApp(self) if self.settings.web.port else None

@@ -103,3 +103,30 @@ class FakeSmtp:
                 return
             else:
                 sock.sendall(b"502 no\r\n")
+
+
+@contextlib.contextmanager
+def refusing_pacs(port: int, refuse_modality: str = "MR") -> Iterator[list[str]]:
+    """A PACS that answers C-STORE with 0xA700 (out of resources) for one modality, success otherwise."""
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    from gateway.adapters.dicom_scp import ACCEPTED_TRANSFER_SYNTAXES
+
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        if ds.get("Modality") == refuse_modality:
+            return 0xA700
+        received.append(str(ds.SOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="REFUSER")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield received
+    finally:
+        server.shutdown()

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import config
-from gateway.catalog import InstanceRecord, open_catalog
+from gateway.catalog import MIGRATIONS, Catalog, InstanceRecord, open_catalog
+from gateway.catalog.db import connect
 from gateway.core import mailformat, smime
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
 from gateway.core.nodepool import NodePool
@@ -103,6 +104,8 @@ def test_example_configuration_is_valid_and_documents_every_key(tmp_path):  # ty
         "backup_age_crit_h",
         "free_pct_warn",
         "show_patient_data",
+        "calling_ae",
+        "max_attempts",
         "password_env",
         "smime_cert",
         "retry_max_age",
@@ -236,7 +239,7 @@ def catalog_url(request, tmp_path):  # type: ignore[no-untyped-def]
 async def test_catalog_behaves_the_same_on_both_backends(catalog_url, tmp_path):  # type: ignore[no-untyped-def]
     cat = await open_catalog(catalog_url)
     try:
-        assert await cat.migrate() == 1  # idempotent
+        assert await cat.migrate() == len(MIGRATIONS)  # idempotent
         infos = [read_info(p) for p in make_study(tmp_path / "s", ct=3, mr=2, sc=0, size=32)]
         recs = [
             InstanceRecord(
@@ -290,3 +293,23 @@ async def test_catalog_behaves_the_same_on_both_backends(catalog_url, tmp_path):
         assert inbound["state"] == "complete" and inbound["instances"] == 5
     finally:
         await cat.close()
+
+
+async def test_schema_upgrades_from_version_one(catalog_url, monkeypatch):  # type: ignore[no-untyped-def]
+    import gateway.catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "MIGRATIONS", MIGRATIONS[:1])  # an installation of the first release
+    old = Catalog(await connect(catalog_url))
+    assert await old.migrate() == 1
+    await old.db.execute(
+        "INSERT INTO transfers (id, direction, partner, state, created_at, updated_at) VALUES ('t', 'out', 'p', 'sent', 1, 1)"
+    )
+    await old.close()
+    monkeypatch.setattr(catalog_module, "MIGRATIONS", MIGRATIONS)
+    new = await open_catalog(catalog_url)
+    try:
+        assert (await new.db.fetchone("SELECT version FROM schema_version")) == (len(MIGRATIONS),)
+        assert await new.db.fetchone("SELECT COUNT(*) FROM pacs_forwards") == (0,)
+        assert await new.transfer("t") is not None, "data survives the upgrade"
+    finally:
+        await new.close()

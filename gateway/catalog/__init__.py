@@ -81,6 +81,21 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX ix_mails_transfer ON mails (transfer_id, part)",
         "CREATE INDEX ix_mails_state ON mails (direction, state)",
     ],
+    # 2: forwarding to the local PACS
+    [
+        """CREATE TABLE pacs_forwards (
+            sop_uid VARCHAR(64) NOT NULL,
+            pacs VARCHAR(64) NOT NULL,
+            state VARCHAR(16) NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt DOUBLE,
+            status INTEGER,
+            created_at DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL,
+            error TEXT,
+            PRIMARY KEY (sop_uid, pacs))""",
+        "CREATE INDEX ix_pacs_forwards_state ON pacs_forwards (state, next_attempt)",
+    ],
 ]
 
 
@@ -469,6 +484,49 @@ class Catalog:
                     completed = True
         return completed
 
+    # ----------------------------------------------------------------------------- PACS forwarding
+    async def queue_forwards(self, sop_uids: list[str], pacs_names: list[str], now: float) -> None:
+        """Every instance goes to every configured PACS (idempotent)."""
+        async with self.db.transaction() as tx:
+            for sop in sop_uids:
+                for pacs in pacs_names:
+                    await tx.execute(
+                        f"""{self.db.dialect.insert_ignore} INTO pacs_forwards
+                            (sop_uid, pacs, state, created_at, updated_at) VALUES (?, ?, 'pending', ?, ?)""",
+                        (sop, pacs, now, now),
+                    )
+
+    async def due_forwards(self, now: float, limit: int = 200) -> list[dict[str, Any]]:
+        """Forwards to try now, with what the SCU needs to propose and send."""
+        rows = await self.db.fetchall(
+            """SELECT f.sop_uid, f.pacs, f.attempts, i.sop_class_uid, i.transfer_syntax, i.path
+               FROM pacs_forwards f JOIN instances i ON i.sop_uid = f.sop_uid
+               WHERE f.state IN ('pending', 'retry') AND (f.next_attempt IS NULL OR f.next_attempt <= ?)
+               ORDER BY f.created_at, i.series_uid, i.path LIMIT ?""",
+            (now, limit),
+        )
+        keys = ("sop_uid", "pacs", "attempts", "sop_class_uid", "transfer_syntax", "path")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    async def record_forward(
+        self,
+        sop_uid: str,
+        pacs: str,
+        state: str,
+        attempts: int,
+        now: float,
+        *,
+        status: int | None = None,
+        next_attempt: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """The outcome of one forward: accepted, retry (with next_attempt) or rejected (for good)."""
+        await self.db.execute(
+            """UPDATE pacs_forwards SET state = ?, attempts = ?, status = ?, next_attempt = ?, error = ?, updated_at = ?
+               WHERE sop_uid = ? AND pacs = ?""",
+            (state, attempts, status, next_attempt, (error or "")[:1000] or None, now, sop_uid, pacs),
+        )
+
     # ----------------------------------------------------------------------------- status
     async def status(self, limit: int = 50) -> dict[str, Any]:
         """Counts and the most recent transfers and studies, for `status` (no patient data is stored at all)."""
@@ -490,6 +548,9 @@ class Catalog:
                GROUP BY s.study_uid, s.last_received ORDER BY s.last_received DESC LIMIT ?""",
             (limit,),
         )
+        forwards = await self.db.fetchall(
+            "SELECT pacs, state, COUNT(*) FROM pacs_forwards GROUP BY pacs, state"
+        )
         tkeys = (
             "id",
             "direction",
@@ -510,6 +571,7 @@ class Catalog:
             "mails_by_state": [{"direction": d, "state": s, "count": int(c)} for d, s, c in mails],
             "transfers": [dict(zip(tkeys, r, strict=True)) for r in transfers],
             "studies": [dict(zip(skeys, r, strict=True)) for r in studies],
+            "pacs_forwards": [{"pacs": p, "state": st, "count": int(c)} for p, st, c in forwards],
         }
 
 

@@ -55,6 +55,7 @@ class Ingester:
         }
         self.wake = wake
         self.inbox = inbox
+        self.wake_forwarder: asyncio.Event | None = None
         self.ingested = 0
         self.quarantined = 0
 
@@ -134,6 +135,13 @@ class Ingester:
                 )
             )
         await self.catalog.record_instances(records)
+        if self.settings.pacs:
+            # before the mail counts as ingested, so a crash here re-ingests and queues them again (idempotent)
+            await self.catalog.queue_forwards(
+                [r.info.sop_instance_uid for r in records], [p.name for p in self.settings.pacs], time.time()
+            )
+            if self.wake_forwarder is not None:
+                self.wake_forwarder.set()
         completed = await self._finish_once(
             mail_id,
             MailState.INGESTED,

@@ -1,0 +1,124 @@
+"""Forwarding inbound studies to a real Orthanc that accepts some instances and rejects others."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.core.dicominfo import dataset_offset, read_info
+from gateway.devtools.studies import make_study
+from tests.conftest import free_port, storescu, wait_for
+from tests.faults import refusing_pacs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """Orthanc on loopback, started by the test with its own configuration."""
+    dicom_port, http_port = free_port(), free_port()
+    folder = tmp_path / "orthanc"
+    folder.mkdir()
+    config = {
+        "Name": "test-pacs",
+        "StorageDirectory": str(folder / "db"),
+        "IndexDirectory": str(folder / "db"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": [],
+        "StorageCompression": False,
+        "HttpServerEnabled": True,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = (folder / "orthanc.log").open("wb")
+    proc = subprocess.Popen(
+        ["Orthanc", str(folder / "orthanc.json")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 60, 0.3, "Orthanc to start")
+        yield dicom_port, http_port
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def rest(http_port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=10) as r:
+        return r.read()  # type: ignore[no-any-return]
+
+
+def forwards(gw) -> dict[tuple[str, str], int]:  # type: ignore[no-untyped-def]
+    return {
+        (f["pacs"], f["state"]): f["count"] for f in json.loads(gw.cli("status", "--json"))["pacs_forwards"]
+    }
+
+
+def test_inbound_study_reaches_the_pacs_and_refusals_are_reported(mail, make_gateway, orthanc, tmp_path):  # type: ignore[no-untyped-def]
+    """Two PACS: a real Orthanc takes everything; another refuses MR (0xA700): retried, then reported."""
+    dicom_port, http_port = orthanc
+    refuser_port = free_port()
+    pacs = (
+        f'[[pacs]]\nname = "orthanc"\nhost = "127.0.0.1"\nport = {dicom_port}\nae_title = "ORTHANC"\n'
+        f'[[pacs]]\nname = "refuser"\nhost = "127.0.0.1"\nport = {refuser_port}\nae_title = "REFUSER"\n'
+        "max_attempts = 2\nretry_base = 1\n"
+    )
+    b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1, tail=pacs)
+    a = make_gateway("gateway-a", [("gateway-b", "gateway-b", "TO_B")], stability_delay=1)
+    sources = make_study(tmp_path / "s", ct=3, mr=2, sc=1, size=32)
+    with refusing_pacs(refuser_port) as refuser_got:
+        b.start()
+        a.start()
+        assert storescu(a.port, "TO_B", tmp_path / "s").returncode == 0
+        wait_for(
+            lambda: (
+                forwards(b)
+                == {("orthanc", "accepted"): 6, ("refuser", "accepted"): 4, ("refuser", "rejected"): 2}
+            ),
+            120,
+            1,
+            "every instance accepted or reported",
+        )
+    assert len(refuser_got) == 4
+
+    stored = {}
+    for orthanc_id in json.loads(rest(http_port, "/instances")):
+        data = rest(http_port, f"/instances/{orthanc_id}/file")
+        stored[read_info(data).sop_instance_uid] = data
+    assert len(stored) == len(sources)
+    for src in sources:
+        sent = src.read_bytes()
+        got = stored[read_info(src).sop_instance_uid]
+        assert got[dataset_offset(got) :] == sent[dataset_offset(sent) :], (
+            "the PACS has the instance unchanged"
+        )
+    # the refusals are visible to the operator with the PACS's status, and in monitoring
+    con = sqlite3.connect(str(b.d_root / "catalog.sqlite"))
+    rows = con.execute(
+        "SELECT attempts, status, error FROM pacs_forwards WHERE state = 'rejected'"
+    ).fetchall()
+    con.close()
+    assert rows == [(2, 0xA700, "PACS answered 0xA700")] * 2
+    check = b.cli("check-mk")
+    assert '1 "DMG PACS forwarding"' in check and "2 instances refused" in check
