@@ -153,6 +153,7 @@ class Settings:
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     web: WebSettings = field(default_factory=WebSettings)
     pacs: tuple[Pacs, ...] = ()
+    keep_days_after_pacs: float = 7.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def partner_by_ae(self, ae_title: str) -> Partner | None:
@@ -348,6 +349,14 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     st = root.table_of("storage")
     d_root = st.path("d_root", must_exist=False)
     e_root = st.path("e_root", must_exist=False)
+    keep_days_after_pacs = float(
+        st.get(
+            "keep_days_after_pacs",
+            (int, float),
+            7,
+            check=lambda v: None if v >= 0 else "must be >= 0 (0 keeps forever)",
+        )
+    )
     min_free_raw = st.get("min_free", (str, int), "1GB")
     try:
         min_free = parse_size(min_free_raw)
@@ -523,4 +532,5 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         monitoring=monitoring,
         web=web,
         pacs=tuple(pacs_nodes),
+        keep_days_after_pacs=keep_days_after_pacs,
     )

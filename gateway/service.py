@@ -31,7 +31,7 @@ from gateway.core.smime import Identity
 from gateway.core.states import MailState
 from gateway.spool import Spool
 from gateway.stages.fetch import Fetcher
-from gateway.stages.forward import Forwarder
+from gateway.stages.forward import Forwarder, purge_accepted
 from gateway.stages.ingest import Ingester
 from gateway.stages.package import Packager
 from gateway.stages.receive import Intake
@@ -177,7 +177,17 @@ class Gateway:
             return {self.storage.relative(p) for p in self.storage.images.rglob("*.dcm")}
 
         on_disk = await asyncio.to_thread(files)
-        rows = {str(r[0]) for r in await self.catalog.db.fetchall("SELECT path FROM instances")}
+        rows = {
+            str(r[0])
+            for r in await self.catalog.db.fetchall("SELECT path FROM instances WHERE purged_at IS NULL")
+        }
+        purged = {
+            str(r[0])
+            for r in await self.catalog.db.fetchall("SELECT path FROM instances WHERE purged_at IS NOT NULL")
+        }
+        for path in on_disk & purged - rows:  # a purge interrupted between the catalog and the unlink
+            (self.storage.root / path).unlink(missing_ok=True)
+        on_disk -= purged - rows
         unindexed, missing = on_disk - rows, rows - on_disk
         for path in sorted(missing)[:50]:
             log.error("catalog row without file: %s", path)
@@ -224,6 +234,7 @@ class Gateway:
                         for q in (self.outbox, self.inbox)
                     ]
                 )
+                pruned += await purge_accepted(self.settings, self.storage, self.catalog, now)
                 if swept or pruned:
                     log.info(
                         "housekeeping: %d stale temp files, %d finished queue items removed", swept, pruned

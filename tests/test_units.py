@@ -106,6 +106,7 @@ def test_example_configuration_is_valid_and_documents_every_key(tmp_path):  # ty
         "show_patient_data",
         "calling_ae",
         "max_attempts",
+        "keep_days_after_pacs",
         "password_env",
         "smime_cert",
         "retry_max_age",
@@ -313,3 +314,56 @@ async def test_schema_upgrades_from_version_one(catalog_url, monkeypatch):  # ty
         assert await new.transfer("t") is not None, "data survives the upgrade"
     finally:
         await new.close()
+
+
+async def test_space_is_freed_only_after_every_pacs_accepted(catalog_url, tmp_path, pki_dir):  # type: ignore[no-untyped-def]
+    from gateway.stages.forward import purge_accepted
+    from tests.conftest import minimal_settings
+
+    pacs = [{"name": n, "host": "127.0.0.1", "port": 104, "ae_title": "PACS"} for n in ("p1", "p2")]
+    settings = minimal_settings(
+        tmp_path,
+        pki_dir,
+        pki_dir / "gateway-b-smime.pem",
+        pki_dir / "gateway-b-smime.key",
+        pacs=pacs,
+        database={"url": catalog_url},
+    )
+    storage = Storage(settings.d_root)
+    storage.prepare()
+    cat = await open_catalog(catalog_url)
+    try:
+        recs = []
+        sources = make_study(tmp_path / "s", ct=2, mr=0, sc=0, size=16)
+        for src in sources:
+            info = read_info(src)
+            result = storage.store_bytes(src.read_bytes(), info)
+            recs.append(
+                InstanceRecord(
+                    info, storage.relative(result.path), result.size, result.sha256, "mail", "b", None, 0.0
+                )
+            )
+        await cat.record_instances(recs)
+        sops = [r.info.sop_instance_uid for r in recs]
+        await cat.queue_forwards(sops, ["p1", "p2"], 0.0)
+        for sop in sops:
+            await cat.record_forward(sop, "p1", "accepted", 1, 100.0, status=0)
+        await cat.record_forward(sops[0], "p2", "accepted", 1, 100.0, status=0)
+        await cat.record_forward(sops[1], "p2", "retry", 1, 100.0, status=0xA700, next_attempt=200.0)
+        assert await purge_accepted(settings, storage, cat, 100.0 + 6 * 86400) == 0, "kept for 7 days"
+        assert await purge_accepted(settings, storage, cat, 100.0 + 8 * 86400) == 1, (
+            "only where every PACS accepted"
+        )
+        assert not (settings.d_root / recs[0].path).exists() and (settings.d_root / recs[1].path).exists()
+        assert (await cat.db.fetchone("SELECT purged_at FROM instances WHERE sop_uid = ?", (sops[0],)))[
+            0
+        ] is not None  # type: ignore[index]
+        # the same instance arriving again is stored and indexed again
+        again = storage.store_bytes(sources[0].read_bytes(), recs[0].info)
+        await cat.record_instances([recs[0]])
+        assert again.path.exists()
+        assert await cat.db.fetchone("SELECT purged_at FROM instances WHERE sop_uid = ?", (sops[0],)) == (
+            None,
+        )
+    finally:
+        await cat.close()

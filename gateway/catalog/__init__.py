@@ -95,6 +95,8 @@ MIGRATIONS: list[list[str]] = [
             error TEXT,
             PRIMARY KEY (sop_uid, pacs))""",
         "CREATE INDEX ix_pacs_forwards_state ON pacs_forwards (state, next_attempt)",
+        # files of instances every PACS accepted are removed after storage.keep_days_after_pacs; the row stays
+        "ALTER TABLE instances ADD COLUMN purged_at DOUBLE",
     ],
 ]
 
@@ -171,6 +173,11 @@ class Catalog:
                         r.in_transfer,
                         r.received_at,
                     ),
+                )
+                # stored again after its file was purged: the row points at the new file
+                await tx.execute(
+                    "UPDATE instances SET purged_at = NULL, path = ? WHERE sop_uid = ? AND purged_at IS NOT NULL",
+                    (r.path, i.sop_instance_uid),
                 )
                 await tx.execute(
                     f"{ig} INTO series (series_uid, study_uid, modality, series_number) VALUES (?,?,?,?)",
@@ -526,6 +533,23 @@ class Catalog:
                WHERE sop_uid = ? AND pacs = ?""",
             (state, attempts, status, next_attempt, (error or "")[:1000] or None, now, sop_uid, pacs),
         )
+
+    async def purgeable(
+        self, pacs_count: int, accepted_before: float, limit: int = 1000
+    ) -> list[tuple[str, str]]:
+        """(sop_uid, path) of stored instances that every one of `pacs_count` PACS accepted before the cut-off."""
+        rows = await self.db.fetchall(
+            """SELECT f.sop_uid, i.path FROM pacs_forwards f JOIN instances i ON i.sop_uid = f.sop_uid
+               WHERE i.purged_at IS NULL GROUP BY f.sop_uid, i.path
+               HAVING SUM(CASE WHEN f.state = 'accepted' THEN 1 ELSE 0 END) = COUNT(*) AND COUNT(*) >= ?
+                  AND MAX(f.updated_at) < ? LIMIT ?""",
+            (pacs_count, accepted_before, limit),
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def mark_purged(self, sop_uid: str, now: float) -> None:
+        """The instance's file is (about to be) removed; its row stays as history."""
+        await self.db.execute("UPDATE instances SET purged_at = ? WHERE sop_uid = ?", (now, sop_uid))
 
     # ----------------------------------------------------------------------------- status
     async def status(self, limit: int = 50) -> dict[str, Any]:

@@ -76,6 +76,22 @@ def send_batch(pacs: Pacs, items: list[dict[str, Any]], root: Path, timeout: flo
     return outcomes
 
 
+async def purge_accepted(settings: Settings, storage: Storage, catalog: Catalog, now: float) -> int:
+    """Free the space of instances every PACS accepted more than `storage.keep_days_after_pacs` days ago."""
+    if not settings.pacs or settings.keep_days_after_pacs <= 0:
+        return 0
+    cutoff = now - settings.keep_days_after_pacs * 86400
+    purged = 0
+    for sop_uid, path in await catalog.purgeable(len(settings.pacs), cutoff):
+        await catalog.mark_purged(sop_uid, now)
+        # crash here: the row says purged, the file is still there; storage reconciliation removes it at start-up
+        (storage.root / path).unlink(missing_ok=True)
+        purged += 1
+    if purged:
+        log.info("freed the files of %d instances every PACS accepted", purged)
+    return purged
+
+
 class Forwarder:
     """Forwards inbound instances to the local PACS nodes and records what each accepted."""
 
