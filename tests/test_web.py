@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -173,3 +174,47 @@ async def test_status_page_in_a_real_browser(mail, make_gateway, pki_dir, tmp_pa
     assert status == 404  # a study UID is not an instance: nothing leaks by guessing
     image = Image.open(io.BytesIO((ARTIFACTS / "web-status.png").read_bytes()))
     assert image.size[0] >= 1000
+
+
+def test_off_loopback_the_page_needs_tls_and_a_login(mail, make_gateway, pki_dir, monkeypatch):  # type: ignore[no-untyped-def]
+    import ssl
+    import subprocess
+    import sys
+
+    web_port = free_port()
+    plain = make_gateway(
+        "gateway-c",
+        [("gateway-b", "gateway-b", "TO_B")],
+        web_port=web_port,
+        web_extra='bind = "0.0.0.0"',
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "status", "-c", str(plain.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "web.bind" in r.stderr and "tls_cert" in r.stderr
+
+    monkeypatch.setenv("DMG_WEB_PASSWORD", "s3cret-for-the-test")
+    tls = f'bind = "0.0.0.0"\ntls_cert = "{pki_dir / "mail-server.pem"}"\ntls_key = "{pki_dir / "mail-server.key"}"'
+    gw = make_gateway("gateway-c", [("gateway-b", "gateway-b", "TO_B")], web_port=web_port, web_extra=tls)
+    gw.start()
+    ctx = ssl.create_default_context(cafile=str(pki_dir / "ca.pem"))
+    base = f"https://127.0.0.1:{web_port}"
+
+    def fetch(path: str, auth: str | None = None) -> int:
+        req = urllib.request.Request(base + path)
+        if auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    wait_for(lambda: fetch("/healthz") == 200, 30, 0.3, "the TLS web port")
+    assert fetch("/") == 401
+    assert fetch("/metrics", "operator:wrong") == 401
+    assert fetch("/", "operator:s3cret-for-the-test") == 200
+    assert fetch("/metrics", "operator:s3cret-for-the-test") == 200

@@ -39,6 +39,7 @@ def render_config(
     gateway_extra: str = "",
     tail: str = "",
     web_port: int = 0,
+    web_extra: str = "",
 ) -> str:
     """A gateway configuration for the dev PKI; partners are (name, gateway name for certs, AE title)."""
     smtp = smtp_nodes or [f"{node_ip(n)}:25" for n in range(1, NODE_COUNT + 1)]
@@ -90,7 +91,7 @@ def render_config(
             f"ae_title = {_q(partner_ae)}",
             "",
         ]
-    lines += ["[web]", f"port = {web_port}", ""]
+    lines += ["[web]", f"port = {web_port}", web_extra, ""]
     return "\n".join(lines) + ("\n" + tail if tail else "")
 
 
