@@ -71,8 +71,7 @@ def minimal_settings(tmp_path: Path, pki_dir: Path, smime_cert: Path, smime_key:
     return config.from_dict(data, tmp_path / "gateway.toml")
 
 
-@pytest.fixture
-def mariadb_url() -> Iterator[str]:
+def _throwaway_mariadb() -> Iterator[str]:
     """A database of its own on the machine's MariaDB, dropped afterwards."""
     name = f"dmg_test_{secrets.token_hex(4)}"
     yield f"mysql://root@127.0.0.1:3306/{name}"
@@ -80,6 +79,18 @@ def mariadb_url() -> Iterator[str]:
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
     conn.close()
+
+
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    """A MariaDB catalog URL for one test."""
+    yield from _throwaway_mariadb()
+
+
+@pytest.fixture
+def second_mariadb_url() -> Iterator[str]:
+    """Another one, for tests that need two (restore into a second catalog)."""
+    yield from _throwaway_mariadb()
 
 
 def free_port() -> int:

@@ -83,20 +83,6 @@ async def dump(url: str) -> dict[str, list[tuple[object, ...]]]:
         await cat.close()
 
 
-@pytest.fixture
-def second_mariadb_url():  # type: ignore[no-untyped-def]
-    import secrets
-
-    import pymysql
-
-    name = f"dmg_restore_{secrets.token_hex(4)}"
-    yield f"mysql://root@127.0.0.1:3306/{name}"
-    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="")
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-    conn.close()
-
-
 @pytest.mark.parametrize("direction", ["sqlite-to-mariadb", "mariadb-to-sqlite"])
 async def test_backup_wipe_restore_is_identical(
     direction, tmp_path, pki_dir, mariadb_url, second_mariadb_url
