@@ -77,6 +77,9 @@ class Pacs:
     calling_ae: str
     max_attempts: int = 5
     retry_base: float = 30.0
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -473,7 +476,14 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
                 "max_attempts", int, 5, check=lambda v: None if v >= 1 else "must be at least 1"
             ),
             retry_base=float(pr.get("retry_base", (int, float), 30, check=_check_positive)),
+            tls_ca=pr.path("tls_ca") if "tls_ca" in entry else None,
+            tls_cert=pr.path("tls_cert") if "tls_cert" in entry else None,
+            tls_key=pr.path("tls_key") if "tls_key" in entry else None,
         )
+        if (node.tls_cert is None) != (node.tls_key is None) or (node.tls_cert and not node.tls_ca):
+            raise pr.fail(
+                "tls_cert", "DICOM TLS needs tls_ca, and tls_cert with tls_key for a client certificate"
+            )
         pr.done()
         if any(other.name == node.name for other in pacs_nodes):
             raise pr.fail("name", f"duplicate PACS name {node.name!r}")

@@ -191,3 +191,16 @@ def test_schedule_and_outcome(tmp_path, pki_dir):  # type: ignore[no-untyped-def
     settings = write_settings(tmp_path, pki_dir, None)
     backup.record_outcome(settings, False, "OSError: disk full", when=123.0)
     assert backup.last_outcome(settings) == {"ok": False, "detail": "OSError: disk full", "at": 123.0}
+
+
+async def test_each_set_is_also_copied_elsewhere(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
+    second = tmp_path / "nas"
+    second.mkdir()
+    settings = write_settings(tmp_path, pki_dir, None, f'\n[backup]\ncopy_to = "{second}"\n')
+    await populate(settings.database_url, tmp_path)
+    result = await backup.run_backup(settings)
+    copy = second / result.path.name
+    assert backup.verify(copy)["gateway"] == "gateway-a"
+    assert (copy / "catalog" / "instances.jsonl").read_bytes() == (
+        result.path / "catalog" / "instances.jsonl"
+    ).read_bytes()

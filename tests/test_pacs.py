@@ -20,11 +20,11 @@ from tests.faults import refusing_pacs
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[tuple[int, int]]:
-    """Orthanc on loopback, started by the test with its own configuration."""
+def start_orthanc(
+    folder: Path, extra: dict[str, object] | None = None
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Orthanc on loopback, started with its own configuration."""
     dicom_port, http_port = free_port(), free_port()
-    folder = tmp_path / "orthanc"
     folder.mkdir()
     config = {
         "Name": "test-pacs",
@@ -40,7 +40,7 @@ def orthanc(tmp_path: Path) -> Iterator[tuple[int, int]]:
         "StorageCompression": False,
         "HttpServerEnabled": True,
     }
-    (folder / "orthanc.json").write_text(json.dumps(config))
+    (folder / "orthanc.json").write_text(json.dumps({**config, **(extra or {})}))
     log = (folder / "orthanc.log").open("wb")
     proc = subprocess.Popen(
         ["Orthanc", str(folder / "orthanc.json")],
@@ -58,6 +58,16 @@ def orthanc(tmp_path: Path) -> Iterator[tuple[int, int]]:
 
     try:
         wait_for(up, 60, 0.3, "Orthanc to start")
+    except AssertionError:
+        proc.terminate()
+        raise
+    return proc, dicom_port, http_port
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[tuple[int, int]]:
+    proc, dicom_port, http_port = start_orthanc(tmp_path / "orthanc")
+    try:
         yield dicom_port, http_port
     finally:
         proc.terminate()
@@ -122,3 +132,32 @@ def test_inbound_study_reaches_the_pacs_and_refusals_are_reported(mail, make_gat
     assert rows == [(2, 0xA700, "PACS answered 0xA700")] * 2
     check = b.cli("check-mk")
     assert '1 "DMG PACS forwarding"' in check and "2 instances refused" in check
+
+
+def test_forwarding_over_dicom_tls(mail, make_gateway, pki_dir, tmp_path):  # type: ignore[no-untyped-def]
+    """Orthanc with DICOM TLS and required client certificates; the gateway verifies it and presents its own."""
+    tls = {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(pki_dir / "mail-server.pem"),
+        "DicomTlsPrivateKey": str(pki_dir / "mail-server.key"),
+        "DicomTlsTrustedCertificates": str(pki_dir / "ca.pem"),
+        "DicomTlsRemoteCertificateRequired": True,
+    }
+    proc, dicom_port, http_port = start_orthanc(tmp_path / "orthanc", tls)
+    try:
+        pacs = (
+            f'[[pacs]]\nname = "orthanc"\nhost = "127.0.0.1"\nport = {dicom_port}\nae_title = "ORTHANC"\n'
+            f'tls_ca = "{pki_dir / "ca.pem"}"\ntls_cert = "{pki_dir / "gateway-b-tls.pem"}"\n'
+            f'tls_key = "{pki_dir / "gateway-b-tls.key"}"\n'
+        )
+        b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1, tail=pacs)
+        a = make_gateway("gateway-a", [("gateway-b", "gateway-b", "TO_B")], stability_delay=1)
+        b.start()
+        a.start()
+        sources = make_study(tmp_path / "s", ct=2, mr=1, sc=0, size=32)
+        assert storescu(a.port, "TO_B", tmp_path / "s").returncode == 0
+        wait_for(lambda: forwards(b) == {("orthanc", "accepted"): 3}, 120, 1, "forwarding over TLS")
+        assert len(json.loads(rest(http_port, "/instances"))) == len(sources)
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,7 +46,14 @@ def send_batch(pacs: Pacs, items: list[dict[str, Any]], root: Path, timeout: flo
     contexts = sorted({(str(i["sop_class_uid"]), str(i["transfer_syntax"])) for i in items})[:128]
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title)
+    tls_args = None
+    if pacs.tls_ca is not None:
+        # DICOM TLS: the PACS must present a certificate from tls_ca for its host name; never a plain fallback
+        ctx = ssl.create_default_context(cafile=str(pacs.tls_ca))
+        if pacs.tls_cert is not None and pacs.tls_key is not None:
+            ctx.load_cert_chain(str(pacs.tls_cert), str(pacs.tls_key))
+        tls_args = (ctx, pacs.host)
+    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted or unreachable"
         return [Outcome(str(i["sop_uid"]), None, f"association {why}") for i in items]
