@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.devtools import pki  # noqa: E402
+from gateway.devtools import orthanc, pki  # noqa: E402
 from gateway.devtools.devenv import render_config  # noqa: E402
 from gateway.devtools.process import GatewayProcess  # noqa: E402
 from gateway.devtools.studies import make_study  # noqa: E402
@@ -113,30 +113,11 @@ def run_storescp(work: Path, folder: Path) -> float:
 
 
 def run_orthanc(work: Path, folder: Path) -> float:
-    port, http = free_port(), free_port()
-    cfg = {
-        "Name": "bench",
-        "StorageDirectory": str(work / "db"),
-        "IndexDirectory": str(work / "db"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": port,
-        "HttpPort": http,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "Plugins": [],
-        "StorageCompression": False,
-    }
-    (work / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen(
-        ["Orthanc", str(work / "orthanc.json")], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    peer = orthanc.start(work)
     try:
-        wait_port(port)
-        return send(port, "ORTHANC", folder)
+        return send(peer.dicom_port, "ORTHANC", folder)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        peer.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,24 @@ def mail(cluster: MailCluster) -> Iterator[MailCluster]:
     cluster.drain()
 
 
+def write_config(tmp_path: Path, pki_dir: Path, extra: str = "", **kw: object) -> Path:
+    """gateway-a's configuration file for in-process tests (partner gateway-b on TO_B)."""
+    cfg = tmp_path / "site" / "gateway.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    text = render_config(
+        name="gateway-a",
+        ae_title="GW_A",
+        port=11112,
+        d_root=tmp_path / "d",
+        e_root=tmp_path / "e",
+        pki_dir=pki_dir,
+        partners=[("gateway-b", "gateway-b", "TO_B")],
+        **kw,  # type: ignore[arg-type]
+    )
+    cfg.write_text(text + extra)
+    return cfg
+
+
 def minimal_settings(tmp_path: Path, pki_dir: Path, smime_cert: Path, smime_key: Path, **extra: object):  # type: ignore[no-untyped-def]
     """Settings for exercising one stage in-process (no DICOM port, no mail traffic)."""
     from gateway import config

@@ -15,27 +15,14 @@ from gateway import backup, config
 from gateway.catalog import InstanceRecord, open_catalog
 from gateway.core.dicominfo import read_info
 from gateway.core.states import MailState
-from gateway.devtools.devenv import render_config
 from gateway.devtools.studies import make_study
+from tests.conftest import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_settings(tmp_path: Path, pki_dir: Path, url: str | None, extra: str = "") -> config.Settings:
-    cfg = tmp_path / "site" / "gateway.toml"
-    cfg.parent.mkdir(parents=True, exist_ok=True)
-    text = render_config(
-        name="gateway-a",
-        ae_title="GW_A",
-        port=11112,
-        d_root=tmp_path / "d",
-        e_root=tmp_path / "e",
-        pki_dir=pki_dir,
-        partners=[("gateway-b", "gateway-b", "TO_B")],
-        database_url=url,
-    )
-    cfg.write_text(text + extra)
-    return config.load(cfg)
+    return config.load(write_config(tmp_path, pki_dir, extra, database_url=url))
 
 
 async def populate(url: str, tmp_path: Path) -> None:

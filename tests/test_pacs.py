@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.core.dicominfo import dataset_offset, read_info
+from gateway.devtools import orthanc as orthanc_peer
 from gateway.devtools.studies import make_study
 from tests.conftest import free_port, storescu, wait_for
 from tests.faults import refusing_pacs
@@ -20,58 +19,14 @@ from tests.faults import refusing_pacs
 pytestmark = pytest.mark.slow
 
 
-def start_orthanc(
-    folder: Path, extra: dict[str, object] | None = None
-) -> tuple[subprocess.Popen[bytes], int, int]:
-    """Orthanc on loopback, started with its own configuration."""
-    dicom_port, http_port = free_port(), free_port()
-    folder.mkdir()
-    config = {
-        "Name": "test-pacs",
-        "StorageDirectory": str(folder / "db"),
-        "IndexDirectory": str(folder / "db"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "Plugins": [],
-        "StorageCompression": False,
-        "HttpServerEnabled": True,
-    }
-    (folder / "orthanc.json").write_text(json.dumps({**config, **(extra or {})}))
-    log = (folder / "orthanc.log").open("wb")
-    proc = subprocess.Popen(
-        ["Orthanc", str(folder / "orthanc.json")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-
-    def up() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=2):
-                return True
-        except OSError:
-            return False
-
-    try:
-        wait_for(up, 60, 0.3, "Orthanc to start")
-    except AssertionError:
-        proc.terminate()
-        raise
-    return proc, dicom_port, http_port
-
-
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[tuple[int, int]]:
-    proc, dicom_port, http_port = start_orthanc(tmp_path / "orthanc")
+    """Orthanc on loopback, started by the test with its own configuration."""
+    peer = orthanc_peer.start(tmp_path / "orthanc")
     try:
-        yield dicom_port, http_port
+        yield peer.dicom_port, peer.http_port
     finally:
-        proc.terminate()
-        proc.wait(20)
+        peer.stop()
 
 
 def rest(http_port: int, path: str) -> bytes:
@@ -143,7 +98,8 @@ def test_forwarding_over_dicom_tls(mail, make_gateway, pki_dir, tmp_path):  # ty
         "DicomTlsTrustedCertificates": str(pki_dir / "ca.pem"),
         "DicomTlsRemoteCertificateRequired": True,
     }
-    proc, dicom_port, http_port = start_orthanc(tmp_path / "orthanc", tls)
+    peer = orthanc_peer.start(tmp_path / "orthanc", tls)
+    dicom_port, http_port = peer.dicom_port, peer.http_port
     try:
         pacs = (
             f'[[pacs]]\nname = "orthanc"\nhost = "127.0.0.1"\nport = {dicom_port}\nae_title = "ORTHANC"\n'
@@ -159,5 +115,4 @@ def test_forwarding_over_dicom_tls(mail, make_gateway, pki_dir, tmp_path):  # ty
         wait_for(lambda: forwards(b) == {("orthanc", "accepted"): 3}, 120, 1, "forwarding over TLS")
         assert len(json.loads(rest(http_port, "/instances"))) == len(sources)
     finally:
-        proc.terminate()
-        proc.wait(20)
+        peer.stop()

@@ -16,28 +16,15 @@ from gateway.core import mailformat, smime
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
 from gateway.core.nodepool import NodePool
 from gateway.core.states import IllegalTransition, MailState, TransferState, check_transfer, retry_delay
-from gateway.devtools.devenv import render_config
 from gateway.devtools.studies import make_study
 from gateway.errors import ConfigError
 from gateway.storage import Storage, StoreOutcome
+from tests.conftest import write_config
 
 
 # ------------------------------------------------------------------------------------------ configuration
 def write_cfg(tmp_path: Path, pki_dir: Path, **kw: object) -> Path:
-    p = tmp_path / "g.toml"
-    p.write_text(
-        render_config(
-            name="gateway-a",
-            ae_title="GW_A",
-            port=11112,
-            d_root=tmp_path / "d",
-            e_root=tmp_path / "e",
-            pki_dir=pki_dir,
-            partners=[("gateway-b", "gateway-b", "TO_B")],
-            **kw,
-        )  # type: ignore[arg-type]
-    )
-    return p
+    return write_config(tmp_path, pki_dir, **kw)
 
 
 def test_config_loads_and_routes(tmp_path, pki_dir):  # type: ignore[no-untyped-def]

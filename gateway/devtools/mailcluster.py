@@ -73,6 +73,48 @@ def ensure_installed() -> None:
             policy.unlink(missing_ok=True)
 
 
+def _accepts(addr: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(addr, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _stop_orphaned_daemons() -> int:
+    """Kill Postfix masters and Dovecots of a mail cluster of this tool (by their paths), and their children.
+
+    Orphans: their folders are gone, so they cannot be stopped cleanly (Dovecot ignores SIGTERM without its
+    base_dir); SIGKILL, then every process they started."""
+    stopped = 0
+    killed: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ours = False
+            if "postfix/sbin/master" in cmdline:
+                ours = "/mailcluster/postfix" in os.readlink(proc / "cwd")
+            elif cmdline.startswith("/usr/sbin/dovecot") or cmdline.startswith("dovecot"):
+                ours = "/mailcluster/dovecot/" in cmdline
+            if ours:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.add(int(proc.name))
+                stopped += 1
+        except (OSError, ValueError):
+            continue
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid in killed:
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                continue
+    return stopped
+
+
 @dataclass
 class MailCluster:
     """A running (or stoppable) cluster whose state lives in `root`."""
@@ -302,12 +344,22 @@ service stats {{
             raise RuntimeError(f"{cmd[0]} start failed (exit {r.returncode}); see {log} and {log.parent}")
 
     def _take_over_other_cluster(self) -> None:
+        """Stop a cluster another checkout left on the machine-wide node addresses (ours is reloaded instead)."""
+        if self._postfix_running():
+            return
+        stopped = False
         try:
             other = Path(RUNNING_POINTER.read_text().strip())
         except OSError:
-            return
-        if other != self.root and (other / "cluster.json").exists():
+            other = None
+        if other is not None and other != self.root and (other / "cluster.json").exists():
             MailCluster(other).down()
+            stopped = True
+        if any(_accepts((node_ip(n), port)) for n in range(1, NODE_COUNT + 1) for port in (25, 995)):
+            # a cluster whose folder was deleted (a removed clone) cannot be stopped through its configuration
+            _stop_orphaned_daemons()
+            stopped = True
+        if stopped:
             for n in range(1, NODE_COUNT + 1):
                 self._wait_closed((node_ip(n), 25))
                 self._wait_closed((node_ip(n), 995))
