@@ -263,6 +263,10 @@ def _check_ae(value: str) -> str | None:
     )
 
 
+def _check_name(value: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value) else "use letters, digits, . _ -"
+
+
 def _check_addr(value: str) -> str | None:
     return None if _ADDR_RE.match(value) else "not a mail address"
 
@@ -319,7 +323,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     name = gw.get(
         "name",
         str,
-        check=lambda v: None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) else "use letters, digits, . _ -",
+        check=_check_name,
     )
     ae_title = gw.get("ae_title", str, check=_check_ae)
     dicom_bind = gw.get("dicom_bind", str, "127.0.0.1")
@@ -464,9 +468,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
             name=pr.get(
                 "name",
                 str,
-                check=lambda v: (
-                    None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) else "use letters, digits, . _ -"
-                ),
+                check=_check_name,
             ),
             host=pr.get("host", str),
             port=pr.get("port", int, check=lambda v: None if 0 < v < 65536 else "not a port"),
@@ -499,9 +501,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
             name=p.get(
                 "name",
                 str,
-                check=lambda v: (
-                    None if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) else "use letters, digits, . _ -"
-                ),
+                check=_check_name,
             ),
             address=p.get("address", str, check=_check_addr),
             smime_cert=p.path("smime_cert"),

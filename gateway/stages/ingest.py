@@ -26,8 +26,7 @@ from gateway.core.queue import QueueState
 from gateway.core.smime import Identity
 from gateway.core.states import MailState
 from gateway.spool import Item, Spool
-from gateway.stages import wait_woken
-from gateway.stages.send import record
+from gateway.stages import record, wait_woken
 from gateway.storage import Storage, StoreOutcome
 
 log = logging.getLogger(__name__)

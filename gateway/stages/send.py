@@ -13,7 +13,6 @@ import functools
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable
 
 from gateway.adapters.smtp import SmtpCluster
 from gateway.catalog import Catalog
@@ -22,26 +21,13 @@ from gateway.core.queue import QueueState
 from gateway.core.states import retry_delay
 from gateway.errors import RejectedError, TransientError
 from gateway.spool import Item, Spool
-from gateway.stages import wait_woken
+from gateway.stages import record, wait_woken
 from gateway.storage import Storage
 from gateway.web import TRANSFER_LATENCY
 
 log = logging.getLogger(__name__)
 
 ALL_NODES_FAILED = "all SMTP nodes failed"
-
-
-async def record(what: str, action: Callable[[], Awaitable[object]]) -> None:
-    """Run a catalog update until it succeeds (the database may be restarting); the disk already holds the truth."""
-    delay = 1.0
-    while True:
-        try:
-            await action()
-            return
-        except Exception as exc:
-            log.warning("catalog update (%s) failed: %s; retrying in %.0f s", what, type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(30.0, delay * 2)
 
 
 class Sender:
