@@ -2,4 +2,5 @@
 
 from gateway.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # worker processes (forkserver) import this module again: they must not run main()
+    raise SystemExit(main())

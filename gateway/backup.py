@@ -133,8 +133,15 @@ def _config_files(settings: Settings) -> dict[str, Path]:
     files["mail-client.pem"] = settings.mail.client_cert
     files["mail-ca.pem"] = settings.mail.ca_bundle
     files["smime.pem"] = settings.smime_cert
+    if settings.pgp is not None:
+        files["pgp-own.pub.asc"] = settings.pgp.key.with_name(settings.pgp.key.name.replace(".sec.", ".pub."))
+        if not files["pgp-own.pub.asc"].exists() or files["pgp-own.pub.asc"] == settings.pgp.key:
+            del files["pgp-own.pub.asc"]
     for p in settings.partners:
-        files[f"partner-{p.name}.pem"] = p.smime_cert
+        if p.smime_cert is not None:
+            files[f"partner-{p.name}.pem"] = p.smime_cert
+        if p.pgp_key is not None:
+            files[f"partner-{p.name}.pgp.asc"] = p.pgp_key
     return files
 
 

@@ -136,8 +136,38 @@ def _ts(value: Any) -> str:
     return dt.datetime.fromtimestamp(float(value)).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
+_RECEIPT_TEXT = {
+    "awaited": "awaiting receipt",
+    "confirmed": "confirmed by partner",
+    "warning": "confirmed by partner with a warning",
+    "failed": "failed at partner",
+    "overdue": "no receipt yet (overdue)",
+    "not-requested": "no receipts from this partner",
+}
+
+
+def _receipt_text(t: dict[str, Any]) -> str:
+    """An outbound transfer's receipt state in words (inbound transfers have none)."""
+    receipt = t.get("receipt")
+    if not receipt:
+        return "-"
+    text = _RECEIPT_TEXT.get(str(receipt), str(receipt))
+    return f"{text}: {t['receipt_detail']}" if t.get("receipt_detail") else text
+
+
+def _partners(settings: config.Settings) -> list[dict[str, Any]]:
+    """The address book with days until keys expire; a key problem shows instead of stopping `status`."""
+    from gateway.addressbook import load_address_book
+
+    try:
+        return load_address_book(settings).expiry()
+    except ConfigError as exc:
+        return [{"partner": "-", "format": "-", "compression": "-", "receipts": False, "problem": str(exc)}]
+
+
 async def _status(settings: config.Settings, as_json: bool) -> int:
     from gateway.catalog import open_catalog
+    from gateway.fragments import FragmentStore
     from gateway.storage import Storage
 
     catalog = await open_catalog(settings.database_url)
@@ -145,27 +175,56 @@ async def _status(settings: config.Settings, as_json: bool) -> int:
         st = await catalog.status()
     finally:
         await catalog.close()
-    conflicts = Storage(settings.d_root).conflicts
+    storage = Storage(settings.d_root)
+    conflicts = storage.conflicts
     # same SOP Instance UID, different content: kept aside for an operator (file names are UIDs only)
     st["conflicts"] = sorted(f.name for f in conflicts.glob("*.dcm")) if conflicts.exists() else []
+    st["partners"] = _partners(settings)
+    now = time.time()
+    st["fragments"] = [
+        g.describe(settings.mail.reassembly_deadline, now) for g in FragmentStore.of(storage).groups()
+    ]
     if as_json:
         print(json.dumps(st, indent=2, default=str))
         return 0
     print(f"gateway {settings.name} ({settings.ae_title}), catalog {settings.database_url.split('://')[0]}")
+    print("\npartners:")
+    for p in st["partners"]:
+        days = "never" if p.get("days_left") is None else f"{p['days_left']:.0f} d"
+        print(
+            f"  {p['partner']:<16} {p['format']:<9} {p['compression']:<17} receipts {'yes' if p['receipts'] else 'no':<3}"
+            f"  keys expire in {days}" + (f"  SUSPENDED: {p['problem']}" if p.get("problem") else "")
+        )
     print("\ntransfers by state:")
     for row in st["transfers_by_state"] or [{"direction": "-", "state": "none", "count": 0}]:
         print(f"  {row['direction']:>3} {row['state']:<10} {row['count']:>6}")
-    print("\nrecent transfers:")
+    print("\nrecent transfers (MB: DICOM bytes → bytes on the wire):")
     print(
-        f"  {'id':<32} {'dir':<3} {'partner':<14} {'state':<10} {'mails':>7} {'inst':>5} {'MB':>8}  updated"
+        f"  {'id':<32} {'dir':<3} {'partner':<14} {'state':<10} {'mails':>7} {'inst':>5} {'MB':>15}  "
+        f"{'updated':<19}  receipt"
     )
     for t in st["transfers"]:
         mails = f"{t['parts_done']}/{t['parts_total'] or '?'}"
+        size = f"{t['bytes'] / 1e6:.1f}" + (f" → {t['bytes_wire'] / 1e6:.1f}" if t.get("bytes_wire") else "")
         print(
             f"  {t['id'][-32:]:<32} {t['direction']:<3} {t['partner'][:14]:<14} {t['state']:<10} {mails:>7} "
-            f"{t['instances']:>5} {t['bytes'] / 1e6:>8.1f}  {_ts(t['updated_at'])}"
+            f"{t['instances']:>5} {size:>15}  {_ts(t['updated_at']):<19}  {_receipt_text(t)}"
             + (f"  ({t['error']})" if t["error"] else "")
+            + (
+                "  INCOMPLETE after the reassembly deadline"
+                if t["direction"] == "in"
+                and t["state"] == "receiving"
+                and now - float(t["created_at"]) > settings.mail.reassembly_deadline
+                else ""
+            )
         )
+    if st["fragments"]:
+        print("\nmessage/partial groups being reassembled:")
+        for g in st["fragments"]:
+            print(
+                f"  {g['key']}  {g['have']}/{g['total'] or '?'} fragments since {_ts(g['first_seen'])}"
+                + ("  OVERDUE" if g["overdue"] else "")
+            )
     if st["conflicts"]:
         print(f"\nconflicts (same UID, other content, kept in {conflicts}): {len(st['conflicts'])}")
         for name in st["conflicts"][:20]:
@@ -187,11 +246,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 async def _queue(settings: config.Settings, action: str, item_id: str | None, as_json: bool) -> int:
     from gateway.catalog import open_catalog
     from gateway.core.queue import QueueState
+    from gateway.fragments import FragmentStore
     from gateway.spool import Spool
     from gateway.storage import Storage
 
     storage = Storage(settings.d_root)
     queues = {"outbox": Spool(storage.outbox, storage.tmp), "inbox": Spool(storage.inbox, storage.tmp)}
+    fragments = FragmentStore.of(storage)
     if action == "list":
         listing: dict[str, Any] = {
             name: {
@@ -217,6 +278,14 @@ async def _queue(settings: config.Settings, action: str, item_id: str | None, as
             print(f"{name}: {counts}")
             for entry in data["set_aside"]:
                 print(f"  {entry['state']:<8} {entry['id']}  {_ts(entry['since'])}  {entry['reason']}")
+        for g in fragments.groups():
+            print(
+                f"fragments: {g.key}  {g.have}/{g.total or '?'} since {_ts(g.first_seen)}  (discard ID drops it)"
+            )
+        return 0
+    if action == "discard" and any(g.key == item_id for g in fragments.groups()):
+        fragments.discard(str(item_id))  # an incomplete message/partial message an operator gave up on
+        print(f"fragment group {item_id}: discarded")
         return 0
     for name, q in queues.items():
         item = q.find(str(item_id)) if q.root.exists() else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -36,14 +37,34 @@ class Node:
         return f"{self.host}:{self.port}"
 
 
+FORMATS = ("smime", "pgp", "smime-zip")
+COMPRESSIONS = ("none", "deflate", "jpeg2000-lossless")
+SPLITS = ("sets", "partial")
+
+
 @dataclass(frozen=True)
 class Partner:
-    """A teleradiology partner: where its mails go and how its signatures are checked."""
+    """An address-book entry: a teleradiology partner, how to reach it and how its mails are checked."""
 
     name: str
-    address: str
-    smime_cert: Path
+    addresses: tuple[str, ...]  # the first receives our mails; mails from any of them are the partner's
     ae_title: str
+    format: str = "smime"  # FORMATS
+    smime_cert: Path | None = None
+    pgp_key: Path | None = None
+    pgp_fingerprint: str = ""
+    institution: str = ""
+    location: str = ""
+    max_mail_size: int = 0  # 0: mail.max_mail_size
+    compression: str = "none"  # COMPRESSIONS
+    receipts: bool = True  # request MDNs and expect them back
+    split: str = "sets"  # SPLITS: self-contained size-capped mails, or message/partial fragments of one mail
+    max_message_size: int = 0  # split = "partial": the size of the one large mail before fragmenting
+
+    @property
+    def address(self) -> str:
+        """The address our mails go to."""
+        return self.addresses[0]
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,22 @@ class MailSettings:
     subject: str
     retry_base: float = 30.0
     retry_cap: float = 300.0
+    protocol: str = "pop3"  # "pop3" | "imap": how the mailbox is read
+    imap_nodes: tuple[Node, ...] = ()
+    imap_user: str = ""
+    imap_password_env: str = ""  # empty: client certificate (SASL EXTERNAL)
+    imap_folder: str = "INBOX"
+    reassembly_deadline: float = 24 * 3600.0  # an incomplete set or fragment group is reported after this
+    receipt_deadline: float = 24 * 3600.0  # a transfer without the partner's receipt is flagged after this
+    max_unpacked_size: int = 1024**3  # DICOM-ZIP: most bytes one archive may unpack to
+
+
+@dataclass(frozen=True)
+class PgpSettings:
+    """The gateway's own OpenPGP key, for partners in the @GIT PGP/MIME format."""
+
+    key: Path  # armored secret key (exported with gpg --export-secret-keys --armor)
+    passphrase_env: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,11 +184,13 @@ class Settings:
     smime_cert: Path
     smime_key: Path
     partners: tuple[Partner, ...]
+    pgp: PgpSettings | None = None
     log_level: str = "INFO"
     retry_max_age: float = 2 * 24 * 3600.0
     allowed_calling_ae: tuple[str, ...] = ()
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     dicom_timeout: float = 60.0
+    dicom_workers: int = 2
     backup: BackupSettings = field(default_factory=BackupSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     web: WebSettings = field(default_factory=WebSettings)
@@ -173,7 +212,11 @@ class Settings:
     def partner_by_address(self, address: str) -> Partner | None:
         """The partner that owns this mail address (case-insensitive), if any."""
         address = address.strip().lower()
-        return next((p for p in self.partners if p.address.lower() == address), None)
+        return next((p for p in self.partners if address in (a.lower() for a in p.addresses)), None)
+
+    def mail_size_for(self, partner: Partner) -> int:
+        """The largest mail this partner's mail server takes."""
+        return partner.max_mail_size or self.mail.max_mail_size
 
     @property
     def catalog_is_sqlite(self) -> bool:
@@ -303,6 +346,71 @@ def _parse_size_key(r: _Reader, name: str, default: str) -> int:
     return size
 
 
+def _partner(p: _Reader, file: Path) -> Partner:
+    """One [[partners]] entry; key material is checked by `gateway.addressbook` when the gateway starts."""
+    name = p.get("name", str, check=_check_name)
+    if "address" in p.table and "addresses" in p.table:
+        raise p.fail("addresses", "give address or addresses, not both")
+    if "addresses" in p.table:
+        addresses = p.get("addresses", list)
+        if not addresses:
+            raise p.fail("addresses", "needs at least one address")
+        for a in addresses:
+            if not isinstance(a, str) or _check_addr(a):
+                raise p.fail("addresses", f"entry {a!r} is not a mail address")
+    else:
+        addresses = [p.get("address", str, check=_check_addr)]
+    fmt = p.get("format", str, "smime", check=lambda v: None if v in FORMATS else " or ".join(FORMATS))
+    smime_cert = p.path("smime_cert") if "smime_cert" in p.table else None
+    pgp_key = p.path("pgp_key") if "pgp_key" in p.table else None
+    fingerprint = p.get(
+        "pgp_fingerprint",
+        str,
+        "",
+        check=lambda v: (
+            None
+            if re.fullmatch(r"[0-9A-Fa-f]{40}", v.replace(" ", ""))
+            else "40 hex digits (a v4 fingerprint)"
+        ),
+    )
+    if fmt in ("smime", "smime-zip") and smime_cert is None:
+        raise p.fail("smime_cert", f"missing: partner {name!r} uses {fmt} and needs its S/MIME certificate")
+    if fmt == "pgp" and pgp_key is None:
+        raise p.fail(
+            "pgp_key", f"missing: partner {name!r} uses pgp and needs its OpenPGP public key (armored file)"
+        )
+    size = p.get("max_mail_size", (str, int), 0)
+    max_message = p.get("max_message_size", (str, int), "200MB")
+    try:
+        size = parse_size(size) if size else 0
+        max_message = parse_size(max_message)
+    except ValueError as exc:
+        raise p.fail("max_mail_size", str(exc)) from None
+    if size and size < 64 * 1024:
+        raise p.fail("max_mail_size", "must be at least 64KB")
+    return Partner(
+        name=name,
+        addresses=tuple(addresses),
+        ae_title=p.get("ae_title", str, check=_check_ae),
+        format=fmt,
+        smime_cert=smime_cert,
+        pgp_key=pgp_key,
+        pgp_fingerprint=fingerprint.replace(" ", "").upper(),
+        institution=p.get("institution", str, ""),
+        location=p.get("location", str, ""),
+        max_mail_size=size,
+        compression=p.get(
+            "compression",
+            str,
+            "none",
+            check=lambda v: None if v in COMPRESSIONS else " or ".join(COMPRESSIONS),
+        ),
+        receipts=p.get("receipts", bool, True),
+        split=p.get("split", str, "sets", check=lambda v: None if v in SPLITS else " or ".join(SPLITS)),
+        max_message_size=max_message,
+    )
+
+
 def load(path: str | Path) -> Settings:
     """Read and validate a configuration file; raise `ConfigError` naming file and key."""
     file = Path(path).resolve()
@@ -351,6 +459,14 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         except ValueError:
             raise gw.fail("allowed_networks", f"entry {item!r} is not an address or network (CIDR)") from None
     dicom_timeout = float(gw.get("dicom_timeout", (int, float), 60, check=_check_positive))
+    dicom_workers = int(
+        gw.get(
+            "dicom_workers",
+            int,
+            max(1, min(8, os.cpu_count() or 1)),
+            check=lambda v: None if 1 <= v <= 64 else "must be between 1 and 64",
+        )
+    )
     gw.done()
 
     st = root.table_of("storage")
@@ -402,13 +518,33 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         subject=m.get("subject", str, "DICOM-eMail"),
         retry_base=float(m.get("retry_base", (int, float), 30, check=_check_positive)),
         retry_cap=float(m.get("retry_cap", (int, float), 300, check=_check_positive)),
+        protocol=m.get(
+            "protocol", str, "pop3", check=lambda v: None if v in ("pop3", "imap") else "pop3 or imap"
+        ),
+        imap_nodes=_nodes(m, "imap_nodes", 993) if "imap_nodes" in m.table else (),
+        imap_user=m.get("imap_user", str, ""),
+        imap_password_env=m.get("imap_password_env", str, ""),
+        imap_folder=m.get("imap_folder", str, "INBOX"),
+        reassembly_deadline=float(
+            m.get("reassembly_deadline", (int, float), 24 * 3600, check=_check_positive)
+        ),
+        receipt_deadline=float(m.get("receipt_deadline", (int, float), 24 * 3600, check=_check_positive)),
+        max_unpacked_size=_parse_size_key(m, "max_unpacked_size", "1GB"),
     )
+    if mail.protocol == "imap" and not mail.imap_nodes:
+        raise m.fail("imap_nodes", "protocol = imap needs at least one IMAPS node")
     m.done()
 
     sm = root.table_of("smime")
     smime_cert = sm.path("cert")
     smime_key = sm.path("key")
     sm.done()
+
+    pgp = None
+    if "pgp" in data:
+        pg = root.table_of("pgp")
+        pgp = PgpSettings(key=pg.path("key"), passphrase_env=pg.get("passphrase_env", str, ""))
+        pg.done()
 
     bk = root.table_of("backup", required=False)
 
@@ -497,24 +633,21 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         if not isinstance(entry, dict):
             raise root.fail(f"partners[{i}]", "must be a table ([[partners]])")
         p = _Reader(file, f"partners[{i}]", entry)
-        partner = Partner(
-            name=p.get(
-                "name",
-                str,
-                check=_check_name,
-            ),
-            address=p.get("address", str, check=_check_addr),
-            smime_cert=p.path("smime_cert"),
-            ae_title=p.get("ae_title", str, check=_check_ae),
-        )
+        partner = _partner(p, file)
         p.done()
         for other in partners:
             if other.name == partner.name:
                 raise p.fail("name", f"duplicate partner name {partner.name!r}")
             if other.ae_title == partner.ae_title:
                 raise p.fail("ae_title", f"AE title {partner.ae_title!r} already routes to {other.name!r}")
+            if shared := set(map(str.lower, other.addresses)) & set(map(str.lower, partner.addresses)):
+                raise p.fail("addresses", f"{sorted(shared)[0]} already belongs to {other.name!r}")
         if partner.ae_title == ae_title:
             raise p.fail("ae_title", "must differ from gateway.ae_title")
+        if partner.format == "pgp" and pgp is None:
+            raise p.fail(
+                "format", f"partner {partner.name!r} uses pgp: the [pgp] section (own key) is missing"
+            )
         partners.append(partner)
     root.done()
 
@@ -533,11 +666,13 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         smime_cert=smime_cert,
         smime_key=smime_key,
         partners=tuple(partners),
+        pgp=pgp,
         log_level=log_level,
         retry_max_age=retry_max_age,
         allowed_calling_ae=tuple(allowed_ae_raw),
         allowed_networks=tuple(networks),
         dicom_timeout=dicom_timeout,
+        dicom_workers=dicom_workers,
         backup=backup,
         monitoring=monitoring,
         web=web,

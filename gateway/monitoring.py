@@ -162,11 +162,73 @@ def _nodes(health: dict[str, Any] | None, now: float) -> list[Service]:
     return out
 
 
-def _certificates(settings: Settings, now: float) -> list[Service]:
-    certs = [("mail client", settings.mail.client_cert), ("S/MIME own", settings.smime_cert)]
-    certs += [(f"partner {p.name}", p.smime_cert) for p in settings.partners]
+def _receipts(receipts: dict[str, int]) -> Service:
+    """Partners' receipts (MDN) for the last 7 days: a failure at a partner is CRIT, a missing receipt WARN."""
+    failed, overdue = receipts.get("failed", 0), receipts.get("overdue", 0)
+    return Service(
+        CRIT if failed else WARN if overdue else OK,
+        "DMG Receipts",
+        f"{receipts.get('confirmed', 0)} confirmed, {receipts.get('awaited', 0)} awaited, {overdue} overdue, "
+        f"{failed} failed at the partner (7 days)",
+        tuple(Metric(k, receipts.get(k, 0)) for k in ("confirmed", "awaited", "overdue", "failed")),
+    )
+
+
+def _incomplete(settings: Settings, stuck_sets: int, now: float) -> Service:
+    """Inbound sets and message/partial groups still incomplete after the reassembly deadline."""
+    from gateway.fragments import FragmentStore
+    from gateway.storage import Storage
+
+    storage = Storage(settings.d_root)
+    groups = FragmentStore.of(storage).overdue(settings.mail.reassembly_deadline, now)
+    hours = settings.mail.reassembly_deadline / 3600
+    return Service(
+        WARN if stuck_sets or groups else OK,
+        "DMG Incomplete arrivals",
+        f"{stuck_sets} inbound sets and {len(groups)} fragmented messages still incomplete after {hours:g} h",
+        (Metric("sets", stuck_sets), Metric("fragment_groups", len(groups))),
+    )
+
+
+def _pgp_keys(settings: Settings, now: float) -> list[Service]:
+    """Days until each partner's OpenPGP key expires (keys without expiry are OK)."""
+    from gateway.adapters.openpgp import scan_key_file
+
     m = settings.monitoring
     out = []
+    for p in settings.partners:
+        if p.pgp_key is None:
+            continue
+        name = f"DMG OpenPGP key partner {p.name}"
+        try:
+            keys = scan_key_file(p.pgp_key)
+        except (OSError, ValueError) as exc:
+            out.append(Service(CRIT, name, f"unreadable: {type(exc).__name__}"))
+            continue
+        if len(keys) != 1:
+            out.append(Service(CRIT, name, f"expected one key, found {len(keys)}"))
+            continue
+        if keys[0].expires is None:
+            out.append(Service(OK, name, f"{keys[0].fingerprint}, no expiry"))
+            continue
+        days = (keys[0].expires - now) / 86400
+        state = _lower(days, m.cert_days_warn, m.cert_days_crit)
+        out.append(
+            Service(
+                state,
+                name,
+                f"{keys[0].fingerprint}, " + ("expired" if days < 0 else f"expires in {days:.0f} days"),
+                (Metric("days_left", round(days, 1), m.cert_days_warn, m.cert_days_crit),),
+            )
+        )
+    return out
+
+
+def _certificates(settings: Settings, now: float) -> list[Service]:
+    certs = [("mail client", settings.mail.client_cert), ("S/MIME own", settings.smime_cert)]
+    certs += [(f"partner {p.name}", p.smime_cert) for p in settings.partners if p.smime_cert is not None]
+    m = settings.monitoring
+    out = _pgp_keys(settings, now)
     for label, path in certs:
         name = f"DMG Certificate {label}"
         try:
@@ -251,8 +313,9 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
 
     now = now or time.time()
     health = read_health(settings)
-    failed = recent = 0
+    failed = recent = stuck_in = 0
     forwards: dict[str, int] = {}
+    receipts: dict[str, int] = {}
     catalog_problem = None
     try:
         catalog = await open_catalog(settings.database_url)
@@ -270,6 +333,18 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
                 "SELECT state, COUNT(*) FROM pacs_forwards GROUP BY state"
             ):
                 forwards[str(state)] = int(count)
+            # inbound sets still missing parts after the reassembly deadline
+            row = await catalog.db.fetchone(
+                "SELECT COUNT(*) FROM transfers WHERE direction = 'in' AND state = 'receiving' AND created_at < ?",
+                (now - settings.mail.reassembly_deadline,),
+            )
+            stuck_in = int(row[0]) if row else 0
+            for receipt, count in await catalog.db.fetchall(
+                "SELECT receipt, COUNT(*) FROM transfers WHERE direction = 'out' AND receipt IS NOT NULL "
+                "AND updated_at > ? GROUP BY receipt",
+                (now - 7 * 86400,),
+            ):
+                receipts[str(receipt)] = int(count)
         finally:
             await catalog.close()
     except Exception as exc:
@@ -302,6 +377,9 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
                 ),
             )
         )
+    if not catalog_problem:
+        services.append(_receipts(receipts))
+    services.append(_incomplete(settings, stuck_in, now))
     services += _certificates(settings, now)
     services.append(_backup(settings, now))
     services.append(_space(settings, "D:", settings.d_root, settings.min_free))

@@ -1,7 +1,8 @@
 """The running gateway: one `asyncio.TaskGroup` owns every stage; start-up recovers what a crash left.
 
     receive (SCP threads) ─▶ index ─▶ route ─▶ package ─▶ send ─▶ SMTP cluster
-    POP3S cluster ─▶ fetch ─▶ ingest ─▶ storage + catalog
+    POP3S/IMAPS cluster ─▶ fetch ─▶ ingest ─▶ storage + catalog ─▶ forward ─▶ PACS
+                                      └─▶ receipts (MDN) ─▶ send
 
 Start-up order: storage layout and stray temp files, catalog and migrations, intake journal replay, spool
 clean-up, then the stages, and the DICOM port last (nothing is acknowledged before the pipeline can take it).
@@ -12,29 +13,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography import x509
-
 from gateway import backup, monitoring
-from gateway.adapters.dicom_scp import DicomScp
+from gateway.adapters.imap import ImapCluster
 from gateway.adapters.pop3 import Pop3Cluster
 from gateway.adapters.smtp import SmtpCluster
+from gateway.addressbook import Keys, load_keys
 from gateway.catalog import Catalog, open_catalog
 from gateway.config import Settings
 from gateway.core.queue import QueueState
-from gateway.core.smime import Identity
 from gateway.core.states import MailState
+from gateway.fragments import FragmentStore
 from gateway.spool import Spool
 from gateway.stages.fetch import Fetcher
 from gateway.stages.forward import Forwarder, purge_accepted
 from gateway.stages.ingest import Ingester
 from gateway.stages.package import Packager
+from gateway.stages.receipts import Receipts
 from gateway.stages.receive import Intake
+from gateway.stages.receivers import ReceiverPool
 from gateway.stages.route import Router
 from gateway.stages.send import Sender
 from gateway.storage import Storage
@@ -46,14 +50,32 @@ log = logging.getLogger(__name__)
 DONE_KEEP_DAYS = 7
 
 
-def load_identity(settings: Settings) -> Identity:
-    """The gateway's S/MIME signing and decryption identity."""
-    return Identity.load(settings.smime_cert.read_bytes(), settings.smime_key.read_bytes())
+class LoopWatch:
+    """How long the event loop was kept from running: every stage waits while it is blocked.
 
+    Wakes every 50 ms and measures how late it woke. The worst delay since start and the number of delays over
+    100 ms go to health.json, `status` and /metrics; a delay over 1 s is logged.
+    """
 
-def load_partner_certs(settings: Settings) -> dict[str, x509.Certificate]:
-    """Each partner's pinned S/MIME certificate, by partner name."""
-    return {p.name: x509.load_pem_x509_certificate(p.smime_cert.read_bytes()) for p in settings.partners}
+    INTERVAL = 0.05
+
+    def __init__(self) -> None:
+        self.max_block = 0.0
+        self.max_block_at = 0.0  # when it happened (epoch seconds), to compare with the log
+        self.blocks_over_100ms = 0
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.INTERVAL)
+            late = loop.time() - before - self.INTERVAL
+            if late > self.max_block:
+                self.max_block, self.max_block_at = late, time.time()
+            if late > 0.1:
+                self.blocks_over_100ms += 1
+                if late > 1.0:
+                    log.warning("the event loop was blocked for %.1f s", late)
 
 
 @dataclass
@@ -64,7 +86,7 @@ class Gateway:
     storage: Storage
     catalog: Catalog
     intake: Intake
-    scp: DicomScp
+    scp: ReceiverPool
     router: Router
     packager: Packager
     sender: Sender
@@ -73,9 +95,13 @@ class Gateway:
     outbox: Spool
     inbox: Spool
     forwarder: Forwarder
+    receipts: Receipts
+    fragments: FragmentStore
+    keys: Keys
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     storage_report: dict[str, int] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    loop_watch: LoopWatch = field(default_factory=LoopWatch)
 
     @classmethod
     async def create(cls, settings: Settings) -> Gateway:
@@ -84,27 +110,28 @@ class Gateway:
         removed = storage.prepare()
         if removed:
             log.info("removed %d temp files left by an interrupted write", removed)
-        identity = load_identity(settings)
-        partner_certs = load_partner_certs(settings)
+        keys = await asyncio.to_thread(load_keys, settings)
+        for entry in keys.book.expiry():
+            if entry["problem"]:
+                log.error("partner %s is suspended: %s", entry["partner"], entry["problem"])
+            elif entry["days_left"] is not None and float(entry["days_left"]) < 30:  # type: ignore[arg-type]
+                log.warning("partner %s: keys expire in %s days", entry["partner"], entry["days_left"])
         catalog = await open_catalog(settings.database_url)
         tls = mail_client_context(settings.mail)
         outbox, inbox = Spool(storage.outbox, storage.tmp), Spool(storage.inbox, storage.tmp)
         outbox.prepare()
         inbox.prepare()
+        fragments = FragmentStore.of(storage)
+        fragments.prepare()
         wake_router, wake_packager, wake_sender, wake_ingest = (asyncio.Event() for _ in range(4))
-        intake = Intake(settings, storage, catalog, wake_router)
-        intake.loop = asyncio.get_running_loop()
-        await intake.recover()
-        scp = DicomScp(
-            settings.ae_title,
-            {p.ae_title for p in settings.partners},
-            (settings.dicom_bind, settings.dicom_port),
-            storage.tmp,
-            intake.store,
-            settings.allowed_calling_ae,
-            settings.allowed_networks,
-            settings.dicom_timeout,
+        mailbox: Pop3Cluster | ImapCluster = (
+            ImapCluster(settings.mail, tls)
+            if settings.mail.protocol == "imap"
+            else Pop3Cluster(settings.mail, tls)
         )
+        intake = Intake(storage, catalog, wake_router)
+        await intake.recover()
+        scp = ReceiverPool(settings, storage, intake, settings.dicom_workers)
         gw = cls(
             settings=settings,
             storage=storage,
@@ -112,17 +139,21 @@ class Gateway:
             intake=intake,
             scp=scp,
             router=Router(settings, catalog, wake_router, wake_packager),
-            packager=Packager(
-                settings, storage, catalog, identity, partner_certs, wake_packager, wake_sender, outbox
-            ),
+            packager=Packager(settings, storage, catalog, keys, wake_packager, wake_sender, outbox),
             sender=Sender(settings, storage, catalog, SmtpCluster(settings.mail, tls), wake_sender, outbox),
-            fetcher=Fetcher(settings, storage, catalog, Pop3Cluster(settings.mail, tls), wake_ingest, inbox),
-            ingester=Ingester(settings, storage, catalog, identity, partner_certs, wake_ingest, inbox),
+            fetcher=Fetcher(settings, storage, catalog, mailbox, wake_ingest, inbox),
+            ingester=Ingester(settings, storage, catalog, keys, wake_ingest, inbox, fragments),
             outbox=outbox,
             inbox=inbox,
             forwarder=Forwarder(settings, storage, catalog, asyncio.Event()),
+            receipts=Receipts(settings, catalog, keys, asyncio.Event(), wake_sender, outbox),
+            fragments=fragments,
+            keys=keys,
         )
         gw.ingester.wake_forwarder = gw.forwarder.wake
+        gw.ingester.workers = gw.packager
+        gw.ingester.wake_receipts = gw.receipts.wake
+        gw.forwarder.wake_receipts = gw.receipts.wake
         await gw.recover()
         return gw
 
@@ -131,6 +162,8 @@ class Gateway:
         for name, spool in (("outbox", self.outbox), ("inbox", self.inbox)):
             for item in await asyncio.to_thread(spool.recover):
                 log.warning("%s item %s was active at a crash: now %s", name, item.id, item.state)
+        for item_id in await asyncio.to_thread(self.fragments.sweep, self.inbox):
+            log.info("fragments completed before a crash queued as %s", item_id)
         released = await self.packager.release_staged()
         if released:
             log.info("moved %d recorded but staged sets into the outbox", released)
@@ -217,7 +250,13 @@ class Gateway:
 
     def wake_all(self) -> None:
         """Wake every stage (after an operator released a mail)."""
-        for event in (self.router.wake, self.packager.wake, self.sender.wake, self.ingester.wake):
+        for event in (
+            self.router.wake,
+            self.packager.wake,
+            self.sender.wake,
+            self.ingester.wake,
+            self.receipts.wake,
+        ):
             event.set()
 
     async def housekeeping(self) -> None:
@@ -259,7 +298,10 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         """Live counters (no patient data)."""
         nodes = {}
-        for name, pool in (("smtp", self.sender.smtp.pool), ("pop3", self.fetcher.pop3.pool)):
+        for name, pool in (
+            ("smtp", self.sender.smtp.pool),
+            (self.settings.mail.protocol, self.fetcher.mailbox.pool),
+        ):
             nodes[name] = {
                 str(n): {
                     "ok": h.successes,
@@ -277,7 +319,17 @@ class Gateway:
             "ingested_mails": self.ingester.ingested,
             "quarantined_mails": self.ingester.quarantined,
             "queues": {"outbox": self.outbox.counts(), "inbox": self.inbox.counts()},
+            "event_loop": {
+                "max_block_ms": round(self.loop_watch.max_block * 1000, 1),
+                "max_block_at": self.loop_watch.max_block_at,
+                "blocks_over_100ms": self.loop_watch.blocks_over_100ms,
+            },
             "nodes": nodes,
+            "partners": self.keys.book.expiry(),
+            "fragments": [
+                g.describe(self.settings.mail.reassembly_deadline, time.time())
+                for g in self.fragments.groups()
+            ],
         }
 
     async def run(self) -> None:
@@ -287,6 +339,7 @@ class Gateway:
                 # the stages that must run as long as the gateway does (watched by /healthz)
                 self.tasks = [
                     tg.create_task(self.intake.index_forever(), name="index"),
+                    tg.create_task(self.scp.run_forever(), name="dicom-receivers"),
                     tg.create_task(self.router.run_forever(), name="route"),
                     tg.create_task(self.packager.run_forever(), name="package"),
                     tg.create_task(self.sender.run_forever(), name="send"),
@@ -296,11 +349,14 @@ class Gateway:
                     tg.create_task(backup.run_forever(self.settings), name="backup"),
                     tg.create_task(self.publish_health(), name="health"),
                     tg.create_task(self.forwarder.run_forever(), name="forward"),
+                    tg.create_task(self.receipts.run_forever(), name="receipts"),
+                    tg.create_task(self.loop_watch.run_forever(), name="loop-watch"),
                 ]
                 tg.create_task(self.reconcile_storage(), name="storage-check")  # runs once
                 webapp = WebApp(self) if self.settings.web.port else None
                 if webapp is not None:
                     await webapp.start()
+                await self.scp.wait_ready()
                 self.scp.start()
                 log.info(
                     "gateway %s ready: DICOM %s:%d AE %s; partners: %s",
@@ -320,16 +376,37 @@ class Gateway:
             pass
         finally:
             self.scp.stop()
+            self.packager.close()
             await self.catalog.close()
-            self.intake.journal.close()
+            if self.keys.pgp is not None:
+                self.keys.pgp.close()
 
 
 class _Stop(Exception):
     """Raised inside the TaskGroup to cancel every stage."""
 
 
+def tune_malloc() -> None:
+    """Give large buffers back to the system as soon as they are freed (glibc only; elsewhere nothing happens).
+
+    The gateway handles mails of 20 MB and more, a few copies at a time, in a pool of threads. glibc's default
+    raises its mmap threshold after such buffers are freed and keeps them in per-thread arenas, so the resident
+    size grows towards the worst case of every thread at once. A fixed 1 MB threshold (which also ends the
+    dynamic raising) and two arenas keep RSS near what is in use.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    mallopt(m_mmap_threshold, 1 << 20)
+    mallopt(m_arena_max, 2)
+
+
 async def run(settings: Settings) -> None:
     """Run a gateway until SIGTERM or SIGINT."""
+    tune_malloc()
     gw = await Gateway.create(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

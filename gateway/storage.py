@@ -8,7 +8,7 @@ Layout below `d_root`:
                                                           corrupt done (see gateway/spool.py)
     spool/outbox-staging/<transfer>/                      a set being built (moved into outbox when complete)
     spool/inbox/<state>/<mail-key>/                       fetched mails; hold = quarantined, with the reason
-    spool/intake/journal.jsonl                            received-instance journal (see stages/receive.py)
+    spool/intake/journal-<receiver>.jsonl                 received-instance journals, one per receiver process (stages/receive.py)
     tmp/                                                  temp files, same filesystem so rename is atomic
     catalog.sqlite                                        the embedded catalog (default database)
 
@@ -173,10 +173,17 @@ class Storage:
         return str(path.relative_to(self.root))
 
     def _place(self, info: InstanceInfo, tmp: Path, sha: str, size: int) -> StoreResult:
-        """Move a fully written and fsynced temp file into place, deduplicating by UID and content."""
+        """Move a fully written and fsynced temp file into place, deduplicating by UID and content.
+
+        Several processes store at once (the DICOM receivers, the mail ingest), so the place is taken with
+        `link`, which fails if the name exists: of two copies of one UID arriving together, exactly one is stored
+        and the other is compared with it (duplicate or conflict), never silently replaced."""
         target = self.instance_path(info)
         with self._lock:
-            if target.exists():
+            makedirs_durable(target.parent)
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
                 if target.stat().st_size == size and sha256_file(target) == sha:
                     tmp.unlink()
                     return StoreResult(StoreOutcome.DUPLICATE, target, sha, size)
@@ -185,22 +192,27 @@ class Storage:
                 os.replace(tmp, aside)
                 fsync_dir(self.conflicts)
                 return StoreResult(StoreOutcome.CONFLICT, aside, sha, size)
-            makedirs_durable(target.parent)
-            os.replace(tmp, target)
-            # crash here: the rename may not survive until the directory is synced; nothing acknowledged yet
+            # crash here: the new name may not survive until the directory is synced; nothing acknowledged yet
             fsync_dir(target.parent)
+            tmp.unlink()  # crash before this: a stray temp file, removed at start-up
         return StoreResult(StoreOutcome.STORED, target, sha, size)
 
-    def store_temp_file(self, tmp: Path, info: InstanceInfo) -> StoreResult:
-        """Store a file already written below `tmp/` (the DICOM receive path); fsyncs it first."""
-        h = hashlib.sha256()
-        size = 0
+    def store_temp_file(
+        self, tmp: Path, info: InstanceInfo, digest: tuple[str, int] | None = None
+    ) -> StoreResult:
+        """Store a file already written below `tmp/` (the DICOM receive path); fsyncs it first.
+
+        `digest` is the (SHA-256, size) its writer computed on the way in; without it the file is read again."""
         with tmp.open("rb+") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
+            if digest is None:
+                h = hashlib.sha256()
+                size = 0
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                digest = h.hexdigest(), size
             os.fsync(f.fileno())
-        return self._place(info, tmp, h.hexdigest(), size)
+        return self._place(info, tmp, *digest)
 
     def store_bytes(self, data: bytes, info: InstanceInfo) -> StoreResult:
         """Store an instance held in memory (the mail ingest path)."""

@@ -66,7 +66,10 @@ class GatewayCollector:
         c = CounterMetricFamily(
             "dmg_mail_node_failures", "Failed attempts per mail node", labels=["protocol", "node"]
         )
-        for proto, pool in (("smtp", gw.sender.smtp.pool), ("pop3", gw.fetcher.pop3.pool)):
+        for proto, pool in (
+            ("smtp", gw.sender.smtp.pool),
+            (gw.settings.mail.protocol, gw.fetcher.mailbox.pool),
+        ):
             for node, h in pool.health.items():
                 c.add_metric([proto, str(node)], h.failures)
         yield c
@@ -85,6 +88,14 @@ class GatewayCollector:
         g = GaugeMetricFamily("dmg_free_bytes", "Free bytes on the working volume D:")
         g.add_metric([], gw.storage.free_bytes())
         yield g
+        g = GaugeMetricFamily(
+            "dmg_event_loop_max_block_seconds", "Longest the event loop was blocked since start"
+        )
+        g.add_metric([], gw.loop_watch.max_block)
+        yield g
+        c = CounterMetricFamily("dmg_event_loop_blocks", "Times the event loop was blocked for over 100 ms")
+        c.add_metric([], gw.loop_watch.blocks_over_100ms)
+        yield c
 
 
 def _e(value: object) -> str:
@@ -280,7 +291,10 @@ class WebApp:
         parts.append(
             "</table><h2>Mail nodes</h2><table><tr><th>node</th><th>protocol</th><th>ok</th><th>failed</th><th>last error</th></tr>"
         )
-        for proto, pool in (("SMTP", gw.sender.smtp.pool), ("POP3", gw.fetcher.pop3.pool)):
+        for proto, pool in (
+            ("SMTP", gw.sender.smtp.pool),
+            (gw.settings.mail.protocol.upper(), gw.fetcher.mailbox.pool),
+        ):
             for node, h in pool.health.items():
                 cls = "bad" if h.last_error_at and (not h.last_ok or h.last_error_at > h.last_ok) else "ok"
                 parts.append(

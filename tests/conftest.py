@@ -117,10 +117,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+GATEWAYS_OF_TEST = pytest.StashKey[list[GatewayProcess]]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """A failed test shows the end of every gateway log it started and of the mail cluster's logs."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for gw in item.stash.get(GATEWAYS_OF_TEST, []):
+        if gw.log.exists():
+            tail = gw.log.read_text(errors="replace").splitlines()[-60:]
+            report.sections.append((f"{gw.name} log (last 60 lines)", "\n".join(tail)))
+    if "mail" in getattr(item, "fixturenames", ()):
+        report.sections.append(("mail cluster logs", MailCluster(ROOT / ".dev" / "mailcluster").log_tail(30)))
+
+
 @pytest.fixture
-def make_gateway(tmp_path: Path, pki_dir: Path) -> Iterator:  # type: ignore[type-arg]
+def make_gateway(request: pytest.FixtureRequest, tmp_path: Path, pki_dir: Path) -> Iterator:  # type: ignore[type-arg]
     """Factory: write a configuration for gateway `name` and return a (not yet started) process."""
     made: list[GatewayProcess] = []
+    request.node.stash[GATEWAYS_OF_TEST] = made
 
     def factory(name: str, partners: list[tuple[str, str, str]], **kw: object) -> GatewayProcess:
         port = free_port()

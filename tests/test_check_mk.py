@@ -11,8 +11,11 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gateway.core import partial
 from gateway.devtools.pki import CA
 from gateway.devtools.studies import make_study
+from gateway.fragments import FragmentStore
+from gateway.storage import Storage
 from tests.conftest import CANARIES, storescu, wait_for
 
 pytestmark = pytest.mark.slow
@@ -69,6 +72,8 @@ def test_healthy_gateway_is_all_ok(mail, make_gateway, tmp_path):  # type: ignor
         "DMG Free space E:",
         "DMG Quarantine",
         "DMG Transfers failed",
+        "DMG Receipts",
+        "DMG Incomplete arrivals",
         "DMG Certificate partner gateway-b",
     ):
         assert expected in services
@@ -111,7 +116,19 @@ def test_failing_states_are_reported(mail, make_gateway, pki_dir, tmp_path):  # 
     # the same gateway as monitoring sees it when D: is below its reserve
     full = gw.config.with_name("full.toml")
     full.write_text(gw.config.read_text().replace('min_free = "64MB"', 'min_free = "100000GB"'))
+    # half a message/partial message that arrived two days ago and never got its second fragment
+    raw = b"From: x@y\r\nTo: z@y\r\nSubject: s\r\nMIME-Version: 1.0\r\n\r\n" + (b"x" * 76 + b"\r\n") * 250
+    first = partial.fragment(
+        raw, 12000, "lost.1@dicommail.test", [("From", "gateway-b@dicommail.test")], "s"
+    )[0]
+    storage = Storage(gw.d_root)
+    key = FragmentStore.of(storage).add("gateway-b@dicommail.test", first, time.time() - 2 * 86400)
+    assert f"{key}  1/2 fragments" in gw.cli("status") and key in gw.cli("queue")
     services = parse(gw.cli("check-mk"))  # the running gateway's own view first
+    assert services["DMG Incomplete arrivals"][0] == 1
+    assert "fragment_groups=1" in services["DMG Incomplete arrivals"][1]
+    assert "discarded" in gw.cli("queue", "discard", key)  # the operator gives up on it
+    assert parse(gw.cli("check-mk"))["DMG Incomplete arrivals"][0] == 0
     assert services["DMG Mail node 127.0.0.11:995 POP3"][0] == 2
     assert services["DMG Mail node 127.0.0.12:995 POP3"][0] == 0
     assert services["DMG Certificate partner expired-partner"][0] == 2

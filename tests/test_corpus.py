@@ -19,10 +19,12 @@ from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.addressbook import AddressBook, Keys
 from gateway.catalog import open_catalog
 from gateway.core.inbound import Refused, Sender, inspect_mail
 from gateway.core.queue import QueueState
 from gateway.core.smime import Identity
+from gateway.fragments import FragmentStore
 from gateway.spool import Spool
 from gateway.stages.ingest import Ingester
 from gateway.storage import Storage
@@ -82,7 +84,10 @@ async def test_corpus_through_the_ingest_stage(tmp_path, pki_dir, caplog):  # ty
     try:
         inbox = Spool(storage.inbox, storage.tmp)
         inbox.prepare()
-        ingester = Ingester(settings_, storage, catalog, ME, {"sender": SENDER_CERT}, asyncio.Event(), inbox)
+        fragments = FragmentStore.of(storage)
+        ingester = Ingester(
+            settings_, storage, catalog, Keys(ME, AddressBook([]), None), asyncio.Event(), inbox, fragments
+        )
         ingester.address_book = BOOK
         for n, name in enumerate(sorted(EXPECTED)):
             inbox.put(name, (CORPUS / "mails" / name).read_bytes(), {"created": float(n)})

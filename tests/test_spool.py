@@ -75,20 +75,26 @@ async def test_an_unexpected_error_sets_the_mail_aside_with_its_traceback(tmp_pa
     catalog = await open_catalog(settings.database_url)
     try:
         me = Identity.load(settings.smime_cert.read_bytes(), settings.smime_key.read_bytes())
-        ingester = Ingester(settings, storage, catalog, me, {}, asyncio.Event(), inbox)
+        from gateway.addressbook import AddressBook, Keys
+        from gateway.fragments import FragmentStore
+
+        fragments = FragmentStore.of(storage)
+        ingester = Ingester(
+            settings, storage, catalog, Keys(me, AddressBook([]), None), asyncio.Event(), inbox, fragments
+        )
 
         def broken(*_args: object) -> None:  # an injected bug in the gate
             raise ZeroDivisionError("injected")
 
         import gateway.stages.ingest as ingest_module
 
-        original = ingest_module.inspect_mail
-        ingest_module.inspect_mail = broken  # type: ignore[assignment]
+        original = ingest_module.inbound.inspect_mail
+        ingest_module.inbound.inspect_mail = broken  # type: ignore[assignment]
         try:
             inbox.put("m1", b"From: x@y\r\n\r\nx", {})
             await ingester.run_once()
         finally:
-            ingest_module.inspect_mail = original
+            ingest_module.inbound.inspect_mail = original
         item = inbox.find("m1")
         assert item is not None and item.state is QueueState.CORRUPT
         assert "ZeroDivisionError" in item.meta["traceback"] and item.content.exists()

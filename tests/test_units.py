@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -63,43 +64,26 @@ def test_example_configuration_is_valid_and_documents_every_key(tmp_path):  # ty
     assert {"gateway", "storage", "database", "mail", "smime", "partners", "backup", "monitoring"} <= set(
         data
     )
-    # every key the loader knows appears in the example
-    for key in (
-        "stability_delay",
-        "d_root",
-        "e_root",
-        "url",
-        "client_cert",
-        "ca_bundle",
-        "smtp_nodes",
-        "pop3_nodes",
-        "poll_interval",
-        "max_mail_size",
-        "node_cooldown",
-        "retry_base",
-        "retry_cap",
-        "min_free",
-        "allowed_calling_ae",
-        "allowed_networks",
-        "dicom_timeout",
-        "keep_days",
-        "copy_to",
-        "include_private_keys",
-        "passphrase_env",
-        "queue_depth_warn",
-        "cert_days_crit",
-        "backup_age_crit_h",
-        "free_pct_warn",
-        "show_patient_data",
-        "calling_ae",
-        "max_attempts",
-        "keep_days_after_pacs",
-        "password_env",
-        "smime_cert",
-        "retry_max_age",
-        "log_level",
-    ):
-        assert key in text, key
+    # every key the loader reads (found in its source, so a new key cannot be forgotten) appears in the example,
+    # set or commented out
+    import ast
+    import re
+
+    from gateway import config
+
+    tree = ast.parse(Path(config.__file__).read_text())
+    keys = set(config.MonitoringSettings.__dataclass_fields__)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if called in ("get", "path", "table_of", "_nodes", "_parse_size_key"):
+                keys |= {
+                    a.value for a in node.args[:2] if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                }
+    assert {"smtp_nodes", "pgp_fingerprint", "compression", "imap_nodes"} <= keys  # the scan itself works
+    for key in sorted(keys):
+        assert re.search(rf"^\s*#?\s*(\[+{key}\]+|{key}\s*=)", text, re.M), f"{key} is not in the example"
 
 
 # ------------------------------------------------------------------------------------------ mail format
@@ -197,6 +181,42 @@ def test_storage_deduplicates_and_keeps_conflicts_aside(tmp_path):  # type: igno
     assert list(storage.tmp.iterdir()) == []
     hostile = InstanceInfo("1.2", "../../etc/passwd", "..", "a/b", "1.2.840.10008.1.2.1", "CT", None)
     assert storage.images in storage.instance_path(hostile).parents
+
+
+def _place_at_once(args: tuple[str, int, int, int]) -> list[str]:
+    """Store `count` UIDs (this process's own content for each) starting at `start_ns`; the outcomes in order."""
+    root, me, count, start_ns = args
+    storage = Storage(Path(root))
+    temps = []
+    for n in range(count):
+        tmp = storage.tmp / f"race-{me}-{n}"
+        tmp.write_bytes(bytes([me]) * 64)
+        temps.append(tmp)
+    while time.time_ns() < start_ns:  # both processes go at the same moment, UID by UID
+        pass
+    out = []
+    for n, tmp in enumerate(temps):
+        info = InstanceInfo(
+            "1.2.840.10008.5.1.4.1.1.2", f"1.2.3.{n}", "1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1", "CT", 1
+        )
+        out.append(storage._place(info, tmp, hashlib.sha256(bytes([me]) * 64).hexdigest(), 64).outcome.value)
+    return out
+
+
+def test_processes_storing_one_uid_together_keep_exactly_one(tmp_path):  # type: ignore[no-untyped-def]
+    """Receivers are processes: of two copies of one UID stored at once, one is stored and the other is kept
+    aside as a conflict; neither overwrites the other unseen."""
+    import multiprocessing
+
+    storage = Storage(tmp_path / "d")
+    storage.prepare()
+    count = 400
+    start = time.time_ns() + 500_000_000
+    with multiprocessing.get_context("forkserver").Pool(2) as pool:
+        first, second = pool.map(_place_at_once, [(str(storage.root), me, count, start) for me in (1, 2)])
+    for n, pair in enumerate(zip(first, second, strict=True)):
+        assert sorted(pair) == ["conflict", "stored"], f"UID {n}: {pair}"
+    assert len(list(storage.conflicts.iterdir())) == count
 
 
 # ------------------------------------------------------------------------------------------ states, nodes
@@ -354,3 +374,56 @@ async def test_space_is_freed_only_after_every_pacs_accepted(catalog_url, tmp_pa
         )
     finally:
         await cat.close()
+
+
+def test_mails_we_build_skip_aiosmtplibs_whole_message_rewrites(pki_dir, tmp_path):  # type: ignore[no-untyped-def]
+    """Our mails need no line-end or dot-stuffing rewrite, so the event loop does not scan them; others still get it."""
+    from aiosmtplib import protocol
+    from aiosmtplib import smtp as aiosmtplib_smtp
+
+    from gateway.adapters import smtp
+
+    # the hooks are in place wherever aiosmtplib rewrites a whole message
+    assert protocol.normalize_message_line_endings is smtp._normalize_unless_ready
+    assert aiosmtplib_smtp.normalize_message_line_endings is smtp._normalize_unless_ready
+    a = smime.Identity.load(
+        (pki_dir / "gateway-a-smime.pem").read_bytes(), (pki_dir / "gateway-a-smime.key").read_bytes()
+    )
+    parts = [p.read_bytes() for p in make_study(tmp_path / "s", ct=2, mr=0, sc=0, size=32)]
+    h = mailformat.MailHeader(
+        "a@dicommail.test", "b@dicommail.test", "DICOM-eMail", "<m@x>", "s", 1, 1, "1.2", 0.0
+    )
+    mail = mailformat.build_mail(h, parts, a, a.cert)
+    ready = smtp.prepare(bytes(mail))
+    assert isinstance(ready, smtp.WireReady) and ready == mail
+    assert protocol.PERIOD_REGEX.sub(b"..", protocol.normalize_message_line_endings(ready)) is ready
+    for raw in (b"Subject: x\n.hidden\r\nend", b"Subject: x\r\n\r\n.\r\n", b"no line end"):
+        assert not isinstance(smtp.prepare(raw), smtp.WireReady)
+    other = smtp.prepare(b"Subject: x\n.hidden\r\nend")
+    assert protocol.PERIOD_REGEX.sub(b"..", protocol.normalize_message_line_endings(other)) == (
+        b"Subject: x\r\n..hidden\r\nend\r\n"
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=5000))
+def test_base64_both_ways_matches_the_standard(data):  # type: ignore[no-untyped-def]
+    import base64
+
+    encoded = mailformat.b64_lines(data)
+    assert encoded == base64.encodebytes(data).replace(b"\n", b"\r\n")
+    assert mailformat.b64_decode(encoded) == data
+
+
+def test_base64_decoder_refuses_what_is_not_base64():  # type: ignore[no-untyped-def]
+    import binascii
+
+    for bad in (b"abc", b"ab$d", b"a=bc", b"=abc", b"abcd" * 2000 + b"ab\x00d"):
+        with pytest.raises(binascii.Error):
+            mailformat.b64_decode(bad)
+    big = bytes(range(256)) * 40000  # more than one 4 MB step of the decoder
+    assert mailformat.b64_decode(mailformat.b64_lines(big)) == big
+    step = 1 << 22
+    padded_at_a_step_end = b"A" * (step - 4) + b"QQ==" + b"QUJD"  # valid on each side of the step boundary
+    with pytest.raises(binascii.Error):
+        mailformat.b64_decode(padded_at_a_step_end)

@@ -135,6 +135,7 @@ async def test_status_page_in_a_real_browser(mail, make_gateway, pki_dir, tmp_pa
         and b'dmg_queue_depth{queue="inbox",state="hold"} 1.0' in metrics
     )
     assert b"dmg_transfer_latency_seconds_bucket" in metrics
+    assert b"dmg_event_loop_max_block_seconds " in metrics and b"dmg_event_loop_blocks_total " in metrics
 
     browser = Browser()
     try:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import poplib
 import ssl
 import time
+from typing import cast
 
 from gateway.config import MailSettings, Node
 from gateway.core.nodepool import NodePool
@@ -22,6 +24,9 @@ from gateway.errors import MailNodeError, TransientError
 log = logging.getLogger(__name__)
 
 poplib._MAXLINE = 64 * 1024  # type: ignore[attr-defined]  # long header lines from other mailers
+
+
+MAX_RETR_BYTES = 1 << 30  # no mail of ours comes near; a server that never ends its answer is cut off here
 
 
 class Pop3Session:
@@ -50,8 +55,27 @@ class Pop3Session:
         """The whole mail, with CRLF line ends as on the wire."""
 
         def _retr() -> bytes:
-            _, lines, _ = self.conn.retr(number)
-            return b"\r\n".join(lines) + b"\r\n"
+            # poplib's retr() reads and keeps the mail line by line (a Python loop and an object per 76 bytes:
+            # seconds and ~4x the mail in memory for 20 MB). Read the response in large chunks instead and undo
+            # the dot-stuffing with one replace (RFC 1939 §3), on poplib's own connection.
+            conn = self.conn
+            conn.sock.sendall(f"RETR {number}\r\n".encode())
+            reader = cast(io.BufferedReader, conn.file)
+            status = reader.readline(2048)
+            if not status.startswith(b"+OK"):
+                raise poplib.error_proto(status.decode("ascii", "replace").strip() or "no answer to RETR")
+            buf = bytearray()
+            while not (buf.endswith(b"\r\n.\r\n") or buf == b".\r\n"):
+                chunk = reader.read1(1 << 20)
+                if not chunk:
+                    raise poplib.error_proto("connection closed in the middle of RETR")
+                buf += chunk
+                if len(buf) > MAX_RETR_BYTES:
+                    raise poplib.error_proto(f"mail {number} is larger than {MAX_RETR_BYTES} bytes")
+            data = bytes(memoryview(buf)[: len(buf) - 3])  # drop the terminating ".\r\n"
+            del buf
+            data = data.replace(b"\r\n..", b"\r\n.")
+            return data[1:] if data.startswith(b"..") else data
 
         return await asyncio.to_thread(_retr)
 

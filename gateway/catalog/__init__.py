@@ -98,6 +98,33 @@ MIGRATIONS: list[list[str]] = [
         # files of instances every PACS accepted are removed after storage.keep_days_after_pacs; the row stays
         "ALTER TABLE instances ADD COLUMN purged_at DOUBLE",
     ],
+    # 3: receipts (MDN) both ways, compression figures
+    [
+        # outbound mails: the Message-ID a partner's receipt names (the enclosed mail of message/partial
+        # fragments), and what the receipt said
+        "ALTER TABLE mails ADD COLUMN mdn_id VARCHAR(190)",
+        "ALTER TABLE mails ADD COLUMN receipt VARCHAR(24)",
+        "ALTER TABLE mails ADD COLUMN receipt_detail TEXT",
+        "CREATE INDEX ix_mails_mdn ON mails (mdn_id)",
+        # outbound transfers: awaited / confirmed / warning / failed / overdue / not-requested
+        "ALTER TABLE transfers ADD COLUMN receipt VARCHAR(24)",
+        "ALTER TABLE transfers ADD COLUMN receipt_detail TEXT",
+        "ALTER TABLE transfers ADD COLUMN receipt_at DOUBLE",
+        "ALTER TABLE transfers ADD COLUMN bytes_wire BIGINT",
+        # receipts we owe our partners: waiting (for the PACS) → queued (in the outbox) → sent
+        """CREATE TABLE receipts_out (
+            id VARCHAR(190) NOT NULL PRIMARY KEY,
+            partner VARCHAR(64) NOT NULL,
+            to_addr VARCHAR(254) NOT NULL,
+            original_message_id VARCHAR(250) NOT NULL,
+            sop_uids TEXT,
+            outcome VARCHAR(24) NOT NULL,
+            detail TEXT,
+            state VARCHAR(16) NOT NULL,
+            created_at DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL)""",
+        "CREATE INDEX ix_receipts_out_state ON receipts_out (state)",
+    ],
 ]
 
 
@@ -341,19 +368,169 @@ class Catalog:
         )
 
     async def add_out_mails(
-        self, transfer_id: str, mails: list[tuple[str, int, int, str, int]], now: float
+        self,
+        transfer_id: str,
+        mails: list[tuple[str, int, int, str, int]],
+        now: float,
+        *,
+        mdn_ids: list[str] | None = None,
+        receipts: bool = False,
+        bytes_wire: int | None = None,
     ) -> None:
-        """Record the built mails (id, part, total, path, size) and mark the transfer packaged, atomically."""
+        """Record the built mails (id, part, total, path, size) and mark the transfer packaged, atomically.
+
+        `mdn_ids` (one per mail) are the Message-IDs receipts will name; `receipts` says whether they are awaited.
+        """
         async with self.db.transaction() as tx:
             await tx.execute("DELETE FROM mails WHERE transfer_id = ? AND direction = 'out'", (transfer_id,))
-            for mail_id, part, total, path, size in mails:
+            for n, (mail_id, part, total, path, size) in enumerate(mails):
                 await tx.execute(
-                    """INSERT INTO mails (id, direction, transfer_id, part, total, state, path, size, created_at, updated_at)
-                       VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (mail_id, transfer_id, part, total, MailState.QUEUED.value, path, size, now, now),
+                    """INSERT INTO mails (id, direction, transfer_id, part, total, state, path, size, created_at,
+                       updated_at, mdn_id) VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (
+                        mail_id,
+                        transfer_id,
+                        part,
+                        total,
+                        MailState.QUEUED.value,
+                        path,
+                        size,
+                        now,
+                        now,
+                        mdn_ids[n] if mdn_ids else mail_id,
+                    ),
                 )
-            await tx.execute("UPDATE transfers SET parts_total = ? WHERE id = ?", (len(mails), transfer_id))
+            await tx.execute(
+                "UPDATE transfers SET parts_total = ?, receipt = ?, bytes_wire = ? WHERE id = ?",
+                (len(mails), "awaited" if receipts else "not-requested", bytes_wire, transfer_id),
+            )
             await self._move_transfer(tx, transfer_id, TransferState.PACKAGED, now)
+
+    # ----------------------------------------------------------------------------- receipts
+    async def record_receipt(
+        self, original_message_id: str, outcome: str, detail: str, now: float
+    ) -> str | None:
+        """A partner's MDN for one of our mails; returns the transfer it belongs to (None: no such mail).
+
+        The transfer's receipt becomes `failed` as soon as one mail failed at the partner, `confirmed` (or
+        `warning`) when every mail of it has a positive receipt.
+        """
+        async with self.db.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT DISTINCT transfer_id FROM mails WHERE direction = 'out' AND mdn_id = ?",
+                (original_message_id,),
+            )
+            if not rows or rows[0][0] is None:
+                return None
+            transfer_id = str(rows[0][0])
+            await tx.execute(
+                "UPDATE mails SET receipt = ?, receipt_detail = ? WHERE direction = 'out' AND mdn_id = ?",
+                (outcome, detail[:1000] or None, original_message_id),
+            )
+            marks = await tx.fetchall(
+                "SELECT mdn_id, receipt, receipt_detail, part FROM mails WHERE direction = 'out' AND transfer_id = ?",
+                (transfer_id,),
+            )
+            by_id: dict[str, tuple[str | None, str | None, int]] = {}
+            for mdn_id, receipt, receipt_detail, part in marks:
+                by_id[str(mdn_id)] = (receipt, receipt_detail, int(part or 0))
+            failed = [(p, d) for r, d, p in by_id.values() if r in ("deleted", "deleted/error")]
+            warned = [(p, d) for r, d, p in by_id.values() if r == "displayed/warning"]
+            if failed:
+                part, why = min(failed)
+                state, text = "failed", f"mail {part} failed at partner: {why or 'no reason given'}"
+            elif all(r is not None for r, _, _ in by_id.values()):
+                state, text = (
+                    ("warning", "; ".join(sorted({d or "" for _, d in warned})))
+                    if warned
+                    else ("confirmed", "")
+                )
+            else:
+                state, text = "awaited", ""
+            await tx.execute(
+                "UPDATE transfers SET receipt = ?, receipt_detail = ?, receipt_at = ? WHERE id = ?",
+                (state, text[:1000] or None, now, transfer_id),
+            )
+            return transfer_id
+
+    async def flag_overdue_receipts(self, deadline: float, now: float) -> int:
+        """Sent transfers still without their receipts after `deadline` seconds become `overdue`."""
+        return await self.db.execute(
+            """UPDATE transfers SET receipt = 'overdue', receipt_detail = ? WHERE direction = 'out'
+               AND state = ? AND receipt = 'awaited' AND updated_at < ?""",
+            (
+                f"no receipt from the partner within {deadline / 3600:g} h",
+                TransferState.SENT.value,
+                now - deadline,
+            ),
+        )
+
+    async def queue_receipt_out(
+        self,
+        receipt_id: str,
+        partner: str,
+        to_addr: str,
+        original_message_id: str,
+        outcome: str,
+        detail: str,
+        now: float,
+        *,
+        sop_uids: list[str] | None = None,
+        wait_for_pacs: bool = False,
+    ) -> None:
+        """Remember a receipt we owe (idempotent: the first outcome of a mail stands)."""
+        await self.db.execute(
+            f"""{self.db.dialect.insert_ignore} INTO receipts_out (id, partner, to_addr, original_message_id,
+                sop_uids, outcome, detail, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                receipt_id,
+                partner,
+                to_addr,
+                original_message_id,
+                " ".join(sop_uids or []),
+                outcome,
+                detail[:1000],
+                "waiting" if wait_for_pacs else "due",
+                now,
+                now,
+            ),
+        )
+
+    async def receipts_out(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Receipts we owe, in these states."""
+        marks = ", ".join("?" for _ in states)
+        keys = ("id", "partner", "to_addr", "original_message_id", "sop_uids", "outcome", "detail", "state")
+        rows = await self.db.fetchall(
+            f"SELECT {', '.join(keys)} FROM receipts_out WHERE state IN ({marks}) ORDER BY created_at", states
+        )
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    async def set_receipt_out(
+        self, receipt_id: str, state: str, now: float, outcome: str = "", detail: str = ""
+    ) -> None:
+        """Move a receipt we owe on (and settle its outcome when it waited for the PACS)."""
+        if outcome:
+            await self.db.execute(
+                "UPDATE receipts_out SET state = ?, outcome = ?, detail = ?, updated_at = ? WHERE id = ?",
+                (state, outcome, detail[:1000], now, receipt_id),
+            )
+        else:
+            await self.db.execute(
+                "UPDATE receipts_out SET state = ?, updated_at = ? WHERE id = ?", (state, now, receipt_id)
+            )
+
+    async def forward_outcomes(self, sop_uids: list[str]) -> list[tuple[str, str, int | None, str | None]]:
+        """(sop, state, status, error) of every PACS forward of these instances."""
+        out: list[tuple[str, str, int | None, str | None]] = []
+        for i in range(0, len(sop_uids), 200):
+            chunk = sop_uids[i : i + 200]
+            marks = ", ".join("?" for _ in chunk)
+            rows = await self.db.fetchall(
+                f"SELECT sop_uid, state, status, error FROM pacs_forwards WHERE sop_uid IN ({marks})",
+                tuple(chunk),
+            )
+            out += [(str(r[0]), str(r[1]), r[2], r[3]) for r in rows]
+        return out
 
     async def _move_mail(self, tx: Any, mail_id: str, new: MailState) -> str:
         rows = await tx.fetchall("SELECT state, transfer_id FROM mails WHERE id = ?", (mail_id,))
@@ -562,7 +739,8 @@ class Catalog:
         )
         transfers = await self.db.fetchall(
             """SELECT id, direction, partner, study_uid, state, parts_done, parts_total, instance_count, bytes,
-                      created_at, updated_at, error FROM transfers ORDER BY updated_at DESC LIMIT ?""",
+                      created_at, updated_at, error, receipt, receipt_detail, bytes_wire
+               FROM transfers ORDER BY updated_at DESC LIMIT ?""",
             (limit,),
         )
         studies = await self.db.fetchall(
@@ -588,6 +766,12 @@ class Catalog:
             "created_at",
             "updated_at",
             "error",
+            "receipt",
+            "receipt_detail",
+            "bytes_wire",
+        )
+        receipts = await self.db.fetchall(
+            "SELECT state, outcome, COUNT(*) FROM receipts_out GROUP BY state, outcome"
         )
         skeys = ("study_uid", "instances", "series", "bytes", "source", "last_received")
         return {
@@ -596,6 +780,7 @@ class Catalog:
             "transfers": [dict(zip(tkeys, r, strict=True)) for r in transfers],
             "studies": [dict(zip(skeys, r, strict=True)) for r in studies],
             "pacs_forwards": [{"pacs": p, "state": st, "count": int(c)} for p, st, c in forwards],
+            "receipts_out": [{"state": st, "outcome": o, "count": int(c)} for st, o, c in receipts],
         }
 
 

@@ -1,8 +1,14 @@
 """Deciding whether an inbound mail may be ingested: pure, every check, no side effects.
 
-`inspect_mail` either returns the verified DICOM parts with their identifiers, or raises `Refused` with a reason
-an operator can read. It is the one gate between the mailbox and storage; the hostile-mail corpus and the fuzz
-tests drive it directly.
+`inspect_mail` returns the verified DICOM parts with their identifiers (`Accepted`), a partner's receipt
+(`ReceiptIn`), or raises `Refused` with a reason an operator can read. It is the one gate between the mailbox and
+storage; the hostile-mail corpus and the fuzz tests drive it directly.
+
+Accepted shapes (per the sender's address-book entry, never chosen by the mail alone):
+- S/MIME enveloped data around a signed entity (PS3.15 B.8), signed by the partner's pinned certificate;
+- PGP/MIME (RFC 3156) signed and encrypted, signed by the partner's pinned OpenPGP key (by fingerprint);
+- receipts (RFC 3798 MDNs): encrypted or signed as above, or plain (recorded as unsigned).
+Inside: application/dicom parts, or one DICOM-ZIP archive (unpacked under limits, see `core.dicomzip`).
 """
 
 from __future__ import annotations
@@ -10,10 +16,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 
-from gateway.core import mailformat, smime
+from gateway.core import mailformat, mdn, pgpmime, smime
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
 from gateway.core.smime import Identity
 
@@ -26,12 +33,22 @@ class Refused(ValueError):
         self.reason = reason
 
 
+class PgpOps(Protocol):
+    """What the gate needs from OpenPGP (`adapters.openpgp.OpenPgp`)."""
+
+    def decrypt_verify(self, data: bytes) -> tuple[bytes, str]: ...
+
+    def verify_detached(self, data: bytes, signature: bytes) -> str: ...
+
+
 @dataclass(frozen=True)
 class Sender:
     """An address-book entry as the inbound check needs it."""
 
     name: str
     certs: tuple[x509.Certificate, ...]  # several during a certificate rollover
+    pgp_fingerprint: str = ""
+    suspended: str | None = None  # the partner's key expired or was revoked: its mails are held with this
 
 
 @dataclass(frozen=True)
@@ -46,8 +63,86 @@ class Accepted:
     parts: list[tuple[InstanceInfo, bytes]]
 
 
-def inspect_mail(raw: bytes, me: Identity, address_book: Mapping[str, Sender]) -> Accepted:
-    """Decrypt, verify against the sender's pinned certificate, check every part is DICOM; or raise `Refused`.
+@dataclass(frozen=True)
+class ReceiptIn:
+    """A partner's receipt for one of our mails."""
+
+    partner: str
+    receipt: mdn.Receipt
+    signed: bool
+
+
+_PGP_ERRORS: tuple[type[Exception], ...] = (ValueError,)
+
+
+def _unwrap(
+    raw: bytes, outer: mailformat.OuterInfo, sender: Sender, me: Identity, pgp: PgpOps | None
+) -> tuple[bytes, bool, bool]:
+    """(verified content, signed, encrypted). Raises for anything that is neither."""
+    ctype = outer.content_type
+    if ctype in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
+        if not sender.certs:
+            raise Refused("S/MIME mail from a partner without an S/MIME certificate in the address book")
+        _, content = mailformat.unwrap_smime(raw, me, list(sender.certs))
+        return content, True, True
+    if ctype == "multipart/encrypted":
+        if pgp is None or not sender.pgp_fingerprint:
+            raise Refused("PGP/MIME mail from a partner without an OpenPGP key in the address book")
+        try:
+            signer, content = pgpmime.unwrap_pgp(raw, pgp.decrypt_verify, pgp.verify_detached)
+        except mailformat.MailFormatError:
+            raise
+        except _PGP_ERRORS as exc:
+            raise Refused(str(exc)) from None
+        if signer != sender.pgp_fingerprint:
+            raise Refused("signed by an OpenPGP key other than the partner's")
+        return content, True, True
+    entity = _content_entity(raw)
+    if ctype == "multipart/signed":
+        if sender.certs:
+            try:
+                _, content = mailformat.unwrap_signed(entity, list(sender.certs))
+                return content, True, False
+            except (mailformat.MailFormatError, smime.SmimeError):
+                if not sender.pgp_fingerprint:
+                    raise
+        if pgp is not None and sender.pgp_fingerprint:
+            msg, sbody = mailformat._split_entity(entity)
+            boundary = msg.get_param("boundary")
+            if isinstance(boundary, str):
+                content, sig_part = mailformat._signed_parts(sbody, boundary)
+                _, signature = mailformat._split_entity(sig_part)
+                try:
+                    signer = pgp.verify_detached(content, signature)
+                except _PGP_ERRORS as exc:
+                    raise Refused(str(exc)) from None
+                if signer != sender.pgp_fingerprint:
+                    raise Refused("signed by an OpenPGP key other than the partner's")
+                return content, True, False
+        raise Refused("signed mail that no key of the partner verifies")
+    return entity, False, False
+
+
+def _content_entity(raw: bytes) -> bytes:
+    """The mail's body as a MIME entity: its Content-* headers and body (outer routing headers dropped)."""
+    msg, body = mailformat._split_entity(raw)
+    lines = [(k, str(v)) for k, v in msg.items() if k.lower().startswith("content-")]
+    try:
+        return mailformat._header_lines(lines) + mailformat.CRLF + body
+    except mailformat.MailFormatError:
+        raise Refused("content headers with line breaks") from None
+    except UnicodeEncodeError:
+        raise Refused("content headers that are not ASCII") from None
+
+
+def inspect_mail(
+    raw: bytes,
+    me: Identity,
+    address_book: Mapping[str, Sender],
+    pgp: PgpOps | None = None,
+    max_unpacked: int = 1024**3,
+) -> Accepted | ReceiptIn:
+    """Decrypt, verify against the sender's pinned key, check every part is DICOM; or raise `Refused`.
 
     `address_book` maps lower-case mail addresses to senders.
     """
@@ -56,7 +151,14 @@ def inspect_mail(raw: bytes, me: Identity, address_book: Mapping[str, Sender]) -
         sender = address_book.get(outer.sender)
         if sender is None:
             raise Refused("sender is not in the address book")
-        opened = mailformat.open_mail(raw, me, list(sender.certs))
+        if sender.suspended:
+            raise Refused(f"partner {sender.name} is suspended: {sender.suspended}")
+        content, signed, encrypted = _unwrap(raw, outer, sender, me, pgp)
+        if mdn.is_report(content):
+            return ReceiptIn(sender.name, mdn.read_report(content), signed)
+        if not encrypted:
+            raise Refused(f"mail is not encrypted (Content-Type {outer.content_type})")
+        opened = mailformat.read_payload(content, sender.name, max_unpacked)
     except (mailformat.MailFormatError, smime.SmimeError) as exc:
         raise Refused(str(exc)) from None
     except RecursionError:

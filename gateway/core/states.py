@@ -13,7 +13,7 @@ Inbound transfer:    receiving ──all parts ingested──▶ complete
 
 Outbound mail:       queued ──250──▶ sent        queued ──4xx/timeout──▶ queued (attempts+1, next_attempt)
                         └──5xx / too old──▶ failed
-Inbound mail:        fetched ──▶ ingested | duplicate | quarantined
+Inbound mail:        fetched ──▶ ingested | duplicate | quarantined | fragment | receipt
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class MailState(StrEnum):
     INGESTED = "ingested"
     DUPLICATE = "duplicate"
     QUARANTINED = "quarantined"
+    FRAGMENT = "fragment"  # a message/partial piece, kept until its message is complete
+    RECEIPT = "receipt"  # a partner's MDN for one of our mails
 
 
 TRANSFER_MOVES: dict[TransferState, frozenset[TransferState]] = {
@@ -61,10 +63,20 @@ MAIL_MOVES: dict[MailState, frozenset[MailState]] = {
     MailState.QUEUED: frozenset({MailState.QUEUED, MailState.SENT, MailState.FAILED}),
     MailState.SENT: frozenset(),
     MailState.FAILED: frozenset({MailState.QUEUED}),  # an operator's retry
-    MailState.FETCHED: frozenset({MailState.INGESTED, MailState.DUPLICATE, MailState.QUARANTINED}),
+    MailState.FETCHED: frozenset(
+        {
+            MailState.INGESTED,
+            MailState.DUPLICATE,
+            MailState.QUARANTINED,
+            MailState.FRAGMENT,
+            MailState.RECEIPT,
+        }
+    ),
     MailState.INGESTED: frozenset(),
     MailState.DUPLICATE: frozenset(),
     MailState.QUARANTINED: frozenset({MailState.FETCHED}),  # an operator's retry
+    MailState.FRAGMENT: frozenset(),
+    MailState.RECEIPT: frozenset(),
 }
 
 

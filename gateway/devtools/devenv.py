@@ -40,8 +40,17 @@ def render_config(
     tail: str = "",
     web_port: int = 0,
     web_extra: str = "",
+    mail_extra: str = "",
+    partner_extra: dict[str, str] | None = None,
 ) -> str:
-    """A gateway configuration for the dev PKI; partners are (name, gateway name for certs, AE title)."""
+    """A gateway configuration for the dev PKI; partners are (name, gateway name for certs, AE title).
+
+    A partner's gateway name may carry an address extension ("gateway-b+pgp"): the same mailbox and keys under
+    another address, so one receiving gateway can stand for several partners.
+
+    `partner_extra` adds TOML lines to a partner's table (format, compression, …); a partner with
+    `format = "pgp"` gets its OpenPGP key from the dev PKI.
+    """
     smtp = smtp_nodes or [f"{node_ip(n)}:25" for n in range(1, NODE_COUNT + 1)]
     pop3 = pop3_nodes or [f"{node_ip(n)}:995" for n in range(1, NODE_COUNT + 1)]
     tls = tls_stem or f"{name}-tls"
@@ -76,21 +85,28 @@ def render_config(
         "io_timeout = 30",
         f"node_cooldown = {node_cooldown}",
         f"retry_base = {retry_base}",
+        mail_extra,
         "",
         "[smime]",
         f"cert = {_q(pki_dir / f'{name}-smime.pem')}",
         f"key = {_q(pki_dir / f'{name}-smime.key')}",
         "",
     ]
+    if (pki_dir / f"{name}-pgp.sec.asc").exists():
+        lines += ["[pgp]", f"key = {_q(pki_dir / f'{name}-pgp.sec.asc')}", ""]
     for partner_name, partner_gateway, partner_ae in partners:
+        extra = (partner_extra or {}).get(partner_name, "")
+        stem = partner_gateway.split("+")[0]  # "gateway-b+zip": gateway-b's mailbox with an address extension
         lines += [
             "[[partners]]",
             f"name = {_q(partner_name)}",
             f"address = {_q(pki.address_of(partner_gateway))}",
-            f"smime_cert = {_q(pki_dir / f'{partner_gateway}-smime.pem')}",
+            f"smime_cert = {_q(pki_dir / f'{stem}-smime.pem')}",
             f"ae_title = {_q(partner_ae)}",
-            "",
         ]
+        if (pki_dir / f"{stem}-pgp.pub.asc").exists():
+            lines.append(f"pgp_key = {_q(pki_dir / f'{stem}-pgp.pub.asc')}")
+        lines += [extra, ""]
     lines += ["[web]", f"port = {web_port}", web_extra, ""]
     return "\n".join(lines) + ("\n" + tail if tail else "")
 

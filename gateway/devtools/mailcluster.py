@@ -1,5 +1,5 @@
 """The local test mail cluster: one Postfix and one Dovecot master standing in for six nodes mail1..mail6 on
-127.0.0.11..16, SMTP 25 with required client certificates, POP3S 995 with certificate login, one shared set of
+127.0.0.11..16, SMTP 25 with required client certificates, POP3S 995 and IMAPS 993 with certificate login, one shared set of
 mailboxes. Single nodes can be taken down and brought back.
 
     python -m gateway.devtools.mailcluster up   --dir DIR --pki DIR --mailbox gateway-a --mailbox gateway-b
@@ -39,7 +39,12 @@ def node_ip(n: int) -> str:
 
 def ensure_installed() -> None:
     """Install Postfix and Dovecot from Debian if missing, without letting Debian start system daemons."""
-    if shutil.which("postfix") and shutil.which("dovecot") and Path("/usr/lib/dovecot/pop3").exists():
+    if (
+        shutil.which("postfix")
+        and shutil.which("dovecot")
+        and Path("/usr/lib/dovecot/pop3").exists()
+        and Path("/usr/lib/dovecot/imap").exists()
+    ):
         return
     policy = Path("/usr/sbin/policy-rc.d")
     had_policy = policy.exists()
@@ -64,6 +69,7 @@ def ensure_installed() -> None:
                 "postfix",
                 "dovecot-core",
                 "dovecot-pop3d",
+                "dovecot-imapd",
             ],
             check=True,
             env=env,
@@ -196,6 +202,7 @@ message_size_limit = 209715200
 virtual_mailbox_limit = 0
 mailbox_size_limit = 0
 smtpd_timeout = 60s
+recipient_delimiter = +
 """
         (pf / "conf" / "main.cf").write_text(main)
         nodes = "".join(
@@ -203,11 +210,14 @@ smtpd_timeout = 60s
             for n in range(1, NODE_COUNT + 1)
             if n not in state["down_smtp"]
         )
+        # qmgr wakes every second: a node going down is a `postfix reload`, which restarts qmgr, and a mail that
+        # cleanup hands over in that moment loses its wake-up call; with Debian's 300 s timer it then waited up to
+        # five minutes in the incoming queue (seen as a flaky failover test).
         master = (
             nodes
             + """pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
+qmgr      unix  n       -       n       1       1       qmgr
 tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 rewrite   unix  -       -       n       -       -       trivial-rewrite
 bounce    unix  -       -       n       -       0       bounce
@@ -247,7 +257,7 @@ base_dir = {dv / "run"}
 state_dir = {dv / "state"}
 log_path = {dv / "log" / "dovecot.log"}
 info_log_path = {dv / "log" / "dovecot.log"}
-protocols = pop3
+protocols = pop3 imap
 listen = {listen}
 ssl = required
 ssl_cert = <{cert.cert}
@@ -279,6 +289,15 @@ service pop3-login {{
   }}
   inet_listener pop3s {{
     port = 995
+    ssl = yes
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    port = 993
     ssl = yes
   }}
 }}
@@ -380,7 +399,12 @@ service stats {{
         state = state or self._state()
         deadline = time.monotonic() + timeout
         want = [(node_ip(n), 25) for n in range(1, NODE_COUNT + 1) if n not in state["down_smtp"]]
-        want += [(node_ip(n), 995) for n in range(1, NODE_COUNT + 1) if n not in state["down_pop3"]]
+        want += [
+            (node_ip(n), port)
+            for n in range(1, NODE_COUNT + 1)
+            if n not in state["down_pop3"]
+            for port in (995, 993)
+        ]
         for addr in want:
             while True:
                 try:
@@ -451,9 +475,10 @@ service stats {{
         if dovecot_conf.read_text() != before[1] or self._dovecot_pid() is None:
             # A full restart: Dovecot 2.3's master has been seen to panic on reloads in quick succession.
             self._restart_dovecot()
-        if up:
-            self.wait_ready(state)
-        else:
+        # Every node that should be up must answer before the caller goes on, also after taking others down:
+        # a reload or restart must not leave the test's first connections to meet a cluster still restarting.
+        self.wait_ready(state)
+        if not up:
             for n in nodes:
                 if smtp:
                     self._wait_closed((node_ip(n), 25))

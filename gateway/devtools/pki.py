@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +170,32 @@ def smime_cert(ca: CA, gateway: str, stem: str | None = None) -> Issued:
     )
 
 
+def pgp_key(folder: Path, gateway: str, stem: str | None = None) -> tuple[Path, Path]:
+    """An OpenPGP key (ed25519 signing, cv25519 encryption subkey, no passphrase) for the gateway's address.
+
+    Writes `<stem>-pgp.sec.asc` and `<stem>-pgp.pub.asc`; made once (idempotent). GnuPG runs in a throw-away home.
+    """
+    stem = stem or gateway
+    sec, pub = folder / f"{stem}-pgp.sec.asc", folder / f"{stem}-pgp.pub.asc"
+    if sec.exists() and pub.exists():
+        return sec, pub
+    with tempfile.TemporaryDirectory(prefix="dmg-pki-") as home:
+        gpg = ["gpg", "--homedir", home, "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
+        uid = f"{gateway} (DICOM Mail Gateway dev PKI) <{address_of(gateway)}>"
+        subprocess.run(
+            [*gpg, "--quick-gen-key", uid, "future-default", "default", "2y"], check=True, capture_output=True
+        )
+        secret = subprocess.run(
+            [*gpg, "--armor", "--export-secret-keys"], check=True, capture_output=True
+        ).stdout
+        public = subprocess.run([*gpg, "--armor", "--export"], check=True, capture_output=True).stdout
+        subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], check=False, capture_output=True)
+    sec.write_bytes(secret)
+    sec.chmod(0o600)
+    pub.write_bytes(public)
+    return sec, pub
+
+
 def make_dev_pki(folder: Path, gateways: list[str]) -> CA:
     """Create (idempotently) the CA, server cert, and per-gateway TLS and S/MIME certs, plus rogue look-alikes."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -179,6 +207,7 @@ def make_dev_pki(folder: Path, gateways: list[str]) -> CA:
         smime_cert(ca, gw)
         tls_client_cert(rogue, gw, stem=f"rogue-{gw}-tls")
         smime_cert(rogue, gw, stem=f"rogue-{gw}-smime")
+        pgp_key(folder, gw)
     return ca
 
 

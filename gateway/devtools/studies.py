@@ -98,3 +98,46 @@ def make_study(
             ds.save_as(path, enforce_file_format=True)
             paths.append(path)
     return paths
+
+
+def ct_slice(size: int, z: float, rng: np.random.Generator) -> np.ndarray:
+    """One CT-like slice in stored values (HU + 1024, 12 bits): a round field of view padded with 0 outside,
+    air, a body ellipse of soft tissue with smooth variation, two lungs, a bone ring and a spine, and scanner noise
+    (σ ≈ 12 HU). What matters for compression benchmarks is that it has the structure and noise of a real CT,
+    not random bits."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    hu = np.full((size, size), -1000.0, dtype=np.float32)
+    body = (xx / 0.42) ** 2 + (yy / 0.32) ** 2 < 1
+    hu[body] = 40 + 25 * np.sin(6 * xx[body] + 3 * z) * np.cos(5 * yy[body])
+    for cx in (-0.17, 0.17):  # lungs
+        lung = ((xx - cx) / 0.13) ** 2 + ((yy + 0.02) / 0.2) ** 2 < 1
+        hu[lung] = -850 + 40 * np.cos(20 * yy[lung] + z)
+    ring = ((xx / 0.4) ** 2 + (yy / 0.3) ** 2 < 1) & ((xx / 0.37) ** 2 + (yy / 0.27) ** 2 > 1)
+    hu[ring] = 900
+    spine = (xx / 0.05) ** 2 + ((yy - 0.2) / 0.05) ** 2 < 1
+    hu[spine] = 700 + 300 * np.cos(40 * xx[spine])
+    hu += rng.normal(0, 12, hu.shape).astype(np.float32)
+    stored = np.clip(hu + 1024, 0, 4095)
+    stored[xx**2 + yy**2 > 0.25] = 0  # outside the reconstructed field of view: padding
+    return stored.astype(np.uint16)
+
+
+def make_ct_study(folder: Path, *, count: int = 20, size: int = 512, seed: int = 1) -> list[Path]:
+    """A CT series of `count` realistic slices (see `ct_slice`), uncompressed, 16 bits allocated, 12 stored."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for n in range(1, count + 1):
+        ds = _instance(CT, "CT", study, series, 1, n, 8, rng)
+        ds.Rows = ds.Columns = size
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.PixelPaddingValue = 0
+        ds.SliceThickness = 1.0
+        ds.ImagePositionPatient = [0, 0, float(n)]
+        ds.PixelData = ct_slice(size, n / 10, rng).tobytes()
+        path = folder / f"CT_{n:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -5,7 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from gateway.core.smime import Identity
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +24,26 @@ async def wait_woken(event: asyncio.Event, timeout: float) -> None:
     event.clear()
 
 
-async def record(what: str, action: Callable[[], Awaitable[object]]) -> None:
+async def record(what: str, action: Callable[[], Awaitable[T]]) -> T:
     """Run a catalog update until it succeeds (the database may be restarting); the disk already holds the truth."""
     delay = 1.0
     while True:
         try:
-            await action()
-            return
+            return await action()
         except Exception as exc:
             log.warning("catalog update (%s) failed: %s; retrying in %.0f s", what, type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(30.0, delay * 2)
+
+
+_IDENTITIES: dict[tuple[str, str, float, float], Identity] = {}
+
+
+def worker_identity(cert: Path, key: Path) -> Identity:
+    """Our S/MIME identity in a worker process (keys cannot be sent between processes): loaded once, and again
+    when the files change."""
+    stamp = (str(cert), str(key), os.stat(cert).st_mtime, os.stat(key).st_mtime)
+    if stamp not in _IDENTITIES:
+        _IDENTITIES.clear()
+        _IDENTITIES[stamp] = Identity.load(cert.read_bytes(), key.read_bytes())
+    return _IDENTITIES[stamp]

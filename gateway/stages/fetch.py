@@ -1,4 +1,5 @@
-"""Stage 5, fetch: poll the mailbox over POP3S; each mail is durable in the inbox queue before `DELE`.
+r"""Stage 5, fetch: poll the mailbox over POP3S (or IMAPS); each mail is durable in the inbox queue before it is
+deleted on the server (`DELE`, or `\Deleted` + EXPUNGE).
 
 The inbox item is named by the SHA-256 of the mail, so fetching the same mail twice (a crash between the
 durable write and QUIT) lands on the same item and the same catalog row.
@@ -11,6 +12,7 @@ import hashlib
 import logging
 import time
 
+from gateway.adapters.imap import ImapCluster
 from gateway.adapters.pop3 import Pop3Cluster
 from gateway.catalog import Catalog
 from gateway.config import Settings
@@ -31,7 +33,7 @@ class Fetcher:
         settings: Settings,
         storage: Storage,
         catalog: Catalog,
-        pop3: Pop3Cluster,
+        mailbox: Pop3Cluster | ImapCluster,
         wake_ingest: asyncio.Event,
         inbox: Spool,
     ) -> None:
@@ -41,17 +43,17 @@ class Fetcher:
         self.settings = settings
         self.storage = storage
         self.catalog = catalog
-        self.pop3 = pop3
+        self.mailbox = mailbox
         self.wake_ingest = wake_ingest
         self.fetched = 0
 
     async def poll_once(self) -> int:
-        """One POP3 session: fetch, make durable, delete. Returns the number of mails taken."""
+        """One session: fetch, make durable, delete. Returns the number of mails taken."""
         if not self.storage.has_room():
             # D: is full: mails stay on the server until there is room again
             log.warning("D: below its free-space reserve: mailbox not polled")
             return 0
-        session = await self.pop3.open()
+        session = await self.mailbox.open()
         taken = 0
         try:
             listing = await session.list()

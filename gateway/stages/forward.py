@@ -108,6 +108,7 @@ class Forwarder:
         self.storage = storage
         self.catalog = catalog
         self.wake = wake
+        self.wake_receipts: asyncio.Event | None = None  # receipts wait for the PACS's answers
         self.accepted = 0
         self.rejected = 0
 
@@ -167,6 +168,8 @@ class Forwarder:
                         error=error,
                     )
             log.info("PACS %s: %d instances tried", name, len(items))
+        if due and self.wake_receipts is not None:
+            self.wake_receipts.set()
         return len(due)
 
     async def run_forever(self) -> None:

@@ -13,23 +13,62 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
+import pickle
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Protocol
 
-from cryptography import x509
-
+from gateway.addressbook import Keys, load_address_book
 from gateway.catalog import Catalog, InstanceRecord
 from gateway.config import Settings
-from gateway.core.inbound import Refused, Sender, inspect_mail
+from gateway.core import compress, inbound, mailformat, mdn, partial
 from gateway.core.queue import QueueState
-from gateway.core.smime import Identity
 from gateway.core.states import MailState
+from gateway.fragments import FragmentStore
 from gateway.spool import Item, Spool
-from gateway.stages import record, wait_woken
+from gateway.stages import record, wait_woken, worker_identity
 from gateway.storage import Storage, StoreOutcome
 
 log = logging.getLogger(__name__)
+
+_FINISHED = tuple(
+    s.value for s in (MailState.INGESTED, MailState.DUPLICATE, MailState.FRAGMENT, MailState.RECEIPT)
+)
+
+
+class Workers(Protocol):
+    """The gateway's worker processes (the packager owns them): `pool()`, and `close()` after one broke."""
+
+    def pool(self) -> ProcessPoolExecutor: ...
+
+    def close(self) -> None: ...
+
+
+_SENDERS: dict[bytes, dict[str, inbound.Sender]] = {}
+
+
+def inspect_in_worker(raw: bytes, settings: Settings) -> inbound.Accepted | inbound.ReceiptIn:
+    """`inbound.inspect_mail` in a worker process: our identity and the address book are loaded there (once per
+    configuration), because certificates and keys cannot be sent between processes."""
+    key = hashlib.sha256(pickle.dumps(settings)).digest()
+    if key not in _SENDERS:
+        _SENDERS.clear()
+        _SENDERS[key] = load_address_book(settings).senders()
+    identity = worker_identity(settings.smime_cert, settings.smime_key)
+    return inbound.inspect_mail(raw, identity, _SENDERS[key], None, settings.mail.max_unpacked_size)
+
+
+def _is_smime(raw: bytes) -> bool:
+    """True for an S/MIME encrypted mail (OpenPGP and anything else is opened in the gateway process)."""
+    try:
+        kind = mailformat.read_outer(raw).content_type.lower()
+    except mailformat.MailFormatError:
+        return False
+    return kind.startswith(("application/pkcs7-mime", "application/x-pkcs7-mime"))
 
 
 class Ingester:
@@ -40,30 +79,100 @@ class Ingester:
         settings: Settings,
         storage: Storage,
         catalog: Catalog,
-        identity: Identity,
-        partner_certs: dict[str, x509.Certificate],
+        keys: Keys,
         wake: asyncio.Event,
         inbox: Spool,
+        fragments: FragmentStore,
     ) -> None:
         self.settings = settings
         self.storage = storage
         self.catalog = catalog
-        self.identity = identity
-        self.address_book = {
-            p.address.lower(): Sender(p.name, (partner_certs[p.name],)) for p in settings.partners
-        }
+        self.keys = keys
+        self.address_book = keys.book.senders()
         self.wake = wake
         self.inbox = inbox
+        self.fragments = fragments
         self.wake_forwarder: asyncio.Event | None = None
+        self.wake_receipts: asyncio.Event | None = None
+        self.workers: Workers | None = None  # S/MIME mails are opened there (both cores), when set
         self.ingested = 0
         self.quarantined = 0
 
-    async def quarantine(self, item: Item, reason: str) -> None:
-        """Hold the mail with its reason (an operator may release or discard it); record it."""
-        self.inbox.move(item, QueueState.HOLD, reason=reason)
+    async def quarantine(self, item: Item, reason: str, raw: bytes | None = None) -> None:
+        """Hold the mail with its reason (an operator may release or discard it); record it; tell the sender."""
+        await asyncio.to_thread(self.inbox.move, item, QueueState.HOLD, reason=reason)
         await record("quarantine", lambda: self._finish_once(item.id, MailState.QUARANTINED, error=reason))
         self.quarantined += 1
         log.warning("mail %s quarantined: %s", item.id, reason)
+        if raw is not None:
+            await self._owe_receipt(item.id, raw, mdn.ERROR, f"not processed: {reason}")
+
+    async def _owe_receipt(
+        self, mail_id: str, raw: bytes, outcome: str, detail: str, sop_uids: list[str] | None = None
+    ) -> None:
+        """Remember the receipt this mail asked for (only to a partner's own address, never to strangers)."""
+        try:
+            outer = mailformat.read_outer(raw)
+        except mailformat.MailFormatError:
+            return
+        partner = self.settings.partner_by_address(outer.sender)
+        if partner is None or not partner.receipts or not outer.notify or not outer.message_id:
+            return
+        to = outer.notify if self.settings.partner_by_address(outer.notify) is partner else partner.address
+        wait = bool(self.settings.pacs) and bool(sop_uids) and outcome == mdn.OK
+        await record(
+            "receipt",
+            lambda: self.catalog.queue_receipt_out(
+                mail_id,
+                partner.name,
+                to,
+                outer.message_id,
+                outcome,
+                detail,
+                time.time(),
+                sop_uids=sop_uids,
+                wait_for_pacs=wait,
+            ),
+        )
+        if self.wake_receipts is not None:
+            self.wake_receipts.set()
+
+    async def _fragment(self, item: Item, raw: bytes) -> None:
+        """A message/partial fragment: keep it durably; when its message is complete, queue the whole mail."""
+        try:
+            outer = mailformat.read_outer(raw)
+            if self.settings.partner_by_address(outer.sender) is None:
+                raise inbound.Refused("sender is not in the address book")
+            key = await asyncio.to_thread(self.fragments.add, outer.sender, raw, time.time())
+        except mailformat.MailFormatError as exc:
+            await self.quarantine(item, f"bad message/partial fragment: {exc}")
+            return
+        except inbound.Refused as exc:
+            await self.quarantine(item, exc.reason)
+            return
+        await record("fragment", lambda: self._finish_once(item.id, MailState.FRAGMENT))
+        await asyncio.to_thread(self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="fragment")
+        whole = await asyncio.to_thread(self.fragments.complete, key, self.inbox)
+        if whole is not None:
+            log.info("mail %s: last fragment; message reassembled as %s", item.id, whole)
+            self.wake.set()
+
+    async def _receipt(self, item: Item, got: inbound.ReceiptIn) -> None:
+        """A partner's MDN for one of our mails: the transfer shows it."""
+        r = got.receipt
+        transfer = await record(
+            "receipt",
+            lambda: self.catalog.record_receipt(r.original_message_id, r.outcome, r.detail, time.time()),
+        )
+        await record("receipt", lambda: self._finish_once(item.id, MailState.RECEIPT, transfer_id=transfer))
+        await asyncio.to_thread(self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="receipt")
+        log.info(
+            "receipt from %s for transfer %s: %s%s",
+            got.partner,
+            transfer or "(unknown mail)",
+            r.outcome,
+            "" if got.signed else " (unsigned)",
+        )
 
     async def _finish_once(self, mail_id: str, state: MailState, **kw: object) -> bool:
         """finish_in_mail unless the catalog already has the outcome (a crash after it, before the disk move)."""
@@ -74,23 +183,50 @@ class Ingester:
             return False
         return await self.catalog.finish_in_mail(mail_id, state, time.time(), **kw)  # type: ignore[arg-type]
 
+    async def open_mail(self, raw: bytes) -> inbound.Accepted | inbound.ReceiptIn:
+        """Decrypt, verify and check one mail (raises `inbound.Refused`): S/MIME in a worker process, so that
+        decryption, base64 and hashing use the other core; OpenPGP in a thread (GnuPG is a process anyway)."""
+        if self.workers is not None and _is_smime(raw):
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self.workers.pool(), inspect_in_worker, raw, self.settings
+                )
+            except BrokenProcessPool:
+                log.warning("worker processes failed; this mail is opened in the gateway process")
+                self.workers.close()
+        return await asyncio.to_thread(
+            inbound.inspect_mail,
+            raw,
+            self.keys.identity,
+            self.address_book,
+            self.keys.pgp,
+            self.settings.mail.max_unpacked_size,
+        )
+
     async def ingest(self, item: Item) -> None:
         """Ingest or quarantine one queued mail."""
         mail_id = item.id
         row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (mail_id,))
-        if row is not None and row[0] in (MailState.INGESTED.value, MailState.DUPLICATE.value):
+        if row is not None and row[0] in _FINISHED:
             # the catalog recorded the outcome before a crash; only the disk move was missing
-            self.inbox.move(item, QueueState.ACTIVE)
+            await asyncio.to_thread(self.inbox.move, item, QueueState.ACTIVE)
             self.inbox.move(self.inbox.find(mail_id) or item, QueueState.DONE, drop_content=True)
             return
         # crash while active: start-up puts the mail back; storing and indexing again are idempotent
-        item = self.inbox.move(item, QueueState.ACTIVE)
+        item = await asyncio.to_thread(self.inbox.move, item, QueueState.ACTIVE)
         raw = await asyncio.to_thread(item.content.read_bytes)
-        try:
-            accepted = await asyncio.to_thread(inspect_mail, raw, self.identity, self.address_book)
-        except Refused as exc:
-            await self.quarantine(item, exc.reason)
+        if partial.is_partial(raw):
+            await self._fragment(item, raw)
             return
+        try:
+            got = await self.open_mail(raw)
+        except inbound.Refused as exc:
+            await self.quarantine(item, exc.reason, raw)
+            return
+        if isinstance(got, inbound.ReceiptIn):
+            await self._receipt(item, got)
+            return
+        accepted = got
         now = time.time()
         if await self.catalog.in_part_done(accepted.transfer_id, accepted.part):
             await self._finish_once(
@@ -100,7 +236,10 @@ class Ingester:
                 part=accepted.part,
                 total=accepted.total,
             )
-            self.inbox.move(item, QueueState.DONE, drop_content=True, outcome="duplicate")
+            await asyncio.to_thread(
+                self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="duplicate"
+            )
+            await self._owe_receipt(mail_id, raw, mdn.OK, "already received")
             log.info(
                 "mail %s: set %s part %d already ingested (re-delivery)",
                 mail_id,
@@ -110,7 +249,9 @@ class Ingester:
             return
         records = []
         size = 0
-        for info, data in accepted.parts:
+        for info, received in accepted.parts:
+            # a partner's Deflated transfer syntax is inflated: few PACS accept it (pixel data unchanged)
+            data = await asyncio.to_thread(compress.inflate, received) or received
             result = await asyncio.to_thread(self.storage.store_bytes, data, info)
             if result.outcome is StoreOutcome.CONFLICT:
                 log.warning(
@@ -153,7 +294,8 @@ class Ingester:
             size=size,
         )
         # crash here: the catalog says ingested, the item is still active: on restart it is recognised and finished
-        self.inbox.move(item, QueueState.DONE, drop_content=True, outcome="ingested")
+        await asyncio.to_thread(self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="ingested")
+        await self._owe_receipt(mail_id, raw, mdn.OK, "", [r.info.sop_instance_uid for r in records])
         self.ingested += 1
         log.info(
             "mail %s: set %s part %d/%d ingested, %d instances",

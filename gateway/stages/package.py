@@ -1,7 +1,11 @@
 """Stage 3, package: a pending transfer becomes signed, encrypted mails in the outbox queue.
 
-The split plan comes from the pure core (`mailformat.plan_mails`); each mail is built (in a worker thread:
-signing and encryption are CPU work) into `spool/outbox-staging/<transfer>/`. When the whole set is built, the
+Per partner (address book): the format (`smime`: PS3.15 S/MIME with application/dicom parts; `smime-zip`: the
+same around one DICOM.ZIP; `pgp`: @GIT PGP/MIME), the compression (`jpeg2000-lossless` / `deflate`, done in worker
+processes on every core before planning, so the plan sees the real sizes) and the split (`sets`: self-contained
+mails below the partner's size limit; `partial`: one large mail per `max_message_size`, cut into RFC 2046
+message/partial fragments). The split plan comes from the pure core (`mailformat.plan_mails`); each mail is built
+(in a worker thread: signing and encryption are CPU work) into `spool/outbox-staging/<transfer>/`. When the whole set is built, the
 catalog records it (transfer → packaged) and the parts move into the outbox's INCOMING state. A crash before the
 catalog commit rebuilds the set; a crash after it finishes the move at start-up (`release_staged`).
 Memory holds one mail at a time, whatever the size of the study.
@@ -11,19 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from gateway.addressbook import Keys
 from gateway.catalog import Catalog
-from gateway.config import Settings
-from gateway.core import mailformat
-from gateway.core.smime import Identity
+from gateway.config import Partner, Settings
+from gateway.core import compress, dicomzip, mailformat, partial, pgpmime
 from gateway.core.states import TransferState
 from gateway.spool import Spool
-from gateway.stages import wait_woken
+from gateway.stages import wait_woken, worker_identity
 from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -39,16 +51,90 @@ def message_id(transfer_id: str, part: int, sender: str) -> str:
     return f"<{transfer_id}.{part}@{sender.split('@', 1)[1]}>"
 
 
+WORKERS = max(1, os.cpu_count() or 1)  # worker processes: one per core
+
+
+def _lower_priority() -> None:
+    """Worker processes yield the cores to the event loop and the DICOM receivers, whose latency others wait on:
+    a modality for its C-STORE response, a mail server for the next command. Bulk work can wait a moment."""
+    os.nice(5)
+
+
+class _TooLarge(Exception):
+    """A built mail came out above the size limit: plan again with a smaller capacity."""
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """Everything needed to build one mail and write its queue item(s), picklable for a worker process."""
+
+    header: mailformat.MailHeader
+    partner: Partner
+    paths: tuple[Path, ...]
+    folder: Path
+    meta: dict[str, Any]
+    limit: int  # the partner's largest mail
+    signer: tuple[Path, Path]  # our S/MIME certificate and key files (read by the worker, never sent to it)
+    recipient_pem: bytes | None  # the partner's S/MIME certificate
+
+
+def _inner(header: mailformat.MailHeader, partner: Partner, parts: list[bytes]) -> bytes:
+    if partner.format == "smime-zip":
+        archive = dicomzip.build_zip(parts, deflate=partner.compression == "deflate")
+        return mailformat.build_inner_zip(header, archive)
+    return mailformat.build_inner(header, parts)
+
+
+def _wrap_smime(job: BuildJob, inner: bytes) -> bytes:
+    if job.recipient_pem is None:
+        raise mailformat.MailFormatError(f"partner {job.partner.name} has no S/MIME certificate")
+    recipient = x509.load_pem_x509_certificate(job.recipient_pem)
+    return mailformat.wrap_smime(job.header, inner, worker_identity(*job.signer), recipient)
+
+
+def build_mail(
+    job: BuildJob, wrap: Callable[[mailformat.MailHeader, bytes], bytes] | None = None
+) -> list[tuple[str, str, int]]:
+    """Build one mail (and its fragments), write the queue items; [(item id, message id, size)].
+
+    Runs in a worker process (S/MIME) or a thread (`wrap` given: OpenPGP through the gateway's GnuPG)."""
+    header, partner = job.header, job.partner
+    inner = _inner(header, partner, [p.read_bytes() for p in job.paths])
+    data = wrap(header, inner) if wrap is not None else _wrap_smime(job, inner)
+    del inner
+    if partner.split == "partial" and len(data) > job.limit:
+        fixed = mailformat.outer_headers(header)[:4]  # From, To, Subject (replaced), Date
+        pieces = partial.fragment(
+            data,
+            job.limit,
+            header.message_id.strip("<>"),
+            [h for h in fixed if h[0] != "Subject"],
+            header.subject,
+        )
+        out = []
+        for n, piece in enumerate(pieces, start=1):
+            iid = f"{item_id(header.set_id, header.part)}.f{n:04d}"
+            mid = f"<{n}.{header.message_id.strip('<>')}>"
+            # crash after this write: the transfer is still pending; packaging starts over
+            Spool.prepare_item(job.folder, iid, piece, {**job.meta, "message_id": mid, "fragment": n})
+            out.append((iid, mid, len(piece)))
+        return out
+    if len(data) > job.limit:
+        raise _TooLarge(f"built mail has {len(data)} bytes, above {job.limit}")
+    # crash after this write: the transfer is still pending; packaging starts over and rebuilds the folder
+    Spool.prepare_item(job.folder, item_id(header.set_id, header.part), data, job.meta)
+    return [(item_id(header.set_id, header.part), header.message_id, len(data))]
+
+
 class Packager:
-    """Builds the mails of pending transfers."""
+    """Builds the mails of pending transfers, in each partner's format."""
 
     def __init__(
         self,
         settings: Settings,
         storage: Storage,
         catalog: Catalog,
-        identity: Identity,
-        partner_certs: dict[str, x509.Certificate],
+        keys: Keys,
         wake: asyncio.Event,
         wake_sender: asyncio.Event,
         outbox: Spool,
@@ -57,26 +143,121 @@ class Packager:
         self.settings = settings
         self.storage = storage
         self.catalog = catalog
-        self.identity = identity
-        self.partner_certs = partner_certs
+        self.keys = keys
         self.wake = wake
         self.wake_sender = wake_sender
+        self._pool: ProcessPoolExecutor | None = None
 
-    def _build_one(
+    # ----------------------------------------------------------------------------- compression
+    def pool(self) -> ProcessPoolExecutor:
+        """Worker processes for compression and S/MIME building (both cores; the event loop never waits on them)."""
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=WORKERS,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_lower_priority,
+            )
+        return self._pool
+
+    async def warm(self) -> None:
+        """Start the worker processes now (imports, OpenSSL), so the first study does not wait for them."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self.pool(), os.getpid) for _ in range(WORKERS)))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _compress(self, partner: Partner, paths: list[Path], work: Path) -> list[Path]:
+        """Each instance compressed for this partner (into `work`), or the stored file when it passes unchanged."""
+        if partner.compression == "none" or (
+            partner.compression == "deflate" and partner.format == "smime-zip"
+        ):
+            return paths  # smime-zip + deflate: the archive itself is deflated
+        work.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        futures = [
+            loop.run_in_executor(
+                self.pool(), compress.transcode_file, str(p), str(work / f"{i:06d}.dcm"), partner.compression
+            )
+            for i, p in enumerate(paths)
+        ]
+        try:
+            results = await asyncio.gather(*futures)
+        except BrokenProcessPool:
+            # a codec worker died (a crash in OpenJPEG, the OOM killer): compression only saves bytes, the study
+            # must still arrive, so this transfer goes uncompressed and the next one gets fresh workers
+            log.warning("compression workers failed; this transfer goes uncompressed")
+            self.close()
+            return paths
+        return [
+            work / f"{i:06d}.dcm" if r[2] else p for i, (p, r) in enumerate(zip(paths, results, strict=True))
+        ]
+
+    # ----------------------------------------------------------------------------- building
+    def _job(
         self,
         header: mailformat.MailHeader,
+        partner: Partner,
         paths: list[Path],
-        recipient: x509.Certificate,
         folder: Path,
-        meta: dict[str, object],
-    ) -> int:
-        parts = [p.read_bytes() for p in paths]
-        data = mailformat.build_mail(header, parts, self.identity, recipient)
-        if len(data) > self.settings.mail.max_mail_size:
-            raise mailformat.MailFormatError(f"built mail has {len(data)} bytes, above max_mail_size")
-        # crash after this write: the transfer is still pending; packaging starts over and rebuilds the folder
-        Spool.prepare_item(folder, item_id(header.set_id, header.part), data, meta)
-        return len(data)
+        meta: dict[str, Any],
+    ) -> BuildJob:
+        recipient = self.keys.book[partner.name].smime
+        return BuildJob(
+            header=header,
+            partner=partner,
+            paths=tuple(paths),
+            folder=folder,
+            meta=meta,
+            limit=self.settings.mail_size_for(partner),
+            signer=(self.settings.smime_cert, self.settings.smime_key),
+            recipient_pem=recipient.public_bytes(serialization.Encoding.PEM)
+            if recipient is not None
+            else None,
+        )
+
+    def _pgp_wrap(self, partner: Partner) -> Callable[[mailformat.MailHeader, bytes], bytes]:
+        pgp = self.keys.pgp
+        if pgp is None:
+            raise mailformat.MailFormatError("pgp partner but no [pgp] key configured")
+        fingerprint = self.keys.book[partner.name].pgp_fingerprint
+        return lambda header, inner: pgpmime.wrap_pgp(
+            header, inner, lambda data: pgp.sign_encrypt(data, fingerprint)
+        )
+
+    async def _build(self, job: BuildJob) -> list[tuple[str, str, int]]:
+        """Build one mail: S/MIME in a worker process (both cores: base64, hashing and AES hold the GIL), OpenPGP in
+        a thread (GnuPG is a process of its own anyway)."""
+        if job.partner.format == "pgp":
+            return await asyncio.to_thread(build_mail, job, self._pgp_wrap(job.partner))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool(), build_mail, job)
+        except BrokenProcessPool:
+            log.warning("packaging workers failed; building in the gateway process")
+            self.close()
+            return await asyncio.to_thread(build_mail, job)
+
+    def _plan(self, partner: Partner, sizes: list[int], factor: float) -> list[list[int]]:
+        if partner.split == "partial":
+            # one large mail per plan entry, cut into fragments; an instance larger than that gets its own mail
+            cap = max(partner.max_message_size, self.settings.mail_size_for(partner))
+            plan: list[list[int]] = []
+            current: list[int] = []
+            total = 0
+            for i, size in enumerate(sizes):
+                if current and total + size > cap * factor:
+                    plan.append(current)
+                    current, total = [], 0
+                current.append(i)
+                total += size
+            return [*plan, current] if current else plan
+        # a pgp mail carries base64 inside an armored (compressed) message: a few % more than S/MIME; a zip
+        # entry costs its header and its DICOMDIR record
+        grow = {"pgp": 1.04, "smime-zip": 1.01}.get(partner.format, 1.0)
+        limit = int(self.settings.mail_size_for(partner) * factor)
+        return mailformat.plan_mails([int(n * grow) + 1024 for n in sizes], limit)
 
     async def package(self, transfer: dict[str, object]) -> None:
         """Build and record all mails of one transfer (or fail it with the reason)."""
@@ -88,35 +269,101 @@ class Packager:
                 tid, TransferState.FAILED, now, f"partner {transfer['partner']} no longer configured"
             )
             return
+        suspended = self.keys.book[partner.name].problem
+        if suspended:
+            reason = f"partner {partner.name} is suspended: {suspended}"
+            log.error("transfer %s failed: %s", tid, reason)
+            await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, reason)
+            return
         instances = await self.catalog.transfer_instances(tid)
         if not instances:
             await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, "transfer has no instances")
             return
-        try:
-            plan = mailformat.plan_mails([size for _, _, size in instances], self.settings.mail.max_mail_size)
-        except mailformat.MailFormatError as exc:
-            log.error("transfer %s failed: %s", tid, exc)
-            await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, str(exc))
-            return
         folder = self.storage.outbox_staging / tid
         if folder.exists():
             shutil.rmtree(folder)  # a half-built set from before a crash
+        paths = await self._compress(
+            partner, [self.storage.root / rel for _, rel, _ in instances], folder / "work"
+        )
+        sizes = [p.stat().st_size for p in paths]
+        for factor in (1.0, 0.8, 0.6, 0.4):
+            try:
+                plan = self._plan(partner, sizes, factor)
+                built = await self._build_all(tid, transfer, partner, plan, paths, folder)
+                break
+            except mailformat.MailFormatError as exc:
+                log.error("transfer %s failed: %s", tid, exc)
+                await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, str(exc))
+                shutil.rmtree(folder, ignore_errors=True)
+                return
+            except _TooLarge as exc:
+                log.warning("transfer %s: %s; planning smaller mails", tid, exc)
+                for item_dir in folder.iterdir():
+                    if item_dir.name != "work":
+                        shutil.rmtree(item_dir)
+        else:
+            reason = "mails stay above the partner's size limit however the study is split"
+            await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, reason)
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        shutil.rmtree(folder / "work", ignore_errors=True)
+        await self.catalog.add_out_mails(
+            tid,
+            [
+                (mid, n, len(built), f"spool/outbox/{iid}", size)
+                for n, (iid, mid, size, _) in enumerate(built, 1)
+            ],
+            time.time(),
+            mdn_ids=[mdn_id for _, _, _, mdn_id in built],
+            receipts=partner.receipts,
+            bytes_wire=sum(size for _, _, size, _ in built),
+        )
+        # crash here: the set is recorded but still staged; start-up moves it into the outbox (release_staged)
+        await asyncio.to_thread(self.release, tid)
+        # from here the mails are queued: the sender owns them
+        log.info(
+            "transfer %s: %d instances packaged into %d mails (%s, %s) for %s",
+            tid,
+            len(instances),
+            len(built),
+            partner.format,
+            partner.compression,
+            partner.name,
+        )
+        self.wake_sender.set()
+
+    async def _build_all(
+        self,
+        tid: str,
+        transfer: dict[str, object],
+        partner: Partner,
+        plan: list[list[int]],
+        paths: list[Path],
+        folder: Path,
+    ) -> list[tuple[str, str, int, str]]:
+        """Every mail of the plan; [(item id, message id, size, the message id receipts name)]."""
         total = len(plan)
-        built: list[tuple[str, int, int, str, int]] = []
-        for part, indexes in enumerate(plan, start=1):
+        subject = self.settings.mail.subject
+        if partner.format == "smime-zip" and "DICOM-ZIP" not in subject:
+            subject = f"{subject} DICOM-ZIP"
+        # one mail per core at a time (each in a worker process); more would only add memory (each mail in flight
+        # holds a few copies of itself)
+        slots = asyncio.Semaphore(max(2, WORKERS))
+
+        async def build(part: int, indexes: list[int]) -> list[tuple[str, str, int, str]]:
             header = mailformat.MailHeader(
                 sender=self.settings.mail.address,
                 recipient=partner.address,
-                subject=self.settings.mail.subject,
+                subject=subject,
                 message_id=message_id(tid, part, self.settings.mail.address),
                 set_id=tid,
                 part=part,
                 total=total,
                 study_uid=str(transfer.get("study_uid") or ""),
                 date=time.time(),
+                notify=self.settings.mail.address if partner.receipts else "",
             )
-            paths = [self.storage.root / instances[i][1] for i in indexes]
-            meta: dict[str, object] = {
+            meta: dict[str, Any] = {
                 "transfer": tid,
                 "part": part,
                 "total": total,
@@ -124,22 +371,20 @@ class Packager:
                 "message_id": header.message_id,
                 "attempts": 0,
             }
-            size = await asyncio.to_thread(
-                self._build_one, header, paths, self.partner_certs[partner.name], folder, meta
-            )
-            built.append((header.message_id, part, total, f"spool/outbox/{item_id(tid, part)}", size))
-        await self.catalog.add_out_mails(tid, built, time.time())
-        # crash here: the set is recorded but still staged; start-up moves it into the outbox (release_staged)
-        await asyncio.to_thread(self.release, tid)
-        # from here the mails are queued: the sender owns them
-        log.info(
-            "transfer %s: %d instances packaged into %d mails for %s",
-            tid,
-            len(instances),
-            total,
-            partner.name,
+            async with slots:
+                items = await self._build(
+                    self._job(header, partner, [paths[i] for i in indexes], folder, meta)
+                )
+            return [(iid, mid, size, header.message_id) for iid, mid, size in items]
+
+        # every build finishes before an error is raised: no thread may still write into `folder` afterwards
+        results = await asyncio.gather(
+            *(build(part, indexes) for part, indexes in enumerate(plan, start=1)), return_exceptions=True
         )
-        self.wake_sender.set()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [entry for r in results if not isinstance(r, BaseException) for entry in r]
 
     def release(self, tid: str) -> None:
         """Move a completely built and recorded set from staging into the outbox queue."""
@@ -164,27 +409,35 @@ class Packager:
 
     async def run_forever(self) -> None:
         """Package pending transfers as they appear; never dies."""
+        try:
+            await self.warm()
+        except (
+            Exception
+        ):  # the workers start again on first use; packaging falls back to threads if they cannot
+            log.exception("packaging workers did not start")
         while True:
             try:
                 for transfer in await self.catalog.transfers_in_state("out", TransferState.PENDING):
                     try:
                         await self.package(transfer)
                     except OSError as exc:
-                        if isinstance(exc, FileNotFoundError):
-                            await self.catalog.set_transfer_state(
-                                str(transfer["id"]),
-                                TransferState.FAILED,
-                                time.time(),
-                                "an instance file is missing from storage",
+                        if exc.errno is not None and not isinstance(exc, FileNotFoundError):
+                            # disk full or an I/O error: the transfer stays pending and is packaged again later
+                            log.warning(
+                                "transfer %s: packaging paused: %s",
+                                transfer["id"],
+                                exc.strerror or type(exc).__name__,
                             )
-                            continue
-                        # disk full or an I/O error: the transfer stays pending and is packaged again later
-                        log.warning(
-                            "transfer %s: packaging paused: %s",
-                            transfer["id"],
-                            exc.strerror or type(exc).__name__,
+                            break
+                        reason = (
+                            "an instance file is missing from storage"
+                            if isinstance(exc, FileNotFoundError)
+                            else f"packaging failed: {type(exc).__name__}: {exc}"
                         )
-                        break
+                        log.error("transfer %s failed: %s", transfer["id"], reason)
+                        await self.catalog.set_transfer_state(
+                            str(transfer["id"]), TransferState.FAILED, time.time(), reason
+                        )
                     except Exception as exc:
                         log.exception("transfer %s: packaging failed", transfer["id"])
                         await self.catalog.set_transfer_state(

@@ -1,11 +1,15 @@
 """Stage 1, receive: make each C-STORE durable, then index it in the catalog.
 
-In the association thread (`Intake.store`): read the UIDs, move the file into `images/` durably, append one line
-to the intake journal and fdatasync it, and only then return, so the SCP answers success. The event loop is woken
-with `call_soon_threadsafe`; the association thread never waits for the loop or the database.
+Two halves in two kinds of process (see `gateway/stages/receivers.py`):
 
-On the loop (`Intake.index_forever`): index batches in the catalog. The journal is the bridge across crashes:
-at start-up every journal line is indexed again (indexing is idempotent), then the journal is emptied.
+- `DurableIntake` runs in the DICOM receiver processes, in each association's thread: read the UIDs, move the file
+  into `images/` durably, append one line to that process's intake journal and fdatasync it, and only then return,
+  so the SCP answers success. Then it tells the main process (an event over a socket); it never waits for it.
+- `Intake` runs on the main process's event loop: it indexes what the receivers report in batches in the catalog
+  and tells each receiver how many of its journal lines are indexed, so the journal can be emptied.
+
+The journals are the bridge across crashes: at start-up every journal line is indexed again (indexing is
+idempotent) before any receiver starts, then the journals are deleted.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gateway.adapters.dicom_scp import Received
 from gateway.catalog import Catalog, InstanceRecord
-from gateway.config import Settings
 from gateway.core.dicominfo import InstanceInfo, read_info
 from gateway.storage import Storage, StoreOutcome, fsync_dir
 
@@ -30,7 +34,8 @@ log = logging.getLogger(__name__)
 JOURNAL_TRUNCATE_BYTES = 4 * 1024 * 1024
 
 
-def _record_to_json(r: InstanceRecord) -> str:
+def record_to_json(r: InstanceRecord) -> str:
+    """One journal line / receiver event for a stored instance."""
     i = r.info
     return json.dumps(
         {
@@ -53,7 +58,8 @@ def _record_to_json(r: InstanceRecord) -> str:
     )
 
 
-def _record_from_json(line: str) -> InstanceRecord:
+def record_from_json(line: str) -> InstanceRecord:
+    """The inverse of `record_to_json` (raises ValueError/KeyError/TypeError on a damaged line)."""
     d = json.loads(line)
     info = InstanceInfo(d["cls"], d["sop"], d["study"], d["series"], d["ts"], d["mod"], d["num"])
     return InstanceRecord(info, d["path"], d["size"], d["sha"], d["src"], d["origin"], d["route"], d["at"])
@@ -62,28 +68,29 @@ def _record_from_json(line: str) -> InstanceRecord:
 class IntakeJournal:
     """Append-only, fdatasync'ed record of instances acknowledged to modalities but maybe not yet indexed."""
 
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / "journal.jsonl"
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self._lock = threading.Lock()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        fsync_dir(folder)
+        fsync_dir(path.parent)
         self.appended = 0
         self.indexed = 0
 
     def append(self, record: InstanceRecord) -> None:
         """Durably note one stored instance (called in an association thread)."""
-        line = (_record_to_json(record) + "\n").encode()
+        line = (record_to_json(record) + "\n").encode()
         with self._lock:
             os.write(self._fd, line)
             os.fdatasync(self._fd)
             self.appended += 1
 
-    def replay(self) -> list[InstanceRecord]:
-        """Every record in the journal (a torn last line from a crash is skipped: it was never acknowledged)."""
+    @staticmethod
+    def replay(path: Path) -> list[InstanceRecord]:
+        """Every record in a journal (a torn last line from a crash is skipped: it was never acknowledged)."""
         records = []
-        for raw in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+        for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                records.append(_record_from_json(raw))
+                records.append(record_from_json(raw))
             except (ValueError, KeyError, TypeError):
                 continue
         return records
@@ -96,47 +103,38 @@ class IntakeJournal:
                 os.ftruncate(self._fd, 0)
                 os.fsync(self._fd)
 
-    def clear(self) -> None:
-        """Empty the journal after a successful replay."""
-        with self._lock:
-            os.ftruncate(self._fd, 0)
-            os.fsync(self._fd)
-            self.appended = self.indexed = 0
-
     def close(self) -> None:
         os.close(self._fd)
 
 
-class Intake:
-    """The receive stage: durable store in association threads, catalog indexing on the loop."""
+class DurableIntake:
+    """The durable half of receiving, in a receiver process: called in association threads."""
 
     def __init__(
-        self, settings: Settings, storage: Storage, catalog: Catalog, wake_router: asyncio.Event
+        self,
+        storage: Storage,
+        routes: dict[str, str],
+        journal: IntakeJournal,
+        emit: Callable[[dict[str, Any]], None],
     ) -> None:
-        self.settings = settings
         self.storage = storage
-        self.catalog = catalog
-        self.journal = IntakeJournal(storage.intake)
-        self.wake_router = wake_router
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.queue: asyncio.Queue[InstanceRecord] = asyncio.Queue()
-        self.received = 0
-        self.duplicates = 0
-        self.conflicts = 0
+        self.routes = routes  # Called AE Title → partner name
+        self.journal = journal
+        self.emit = emit
 
     def store(self, received: Received) -> None:
-        """Make one received instance durable (association thread). Raises to refuse it."""
+        """Make one received instance durable. Raises to refuse it (the SCP maps the error to a status)."""
         # Below the reserve the instance is refused with 0xA700 (out of resources); the modality retries later.
         self.storage.check_room()
         info = read_info(received.temp_path)
-        partner = self.settings.partner_by_ae(received.called_ae)
-        result = self.storage.store_temp_file(received.temp_path, info)
+        digest = (received.sha256, received.size) if received.sha256 and received.size is not None else None
+        result = self.storage.store_temp_file(received.temp_path, info, digest)
         # crash here: file durable but not journaled; no success was sent, the modality resends; same bytes → duplicate
         if result.outcome is StoreOutcome.CONFLICT:
-            self.conflicts += 1
             log.warning(
                 "instance %s: same UID, different content: kept aside in conflicts/", info.sop_instance_uid
             )
+            self.emit({"t": "conflict"})
             return
         record = InstanceRecord(
             info=info,
@@ -145,25 +143,65 @@ class Intake:
             sha256=result.sha256,
             source="dicom",
             origin=received.calling_ae,
-            route=partner.name if partner else None,
+            route=self.routes.get(received.called_ae.strip()),
             received_at=time.time(),
         )
         self.journal.append(record)
         # crash here: journaled and durable, success not yet sent; replay indexes it, the modality may resend (duplicate)
-        if result.outcome is StoreOutcome.DUPLICATE:
-            self.duplicates += 1
-        self.received += 1
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, record)
+        self.emit({"t": "stored", "o": result.outcome.value, "r": record_to_json(record)})
 
-    async def recover(self) -> int:
-        """Index what the journal holds from before a crash; return how many instances that was."""
-        records = self.journal.replay()
+
+class Intake:
+    """The indexing half of receiving, on the main process's event loop."""
+
+    def __init__(self, storage: Storage, catalog: Catalog, wake_router: asyncio.Event) -> None:
+        self.storage = storage
+        self.catalog = catalog
+        self.wake_router = wake_router
+        self.queue: asyncio.Queue[tuple[str, InstanceRecord]] = asyncio.Queue()
+        # told after each committed batch: receiver key → how many of its records are now indexed
+        self.on_indexed: Callable[[dict[str, int]], None] = lambda counts: None
+        self.received = 0
+        self.duplicates = 0
+        self.conflicts = 0
+
+    def journals(self) -> list[Path]:
+        """Every intake journal on D: (one per receiver process that ran, and the single one of older versions)."""
+        return sorted(self.storage.intake.glob("journal*.jsonl"))
+
+    def reported(self, receiver: str, event: dict[str, Any]) -> None:
+        """An event from a receiver process: a stored instance is queued for indexing, counters are kept."""
+        if event.get("t") == "conflict":
+            self.conflicts += 1
+            return
+        record = record_from_json(str(event["r"]))
+        self.received += 1
+        if event.get("o") == StoreOutcome.DUPLICATE.value:
+            self.duplicates += 1
+        self.queue.put_nowait((receiver, record))
+
+    async def replay(self, journal: Path) -> int:
+        """Index every record of a journal whose writer is gone, then delete it; return how many records."""
+        records = await asyncio.to_thread(IntakeJournal.replay, journal)
         if records:
             new = await self.catalog.record_instances(records)
-            log.info("intake journal: %d records replayed, %d were not yet indexed", len(records), new)
-        self.journal.clear()
+            log.info(
+                "intake journal %s: %d records replayed, %d were not yet indexed",
+                journal.name,
+                len(records),
+                new,
+            )
+        # crash before the unlink: the next start replays the same lines again (idempotent)
+        journal.unlink(missing_ok=True)
+        await asyncio.to_thread(fsync_dir, journal.parent)
         return len(records)
+
+    async def recover(self) -> int:
+        """Index what the journals hold from before a crash (before any receiver starts)."""
+        total = 0
+        for journal in self.journals():
+            total += await self.replay(journal)
+        return total
 
     async def index_forever(self) -> None:
         """Index received instances in batches; never dies (a failed batch is retried)."""
@@ -173,12 +211,15 @@ class Intake:
                 batch.append(self.queue.get_nowait())
             while True:
                 try:
-                    await self.catalog.record_instances(batch)
+                    await self.catalog.record_instances([record for _, record in batch])
                     break
                 except Exception:
                     log.exception("catalog indexing failed; retrying in 2 s")
                     await asyncio.sleep(2)
-            self.journal.mark_indexed(len(batch))
+            counts: dict[str, int] = {}
+            for receiver, _ in batch:
+                counts[receiver] = counts.get(receiver, 0) + 1
+            self.on_indexed(counts)
             self.wake_router.set()
 
     def stats(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import logging
 import time
 import traceback
 
+from gateway.adapters import smtp as smtp_adapter
 from gateway.adapters.smtp import SmtpCluster
 from gateway.catalog import Catalog
 from gateway.config import Settings
@@ -54,7 +55,12 @@ class Sender:
         self.bytes_sent = 0
 
     async def _hold(self, item: Item, reason: str) -> None:
-        self.outbox.move(item, QueueState.HOLD, reason=reason)
+        await asyncio.to_thread(self.outbox.move, item, QueueState.HOLD, reason=reason)
+        if item.meta.get("kind") == "mdn":
+            await record(
+                "fail", lambda: self.catalog.set_receipt_out(str(item.meta["receipt"]), "failed", time.time())
+            )
+            return
         await record("fail", lambda: self.catalog.fail_mail(item.meta["message_id"], reason, time.time()))
 
     async def send_one(self, item: Item) -> None:
@@ -62,14 +68,17 @@ class Sender:
         meta = item.meta
         attempts = int(meta.get("attempts", 0)) + 1
         # crash while active: start-up puts the item back (it may be sent twice; the receiver drops the copy)
-        item = self.outbox.move(item, QueueState.ACTIVE, attempts=attempts)
+        item = await asyncio.to_thread(self.outbox.move, item, QueueState.ACTIVE, attempts=attempts)
         partner = self.settings.partner_by_name(str(meta.get("partner")))
         if partner is None:
             await self._hold(item, f"partner {meta.get('partner')} no longer configured")
             return
-        data = await asyncio.to_thread(item.content.read_bytes)
+        data = await asyncio.to_thread(lambda: smtp_adapter.prepare(item.content.read_bytes()))
+        is_receipt = meta.get("kind") == "mdn"
         try:
-            node = await self.smtp.send(self.settings.mail.address, partner.address, data)
+            node = await self.smtp.send(
+                self.settings.mail.address, str(meta.get("to") or partner.address), data
+            )
         except RejectedError as exc:
             log.error("mail %s rejected: %s", item.id, exc)
             self.rejected += 1
@@ -84,7 +93,11 @@ class Sender:
             error = str(exc)
             self.deferred += 1
             log.warning("mail %s deferred %.0f s: %s", item.id, delay, error)
-            self.outbox.move(item, QueueState.DEFERRED, next_attempt=now + delay, last_error=error[:1000])
+            await asyncio.to_thread(
+                self.outbox.move, item, QueueState.DEFERRED, next_attempt=now + delay, last_error=error[:1000]
+            )
+            if is_receipt:
+                return
             await record(
                 "defer",
                 lambda: self.catalog.defer_mail(
@@ -94,14 +107,18 @@ class Sender:
             return
         # crash here: the server has the mail, the item is still active: it is sent again after restart and the
         # receiver drops the duplicate (same set id and part). At-least-once on the wire, exactly-once in storage.
-        self.outbox.move(item, QueueState.DONE, drop_content=True, node=str(node))
+        await asyncio.to_thread(self.outbox.move, item, QueueState.DONE, drop_content=True, node=str(node))
+        if is_receipt:
+            await record(
+                "sent", lambda: self.catalog.set_receipt_out(str(meta["receipt"]), "sent", time.time())
+            )
+            log.info("receipt for partner %s accepted by %s", partner.name, node)
+            return
         await record("sent", lambda: self.catalog.mark_mail_sent(meta["message_id"], str(node), time.time()))
         self.sent += 1
         self.bytes_sent += len(data)
         # the cluster answers again: mails deferred because every node failed need not wait out their backoff
-        for waiting in self.outbox.items(QueueState.DEFERRED):
-            if str(waiting.meta.get("last_error", "")).startswith(ALL_NODES_FAILED):
-                self.outbox.update(waiting, next_attempt=0)
+        await asyncio.to_thread(self._wake_deferred)
         if int(meta.get("part", 0)) == int(meta.get("total", -1)):
             TRANSFER_LATENCY.observe(time.time() - float(meta.get("created", time.time())))
             log.info(
@@ -111,6 +128,11 @@ class Sender:
                 meta.get("total"),
                 node,
             )
+
+    def _wake_deferred(self) -> None:
+        for waiting in self.outbox.items(QueueState.DEFERRED):
+            if str(waiting.meta.get("last_error", "")).startswith(ALL_NODES_FAILED):
+                self.outbox.update(waiting, next_attempt=0)
 
     async def run_forever(self) -> None:
         """Send due mails; sleep until woken or the next retry is due; never dies."""
@@ -129,6 +151,17 @@ class Sender:
                                 reason=f"internal error: {type(exc).__name__}",
                                 traceback=traceback.format_exc()[-4000:],
                             )
+                            if item.meta.get("kind") == "mdn":
+                                await record(
+                                    "fail",
+                                    functools.partial(
+                                        self.catalog.set_receipt_out,
+                                        str(item.meta.get("receipt")),
+                                        "failed",
+                                        time.time(),
+                                    ),
+                                )
+                                continue
                             await record(
                                 "fail",
                                 functools.partial(

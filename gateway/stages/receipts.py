@@ -1,0 +1,139 @@
+"""Stage 8, receipts: the MDNs we owe our partners, and the ones we wait for.
+
+Owed (inbound): ingest records one per mail that asked for it (`Disposition-Notification-To`) and whose sender is
+a partner configured with `receipts = true`: OK once stored, or once every configured PACS has a final answer for
+its instances (all accepted → `displayed`; some refused → `displayed/warning` with the count); `deleted/error`
+with the reason for a quarantined mail; `deleted` when an operator discards a held mail. The MDN is signed (S/MIME
+partners) or signed and encrypted (PGP/MIME partners, as @GIT does) and goes through the outbox like any mail.
+
+Awaited (outbound): `ingest` matches partners' MDNs to our mails; here, sent transfers still without their receipt
+after `mail.receipt_deadline` are flagged `overdue`. Partners configured without receipts are never awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+
+from gateway.addressbook import Keys
+from gateway.catalog import Catalog
+from gateway.config import Partner, Settings
+from gateway.core import mailformat, mdn, pgpmime
+from gateway.spool import Spool
+from gateway.stages import wait_woken
+
+log = logging.getLogger(__name__)
+
+
+def receipt_item_id(receipt_id: str) -> str:
+    """The outbox item of the receipt for one inbound mail."""
+    return "mdn-" + hashlib.sha256(receipt_id.encode()).hexdigest()[:32]
+
+
+class Receipts:
+    """Settles, builds and queues owed receipts; flags overdue awaited ones."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        keys: Keys,
+        wake: asyncio.Event,
+        wake_sender: asyncio.Event,
+        outbox: Spool,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.keys = keys
+        self.wake = wake
+        self.wake_sender = wake_sender
+        self.outbox = outbox
+
+    def build(self, partner: Partner, to: str, original_message_id: str, outcome: str, detail: str) -> bytes:
+        """The MDN mail for one inbound mail, signed (and encrypted for PGP/MIME partners)."""
+        me = self.settings.mail.address
+        report = mdn.build_report(
+            sender=me, original_message_id=original_message_id, outcome=outcome, detail=detail
+        )
+        now = time.time()
+        mid = f"<mdn.{hashlib.sha256(original_message_id.encode()).hexdigest()[:24]}@{me.split('@', 1)[1]}>"
+        subject = f"Disposition notification ({outcome})"
+        head = mailformat._header_lines(mdn.outer_headers(me, to, subject, mid, now))
+        if partner.format == "pgp":
+            pgp = self.keys.pgp
+            if pgp is None:
+                raise mailformat.MailFormatError("pgp partner but no [pgp] key configured")
+            fingerprint = self.keys.book[partner.name].pgp_fingerprint
+            return head + pgpmime.encrypted_entity(report, lambda d: pgp.sign_encrypt(d, fingerprint))
+        return head + mailformat.build_signed(report, self.keys.identity)
+
+    async def settle_waiting(self) -> int:
+        """Receipts waiting for the PACS: decide them once every forward has a final answer."""
+        settled = 0
+        for r in await self.catalog.receipts_out(("waiting",)):
+            sops = str(r["sop_uids"] or "").split()
+            outcomes = await self.catalog.forward_outcomes(sops)
+            if any(state not in ("accepted", "rejected") for _, state, _, _ in outcomes):
+                continue
+            if len(outcomes) < len(sops) * len(self.settings.pacs):
+                continue  # forwards not queued yet
+            rejected = sorted({sop for sop, state, _, _ in outcomes if state == "rejected"})
+            if rejected:
+                outcome, detail = (
+                    mdn.WARNING,
+                    f"stored; the PACS refused {len(rejected)} of {len(sops)} instances",
+                )
+            else:
+                outcome, detail = mdn.OK, "stored and accepted by the PACS"
+            await self.catalog.set_receipt_out(str(r["id"]), "due", time.time(), outcome, detail)
+            settled += 1
+        return settled
+
+    async def queue_due(self) -> int:
+        """Build and queue every due receipt."""
+        queued = 0
+        for r in await self.catalog.receipts_out(("due",)):
+            partner = self.settings.partner_by_name(str(r["partner"]))
+            if partner is None:
+                await self.catalog.set_receipt_out(str(r["id"]), "dropped", time.time())
+                continue
+            data = await asyncio.to_thread(
+                self.build,
+                partner,
+                str(r["to_addr"]),
+                str(r["original_message_id"]),
+                str(r["outcome"]),
+                str(r["detail"] or ""),
+            )
+            meta = {
+                "kind": "mdn",
+                "partner": partner.name,
+                "to": str(r["to_addr"]),
+                "receipt": str(r["id"]),
+                "message_id": receipt_item_id(str(r["id"])),
+                "attempts": 0,
+            }
+            await asyncio.to_thread(self.outbox.put, receipt_item_id(str(r["id"])), data, meta)
+            # crash here: the item is queued; put() is idempotent, so building it again changes nothing
+            await self.catalog.set_receipt_out(str(r["id"]), "queued", time.time())
+            queued += 1
+        if queued:
+            self.wake_sender.set()
+        return queued
+
+    async def run_forever(self) -> None:
+        """Settle, queue, flag; never dies."""
+        while True:
+            try:
+                await self.settle_waiting()
+                await self.queue_due()
+                flagged = await self.catalog.flag_overdue_receipts(
+                    self.settings.mail.receipt_deadline, time.time()
+                )
+                if flagged:
+                    log.warning("%d sent transfers have no receipt from their partner yet (overdue)", flagged)
+            except Exception:
+                log.exception("receipts loop error; retrying")
+            await wait_woken(self.wake, 5)

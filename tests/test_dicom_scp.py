@@ -1,0 +1,166 @@
+"""The C-STORE SCP against real SCUs (pynetdicom's in-process, DCMTK's in the end-to-end tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import AE
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from gateway.adapters.dicom_scp import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    DicomScp,
+    Received,
+    file_meta,
+)
+from gateway.core.dicominfo import NotDicomError, dataset_offset
+from gateway.devtools.studies import make_study
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "ts"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1"),
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.123456789012345678", "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.7", "2.25.1", "1.2.840.10008.1.2.4.90"),
+    ],
+)
+def test_file_meta_is_what_pydicom_writes(sop_class, sop_instance, ts):  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    meta = create_file_meta(
+        sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(ts)
+    )
+    write_file_meta_info(buf, meta)  # type: ignore[arg-type]
+    assert file_meta(sop_class, sop_instance, ts) == buf.getvalue()
+
+
+class Collector:
+    """A store callback that keeps what it was given (or fails the way it is told to)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "kept"
+        self.dir.mkdir()
+        self.received: list[Received] = []
+        self.fail: Exception | None = None
+
+    def __call__(self, received: Received) -> None:
+        if self.fail is not None:
+            raise self.fail
+        kept = self.dir / f"{len(self.received)}.dcm"
+        received.temp_path.rename(kept)
+        self.received.append(
+            Received(
+                kept, received.called_ae, received.calling_ae, received.peer, received.sha256, received.size
+            )
+        )
+
+
+@pytest.fixture
+def scp(tmp_path):  # type: ignore[no-untyped-def]
+    collector = Collector(tmp_path)
+    server = DicomScp(
+        "GW", {"TO_B"}, ("127.0.0.1", 0), tmp_path / "tmp", collector, timeout=5, maximum_associations=2
+    )
+    server.start()
+    yield server, collector
+    server.stop()
+
+
+def _scu(calling: str = "MODALITY") -> AE:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    ae.add_requested_context(Verification)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")  # Study Root Q/R FIND: not offered here
+    return ae
+
+
+def test_instances_arrive_with_their_dataset_bytes_and_digest(scp, tmp_path):  # type: ignore[no-untyped-def]
+    server, collector = scp
+    files = make_study(tmp_path / "s", ct=5, mr=0, sc=0, size=64)
+    ae = _scu()
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="TO_B")
+    assert assoc.is_established
+    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+    assert CTImageStorage in accepted and "1.2.840.10008.5.1.4.1.2.2.1" not in accepted
+    assert assoc.send_c_echo().Status == 0
+    for f in files:
+        status = assoc.send_c_store(pydicom.dcmread(f))
+        assert status.Status == 0
+    assoc.release()
+    assert len(collector.received) == len(files)
+
+    for f, got in zip(files, collector.received, strict=True):
+        data = got.temp_path.read_bytes()
+        sent = pydicom.dcmread(f)
+        assert got.sha256 == hashlib.sha256(data).hexdigest() and got.size == len(data)
+        assert got.called_ae == "TO_B" and got.calling_ae == "MODALITY" and got.peer == "127.0.0.1"
+        stored = pydicom.dcmread(got.temp_path)
+        assert stored.SOPInstanceUID == sent.SOPInstanceUID
+        assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert stored.PixelData == sent.PixelData
+        assert dataset_offset(data) < len(data)
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [
+        (OSError(28, "No space left on device"), STATUS_OUT_OF_RESOURCES),
+        (NotDicomError("no UIDs"), STATUS_CANNOT_UNDERSTAND),
+    ],
+)
+def test_store_failures_become_statuses_and_leave_no_file(scp, tmp_path, failure, status):  # type: ignore[no-untyped-def]
+    server, collector = scp
+    collector.fail = failure
+    (f,) = make_study(tmp_path / "s", ct=1, mr=0, sc=0, size=16)
+    assoc = _scu().associate("127.0.0.1", server.port, ae_title="TO_B")
+    assert assoc.send_c_store(pydicom.dcmread(f)).Status == status
+    assoc.release()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert server.refused == 1
+
+
+def test_unknown_called_ae_and_too_many_associations_are_rejected(scp):  # type: ignore[no-untyped-def]
+    server, _ = scp
+    assoc = _scu().associate("127.0.0.1", server.port, ae_title="NOBODY")
+    rj = assoc.acceptor.primitive
+    assert assoc.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 7)
+    held = [_scu().associate("127.0.0.1", server.port, ae_title="GW") for _ in range(2)]
+    assert all(a.is_established for a in held)
+    third = _scu().associate("127.0.0.1", server.port, ae_title="GW")
+    rj = third.acceptor.primitive
+    assert third.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (
+        2,
+        3,
+        2,
+    )  # local limit exceeded
+    for a in held:
+        a.release()
+    again = _scu().associate("127.0.0.1", server.port, ae_title="GW")
+    assert again.is_established, "slots are given back when associations end"
+    again.release()
+
+
+def test_a_silent_peer_is_dropped_and_others_are_served_meanwhile(scp):  # type: ignore[no-untyped-def]
+    server, _ = scp
+    with socket.create_connection(("127.0.0.1", server.port)) as silent:
+        assoc = _scu().associate("127.0.0.1", server.port, ae_title="GW")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+        silent.settimeout(15)
+        closed = threading.Event()
+        try:
+            closed.set() if silent.recv(100) == b"" else None
+        except (ConnectionResetError, TimeoutError):
+            closed.set()
+        assert closed.is_set(), "the silent connection was not dropped after the timeout"

@@ -1,0 +1,88 @@
+"""The DICOM receiver processes: a receiver that dies is replaced without losing what it acknowledged, and no
+receiver outlives the gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.devtools.studies import make_study
+from tests.conftest import GatewayProcess, storescu, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def receivers_of(gw: GatewayProcess) -> list[int]:
+    """PIDs of the gateway's receiver processes (children running gateway.stages.receivers)."""
+    assert gw.proc is not None
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == gw.proc.pid and b"gateway.stages.receivers" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def indexed(gw: GatewayProcess) -> int:
+    return sum(s["instances"] for s in json.loads(gw.cli("status", "--json"))["studies"])
+
+
+@pytest.fixture
+def gw(make_gateway) -> GatewayProcess:  # type: ignore[no-untyped-def]
+    g = make_gateway("gateway-c", [("gateway-b", "gateway-b", "TO_B")], stability_delay=600)
+    g.start()
+    wait_for(lambda: len(receivers_of(g)) == 2, 20, 0.2, "two receiver processes")
+    return g
+
+
+def test_a_killed_receiver_is_replaced_and_loses_nothing(gw, tmp_path):  # type: ignore[no-untyped-def]
+    make_study(tmp_path / "first", ct=6, mr=0, sc=0, size=32)
+    assert storescu(gw.port, "TO_B", tmp_path / "first").returncode == 0
+    before = receivers_of(gw)
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: len(set(receivers_of(gw)) - set(before)) == 2, 30, 0.2, "two new receiver processes")
+    make_study(tmp_path / "second", ct=5, mr=0, sc=0, size=32)
+    r = storescu(gw.port, "TO_B", tmp_path / "second")
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: indexed(gw) == 11, 30, 0.5, "every acknowledged instance in the catalog")
+    assert "DICOM receiver 0 ended" in gw.log.read_text()
+
+
+def test_no_receiver_outlives_a_killed_gateway(gw):  # type: ignore[no-untyped-def]
+    pids = receivers_of(gw)
+    assert len(pids) == 2
+    gw.kill()
+
+    def gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids)
+
+    wait_for(gone, 10, 0.1, "the receivers to die with the gateway")
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_journals_of_a_crash_are_indexed_at_start(gw, tmp_path):  # type: ignore[no-untyped-def]
+    make_study(tmp_path / "s", ct=4, mr=0, sc=0, size=32)
+    assert storescu(gw.port, "TO_B", tmp_path / "s").returncode == 0
+    gw.kill()  # SIGKILL right after the acknowledgements: the catalog may not have them yet
+    time.sleep(0.5)
+    gw.start()
+    wait_for(lambda: indexed(gw) == 4, 30, 0.5, "the journaled instances in the catalog after the restart")
