@@ -83,6 +83,13 @@ def send_study(port: int, folder: Path) -> list[Path]:
     return acked
 
 
+def _tail(log: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=30)
@@ -92,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         "--settle", type=float, default=300, help="seconds to wait for delivery after the last kill"
     )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument(
+        "--start-timeout", type=float, default=120, help="seconds a restarted gateway may take to open its port"
+    )
     a = ap.parse_args(argv)
     rnd = random.Random(a.seed)
     work = Path(tempfile.mkdtemp(prefix="killtest-"))
@@ -136,22 +146,32 @@ def main(argv: list[str] | None = None) -> int:
 
     acknowledged: dict[str, Path] = {}  # SOP Instance UID → source file
     kills = 0
+    restarts: list[float] = []  # seconds from start to an open DICOM port, per restart
+    failed_restart = ""
     stop = threading.Event()
 
     def killer() -> None:
-        nonlocal kills
+        nonlocal kills, failed_restart
         while kills < a.kills and not stop.is_set():
             time.sleep(rnd.uniform(0.3, 2.5))
             victim = procs[rnd.choice(["gateway-a", "gateway-b"])]
             victim.kill()
             kills += 1
             time.sleep(rnd.uniform(0.0, 0.5))
-            victim.start()
+            began = time.monotonic()
+            try:
+                victim.start(timeout=a.start_timeout)
+            except RuntimeError as exc:
+                failed_restart = f"{victim.name} after kill {kills}: {exc}"
+                print(f"--- {victim.name}'s log (end) ---\n{_tail(victim.log)}", file=sys.stderr, flush=True)
+                print(f"restart failed: {failed_restart}", file=sys.stderr, flush=True)
+                return
+            restarts.append(time.monotonic() - began)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     study_no = 0
-    deadline = time.monotonic() + 60 + a.kills * 8
+    deadline = time.monotonic() + 60 + a.kills * 15
     while thread.is_alive() and time.monotonic() < deadline:
         study_no += 1
         folder = work / "studies" / f"s{study_no:04d}"
@@ -209,8 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder: {work}" if a.keep else "", file=sys.stderr)
     if not a.keep and lost == 0 and duplicates == 0:
         shutil.rmtree(work, ignore_errors=True)
+    if failed_restart:
+        print(f"restart failed: {failed_restart}")
+    slowest = max(restarts, default=0.0)
+    median = sorted(restarts)[len(restarts) // 2] if restarts else 0.0
     print(
-        f"studies={study_no} corrupt={corrupt} files_at_b={rows} stored_at_a={a_rows} conflicts={conflicts}"
+        f"studies={study_no} corrupt={corrupt} files_at_b={rows} stored_at_a={a_rows} conflicts={conflicts} "
+        f"restart_median_s={median:.1f} restart_max_s={slowest:.1f}"
     )
     print(
         f"kills={kills} acknowledged={len(acknowledged)} delivered={delivered} lost={lost} duplicates={duplicates}"

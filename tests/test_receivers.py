@@ -61,15 +61,33 @@ def test_a_killed_receiver_is_replaced_and_loses_nothing(gw, tmp_path):  # type:
     assert "DICOM receiver 0 ended" in gw.log.read_text()
 
 
-def test_no_receiver_outlives_a_killed_gateway(gw):  # type: ignore[no-untyped-def]
-    pids = receivers_of(gw)
-    assert len(pids) == 2
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, their children, ...)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_no_child_process_outlives_a_killed_gateway(gw):  # type: ignore[no-untyped-def]
+    assert gw.proc is not None
+    children = descendants(gw.proc.pid)
+    assert len(set(receivers_of(gw)) & children) == 2
+    assert len(children) >= 5, children  # two receivers, the forkserver and its two mail-building workers
     gw.kill()
 
     def gone() -> bool:
-        return not any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids)
+        return not any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in children)
 
-    wait_for(gone, 10, 0.1, "the receivers to die with the gateway")
+    wait_for(gone, 10, 0.1, "the receivers and worker processes to die with the gateway")
 
 
 def _state(pid: int) -> str:

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.addressbook import Keys
 from gateway.catalog import Catalog
+from gateway.children import die_with_parent
 from gateway.config import Partner, Settings
 from gateway.core import compress, dicomzip, mailformat, partial, pgpmime
 from gateway.core.states import TransferState
@@ -56,7 +57,9 @@ WORKERS = max(1, os.cpu_count() or 1)  # worker processes: one per core
 
 def _lower_priority() -> None:
     """Worker processes yield the cores to the event loop and the DICOM receivers, whose latency others wait on:
-    a modality for its C-STORE response, a mail server for the next command. Bulk work can wait a moment."""
+    a modality for its C-STORE response, a mail server for the next command. Bulk work can wait a moment.
+    They die with the forkserver, which ends with the gateway: no orphan finishes a mail after a crash."""
+    die_with_parent()
     os.nice(5)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.adapters.dicom_scp import DicomListener, DicomScp, ServesDicomPort
+from gateway.children import die_with_parent
 from gateway.config import Settings
 from gateway.stages.receive import DurableIntake, Intake, IntakeJournal
 from gateway.storage import Storage
@@ -229,22 +229,13 @@ class ReceiverPool(ServesDicomPort):
 
 
 # -------------------------------------------------------------------- inside a receiver process
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to SIGKILL this process when the main process dies (Linux); check it has not already."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def receiver_main(spec: dict[str, Any]) -> int:
     """A receiver process: associations arrive as descriptors on the control socket until it closes."""
     import ipaddress
 
     from gateway.cli import setup_logging
 
-    _die_with_parent(int(spec["parent"]))
+    die_with_parent(int(spec["parent"]))
     setup_logging(str(spec["log_level"]))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the main process decides when a receiver ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)
