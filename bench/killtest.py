@@ -90,6 +90,19 @@ def _tail(log: Path, lines: int = 60) -> str:
         return f"(no log: {exc})"
 
 
+def helper_processes() -> set[int]:
+    """PIDs of multiprocessing helpers (forkserver, its workers, resource tracker) on this machine."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"from multiprocessing." in (entry / "cmdline").read_bytes():
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=30)
@@ -111,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster.up(pki_dir, ["gateway-a", "gateway-b"])
     cluster.drain()
 
+    helpers_before = helper_processes()
     db_name = f"dmg_killtest_{os.getpid()}"
     procs: dict[str, GatewayProcess] = {}
     for name, partner in (
@@ -221,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, a_rows = len(b_files), len(a_sops)
     for p in procs.values():
         p.stop()
+    # every crash must take its worker processes with it: count those left behind by the 30 SIGKILLs
+    orphans: set[int] = set()
+    for _ in range(50):
+        orphans = helper_processes() - helpers_before
+        if not orphans:
+            break
+        time.sleep(0.2)
     if a.mariadb:
         subprocess.run(
             ["mariadb", "-h127.0.0.1", "-uroot", "-e", f"DROP DATABASE IF EXISTS `{db_name}`"], check=False
@@ -235,12 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     median = sorted(restarts)[len(restarts) // 2] if restarts else 0.0
     print(
         f"studies={study_no} corrupt={corrupt} files_at_b={rows} stored_at_a={a_rows} conflicts={conflicts} "
-        f"restart_median_s={median:.1f} restart_max_s={slowest:.1f}"
+        f"restart_median_s={median:.1f} restart_max_s={slowest:.1f} orphans={len(orphans)}"
     )
     print(
         f"kills={kills} acknowledged={len(acknowledged)} delivered={delivered} lost={lost} duplicates={duplicates}"
     )
-    return 0 if lost == 0 and duplicates == 0 else 1
+    return 0 if lost == 0 and duplicates == 0 and not orphans else 1
 
 
 if __name__ == "__main__":

@@ -25,3 +25,5 @@ def test_thirty_kills_lose_and_duplicate_nothing(mail):  # type: ignore[no-untyp
     assert int(fields["kills"]) == 30, report
     assert int(fields["acknowledged"]) > 100, f"too little traffic to mean anything: {report}"
     assert fields["lost"] == "0" and fields["duplicates"] == "0", report
+    orphans = r.stdout.strip().splitlines()[-2].rsplit("orphans=", 1)[1]
+    assert orphans == "0", f"processes of killed gateways still running: {report}"

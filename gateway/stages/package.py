@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.addressbook import Keys
 from gateway.catalog import Catalog
-from gateway.children import die_with_parent
+from gateway.children import exit_with
 from gateway.config import Partner, Settings
 from gateway.core import compress, dicomzip, mailformat, partial, pgpmime
 from gateway.core.states import TransferState
@@ -55,11 +55,11 @@ def message_id(transfer_id: str, part: int, sender: str) -> str:
 WORKERS = max(1, os.cpu_count() or 1)  # worker processes: one per core
 
 
-def _lower_priority() -> None:
-    """Worker processes yield the cores to the event loop and the DICOM receivers, whose latency others wait on:
-    a modality for its C-STORE response, a mail server for the next command. Bulk work can wait a moment.
-    They die with the forkserver, which ends with the gateway: no orphan finishes a mail after a crash."""
-    die_with_parent()
+def _start_worker(gateway_pid: int) -> None:
+    """A worker process ends with the gateway (see `gateway.children`) and yields the cores to the event loop and
+    the DICOM receivers, whose latency others wait on: a modality for its C-STORE response, a mail server for the
+    next command. Bulk work can wait a moment."""
+    exit_with(gateway_pid)
     os.nice(5)
 
 
@@ -158,7 +158,8 @@ class Packager:
             self._pool = ProcessPoolExecutor(
                 max_workers=WORKERS,
                 mp_context=multiprocessing.get_context("forkserver"),
-                initializer=_lower_priority,
+                initializer=_start_worker,
+                initargs=(os.getpid(),),
             )
         return self._pool
 
