@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument(
-        "--start-timeout", type=float, default=120, help="seconds a restarted gateway may take to open its port"
+        "--start-timeout",
+        type=float,
+        default=120,
+        help="seconds a restarted gateway may take to open its port",
     )
     a = ap.parse_args(argv)
     rnd = random.Random(a.seed)
