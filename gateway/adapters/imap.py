@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import re
 import ssl
-import time
 
 import aioimaplib
 
+from gateway.adapters.failover import first_working
 from gateway.config import MailSettings, Node
 from gateway.core.nodepool import NodePool
-from gateway.errors import MailNodeError, TransientError
-
-log = logging.getLogger(__name__)
 
 _FETCH_SIZE = re.compile(rb"UID (\d+).*RFC822\.SIZE (\d+)|RFC822\.SIZE (\d+).*UID (\d+)")
 
@@ -131,23 +127,17 @@ class ImapCluster:
 
     async def open(self) -> ImapSession:
         """An authenticated session on the first node that works."""
-        problems = []
-        for node in self.pool.order(time.time()):
-            try:
-                client = await self._connect(node)
-            except (
+        node, client = await first_working(
+            self.pool,
+            "IMAP",
+            self._connect,
+            (
                 OSError,
                 ssl.SSLError,
                 ImapError,
                 TimeoutError,
                 aioimaplib.Abort,
                 aioimaplib.CommandTimeout,
-            ) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                self.pool.failed(node, time.time(), problem)
-                log.warning("IMAP node %s failed: %s", node, problem)
-                problems.append(str(MailNodeError(str(node), problem)))
-                continue
-            self.pool.ok(node, time.time())
-            return ImapSession(node, client, self.mail.io_timeout)
-        raise TransientError("all IMAP nodes failed: " + " | ".join(problems))
+            ),
+        )
+        return ImapSession(node, client, self.mail.io_timeout)

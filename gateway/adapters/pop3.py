@@ -11,17 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import logging
 import poplib
 import ssl
-import time
 from typing import cast
 
+from gateway.adapters.failover import first_working
 from gateway.config import MailSettings, Node
 from gateway.core.nodepool import NodePool
-from gateway.errors import MailNodeError, TransientError
-
-log = logging.getLogger(__name__)
 
 poplib._MAXLINE = 64 * 1024  # type: ignore[attr-defined]  # long header lines from other mailers
 
@@ -116,16 +112,10 @@ class Pop3Cluster:
 
     async def open(self) -> Pop3Session:
         """A logged-in session on the first node that works."""
-        problems = []
-        for node in self.pool.order(time.time()):
-            try:
-                conn = await asyncio.to_thread(self._connect, node)
-            except (OSError, ssl.SSLError, poplib.error_proto, EOFError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                self.pool.failed(node, time.time(), problem)
-                log.warning("POP3 node %s failed: %s", node, problem)
-                problems.append(str(MailNodeError(str(node), problem)))
-                continue
-            self.pool.ok(node, time.time())
-            return Pop3Session(node, conn)
-        raise TransientError("all POP3 nodes failed: " + " | ".join(problems))
+        node, conn = await first_working(
+            self.pool,
+            "POP3",
+            lambda n: asyncio.to_thread(self._connect, n),
+            (OSError, ssl.SSLError, poplib.error_proto, EOFError),
+        )
+        return Pop3Session(node, conn)
