@@ -18,21 +18,32 @@ pytestmark = pytest.mark.slow
 
 
 def receivers_of(gw: GatewayProcess) -> list[int]:
-    """PIDs of the gateway's receiver processes (children running gateway.stages.receivers)."""
+    """PIDs of the gateway's receiver processes (its processes running gateway.stages.receivers)."""
     assert gw.proc is not None
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in descendants(gw.proc.pid):
         try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
+            if b"gateway.stages.receivers" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == gw.proc.pid and b"gateway.stages.receivers" in cmdline:
-            found.append(int(entry.name))
     return sorted(found)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, their children, ...)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
 
 
 def indexed(gw: GatewayProcess) -> int:
@@ -59,22 +70,6 @@ def test_a_killed_receiver_is_replaced_and_loses_nothing(gw, tmp_path):  # type:
     assert r.returncode == 0, r.stdout + r.stderr
     wait_for(lambda: indexed(gw) == 11, 30, 0.5, "every acknowledged instance in the catalog")
     assert "DICOM receiver 0 ended" in gw.log.read_text()
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid` (children, their children, ...)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 def test_no_child_process_outlives_a_killed_gateway(gw):  # type: ignore[no-untyped-def]
