@@ -91,15 +91,17 @@ def _tail(log: Path, lines: int = 60) -> str:
 
 
 def helper_processes() -> set[int]:
-    """PIDs of multiprocessing helpers (forkserver, its workers, resource tracker) on this machine."""
+    """PIDs of the helpers a gateway starts: multiprocessing's (forkserver, its workers, resource tracker), GnuPG's."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"from multiprocessing." in (entry / "cmdline").read_bytes():
-                    found.add(int(entry.name))
+                cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
+            program = Path(cmdline.split(b"\0")[0].decode(errors="replace")).name
+            if b"from multiprocessing." in cmdline or program in ("gpg", "gpg-agent"):
+                found.add(int(entry.name))
     return found
 
 

@@ -187,6 +187,54 @@ def test_pgp_mail_signed_by_another_key_or_not_for_us_is_refused(pki_dir, tmp_pa
         inspect_mail(tampered, me, book_of_b(pki_dir, a), b)
 
 
+def gnupg_pids() -> dict[int, list[bytes]]:
+    """Every running gpg and gpg-agent, with its command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and Path(argv[0].decode(errors="replace")).name in ("gpg", "gpg-agent"):
+                found[int(entry.name)] = argv
+    return found
+
+
+def test_a_restart_retires_the_keyring_a_killed_gateway_left(pki_dir, tmp_path):  # type: ignore[no-untyped-def]
+    """A SIGKILLed gateway leaves its gpg-agent and maybe a gpg mid-operation; the next start must not trip on them.
+
+    CI once saw a restart die in the old keyring's removal: the agent noticed its socket go and removed its other
+    sockets under the remover's feet. Each start now builds its own keyring and stops the old one's processes.
+    """
+    root = tmp_path / "state" / "gnupg"
+    sec, pub = pki_dir / "gateway-a-pgp.sec.asc", [pki_dir / "gateway-b-pgp.pub.asc"]
+    before = set(gnupg_pids())
+    old = OpenPgp.rebuild(root, sec, pub)
+    signature = old.sign_detached(b"study")  # starts the old keyring's agent
+    home = old._gpg.gnupghome
+    stuck = subprocess.Popen(  # a gpg whose gateway died while it ran: it still waits for its input
+        ["gpg", "--homedir", home, "--batch", "--decrypt"], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        time.sleep(0.2)
+        left = {pid for pid, argv in gnupg_pids().items() if home.encode() in argv} - before
+        assert stuck.pid in left and len(left) >= 2, left  # the agent and the stuck gpg
+        new = OpenPgp.rebuild(root, sec, pub)  # what the next start does; the old object is never closed
+        assert stuck.wait(timeout=10) != 0
+        still = set(gnupg_pids())
+        assert not left & still, "the old keyring's processes outlived the restart"
+        assert [p.name for p in root.iterdir()] == [new.home.name] and new.home != old.home
+        assert new.verify_detached(b"study", signature) == new.own_fingerprint
+        assert new.verify_detached(b"study", new.sign_detached(b"study")) == new.own_fingerprint
+        new.close()
+        assert not new.home.exists()
+        assert not {pid for pid, argv in gnupg_pids().items() if new._gpg.gnupghome.encode() in argv}
+    finally:
+        stuck.kill()
+        stuck.wait()
+
+
 # ------------------------------------------------------------------------------------------- DICOM-ZIP
 
 

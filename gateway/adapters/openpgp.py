@@ -1,7 +1,10 @@
 """OpenPGP through GnuPG (python-gnupg), with a keyring the gateway owns.
 
 The keyring lives under `d_root/state/gnupg` and is rebuilt at every start from the configuration: the gateway's
-own secret key and the public keys of the address book, nothing else. The user's default keyring is never
+own secret key and the public keys of the address book, nothing else. Each start builds it in a directory of its
+own (`run-<ns>`) and retires the ones earlier runs left: their gpg-agent and any gpg still running there are
+stopped first, then the directory is removed. A gateway that was killed leaves its agent running, and an agent
+removes its sockets when it sees its home go; a fresh directory keeps that from ever touching the new keyring. The user's default keyring is never
 touched (GNUPGHOME is always set). Signatures are accepted only when made by the fingerprint the address book
 holds for the sending partner; GnuPG's web of trust plays no part (`--trust-model always` for encryption to keys
 we imported ourselves).
@@ -14,15 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import gnupg
+
+log = logging.getLogger(__name__)
 
 
 class PgpError(ValueError):
@@ -40,11 +49,15 @@ class KeyInfo:
     validity: str  # GnuPG's validity letter: e expired, r revoked
 
 
+def _link_of(home: Path) -> Path:
+    return Path(tempfile.gettempdir()) / f"dmg-gpg-{hashlib.sha256(str(home).encode()).hexdigest()[:12]}"
+
+
 def _short_home(home: Path) -> Path:
     """A path short enough for the agent's Unix sockets (108 bytes), linking to `home`."""
     if len(str(home)) < 60:
         return home
-    link = Path(tempfile.gettempdir()) / f"dmg-gpg-{hashlib.sha256(str(home).encode()).hexdigest()[:12]}"
+    link = _link_of(home)
     if link.is_symlink() and link.resolve() != home.resolve():
         link.unlink()
     if not link.exists():
@@ -83,6 +96,53 @@ def _kill_agent(home: Path) -> None:
         )
 
 
+def _processes_using(home: Path) -> list[int]:
+    """The GnuPG processes (gpg, gpg-agent) whose `--homedir` is `home` or its short link (Linux /proc)."""
+    names = {str(home).encode(), str(_link_of(home)).encode()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile, or not ours to read
+        if any(a == b"--homedir" and v in names for a, v in itertools.pairwise(argv)):
+            found.append(int(entry.name))
+    return found
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove `path`; entries that vanish meanwhile are fine, anything else is logged and left for the next start."""
+
+    def onerror(func: object, name: str, exc: tuple[type[BaseException], BaseException, object]) -> None:
+        if not isinstance(exc[1], FileNotFoundError):
+            raise exc[1]
+
+    try:
+        shutil.rmtree(path, onerror=onerror)
+    except OSError as exc:
+        log.warning("could not remove the old keyring %s: %s", path.name, exc.strerror or exc)
+
+
+def _retire(home: Path) -> None:
+    """Stop everything a previous run left in keyring `home`, then remove it (and its short socket link)."""
+    _kill_agent(home)  # the polite way: the agent removes its own sockets
+    deadline = time.monotonic() + 5.0
+    while (pids := _processes_using(home)) and time.monotonic() < deadline:
+        for pid in pids:  # an agent that did not answer, or a gpg whose gateway was killed mid-operation
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    if pids:
+        log.warning("%d GnuPG processes of an old keyring did not end", len(pids))
+    link = _link_of(home)
+    if link.is_symlink() and Path(os.readlink(link)) == home:
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+    _remove_tree(home)
+
+
 class OpenPgp:
     """The gateway's keyring: sign+encrypt to a partner, decrypt+verify from one."""
 
@@ -106,13 +166,25 @@ class OpenPgp:
 
     @classmethod
     def rebuild(
-        cls, home: Path, own_secret_key: Path, partner_keys: list[Path], passphrase: str | None = None
+        cls, root: Path, own_secret_key: Path, partner_keys: list[Path], passphrase: str | None = None
     ) -> OpenPgp:
-        """Start from an empty keyring holding exactly our key and the address book's keys."""
-        if home.exists():
-            _kill_agent(home)  # an agent left by a killed gateway would serve the deleted keyring
-            shutil.rmtree(home)
-        pgp = cls(home, passphrase)
+        """A new, empty keyring under `root` holding exactly our key and the address book's keys.
+
+        The keyrings earlier runs left under `root` are retired first.
+        """
+        if root.is_dir():
+            if (
+                root / "pubring.kbx"
+            ).exists():  # the layout before per-run keyrings: root itself was the home
+                _kill_agent(root)
+            for entry in sorted(root.iterdir()):
+                if entry.is_dir() and not entry.is_symlink():
+                    _retire(entry)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pgp = cls(root / f"run-{time.time_ns()}", passphrase)
         result = pgp._gpg.import_keys(own_secret_key.read_bytes())
         secret = [
             f
@@ -129,8 +201,8 @@ class OpenPgp:
         return pgp
 
     def close(self) -> None:
-        """Stop the keyring's gpg-agent (at shutdown)."""
-        _kill_agent(self.home)
+        """Stop the keyring's gpg-agent and remove the keyring (at shutdown; the next start builds its own)."""
+        _retire(self.home)
 
     def _args(self) -> list[str]:
         return ["--trust-model", "always"]
