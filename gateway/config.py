@@ -179,6 +179,7 @@ class Settings:
     d_root: Path
     e_root: Path
     min_free: int
+    min_free_inodes: int
     database_url: str
     mail: MailSettings
     smime_cert: Path
@@ -485,6 +486,9 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         min_free = parse_size(min_free_raw)
     except ValueError as exc:
         raise st.fail("min_free", str(exc)) from None
+    min_free_inodes = int(
+        st.get("min_free_inodes", int, 10000, check=lambda v: None if v >= 0 else "must be >= 0")
+    )
     st.done()
 
     db = root.table_of("database", required=False)
@@ -661,6 +665,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         d_root=d_root,
         e_root=e_root,
         min_free=min_free,
+        min_free_inodes=min_free_inodes,
         database_url=database_url,
         mail=mail,
         smime_cert=smime_cert,

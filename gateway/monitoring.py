@@ -265,28 +265,29 @@ def _backup(settings: Settings, now: float) -> Service:
     return Service(state, "DMG Backup", f"last backup {age_h:.1f} h ago: {last.get('detail', '')}", metric)
 
 
-def _space(settings: Settings, label: str, path: Path, reserve: int) -> Service:
+def _space(settings: Settings, label: str, path: Path, reserve: int, inode_reserve: int = 0) -> Service:
+    from gateway.storage import free_inodes
+
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     usage = shutil.disk_usage(probe)
+    inodes = free_inodes(probe)
     pct = 100.0 * usage.free / usage.total if usage.total else 0.0
     m = settings.monitoring
     state = _lower(pct, m.free_pct_warn, m.free_pct_crit)
-    if usage.free < reserve:
-        state = CRIT
     text = f"{usage.free / 1e9:.1f} GB free of {usage.total / 1e9:.1f} GB ({pct:.0f} %)"
-    if usage.free < reserve:
+    metrics = [
+        Metric("free_pct", round(pct, 1), m.free_pct_warn, m.free_pct_crit),
+        Metric("free_bytes", usage.free),
+    ]
+    if inodes is not None:
+        text += f", {inodes} inodes free"
+        metrics.append(Metric("free_inodes", inodes))
+    if usage.free < reserve or (inodes is not None and inodes < inode_reserve):
+        state = CRIT
         text += ", below the reserve: DICOM refused, mail paused"
-    return Service(
-        state,
-        f"DMG Free space {label}",
-        text,
-        (
-            Metric("free_pct", round(pct, 1), m.free_pct_warn, m.free_pct_crit),
-            Metric("free_bytes", usage.free),
-        ),
-    )
+    return Service(state, f"DMG Free space {label}", text, tuple(metrics))
 
 
 def _quarantine(settings: Settings) -> Service:
@@ -382,7 +383,7 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
     services.append(_incomplete(settings, stuck_in, now))
     services += _certificates(settings, now)
     services.append(_backup(settings, now))
-    services.append(_space(settings, "D:", settings.d_root, settings.min_free))
+    services.append(_space(settings, "D:", settings.d_root, settings.min_free, settings.min_free_inodes))
     services.append(_space(settings, "E:", settings.e_root, 0))
     services.append(_quarantine(settings))
     return services

@@ -106,7 +106,7 @@ class Gateway:
     @classmethod
     async def create(cls, settings: Settings) -> Gateway:
         """Build every stage and recover the state a previous run left."""
-        storage = Storage(settings.d_root, settings.min_free)
+        storage = Storage(settings.d_root, settings.min_free, settings.min_free_inodes)
         removed = storage.prepare()
         if removed:
             log.info("removed %d temp files left by an interrupted write", removed)

@@ -118,18 +118,25 @@ class StoreResult:
 
 
 class DiskFullError(OSError):
-    """Free space on the working volume is below the configured reserve (`storage.min_free`)."""
+    """Free space or free inodes on the working volume are below the reserve (`storage.min_free`, `min_free_inodes`)."""
 
-    def __init__(self, free: int, reserve: int) -> None:
-        super().__init__(errno.ENOSPC, f"D: has {free} bytes free, below the reserve of {reserve}")
+    def __init__(self, free: int, reserve: int, unit: str = "bytes") -> None:
+        super().__init__(errno.ENOSPC, f"D: has {free} {unit} free, below the reserve of {reserve}")
+
+
+def free_inodes(path: Path) -> int | None:
+    """Free inodes of the filesystem holding `path` (None where it has no fixed number, as btrfs)."""
+    st = os.statvfs(path)
+    return int(st.f_favail) if st.f_files else None
 
 
 class Storage:
     """The working volume: paths and durable writes. Thread-safe (used from DICOM association threads)."""
 
-    def __init__(self, d_root: Path, min_free: int = 0) -> None:
+    def __init__(self, d_root: Path, min_free: int = 0, min_free_inodes: int = 0) -> None:
         self.root = d_root
         self.min_free = min_free
+        self.min_free_inodes = min_free_inodes
         self.images = d_root / "images"
         self.conflicts = d_root / "conflicts"
         self.spool = d_root / "spool"
@@ -231,15 +238,29 @@ class Storage:
         """Free space on the working volume."""
         return shutil.disk_usage(self.root).free
 
+    def free_inodes(self) -> int | None:
+        """Free inodes on the working volume (None: the filesystem has no fixed number, as btrfs)."""
+        return free_inodes(self.root)
+
     def has_room(self) -> bool:
-        """True while free space is above the reserve."""
-        return self.free_bytes() >= self.min_free
+        """True while free space and free inodes are above their reserves."""
+        try:
+            self.check_room()
+        except DiskFullError:
+            return False
+        return True
 
     def check_room(self) -> None:
-        """Raise `DiskFullError` when free space is below the reserve."""
+        """Raise `DiskFullError` when free space or free inodes are below their reserve.
+
+        Every instance takes an inode, so a volume of many small files can run out of inodes with bytes to spare.
+        """
         free = self.free_bytes()
         if free < self.min_free:
             raise DiskFullError(free, self.min_free)
+        inodes = self.free_inodes()
+        if inodes is not None and inodes < self.min_free_inodes:
+            raise DiskFullError(inodes, self.min_free_inodes, "inodes")
 
     def sweep_tmp(self, older_than: float, now: float) -> int:
         """Remove temp files older than `older_than` seconds (left by aborted receives); return how many."""

@@ -88,6 +88,11 @@ class GatewayCollector:
         g = GaugeMetricFamily("dmg_free_bytes", "Free bytes on the working volume D:")
         g.add_metric([], gw.storage.free_bytes())
         yield g
+        inodes = gw.storage.free_inodes()
+        if inodes is not None:
+            g = GaugeMetricFamily("dmg_free_inodes", "Free inodes on the working volume D:")
+            g.add_metric([], inodes)
+            yield g
         g = GaugeMetricFamily(
             "dmg_event_loop_max_block_seconds", "Longest the event loop was blocked since start"
         )

@@ -1,7 +1,11 @@
-"""'D:' full, on a real small tmpfs: refusals with 0xA700, no partial files, pauses, and recovery by itself."""
+"""'D:' full, on a real small tmpfs: refusals with 0xA700, no partial files, pauses, and recovery by itself.
+
+Full means out of bytes or out of inodes: DICOM archives are many small files, and ext4 volumes made with a large
+bytes-per-inode ratio run out of inodes first."""
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 from collections.abc import Iterator
@@ -11,6 +15,7 @@ import pytest
 
 from gateway.core.dicominfo import read_info
 from gateway.devtools.studies import make_study
+from gateway.storage import free_inodes
 from tests.conftest import storescu, wait_for
 from tests.test_e2e import assert_delivered_identically
 
@@ -96,3 +101,75 @@ def test_full_d_pauses_fetching_and_ingest_until_space_returns(mail, make_gatewa
     wait_for(lambda: instances_at(b) == len(sources), 120, 1, "B to resume and ingest everything")
     assert_delivered_identically(a, b, sources)
     assert mail.mailbox_count("gateway-b@dicommail.test") == 0
+
+
+def fill_inodes(folder: Path, leave: int = 0) -> list[Path]:
+    """Create empty files in `folder` until the volume has `leave` free inodes (bounded: a tmpfs of few inodes)."""
+    folder.mkdir()
+    made = []
+    for n in range(100_000):
+        if leave and (free_inodes(folder) or 0) <= leave:
+            break
+        try:
+            (folder / f"{n:06d}").touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            break
+        made.append(folder / f"{n:06d}")
+    return made
+
+
+@pytest.fixture
+def few_inodes(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs with room for bytes but only 3000 inodes."""
+    mnt = tmp_path / "few-inodes"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=3000", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_d_out_of_inodes_refuses_with_out_of_resources_and_recovers(
+    mail, mariadb_url, make_gateway, few_inodes, tmp_path
+):  # type: ignore[no-untyped-def]
+    b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1)
+    a = make_gateway(
+        "gateway-a",
+        [("gateway-b", "gateway-b", "TO_B")],
+        database_url=mariadb_url,
+        d_root=few_inodes / "d",
+        min_free="1MB",
+        min_free_inodes=200,
+        stability_delay=2,
+    )
+    b.start()
+    a.start()
+    sources = make_study(tmp_path / "s", ct=6, mr=0, sc=0, size=64)
+
+    # no inode at all: not even the temporary file can be made; every C-STORE is answered, none aborts
+    filler = fill_inodes(few_inodes / "filler")
+    assert free_inodes(few_inodes) == 0
+    none_left = storescu(a.port, "TO_B", tmp_path / "s", "-v", "--no-halt")
+    out = none_left.stdout + none_left.stderr
+    assert out.count("Refused: OutOfResources") == len(sources), out[-3000:]
+    assert "Abort" not in out and "(Success)" not in out, out[-3000:]
+
+    # a few inodes, below the reserve: the dataset is received, then refused, and leaves no file behind
+    for f in filler[:50]:
+        f.unlink()
+    below = storescu(a.port, "TO_B", tmp_path / "s", "-v", "--no-halt")
+    out = below.stdout + below.stderr
+    assert out.count("Refused: OutOfResources") == len(sources), out[-3000:]
+    assert list((few_inodes / "d" / "tmp").iterdir()) == [], "no partial file stays behind"
+    assert not list((few_inodes / "d" / "images").rglob("*.dcm"))
+    line = next(x for x in a.cli("check-mk").splitlines() if "DMG Free space D:" in x)
+    assert line.startswith("2 ") and "inodes free" in line and "below the reserve" in line, line
+
+    # an operator frees inodes: no restart, the modality's resend goes through, the study is delivered
+    for f in filler[50:]:
+        f.unlink()
+    again = storescu(a.port, "TO_B", tmp_path / "s")
+    assert again.returncode == 0, again.stdout + again.stderr
+    wait_for(lambda: instances_at(b) == len(sources), 120, 1, "every instance at B")
+    assert_delivered_identically(a, b, sources)
+    assert a.proc is not None and a.proc.poll() is None, "gateway A lived through a volume without inodes"

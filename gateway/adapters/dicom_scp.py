@@ -229,7 +229,7 @@ class _Store:
     message_id: int
     sop_class: str
     sop_instance: str
-    path: Path
+    path: Path | None  # None: the temporary file could not be made (error says why)
     file: BinaryIO | None
     error: OSError | None = None
     digest: Any = field(default_factory=hashlib.sha256)
@@ -246,6 +246,17 @@ class _Store:
         self.size += len(data)
         if _sync_file_range is not None and (self.size >> 18) != (before >> 18):
             _sync_file_range(self.file.fileno(), 0, 0, 2)  # SYNC_FILE_RANGE_WRITE: no waiting
+
+    def drop(self, error: OSError | None) -> None:
+        """Give up the temporary file (closed, removed); `error`, if any, is what the C-STORE is refused for."""
+        if error is not None:
+            self.error = error
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 class _Association:
@@ -429,7 +440,11 @@ class _Association:
         if command_field != 0x0001 or not has_data:
             raise ProtocolError(f"DIMSE command 0x{command_field:04X} is not offered here", 0x02)
         sop_class, sop_instance = _ui(cmd, 0x0002), _ui(cmd, 0x1000)
-        fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.scp.temp_dir)
+        try:
+            fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.scp.temp_dir)
+        except OSError as exc:  # no inode left, temp folder gone: read the dataset, then answer 0xA700
+            self.store = _Store(context_id, message_id, sop_class or abstract, sop_instance, None, None, exc)
+            return
         f = os.fdopen(fd, "wb", buffering=0)
         self.store = _Store(context_id, message_id, sop_class or abstract, sop_instance, Path(name), f)
         try:
@@ -450,26 +465,19 @@ class _Association:
             self._finish_store(store)
 
     def _write_failed(self, exc: OSError) -> None:
-        store = self.store
-        assert store is not None
-        store.error = exc
-        if store.file is not None:
-            with contextlib.suppress(OSError):
-                store.file.close()
-            store.file = None
-        store.path.unlink(missing_ok=True)
+        assert self.store is not None
+        self.store.drop(exc)
 
     def _finish_store(self, store: _Store) -> None:
         self.store = None
-        status = STATUS_SUCCESS
         if store.file is not None:
             try:
                 store.file.close()
+                store.file = None
             except OSError as exc:
-                store.error = exc
-                store.path.unlink(missing_ok=True)
-        if store.error is not None:
-            status = self.scp.refuse(store.error)
+                store.drop(exc)
+        if store.error is not None or store.path is None:
+            status = self.scp.refuse(store.error or OSError("no temporary file"))
         else:
             status = self.scp.handle_store(
                 Received(
@@ -487,10 +495,7 @@ class _Association:
     def _discard_store(self) -> None:
         store, self.store = self.store, None
         if store is not None:
-            if store.file is not None:
-                with contextlib.suppress(OSError):
-                    store.file.close()
-            store.path.unlink(missing_ok=True)
+            store.drop(None)
 
 
 class DicomListener:

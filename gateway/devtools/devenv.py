@@ -36,6 +36,7 @@ def render_config(
     node_cooldown: float = 30,
     retry_base: float = 30,
     min_free: str = "64MB",
+    min_free_inodes: int = 1000,
     gateway_extra: str = "",
     tail: str = "",
     web_port: int = 0,
@@ -67,6 +68,7 @@ def render_config(
         f"d_root = {_q(d_root)}",
         f"e_root = {_q(e_root)}",
         f"min_free = {_q(min_free)}",
+        f"min_free_inodes = {min_free_inodes}",
         "",
     ]
     if database_url:

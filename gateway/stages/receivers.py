@@ -136,6 +136,7 @@ class ReceiverPool(ServesDicomPort):
         spec = {
             "d_root": str(s.d_root),
             "min_free": s.min_free,
+            "min_free_inodes": s.min_free_inodes,
             "ae_title": s.ae_title,
             "routes": {p.ae_title: p.name for p in s.partners},
             "allowed_calling_ae": list(s.allowed_calling_ae),
@@ -248,7 +249,7 @@ def receiver_main(spec: dict[str, Any]) -> int:
         with send_lock:
             events.sendall(line)
 
-    storage = Storage(Path(spec["d_root"]), int(spec["min_free"]))
+    storage = Storage(Path(spec["d_root"]), int(spec["min_free"]), int(spec["min_free_inodes"]))
     journal = IntakeJournal(Path(spec["journal"]))
     durable = DurableIntake(storage, dict(spec["routes"]), journal, emit)
     scp = DicomScp(
