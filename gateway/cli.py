@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, VolumeInUseError
 
 log = logging.getLogger("gateway")
 
@@ -45,13 +45,22 @@ def _load(path: str) -> config.Settings:
         raise SystemExit(2) from None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _serve(settings: config.Settings) -> int:
+    """Run the gateway until it is stopped; a start-up refusal is one clear line and exit code 2."""
     from gateway import service
 
+    try:
+        asyncio.run(service.run(settings))
+    except (ConfigError, VolumeInUseError) as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     setup_logging(settings.log_level)
-    asyncio.run(service.run(settings))
-    return 0
+    return _serve(settings)
 
 
 def _collect(paths: list[str]) -> list[Path]:
@@ -390,10 +399,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         f"  then  dicom-mail-gateway status -c {cfg}\n",
         flush=True,
     )
-    from gateway import service
-
-    asyncio.run(service.run(settings))
-    return 0
+    return _serve(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
     GatewayError
      ├── ConfigError          the configuration is wrong: stop at start-up, name file and key
+     ├── VolumeInUseError     another gateway already runs on this D:: stop at start-up
      ├── TransientError       try again later (another node, backoff)
      │    └── MailNodeError   one mail node failed (connect, TLS, timeout, 4xx)
      └── PermanentError       retrying cannot help
@@ -26,6 +27,10 @@ class ConfigError(GatewayError):
         self.file = file
         self.key = key
         self.problem = problem
+
+
+class VolumeInUseError(GatewayError):
+    """Another gateway process holds the working volume (`d_root`)."""
 
 
 class TransientError(GatewayError):

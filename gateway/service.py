@@ -41,7 +41,7 @@ from gateway.stages.receive import Intake
 from gateway.stages.receivers import ReceiverPool
 from gateway.stages.route import Router
 from gateway.stages.send import Sender
-from gateway.storage import Storage
+from gateway.storage import Storage, hold_volume
 from gateway.tls import mail_client_context
 from gateway.web import WebApp
 
@@ -106,6 +106,7 @@ class Gateway:
     @classmethod
     async def create(cls, settings: Settings) -> Gateway:
         """Build every stage and recover the state a previous run left."""
+        hold_volume(settings.d_root)  # first: nothing on D: is touched while another gateway runs there
         storage = Storage(settings.d_root, settings.min_free, settings.min_free_inodes)
         removed = storage.prepare()
         if removed:

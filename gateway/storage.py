@@ -11,6 +11,7 @@ Layout below `d_root`:
     spool/intake/journal-<receiver>.jsonl                 received-instance journals, one per receiver process (stages/receive.py)
     tmp/                                                  temp files, same filesystem so rename is atomic
     catalog.sqlite                                        the embedded catalog (default database)
+    state/gateway.lock                                    held (flock) by the one gateway running on this volume
 
 Every write is temp file → fsync → rename → fsync of the directory, so a crash leaves either the old state or
 the new one, never a torn file.
@@ -19,6 +20,7 @@ the new one, never a torn file.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -30,6 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from gateway.core.dicominfo import InstanceInfo
+from gateway.errors import VolumeInUseError
 
 _SAFE = re.compile(r"^[0-9A-Za-z._-]{1,128}$")
 _CHUNK = 1 << 20
@@ -122,6 +125,28 @@ class DiskFullError(OSError):
 
     def __init__(self, free: int, reserve: int, unit: str = "bytes") -> None:
         super().__init__(errno.ENOSPC, f"D: has {free} {unit} free, below the reserve of {reserve}")
+
+
+def hold_volume(d_root: Path) -> int:
+    """Take the working volume for the life of this process, before anything on it is touched; returns the lock fd.
+
+    Two gateways on one D: would send every mail twice and fight over queue items and the keyring, so a second
+    one stops at start-up. The lock is the kernel's (flock on `state/gateway.lock`): a gateway that is killed
+    releases it by dying, so a restart never finds a stale lock. The descriptor is not inherited by children.
+    """
+    (d_root / "state").mkdir(parents=True, exist_ok=True)
+    fd = os.open(d_root / "state" / "gateway.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise VolumeInUseError(
+            f"another gateway (pid {holder}) is running on {d_root}; stop it first, or give this one another d_root"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def free_inodes(path: Path) -> int | None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from gateway.devtools.studies import make_study
-from tests.conftest import GatewayProcess, storescu, wait_for
+from tests.conftest import GatewayProcess, free_port, storescu, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +102,37 @@ def test_journals_of_a_crash_are_indexed_at_start(gw, tmp_path):  # type: ignore
     time.sleep(0.5)
     gw.start()
     wait_for(lambda: indexed(gw) == 4, 30, 0.5, "the journaled instances in the catalog after the restart")
+
+
+def test_a_second_gateway_on_the_same_volume_refuses_to_start(gw, tmp_path):  # type: ignore[no-untyped-def]
+    """Two gateways on one D: would send every mail twice and retire each other's keyring: the second stops."""
+    assert gw.proc is not None
+    keyring = sorted(p.name for p in (gw.d_root / "state" / "gnupg").iterdir())
+    assert len(keyring) == 1 and keyring[0].startswith("run-")
+    port = free_port()
+    other = tmp_path / "second.toml"  # another DICOM port, so that only the shared D: stands in the way
+    other.write_text(re.sub(r"(?m)^dicom_port = \d+$", f"dicom_port = {port}", gw.config.read_text()))
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "-c", str(other)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("a second gateway ran on the same D:")
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"another gateway (pid {gw.proc.pid}) is running on {gw.d_root}" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    assert sorted(p.name for p in (gw.d_root / "state" / "gnupg").iterdir()) == keyring, "keyring left alone"
+    make_study(tmp_path / "s", ct=3, mr=0, sc=0)
+    assert storescu(gw.port, "TO_B", tmp_path / "s").returncode == 0  # the first one is unharmed
+    wait_for(lambda: indexed(gw) == 3, 30, 0.5, "the first gateway to index the study")
+
+    gw.kill()  # a killed gateway leaves no stale lock: the kernel releases it with the process
+    again = GatewayProcess("second", other, port, tmp_path / "second.log", gw.d_root)
+    try:
+        again.start()
+        assert indexed(again) == 3
+    finally:
+        again.stop()
