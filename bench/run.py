@@ -156,10 +156,9 @@ def run_orthanc(work: Path, folder: Path, associations: int = 1) -> float:
 def stages_of(work: Path, name: str, partner: str, partner_extra: str = "") -> tuple[Any, Any, Any]:
     """Settings, keys and a Packager of a gateway `name` whose one partner is `partner`, for running stages
     in this process (no ports, no catalog): the packager also owns the worker processes."""
-    import asyncio
-
     from gateway.addressbook import load_keys
     from gateway.config import load
+    from gateway.stages.context import StageContext
     from gateway.stages.package import Packager
     from gateway.storage import Storage
 
@@ -179,8 +178,9 @@ def stages_of(work: Path, name: str, partner: str, partner_extra: str = "") -> t
     settings = load(cfg)
     keys = load_keys(settings)
     storage = Storage(settings.d_root)
-    packager = Packager(settings, storage, None, keys, asyncio.Event(), asyncio.Event(), None)  # type: ignore[arg-type]
-    return settings, keys, packager
+    # no catalog and no queues: the bench times building and opening, which use neither
+    ctx = StageContext(settings, storage, None, keys, None, None, None)  # type: ignore[arg-type]
+    return settings, keys, Packager(ctx)
 
 
 def package_ours(work: Path, folder: Path, fmt: str, compression: str = "none") -> tuple[float, int]:
@@ -260,9 +260,8 @@ def open_ours(work: Path, folder: Path) -> float:
     (work / "a").mkdir()
     package_ours(work / "a", folder, "smime")
     mails = sorted((work / "a" / "outbox").glob("*/mail.eml"))
-    settings, keys, packager = stages_of(work, "gateway-b", "gateway-a")
-    storage = packager.storage
-    ingester = Ingester(settings, storage, None, keys, asyncio.Event(), None, None)  # type: ignore[arg-type]
+    _, keys, packager = stages_of(work, "gateway-b", "gateway-a")
+    ingester = Ingester(packager.ctx)
     ingester.workers = packager
 
     async def open_all() -> float:

@@ -25,13 +25,14 @@ from gateway import backup, monitoring
 from gateway.adapters.imap import ImapCluster
 from gateway.adapters.pop3 import Pop3Cluster
 from gateway.adapters.smtp import SmtpCluster
-from gateway.addressbook import Keys, load_keys
-from gateway.catalog import Catalog, open_catalog
+from gateway.addressbook import load_keys
+from gateway.catalog import open_catalog
 from gateway.config import Settings
 from gateway.core.queue import QueueState
 from gateway.core.states import MailState
 from gateway.fragments import FragmentStore
 from gateway.spool import Spool
+from gateway.stages.context import SharesContext, StageContext
 from gateway.stages.fetch import Fetcher
 from gateway.stages.forward import Forwarder, purge_accepted
 from gateway.stages.ingest import Ingester
@@ -79,12 +80,10 @@ class LoopWatch:
 
 
 @dataclass
-class Gateway:
-    """All stages of one gateway, wired together."""
+class Gateway(SharesContext):
+    """All stages of one gateway, wired together through one `StageContext`."""
 
-    settings: Settings
-    storage: Storage
-    catalog: Catalog
+    ctx: StageContext
     intake: Intake
     scp: ReceiverPool
     router: Router
@@ -92,12 +91,8 @@ class Gateway:
     sender: Sender
     fetcher: Fetcher
     ingester: Ingester
-    outbox: Spool
-    inbox: Spool
     forwarder: Forwarder
     receipts: Receipts
-    fragments: FragmentStore
-    keys: Keys
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     storage_report: dict[str, int] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -124,37 +119,27 @@ class Gateway:
         inbox.prepare()
         fragments = FragmentStore.of(storage)
         fragments.prepare()
-        wake_router, wake_packager, wake_sender, wake_ingest = (asyncio.Event() for _ in range(4))
         mailbox: Pop3Cluster | ImapCluster = (
             ImapCluster(settings.mail, tls)
             if settings.mail.protocol == "imap"
             else Pop3Cluster(settings.mail, tls)
         )
-        intake = Intake(storage, catalog, wake_router)
+        ctx = StageContext(settings, storage, catalog, keys, outbox, inbox, fragments)
+        intake = Intake(storage, catalog, ctx.wakes.router)
         await intake.recover()
-        scp = ReceiverPool(settings, storage, intake, settings.dicom_workers)
         gw = cls(
-            settings=settings,
-            storage=storage,
-            catalog=catalog,
+            ctx=ctx,
             intake=intake,
-            scp=scp,
-            router=Router(settings, catalog, wake_router, wake_packager),
-            packager=Packager(settings, storage, catalog, keys, wake_packager, wake_sender, outbox),
-            sender=Sender(settings, storage, catalog, SmtpCluster(settings.mail, tls), wake_sender, outbox),
-            fetcher=Fetcher(settings, storage, catalog, mailbox, wake_ingest, inbox),
-            ingester=Ingester(settings, storage, catalog, keys, wake_ingest, inbox, fragments),
-            outbox=outbox,
-            inbox=inbox,
-            forwarder=Forwarder(settings, storage, catalog, asyncio.Event()),
-            receipts=Receipts(settings, catalog, keys, asyncio.Event(), wake_sender, outbox),
-            fragments=fragments,
-            keys=keys,
+            scp=ReceiverPool(settings, storage, intake, settings.dicom_workers),
+            router=Router(ctx),
+            packager=Packager(ctx),
+            sender=Sender(ctx, SmtpCluster(settings.mail, tls)),
+            fetcher=Fetcher(ctx, mailbox),
+            ingester=Ingester(ctx),
+            forwarder=Forwarder(ctx),
+            receipts=Receipts(ctx),
         )
-        gw.ingester.wake_forwarder = gw.forwarder.wake
         gw.ingester.workers = gw.packager
-        gw.ingester.wake_receipts = gw.receipts.wake
-        gw.forwarder.wake_receipts = gw.receipts.wake
         await gw.recover()
         return gw
 
@@ -251,13 +236,7 @@ class Gateway:
 
     def wake_all(self) -> None:
         """Wake every stage (after an operator released a mail)."""
-        for event in (
-            self.router.wake,
-            self.packager.wake,
-            self.sender.wake,
-            self.ingester.wake,
-            self.receipts.wake,
-        ):
+        for event in self.ctx.wakes.all():
             event.set()
 
     async def housekeeping(self) -> None:

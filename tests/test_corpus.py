@@ -8,7 +8,6 @@ FUZZ_EXAMPLES sets the number of generated inputs (the long run used 10,000).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from gateway.core.queue import QueueState
 from gateway.core.smime import Identity
 from gateway.fragments import FragmentStore
 from gateway.spool import Spool
+from gateway.stages.context import StageContext
 from gateway.stages.ingest import Ingester
 from gateway.storage import Storage
 from tests.conftest import CANARIES, minimal_settings
@@ -85,8 +85,11 @@ async def test_corpus_through_the_ingest_stage(tmp_path, pki_dir, caplog):  # ty
         inbox = Spool(storage.inbox, storage.tmp)
         inbox.prepare()
         fragments = FragmentStore.of(storage)
+        keys = Keys(ME, AddressBook([]), None)
         ingester = Ingester(
-            settings_, storage, catalog, Keys(ME, AddressBook([]), None), asyncio.Event(), inbox, fragments
+            StageContext(
+                settings_, storage, catalog, keys, Spool(storage.outbox, storage.tmp), inbox, fragments
+            )
         )
         ingester.address_book = BOOK
         for n, name in enumerate(sorted(EXPECTED)):

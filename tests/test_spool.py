@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -77,10 +76,14 @@ async def test_an_unexpected_error_sets_the_mail_aside_with_its_traceback(tmp_pa
         me = Identity.load(settings.smime_cert.read_bytes(), settings.smime_key.read_bytes())
         from gateway.addressbook import AddressBook, Keys
         from gateway.fragments import FragmentStore
+        from gateway.stages.context import StageContext
 
         fragments = FragmentStore.of(storage)
+        keys = Keys(me, AddressBook([]), None)
         ingester = Ingester(
-            settings, storage, catalog, Keys(me, AddressBook([]), None), asyncio.Event(), inbox, fragments
+            StageContext(
+                settings, storage, catalog, keys, Spool(storage.outbox, storage.tmp), inbox, fragments
+            )
         )
 
         def broken(*_args: object) -> None:  # an injected bug in the gate

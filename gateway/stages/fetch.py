@@ -14,37 +14,22 @@ import time
 
 from gateway.adapters.imap import ImapCluster
 from gateway.adapters.pop3 import Pop3Cluster
-from gateway.catalog import Catalog
-from gateway.config import Settings
 from gateway.errors import TransientError
-from gateway.spool import Spool
-from gateway.storage import Storage
+from gateway.stages.context import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
 MAX_MAILS_PER_POLL = 200
 
 
-class Fetcher:
+class Fetcher(Stage):
     """Moves mails from the mailbox into the inbox spool."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        storage: Storage,
-        catalog: Catalog,
-        mailbox: Pop3Cluster | ImapCluster,
-        wake_ingest: asyncio.Event,
-        inbox: Spool,
-    ) -> None:
-        self.inbox = inbox
+    def __init__(self, ctx: StageContext, mailbox: Pop3Cluster | ImapCluster) -> None:
+        super().__init__(ctx)
+        self.mailbox = mailbox
         self.per_node: dict[str, int] = {}
         self.bytes_received = 0
-        self.settings = settings
-        self.storage = storage
-        self.catalog = catalog
-        self.mailbox = mailbox
-        self.wake_ingest = wake_ingest
         self.fetched = 0
 
     async def poll_once(self) -> int:
@@ -75,7 +60,7 @@ class Fetcher:
                 taken += 1
                 self.per_node[str(session.node)] = self.per_node.get(str(session.node), 0) + 1
                 self.bytes_received += len(raw)
-                self.wake_ingest.set()
+                self.wakes.ingest.set()
             await session.close()  # QUIT commits the deletions
         except BaseException:
             session.abort()

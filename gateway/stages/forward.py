@@ -22,6 +22,7 @@ from pynetdicom import AE, _config
 from gateway.catalog import Catalog
 from gateway.config import Pacs, Settings
 from gateway.stages import wait_woken
+from gateway.stages.context import Stage, StageContext
 from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -100,15 +101,11 @@ async def purge_accepted(settings: Settings, storage: Storage, catalog: Catalog,
     return purged
 
 
-class Forwarder:
+class Forwarder(Stage):
     """Forwards inbound instances to the local PACS nodes and records what each accepted."""
 
-    def __init__(self, settings: Settings, storage: Storage, catalog: Catalog, wake: asyncio.Event) -> None:
-        self.settings = settings
-        self.storage = storage
-        self.catalog = catalog
-        self.wake = wake
-        self.wake_receipts: asyncio.Event | None = None  # receipts wait for the PACS's answers
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
         self.accepted = 0
         self.rejected = 0
 
@@ -168,8 +165,8 @@ class Forwarder:
                         error=error,
                     )
             log.info("PACS %s: %d instances tried", name, len(items))
-        if due and self.wake_receipts is not None:
-            self.wake_receipts.set()
+        if due:
+            self.wakes.receipts.set()  # receipts wait for the PACS's answers
         return len(due)
 
     async def run_forever(self) -> None:
@@ -181,4 +178,4 @@ class Forwarder:
                 log.exception("forwarding failed; retrying")
                 tried = 0
             if not tried:
-                await wait_woken(self.wake, 5)
+                await wait_woken(self.wakes.forwarder, 5)

@@ -22,16 +22,16 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
-from gateway.addressbook import Keys, load_address_book
-from gateway.catalog import Catalog, InstanceRecord
+from gateway.addressbook import load_address_book
+from gateway.catalog import InstanceRecord
 from gateway.config import Settings
 from gateway.core import compress, inbound, mailformat, mdn, partial
 from gateway.core.queue import QueueState
 from gateway.core.states import MailState
-from gateway.fragments import FragmentStore
-from gateway.spool import Item, Spool
+from gateway.spool import Item
 from gateway.stages import record, wait_woken, worker_identity
-from gateway.storage import Storage, StoreOutcome
+from gateway.stages.context import Stage, StageContext
+from gateway.storage import StoreOutcome
 
 log = logging.getLogger(__name__)
 
@@ -71,29 +71,12 @@ def _is_smime(raw: bytes) -> bool:
     return kind.startswith(("application/pkcs7-mime", "application/x-pkcs7-mime"))
 
 
-class Ingester:
+class Ingester(Stage):
     """Turns inbox items into stored instances, or sets them aside with the reason."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        storage: Storage,
-        catalog: Catalog,
-        keys: Keys,
-        wake: asyncio.Event,
-        inbox: Spool,
-        fragments: FragmentStore,
-    ) -> None:
-        self.settings = settings
-        self.storage = storage
-        self.catalog = catalog
-        self.keys = keys
-        self.address_book = keys.book.senders()
-        self.wake = wake
-        self.inbox = inbox
-        self.fragments = fragments
-        self.wake_forwarder: asyncio.Event | None = None
-        self.wake_receipts: asyncio.Event | None = None
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
+        self.address_book = ctx.keys.book.senders()
         self.workers: Workers | None = None  # S/MIME mails are opened there (both cores), when set
         self.ingested = 0
         self.quarantined = 0
@@ -134,8 +117,7 @@ class Ingester:
                 wait_for_pacs=wait,
             ),
         )
-        if self.wake_receipts is not None:
-            self.wake_receipts.set()
+        self.wakes.receipts.set()
 
     async def _fragment(self, item: Item, raw: bytes) -> None:
         """A message/partial fragment: keep it durably; when its message is complete, queue the whole mail."""
@@ -155,7 +137,7 @@ class Ingester:
         whole = await asyncio.to_thread(self.fragments.complete, key, self.inbox)
         if whole is not None:
             log.info("mail %s: last fragment; message reassembled as %s", item.id, whole)
-            self.wake.set()
+            self.wakes.ingest.set()
 
     async def _receipt(self, item: Item, got: inbound.ReceiptIn) -> None:
         """A partner's MDN for one of our mails: the transfer shows it."""
@@ -280,8 +262,7 @@ class Ingester:
             await self.catalog.queue_forwards(
                 [r.info.sop_instance_uid for r in records], [p.name for p in self.settings.pacs], time.time()
             )
-            if self.wake_forwarder is not None:
-                self.wake_forwarder.set()
+            self.wakes.forwarder.set()
         completed = await self._finish_once(
             mail_id,
             MailState.INGESTED,
@@ -348,4 +329,4 @@ class Ingester:
                 await self.run_once()
             except Exception:
                 log.exception("ingest loop error; retrying")
-            await wait_woken(self.wake, 5)
+            await wait_woken(self.wakes.ingest, 5)

@@ -29,15 +29,13 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.addressbook import Keys
-from gateway.catalog import Catalog
 from gateway.children import exit_with
-from gateway.config import Partner, Settings
+from gateway.config import Partner
 from gateway.core import compress, dicomzip, mailformat, partial, pgpmime
 from gateway.core.states import TransferState
 from gateway.spool import Spool
 from gateway.stages import wait_woken, worker_identity
-from gateway.storage import Storage
+from gateway.stages.context import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -129,26 +127,11 @@ def build_mail(
     return [(item_id(header.set_id, header.part), header.message_id, len(data))]
 
 
-class Packager:
+class Packager(Stage):
     """Builds the mails of pending transfers, in each partner's format."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        storage: Storage,
-        catalog: Catalog,
-        keys: Keys,
-        wake: asyncio.Event,
-        wake_sender: asyncio.Event,
-        outbox: Spool,
-    ) -> None:
-        self.outbox = outbox
-        self.settings = settings
-        self.storage = storage
-        self.catalog = catalog
-        self.keys = keys
-        self.wake = wake
-        self.wake_sender = wake_sender
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
         self._pool: ProcessPoolExecutor | None = None
 
     # ----------------------------------------------------------------------------- compression
@@ -334,7 +317,7 @@ class Packager:
             partner.compression,
             partner.name,
         )
-        self.wake_sender.set()
+        self.wakes.sender.set()
 
     async def _build_all(
         self,
@@ -452,4 +435,4 @@ class Packager:
                         )
             except Exception:
                 log.exception("packager loop error; retrying")
-            await wait_woken(self.wake, 5)
+            await wait_woken(self.wakes.packager, 5)

@@ -17,12 +17,10 @@ import hashlib
 import logging
 import time
 
-from gateway.addressbook import Keys
-from gateway.catalog import Catalog
-from gateway.config import Partner, Settings
+from gateway.config import Partner
 from gateway.core import mailformat, mdn, pgpmime
-from gateway.spool import Spool
 from gateway.stages import wait_woken
+from gateway.stages.context import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +30,11 @@ def receipt_item_id(receipt_id: str) -> str:
     return "mdn-" + hashlib.sha256(receipt_id.encode()).hexdigest()[:32]
 
 
-class Receipts:
+class Receipts(Stage):
     """Settles, builds and queues owed receipts; flags overdue awaited ones."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        catalog: Catalog,
-        keys: Keys,
-        wake: asyncio.Event,
-        wake_sender: asyncio.Event,
-        outbox: Spool,
-    ) -> None:
-        self.settings = settings
-        self.catalog = catalog
-        self.keys = keys
-        self.wake = wake
-        self.wake_sender = wake_sender
-        self.outbox = outbox
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
 
     def build(self, partner: Partner, to: str, original_message_id: str, outcome: str, detail: str) -> bytes:
         """The MDN mail for one inbound mail, signed (and encrypted for PGP/MIME partners)."""
@@ -120,7 +105,7 @@ class Receipts:
             await self.catalog.set_receipt_out(str(r["id"]), "queued", time.time())
             queued += 1
         if queued:
-            self.wake_sender.set()
+            self.wakes.sender.set()
         return queued
 
     async def run_forever(self) -> None:
@@ -136,4 +121,4 @@ class Receipts:
                     log.warning("%d sent transfers have no receipt from their partner yet (overdue)", flagged)
             except Exception:
                 log.exception("receipts loop error; retrying")
-            await wait_woken(self.wake, 5)
+            await wait_woken(self.wakes.receipts, 5)

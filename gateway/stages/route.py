@@ -11,23 +11,17 @@ import logging
 import time
 import uuid
 
-from gateway.catalog import Catalog
-from gateway.config import Settings
 from gateway.stages import wait_woken
+from gateway.stages.context import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
 
-class Router:
+class Router(Stage):
     """Turns stable studies into pending outbound transfers."""
 
-    def __init__(
-        self, settings: Settings, catalog: Catalog, wake: asyncio.Event, wake_packager: asyncio.Event
-    ) -> None:
-        self.settings = settings
-        self.catalog = catalog
-        self.wake = wake
-        self.wake_packager = wake_packager
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
 
     async def run_once(self, now: float) -> int:
         """Create transfers for every study that is stable at `now`; return how many."""
@@ -45,14 +39,14 @@ class Router:
                     partner,
                 )
         if created:
-            self.wake_packager.set()
+            self.wakes.packager.set()
         return created
 
     async def run_forever(self) -> None:
         """Check on every new instance and at least every second; never dies."""
         tick = max(0.2, min(1.0, self.settings.stability_delay / 4 or 0.2))
         while True:
-            await wait_woken(self.wake, tick)
+            await wait_woken(self.wakes.router, tick)
             try:
                 await self.run_once(time.time())
             except Exception:

@@ -16,14 +16,12 @@ import traceback
 
 from gateway.adapters import smtp as smtp_adapter
 from gateway.adapters.smtp import SmtpCluster
-from gateway.catalog import Catalog
-from gateway.config import Settings
 from gateway.core.queue import QueueState
 from gateway.core.states import retry_delay
 from gateway.errors import RejectedError, TransientError
-from gateway.spool import Item, Spool
+from gateway.spool import Item
 from gateway.stages import record, wait_woken
-from gateway.storage import Storage
+from gateway.stages.context import Stage, StageContext
 from gateway.web import TRANSFER_LATENCY
 
 log = logging.getLogger(__name__)
@@ -31,24 +29,12 @@ log = logging.getLogger(__name__)
 ALL_NODES_FAILED = "all SMTP nodes failed"
 
 
-class Sender:
+class Sender(Stage):
     """Delivers queued outbound mails."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        storage: Storage,
-        catalog: Catalog,
-        smtp: SmtpCluster,
-        wake: asyncio.Event,
-        outbox: Spool,
-    ) -> None:
-        self.settings = settings
-        self.storage = storage
-        self.catalog = catalog
+    def __init__(self, ctx: StageContext, smtp: SmtpCluster) -> None:
+        super().__init__(ctx)
         self.smtp = smtp
-        self.wake = wake
-        self.outbox = outbox
         self.sent = 0
         self.deferred = 0
         self.rejected = 0
@@ -178,4 +164,4 @@ class Sender:
             if self.outbox.due(time.time(), limit=1):
                 continue
             timeout = 30.0 if nxt is None else max(0.05, min(30.0, nxt - time.time()))
-            await wait_woken(self.wake, timeout)
+            await wait_woken(self.wakes.sender, timeout)
