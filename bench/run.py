@@ -90,6 +90,7 @@ def loop_block_ms(d_root: Path, after: float, timeout: float = 15) -> float:
             if data.get("heartbeat", 0) > after:
                 if os.environ.get("BENCH_VERBOSE"):
                     print(f"  {d_root}: loop block {data['event_loop']}")
+                LOOP_PARTS.append(data["event_loop"].get("max_block_parts_ms", {}))
                 return float(data["event_loop"]["max_block_ms"])
         except (OSError, ValueError, KeyError):
             pass
@@ -98,6 +99,7 @@ def loop_block_ms(d_root: Path, after: float, timeout: float = 15) -> float:
 
 
 LOOP_BLOCKS: list[float] = []  # every gateway run's worst event-loop delay, ms
+LOOP_PARTS: list[dict[str, float]] = []  # and what it was made of: running, waiting_for_cpu, other (ms)
 
 
 def run_ours(work: Path, folder: Path, associations: int = 1) -> float:
@@ -544,8 +546,20 @@ def main(argv: list[str] | None = None) -> int:
             results |= bench_e2e(base, big, big_total, "2gb")
             shutil.rmtree(big, ignore_errors=True)
         if LOOP_BLOCKS:
-            results["max_loop_block_ms"] = max(LOOP_BLOCKS)
-            print(f"\nlongest event-loop block in any of our runs: {max(LOOP_BLOCKS):.0f} ms (target ≤ 100)")
+            worst = max(range(len(LOOP_BLOCKS)), key=LOOP_BLOCKS.__getitem__)
+            results["max_loop_block_ms"] = LOOP_BLOCKS[worst]
+            parts = LOOP_PARTS[worst] if worst < len(LOOP_PARTS) else {}
+            for name, ms in parts.items():
+                results[f"max_loop_block_{name}_ms"] = ms
+            print(
+                f"\nlongest event-loop block in any of our runs: {LOOP_BLOCKS[worst]:.0f} ms (target ≤ 100)"
+            )
+            if parts:  # see gateway.service.LoopWatch
+                print(
+                    f"  of which the loop's thread ran {parts['running']:.0f} ms (its own code), waited "
+                    f"{parts['waiting_for_cpu']:.0f} ms for a free core, and {parts['other']:.0f} ms for the "
+                    "interpreter lock or I/O"
+                )
         out = ROOT / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)
         (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -427,3 +427,24 @@ def test_base64_decoder_refuses_what_is_not_base64():  # type: ignore[no-untyped
     padded_at_a_step_end = b"A" * (step - 4) + b"QQ==" + b"QUJD"  # valid on each side of the step boundary
     with pytest.raises(binascii.Error):
         mailformat.b64_decode(padded_at_a_step_end)
+
+
+async def test_loop_watch_takes_a_block_apart() -> None:
+    """A callback that keeps the loop's thread busy shows as a block the thread spent running (its own code)."""
+    import asyncio
+
+    from gateway.service import LoopWatch
+
+    watch = LoopWatch()
+    task = asyncio.create_task(watch.run_forever())
+    await asyncio.sleep(0.12)  # a few quiet ticks first
+    quiet = watch.max_block
+    busy_until = time.perf_counter() + 0.3
+    while time.perf_counter() < busy_until:  # blocking code on the loop: no await for 300 ms
+        pass
+    await asyncio.sleep(0.12)
+    task.cancel()
+    assert quiet < 0.1 and 0.25 <= watch.max_block < 1.0, (quiet, watch.max_block)
+    parts = watch.max_block_parts
+    assert parts["running"] >= 0.2, parts  # the kernel saw the loop's thread on a core for most of it
+    assert parts["running"] + parts["waiting_for_cpu"] + parts["other"] <= watch.max_block + 0.06, parts
