@@ -90,7 +90,12 @@ def loop_block_ms(d_root: Path, after: float, timeout: float = 15) -> float:
             if data.get("heartbeat", 0) > after:
                 if os.environ.get("BENCH_VERBOSE"):
                     print(f"  {d_root}: loop block {data['event_loop']}")
-                LOOP_PARTS.append(data["event_loop"].get("max_block_parts_ms", {}))
+                LOOP_PARTS.append(
+                    {
+                        **data["event_loop"].get("max_block_parts_ms", {}),
+                        "gc_pause": data["event_loop"].get("max_gc_pause_ms", 0.0),
+                    }
+                )
                 return float(data["event_loop"]["max_block_ms"])
         except (OSError, ValueError, KeyError):
             pass
@@ -558,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  of which the loop's thread ran {parts['running']:.0f} ms (its own code), waited "
                     f"{parts['waiting_for_cpu']:.0f} ms for a free core, and {parts['other']:.0f} ms for the "
-                    "interpreter lock or I/O"
+                    f"interpreter lock or I/O; the longest garbage collection took {parts['gc_pause']:.0f} ms"
                 )
         out = ROOT / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)

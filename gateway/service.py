@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import signal
 import time
@@ -70,6 +71,15 @@ class LoopWatch:
         self.max_block_at = 0.0  # when it happened (epoch seconds), to compare with the log
         self.max_block_parts = {"running": 0.0, "waiting_for_cpu": 0.0, "other": 0.0}  # seconds
         self.blocks_over_100ms = 0
+        self.max_gc_pause = 0.0  # the longest garbage collection (it holds the interpreter lock throughout)
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started:
+            self.max_gc_pause = max(self.max_gc_pause, time.perf_counter() - self._gc_started)
 
     @staticmethod
     def _schedstat() -> tuple[int, int] | None:
