@@ -22,7 +22,7 @@ import secrets
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from gateway.core.mailformat import CRLF, MailFormatError, _header, _header_lines, _split_entity
+from gateway.core.mailformat import CRLF, MailFormatError, _header, _header_lines, _parse_head
 
 MODE = "automatic-action/MDN-sent-automatically"
 OK, WARNING, ERROR, FAILED = "displayed", "displayed/warning", "deleted/error", "deleted"
@@ -107,7 +107,7 @@ def outer_headers(
 def is_report(entity: bytes) -> bool:
     """True for a disposition-notification report entity."""
     try:
-        msg, _ = _split_entity(entity)
+        msg = _parse_head(entity)
     except MailFormatError:
         return False
     return (
@@ -156,5 +156,5 @@ def read_report(entity: bytes) -> Receipt:
 
 def original_subject(msg_headers: bytes) -> str:
     """Subject of an entity's headers (for the MDN's own subject line)."""
-    msg, _ = _split_entity(msg_headers)
+    msg = _parse_head(msg_headers)
     return (_header(msg, "Subject") or "").strip()[:200]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gateway.core.mailformat import CRLF, MailFormatError, _header, _header_lines, _split_entity
+from gateway.core.mailformat import CRLF, MailFormatError, _header, _header_lines, _parse_head, _split_entity
 
 _ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
 _NOT_FROM_OUTER = ("content-", "subject", "message-id", "encrypted", "mime-version")
@@ -34,7 +34,7 @@ class Fragment:
 def is_partial(raw: bytes) -> bool:
     """True when the mail is a `message/partial` fragment (headers only are read)."""
     try:
-        msg, _ = _split_entity(raw)
+        msg = _parse_head(raw)
     except MailFormatError:
         return False
     return msg.get_content_type().lower() == "message/partial"
@@ -42,7 +42,7 @@ def is_partial(raw: bytes) -> bool:
 
 def read_fragment(raw: bytes) -> Fragment:
     """Identity of a fragment; `MailFormatError` when the parameters are missing or absurd."""
-    msg, _ = _split_entity(raw)
+    msg = _parse_head(raw)
     if msg.get_content_type().lower() != "message/partial":
         raise MailFormatError("not a message/partial fragment")
     frag_id = str(msg.get_param("id") or "")
@@ -113,7 +113,7 @@ def reassemble(fragments: dict[int, bytes]) -> bytes:
             first_outer = msg
         bodies.append(body)
     enclosed = b"".join(bodies)
-    inner, _ = _split_entity(enclosed)
+    inner = _parse_head(enclosed)
     assert first_outer is not None
     extra = [
         (name, str(value))

@@ -25,6 +25,7 @@ from gateway.core.mailformat import (
     _canonical,
     _content_type,
     _header_lines,
+    _parse_head,
     _signed_parts,
     _split_entity,
     outer_headers,
@@ -66,7 +67,7 @@ def encrypted_entity(inner: bytes, encrypt: Callable[[bytes], bytes]) -> bytes:
 def is_pgp(raw: bytes) -> bool:
     """True when the (outer) entity is PGP/MIME encrypted."""
     try:
-        msg, _ = _split_entity(raw)
+        msg = _parse_head(raw)
     except MailFormatError:
         return False
     return (

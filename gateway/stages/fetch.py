@@ -32,6 +32,12 @@ class Fetcher(Stage):
         self.bytes_received = 0
         self.fetched = 0
 
+    def _put(self, raw: bytes, node: str) -> str:
+        """Make a fetched mail durable in the inbox under its content key (in a thread: it hashes the whole mail)."""
+        key = hashlib.sha256(raw).hexdigest()[:40]
+        self.inbox.put(key, raw, {"node": node, "size": len(raw)})
+        return key
+
     async def poll_once(self) -> int:
         """One session: fetch, make durable, delete. Returns the number of mails taken."""
         if not self.storage.has_room():
@@ -49,10 +55,7 @@ class Fetcher(Stage):
                     )
                     break
                 raw = await session.retr(number)
-                key = hashlib.sha256(raw).hexdigest()[:40]
-                await asyncio.to_thread(
-                    self.inbox.put, key, raw, {"node": str(session.node), "size": len(raw)}
-                )
+                key = await asyncio.to_thread(self._put, raw, str(session.node))
                 # crash here: queued but not indexed; start-up reconciliation records it
                 await self.catalog.record_in_mail(key, f"spool/inbox/{key}", len(raw), time.time())
                 # crash here: mail durable and recorded, still on the server; fetched again → same key, ignored

@@ -20,6 +20,7 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Protocol
 
 from gateway.addressbook import load_address_book
@@ -51,9 +52,11 @@ class Workers(Protocol):
 _SENDERS: dict[bytes, dict[str, inbound.Sender]] = {}
 
 
-def inspect_in_worker(raw: bytes, settings: Settings) -> inbound.Accepted | inbound.ReceiptIn:
+def inspect_in_worker(mail: bytes | Path, settings: Settings) -> inbound.Accepted | inbound.ReceiptIn:
     """`inbound.inspect_mail` in a worker process: our identity and the address book are loaded there (once per
-    configuration), because certificates and keys cannot be sent between processes."""
+    configuration), because certificates and keys cannot be sent between processes. Given a path, the worker
+    reads the mail itself, so that it does not travel through a pipe (and the gateway's interpreter lock)."""
+    raw = mail.read_bytes() if isinstance(mail, Path) else mail
     key = hashlib.sha256(pickle.dumps(settings)).digest()
     if key not in _SENDERS:
         _SENDERS.clear()
@@ -165,13 +168,14 @@ class Ingester(Stage):
             return False
         return await self.catalog.finish_in_mail(mail_id, state, time.time(), **kw)  # type: ignore[arg-type]
 
-    async def open_mail(self, raw: bytes) -> inbound.Accepted | inbound.ReceiptIn:
+    async def open_mail(self, raw: bytes, path: Path | None = None) -> inbound.Accepted | inbound.ReceiptIn:
         """Decrypt, verify and check one mail (raises `inbound.Refused`): S/MIME in a worker process, so that
-        decryption, base64 and hashing use the other core; OpenPGP in a thread (GnuPG is a process anyway)."""
+        decryption, base64 and hashing use the other core; OpenPGP in a thread (GnuPG is a process anyway).
+        `path`, where the mail is on disk, lets the worker read it there."""
         if self.workers is not None and _is_smime(raw):
             try:
                 return await asyncio.get_running_loop().run_in_executor(
-                    self.workers.pool(), inspect_in_worker, raw, self.settings
+                    self.workers.pool(), inspect_in_worker, path or raw, self.settings
                 )
             except BrokenProcessPool:
                 log.warning("worker processes failed; this mail is opened in the gateway process")
@@ -201,7 +205,7 @@ class Ingester(Stage):
             await self._fragment(item, raw)
             return
         try:
-            got = await self.open_mail(raw)
+            got = await self.open_mail(raw, item.content)
         except inbound.Refused as exc:
             await self.quarantine(item, exc.reason, raw)
             return
