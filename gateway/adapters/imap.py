@@ -60,8 +60,8 @@ class ImapSession:
                 sizes[int(uid)] = int(size)
         return [(uid, str(uid), sizes.get(uid, 0)) for uid in sorted(uids)]
 
-    async def retr(self, uid: int) -> bytes:
-        """The whole mail, as stored on the server."""
+    async def retr(self, uid: int, size_hint: int = 0) -> bytes:
+        """The whole mail, as stored on the server (`size_hint` is for POP3's reader; IMAP gets a literal)."""
         res = _ok(await self.client.uid("fetch", str(uid), "BODY.PEEK[]"), "UID FETCH")
         # aioimaplib returns: b'n FETCH (... BODY[] {size}', bytearray(literal), b')', b'Success'
         for line in res.lines:

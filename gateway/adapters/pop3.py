@@ -22,6 +22,8 @@ from gateway.core.nodepool import NodePool
 poplib._MAXLINE = 64 * 1024  # type: ignore[attr-defined]  # long header lines from other mailers
 
 
+_READ_AHEAD = 1 << 16  # more than poplib's reader buffers (8 KiB), so reads go straight into our buffer
+_MAX_PREALLOC = 64 << 20  # a buffer sized from LIST is never larger (a mail larger than that grows it)
 MAX_RETR_BYTES = 1 << 30  # no mail of ours comes near; a server that never ends its answer is cut off here
 
 
@@ -47,31 +49,50 @@ class Pop3Session:
 
         return await asyncio.to_thread(_list)
 
-    async def retr(self, number: int) -> bytes:
-        """The whole mail, with CRLF line ends as on the wire."""
+    async def retr(self, number: int, size_hint: int = 0) -> bytes:
+        """The whole mail, with CRLF line ends as on the wire; `size_hint` is its size from LIST."""
 
         def _retr() -> bytes:
             # poplib's retr() reads and keeps the mail line by line (a Python loop and an object per 76 bytes:
-            # seconds and ~4x the mail in memory for 20 MB). Read the response in large chunks instead and undo
-            # the dot-stuffing with one replace (RFC 1939 §3), on poplib's own connection.
+            # seconds and ~4x the mail in memory for 20 MB). Read the response straight into one buffer instead,
+            # sized from LIST, one TLS record per call (no allocation per chunk: allocating and shrinking a chunk
+            # each time held the interpreter lock for seconds per study in mmap/munmap), and undo the
+            # dot-stuffing (RFC 1939 §3) only where there is any, on poplib's own connection.
             conn = self.conn
             conn.sock.sendall(f"RETR {number}\r\n".encode())
             reader = cast(io.BufferedReader, conn.file)
             status = reader.readline(2048)
             if not status.startswith(b"+OK"):
                 raise poplib.error_proto(status.decode("ascii", "replace").strip() or "no answer to RETR")
-            buf = bytearray()
-            while not (buf.endswith(b"\r\n.\r\n") or buf == b".\r\n"):
-                chunk = reader.read1(1 << 20)
-                if not chunk:
+            # what readline buffered beyond the status line: read1 returns only that, and empties the buffer
+            first = reader.read1(_READ_AHEAD)
+            hint = min(size_hint + (size_hint >> 6), _MAX_PREALLOC)  # LIST's word is trusted this far only
+            buf = bytearray(max(hint, len(first)) + 2 * _READ_AHEAD)
+            buf[: len(first)] = first
+            view, pos = memoryview(buf), len(first)
+            del first
+            while not (buf.endswith(b"\r\n.\r\n", 0, pos) or (pos == 3 and buf.startswith(b".\r\n"))):
+                if len(buf) - pos < _READ_AHEAD:  # larger than LIST said: grow (rare)
+                    if pos > MAX_RETR_BYTES:
+                        raise poplib.error_proto(f"mail {number} is larger than {MAX_RETR_BYTES} bytes")
+                    view.release()
+                    buf.extend(bytes(len(buf)))
+                    view = memoryview(buf)
+                # always more room than the reader's own buffer, which it then leaves empty and reads past
+                # (with data in its buffer, readinto1 would copy that and then block on one more read)
+                n = reader.readinto1(view[pos:])
+                if not n:
                     raise poplib.error_proto("connection closed in the middle of RETR")
-                buf += chunk
-                if len(buf) > MAX_RETR_BYTES:
-                    raise poplib.error_proto(f"mail {number} is larger than {MAX_RETR_BYTES} bytes")
-            data = bytes(memoryview(buf)[: len(buf) - 3])  # drop the terminating ".\r\n"
+                pos += n
+            end = pos - 3  # drop the terminating ".\r\n"
+            stuffed = buf.startswith(b"..") or buf.find(b"\r\n..", 0, end) >= 0
+            data = bytes(view[:end])
+            view.release()
             del buf
-            data = data.replace(b"\r\n..", b"\r\n.")
-            return data[1:] if data.startswith(b"..") else data
+            if stuffed:
+                data = data.replace(b"\r\n..", b"\r\n.")
+                data = data[1:] if data.startswith(b"..") else data
+            return data
 
         return await asyncio.to_thread(_retr)
 

@@ -54,7 +54,7 @@ class Fetcher(Stage):
                         "D: too full for the next mail (%d bytes): the rest stays on the server", size
                     )
                     break
-                raw = await session.retr(number)
+                raw = await session.retr(number, size)
                 key = await asyncio.to_thread(self._put, raw, str(session.node))
                 # crash here: queued but not indexed; start-up reconciliation records it
                 await self.catalog.record_in_mail(key, f"spool/inbox/{key}", len(raw), time.time())
