@@ -79,6 +79,10 @@ def test_study_goes_from_a_to_b_through_the_cluster(mail, mariadb_url, make_gate
     assert_delivered_identically(a, b, sources)
     assert_no_canaries(a, b)
     assert "complete" in b.cli("status")
+    # the packager checked each mail it built for the wire, so the sender did not scan them again
+    metas = [json.loads(m.read_text()) for m in (a.d_root / "spool" / "outbox" / "done").glob("*/meta.json")]
+    built = [m for m in metas if m.get("kind") != "mdn"]
+    assert len(built) == sent[0]["parts_total"] and all(m["wire_ready"] is True for m in built), metas
 
 
 def test_delivery_with_one_smtp_and_one_pop3_node_down(mail, mariadb_url, make_gateway, tmp_path):  # type: ignore[no-untyped-def]

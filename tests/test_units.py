@@ -386,6 +386,7 @@ def test_mails_we_build_skip_aiosmtplibs_whole_message_rewrites(pki_dir, tmp_pat
     # the hooks are in place wherever aiosmtplib rewrites a whole message
     assert protocol.normalize_message_line_endings is smtp._normalize_unless_ready
     assert aiosmtplib_smtp.normalize_message_line_endings is smtp._normalize_unless_ready
+    assert protocol.SMTPProtocol.execute_data_command is smtp._execute_data_in_pieces
     a = smime.Identity.load(
         (pki_dir / "gateway-a-smime.pem").read_bytes(), (pki_dir / "gateway-a-smime.key").read_bytes()
     )
@@ -395,10 +396,11 @@ def test_mails_we_build_skip_aiosmtplibs_whole_message_rewrites(pki_dir, tmp_pat
     )
     mail = mailformat.build_mail(h, parts, a, a.cert)
     ready = smtp.prepare(bytes(mail))
-    assert isinstance(ready, smtp.WireReady) and ready == mail
+    assert isinstance(ready, smtp.WireReady) and ready == mail and smtp.wire_ready(mail)
+    assert isinstance(smtp.prepare(bytes(mail), known_ready=True), smtp.WireReady)  # the packager checked it
     assert protocol.PERIOD_REGEX.sub(b"..", protocol.normalize_message_line_endings(ready)) is ready
     for raw in (b"Subject: x\n.hidden\r\nend", b"Subject: x\r\n\r\n.\r\n", b"no line end"):
-        assert not isinstance(smtp.prepare(raw), smtp.WireReady)
+        assert not isinstance(smtp.prepare(raw), smtp.WireReady) and not smtp.wire_ready(raw)
     other = smtp.prepare(b"Subject: x\n.hidden\r\nend")
     assert protocol.PERIOD_REGEX.sub(b"..", protocol.normalize_message_line_endings(other)) == (
         b"Subject: x\r\n..hidden\r\nend\r\n"

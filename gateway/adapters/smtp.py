@@ -28,21 +28,27 @@ class WireReady(bytes):
     """A message exactly as it goes after DATA: CRLF line ends only, ends with CRLF, no line starts with '.'."""
 
 
-def prepare(data: bytes) -> bytes:
-    """Mark a message that needs no transformation for DATA (run it in a worker thread: it scans the message).
-
-    Every mail the gateway builds qualifies (CRLF throughout, base64 bodies); anything else is returned unchanged
-    and aiosmtplib transforms it as usual.
-    """
+def wire_ready(data: bytes) -> bool:
+    """True when `data` can go after DATA as it is (it scans the whole message: call it where that costs nothing,
+    in the worker that built the mail)."""
     lf = data.count(b"\n")
-    if (
+    return (
         lf == data.count(b"\r\n") == data.count(b"\r")
         and data.endswith(b"\r\n")
         and not data.startswith(b".")
         and b"\n." not in data
-    ):
-        return WireReady(data)
-    return data
+    )
+
+
+def prepare(data: bytes, known_ready: bool = False) -> bytes:
+    """Mark a message that needs no transformation for DATA.
+
+    Every mail the gateway builds qualifies (CRLF throughout, base64 bodies), and the packager says so in the
+    queue item (`known_ready`), so the gateway process does not scan it again: four passes over a 27 MB mail
+    hold the interpreter lock, and the event loop waits meanwhile. Anything else is scanned, and returned
+    unchanged if it does not qualify, for aiosmtplib to transform as usual.
+    """
+    return WireReady(data) if known_ready or wire_ready(data) else data
 
 
 # aiosmtplib normalizes line ends (once for the SIZE it announces, once for DATA) and dot-stuffs every message with
@@ -66,6 +72,46 @@ class _PeriodUnlessReady:
 aiosmtplib.protocol.normalize_message_line_endings = _normalize_unless_ready
 aiosmtplib.smtp.normalize_message_line_endings = _normalize_unless_ready
 aiosmtplib.protocol.PERIOD_REGEX = _PeriodUnlessReady()  # type: ignore[assignment]
+
+# aiosmtplib then appends ".\r\n" to the message (a copy of it) and writes it to the TLS transport in one piece,
+# which copies the encrypted mail into the transport's buffer: two copies of a 27 MB mail with the interpreter lock
+# held, while the gateway's event loop waits for it (py-spy --gil). A WireReady message goes in pieces instead, each
+# written when the transport has room (flow control, bounded by the command timeout), then the terminator.
+_PIECE = 1 << 18
+_execute_data = aiosmtplib.protocol.SMTPProtocol.execute_data_command
+
+
+async def _execute_data_in_pieces(
+    self: aiosmtplib.protocol.SMTPProtocol, message: bytes, timeout: float | None = None
+) -> aiosmtplib.SMTPResponse:
+    if not isinstance(message, WireReady):
+        return await _execute_data(self, message, timeout)
+    if self._command_lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    async with self._command_lock:
+        self._response_pending = True
+        self.write(b"DATA\r\n")
+        start = await self.read_response(timeout=timeout)
+        if start.code != aiosmtplib.SMTPStatus.start_input:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        self._response_pending = True
+        view = memoryview(message)
+        for at in range(0, len(view), _PIECE):
+            self.write(view[at : at + _PIECE])  # type: ignore[arg-type]
+            try:
+                await asyncio.wait_for(self._drain_helper(), timeout)
+            except ConnectionResetError as exc:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost") from exc
+            except TimeoutError as exc:
+                raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from exc
+        self.write(b".\r\n")
+        response = await self.read_response(timeout=timeout)
+        if response.code != aiosmtplib.SMTPStatus.completed:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
+aiosmtplib.protocol.SMTPProtocol.execute_data_command = _execute_data_in_pieces  # type: ignore[method-assign]
 
 
 def _classify(node: Node, exc: BaseException) -> MailNodeError | RejectedError:

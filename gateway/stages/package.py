@@ -29,6 +29,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway.adapters import smtp
 from gateway.children import exit_with
 from gateway.config import Partner
 from gateway.core import compress, dicomzip, mailformat, partial, pgpmime
@@ -117,13 +118,15 @@ def build_mail(
             iid = f"{item_id(header.set_id, header.part)}.f{n:04d}"
             mid = f"<{n}.{header.message_id.strip('<>')}>"
             # crash after this write: the transfer is still pending; packaging starts over
-            Spool.prepare_item(job.folder, iid, piece, {**job.meta, "message_id": mid, "fragment": n})
+            meta = {**job.meta, "message_id": mid, "fragment": n, "wire_ready": smtp.wire_ready(piece)}
+            Spool.prepare_item(job.folder, iid, piece, meta)
             out.append((iid, mid, len(piece)))
         return out
     if len(data) > job.limit:
         raise _TooLarge(f"built mail has {len(data)} bytes, above {job.limit}")
     # crash after this write: the transfer is still pending; packaging starts over and rebuilds the folder
-    Spool.prepare_item(job.folder, item_id(header.set_id, header.part), data, job.meta)
+    meta = {**job.meta, "wire_ready": smtp.wire_ready(data)}  # here, so the sender need not scan it
+    Spool.prepare_item(job.folder, item_id(header.set_id, header.part), data, meta)
     return [(item_id(header.set_id, header.part), header.message_id, len(data))]
 
 

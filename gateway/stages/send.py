@@ -59,7 +59,8 @@ class Sender(Stage):
         if partner is None:
             await self._hold(item, f"partner {meta.get('partner')} no longer configured")
             return
-        data = await asyncio.to_thread(lambda: smtp_adapter.prepare(item.content.read_bytes()))
+        ready = bool(meta.get("wire_ready"))  # checked when the mail was built
+        data = await asyncio.to_thread(lambda: smtp_adapter.prepare(item.content.read_bytes(), ready))
         is_receipt = meta.get("kind") == "mdn"
         try:
             node = await self.smtp.send(
