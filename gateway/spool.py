@@ -75,7 +75,7 @@ class Spool:
         except (OSError, ValueError):
             return {}
 
-    def put(self, item_id: str, data: bytes, meta: dict[str, Any]) -> Item:
+    def put(self, item_id: str, data: bytes | bytearray, meta: dict[str, Any]) -> Item:
         """Enqueue new content durably in INCOMING; an id already queued in any state is left as it is."""
         existing = self.find(item_id)
         if existing is not None:

@@ -289,7 +289,7 @@ def test_pop3_gives_back_every_mail_byte_for_byte(mail, make_gateway):  # type: 
         try:
             got = {}
             for number, _uid, size in await session.list():
-                hinted = await session.retr(number, size)
+                hinted = bytes(await session.retr(number, size))
                 unhinted = await session.retr(number, 0)  # grows its buffer as it goes
                 low = await session.retr(number, size // 3)  # LIST said less than there is
                 assert hinted == unhinted == low

@@ -32,7 +32,7 @@ class Fetcher(Stage):
         self.bytes_received = 0
         self.fetched = 0
 
-    def _put(self, raw: bytes, node: str) -> str:
+    def _put(self, raw: bytes | bytearray, node: str) -> str:
         """Make a fetched mail durable in the inbox under its content key (in a thread: it hashes the whole mail)."""
         key = hashlib.sha256(raw).hexdigest()[:40]
         self.inbox.put(key, raw, {"node": node, "size": len(raw)})
