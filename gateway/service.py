@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ from gateway.web import WebApp
 
 log = logging.getLogger(__name__)
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
 DONE_KEEP_DAYS = 7
 
 
@@ -60,8 +63,9 @@ class LoopWatch:
 
     The worst delay is also taken apart, from the kernel's accounting of the loop's thread (Linux schedstat):
     time the thread ran (the loop's own code: a callback that does too much), time it waited for a free core
-    (the machine is busy), and the rest, time it slept although it was due (the interpreter lock held by
-    another thread, or I/O). Each needs a different cure, so the benchmark reports all three.
+    (the machine is busy), time it waited for block I/O (a write throttled by the kernel while the disk is busy;
+    counted where `kernel.task_delayacct` is on), and the rest, time it slept although it was due (mostly the
+    interpreter lock, held by another thread). Each needs a different cure, so the benchmark reports them all.
     """
 
     INTERVAL = 0.05
@@ -69,7 +73,7 @@ class LoopWatch:
     def __init__(self) -> None:
         self.max_block = 0.0
         self.max_block_at = 0.0  # when it happened (epoch seconds), to compare with the log
-        self.max_block_parts = {"running": 0.0, "waiting_for_cpu": 0.0, "other": 0.0}  # seconds
+        self.max_block_parts = {"running": 0.0, "waiting_for_cpu": 0.0, "waiting_for_io": 0.0, "other": 0.0}
         self.blocks_over_100ms = 0
         self.max_gc_pause = 0.0  # the longest garbage collection (it holds the interpreter lock throughout)
         self._gc_started = 0.0
@@ -82,13 +86,17 @@ class LoopWatch:
             self.max_gc_pause = max(self.max_gc_pause, time.perf_counter() - self._gc_started)
 
     @staticmethod
-    def _schedstat() -> tuple[int, int] | None:
-        """(ns on a core, ns waiting on the run queue) of the calling thread; None where the kernel has no such file."""
+    def _schedstat() -> tuple[int, int, int] | None:
+        """(ns on a core, ns waiting for one, ns waiting for block I/O) of the calling thread, from Linux /proc.
+
+        Block I/O waits are counted only where the kernel keeps them (`kernel.task_delayacct = 1`), else 0."""
         try:
             with open("/proc/thread-self/schedstat", "rb") as f:
                 running, waiting, _ = f.read().split()
-            return int(running), int(waiting)
-        except (OSError, ValueError):
+            with open("/proc/thread-self/stat", "rb") as f:
+                blkio_ticks = int(f.read().rsplit(b")", 1)[1].split()[39])  # field 42: delayacct_blkio_ticks
+            return int(running), int(waiting), blkio_ticks * 1_000_000_000 // _CLOCK_TICKS
+        except (OSError, ValueError, IndexError):
             return None
 
     async def run_forever(self) -> None:
@@ -101,12 +109,12 @@ class LoopWatch:
                 self.max_block, self.max_block_at = late, time.time()
                 after = self._schedstat()
                 if sched is not None and after is not None:
-                    running = (after[0] - sched[0]) / 1e9
-                    waiting = (after[1] - sched[1]) / 1e9
+                    running, waiting, io = ((a - b) / 1e9 for a, b in zip(after, sched, strict=True))
                     self.max_block_parts = {
                         "running": running,
                         "waiting_for_cpu": waiting,
-                        "other": max(0.0, late - running - waiting),  # the window is INTERVAL + late
+                        "waiting_for_io": io,
+                        "other": max(0.0, late - running - waiting - io),  # the window is INTERVAL + late
                     }
             if late > 0.1:
                 self.blocks_over_100ms += 1
