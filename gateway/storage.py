@@ -280,12 +280,12 @@ class Storage:
 
         Every instance takes an inode, so a volume of many small files can run out of inodes with bytes to spare.
         """
-        free = self.free_bytes()
+        st = os.statvfs(self.root)  # one call for both (this runs for every instance received)
+        free = st.f_bavail * st.f_frsize
         if free < self.min_free:
             raise DiskFullError(free, self.min_free)
-        inodes = self.free_inodes()
-        if inodes is not None and inodes < self.min_free_inodes:
-            raise DiskFullError(inodes, self.min_free_inodes, "inodes")
+        if st.f_files and st.f_favail < self.min_free_inodes:
+            raise DiskFullError(st.f_favail, self.min_free_inodes, "inodes")
 
     def sweep_tmp(self, older_than: float, now: float) -> int:
         """Remove temp files older than `older_than` seconds (left by aborted receives); return how many."""
