@@ -151,7 +151,10 @@ def hold_volume(d_root: Path) -> int:
 
 def free_inodes(path: Path) -> int | None:
     """Free inodes of the filesystem holding `path` (None where it has no fixed number, as btrfs)."""
-    st = os.statvfs(path)
+    return _inodes_of(os.statvfs(path))
+
+
+def _inodes_of(st: os.statvfs_result) -> int | None:
     return int(st.f_favail) if st.f_files else None
 
 
@@ -284,8 +287,9 @@ class Storage:
         free = st.f_bavail * st.f_frsize
         if free < self.min_free:
             raise DiskFullError(free, self.min_free)
-        if st.f_files and st.f_favail < self.min_free_inodes:
-            raise DiskFullError(st.f_favail, self.min_free_inodes, "inodes")
+        inodes = _inodes_of(st)
+        if inodes is not None and inodes < self.min_free_inodes:
+            raise DiskFullError(inodes, self.min_free_inodes, "inodes")
 
     def sweep_tmp(self, older_than: float, now: float) -> int:
         """Remove temp files older than `older_than` seconds (left by aborted receives); return how many."""

@@ -22,18 +22,39 @@ from tests.test_e2e import assert_delivered_identically
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def small_volume(tmp_path: Path) -> Iterator[Path]:
-    """A 3 MB tmpfs standing in for a nearly full D: (grow it with `grow`)."""
-    mnt = tmp_path / "small-d"
+def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at `mnt` for one test."""
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], check=True)
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs standing in for a nearly full D: (grow it with `grow`)."""
+    yield from tmpfs(tmp_path / "small-d", "size=3m")
+
+
 def grow(mnt: Path) -> None:
     subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+
+
+def a_on(volume: Path, make_gateway, mariadb_url: str, **kw: object):  # type: ignore[no-untyped-def]
+    """Gateway B (polling every second) and gateway A with D: on `volume`, a 1 MB reserve, MariaDB; both started."""
+    b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1)
+    a = make_gateway(
+        "gateway-a",
+        [("gateway-b", "gateway-b", "TO_B")],
+        database_url=mariadb_url,
+        d_root=volume / "d",
+        min_free="1MB",
+        stability_delay=2,
+        **kw,
+    )
+    b.start()
+    a.start()
+    return a, b
 
 
 def instances_at(gw) -> int:  # type: ignore[no-untyped-def]
@@ -43,17 +64,7 @@ def instances_at(gw) -> int:  # type: ignore[no-untyped-def]
 def test_full_d_refuses_with_out_of_resources_and_recovers(
     mail, mariadb_url, make_gateway, small_volume, tmp_path
 ):  # type: ignore[no-untyped-def]
-    b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1)
-    a = make_gateway(
-        "gateway-a",
-        [("gateway-b", "gateway-b", "TO_B")],
-        database_url=mariadb_url,
-        d_root=small_volume / "d",
-        min_free="1MB",
-        stability_delay=2,
-    )
-    b.start()
-    a.start()
+    a, b = a_on(small_volume, make_gateway, mariadb_url)
     sources = make_study(tmp_path / "s", ct=16, mr=0, sc=0, size=256)  # 16 x 128 KB: more than fits
     first = storescu(a.port, "TO_B", tmp_path / "s", "-v")
     out = first.stdout + first.stderr
@@ -122,28 +133,13 @@ def fill_inodes(folder: Path, leave: int = 0) -> list[Path]:
 @pytest.fixture
 def few_inodes(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs with room for bytes but only 3000 inodes."""
-    mnt = tmp_path / "few-inodes"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=3000", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from tmpfs(tmp_path / "few-inodes", "size=64m,nr_inodes=3000")
 
 
 def test_d_out_of_inodes_refuses_with_out_of_resources_and_recovers(
     mail, mariadb_url, make_gateway, few_inodes, tmp_path
 ):  # type: ignore[no-untyped-def]
-    b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1)
-    a = make_gateway(
-        "gateway-a",
-        [("gateway-b", "gateway-b", "TO_B")],
-        database_url=mariadb_url,
-        d_root=few_inodes / "d",
-        min_free="1MB",
-        min_free_inodes=200,
-        stability_delay=2,
-    )
-    b.start()
-    a.start()
+    a, b = a_on(few_inodes, make_gateway, mariadb_url, min_free_inodes=200)
     sources = make_study(tmp_path / "s", ct=6, mr=0, sc=0, size=64)
 
     # no inode at all: not even the temporary file can be made; every C-STORE is answered, none aborts

@@ -476,9 +476,10 @@ class _Association:
                 store.file = None
             except OSError as exc:
                 store.drop(exc)
-        if store.error is not None or store.path is None:
-            status = self.scp.refuse(store.error or OSError("no temporary file"))
+        if store.error is not None:
+            status = self.scp.refuse(store.error)
         else:
+            assert store.path is not None  # only a store that failed to make its file has none
             status = self.scp.handle_store(
                 Received(
                     temp_path=store.path,

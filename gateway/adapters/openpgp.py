@@ -4,8 +4,8 @@ The keyring lives under `d_root/state/gnupg` and is rebuilt at every start from 
 own secret key and the public keys of the address book, nothing else. Each start builds it in a directory of its
 own (`run-<ns>`) and retires the ones earlier runs left: their gpg-agent and any gpg still running there are
 stopped first, then the directory is removed. A gateway that was killed leaves its agent running, and an agent
-removes its sockets when it sees its home go; a fresh directory keeps that from ever touching the new keyring. The user's default keyring is never
-touched (GNUPGHOME is always set). Signatures are accepted only when made by the fingerprint the address book
+removes its sockets when it sees its home go; a fresh directory keeps that from ever touching the new keyring.
+The user's default keyring is never touched (GNUPGHOME is always set). Signatures are accepted only when made by the fingerprint the address book
 holds for the sending partner; GnuPG's web of trust plays no part (`--trust-model always` for encryption to keys
 we imported ourselves).
 
@@ -173,9 +173,8 @@ class OpenPgp:
         The keyrings earlier runs left under `root` are retired first.
         """
         if root.is_dir():
-            if (
-                root / "pubring.kbx"
-            ).exists():  # the layout before per-run keyrings: root itself was the home
+            # the layout before per-run keyrings: root itself was the home
+            if (root / "pubring.kbx").exists():
                 _kill_agent(root)
             for entry in sorted(root.iterdir()):
                 if entry.is_dir() and not entry.is_symlink():

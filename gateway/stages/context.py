@@ -8,7 +8,7 @@ one stage tells the next that there is work.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class Wakes:
     receipts: asyncio.Event = field(default_factory=asyncio.Event)
 
     def all(self) -> tuple[asyncio.Event, ...]:
-        return (self.router, self.packager, self.sender, self.ingest, self.forwarder, self.receipts)
+        return tuple(getattr(self, f.name) for f in fields(self))
 
 
 @dataclass(frozen=True)
