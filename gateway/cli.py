@@ -21,20 +21,9 @@ from typing import Any
 
 from gateway import config
 from gateway.errors import ConfigError, VolumeInUseError
+from gateway.logsetup import setup_logging
 
 log = logging.getLogger("gateway")
-
-
-def setup_logging(level: str) -> None:
-    """Plain lines to stderr (journald/docker friendly). Records carry ids and UIDs only."""
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from gateway.adapters.dicom_scp import quiet_pynetdicom
-
-    quiet_pynetdicom()
 
 
 def _load(path: str) -> config.Settings:
@@ -88,7 +77,9 @@ async def _send(settings: config.Settings, partner: str, paths: list[str]) -> in
         )
         return 2
     storage = Storage(settings.d_root)
-    storage.prepare()
+    # never clean tmp/ here: a running gateway's in-flight C-STORE files and staging are there. Like one of its
+    # receiver processes, `send` only adds instances (each placed with link(), safe beside other writers).
+    storage.prepare(clean_tmp=False)
     catalog = await open_catalog(settings.database_url)
     try:
         records = []
@@ -161,7 +152,8 @@ def _receipt_text(t: dict[str, Any]) -> str:
     if not receipt:
         return "-"
     text = _RECEIPT_TEXT.get(str(receipt), str(receipt))
-    return f"{text}: {t['receipt_detail']}" if t.get("receipt_detail") else text
+    text = f"{text}: {t['receipt_detail']}" if t.get("receipt_detail") else text
+    return f"{text} (CONTRADICTED: {t['receipt_conflict']})" if t.get("receipt_conflict") else text
 
 
 def _partners(settings: config.Settings) -> list[dict[str, Any]]:
@@ -292,33 +284,22 @@ async def _queue(settings: config.Settings, action: str, item_id: str | None, as
                 f"fragments: {g.key}  {g.have}/{g.total or '?'} since {_ts(g.first_seen)}  (discard ID drops it)"
             )
         return 0
-    if action == "discard" and any(g.key == item_id for g in fragments.groups()):
-        fragments.discard(str(item_id))  # an incomplete message/partial message an operator gave up on
-        print(f"fragment group {item_id}: discarded")
-        return 0
-    for name, q in queues.items():
-        item = q.find(str(item_id)) if q.root.exists() else None
-        if item is None:
-            continue
-        if item.state not in (QueueState.HOLD, QueueState.CORRUPT):
-            print(
-                f"{name} item {item_id} is {item.state}: only held or corrupt items can be released or discarded"
-            )
-            return 1
-        catalog = await open_catalog(settings.database_url)
-        try:
-            if action == "release":
-                # the running gateway picks the item up from incoming
-                q.move(item, QueueState.INCOMING, crashes=0, released=time.time())
-                await catalog.release_mail(str(item.meta.get("message_id", item_id)), time.time())
-            else:
-                q.move(item, QueueState.DONE, outcome="discarded by operator")
-        finally:
-            await catalog.close()
-        print(f"{name} item {item_id}: {action}d")
-        return 0
-    print(f"no queue item {item_id}", file=sys.stderr)
-    return 1
+    import getpass
+
+    from gateway.operator import ActionRefused, OperatorActions
+
+    catalog = await open_catalog(settings.database_url)
+    try:
+        actions = OperatorActions(settings, storage, catalog)
+        who = f"cli:{getpass.getuser()}"
+        done = await (actions.release if action == "release" else actions.discard)(str(item_id), who)
+    except ActionRefused as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    finally:
+        await catalog.close()
+    print(done)
+    return 0
 
 
 def cmd_queue(args: argparse.Namespace) -> int:

@@ -93,6 +93,12 @@ class MailSettings:
     reassembly_deadline: float = 24 * 3600.0  # an incomplete set or fragment group is reported after this
     receipt_deadline: float = 24 * 3600.0  # a transfer without the partner's receipt is flagged after this
     max_unpacked_size: int = 1024**3  # DICOM-ZIP: most bytes one archive may unpack to
+    # what the mailbox (shared, untrusted) may make us hold: see README "Trust model"
+    max_fetch_size: int = 0  # largest mail fetched; 0: twice the largest mail size cap in the configuration
+    max_inbox_backlog: int = 1024**3  # fetched mails not yet checked; fetch waits above this
+    untrusted_quota: int = 2 * 1024**3  # unauthenticated quarantined mails + fragment groups, all senders
+    untrusted_quota_per_sender: int = 1024**3  # the same, per From: address
+    negative_receipts_per_hour: int = 20  # refusal receipts to one partner; more are recorded, not sent
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,14 @@ class BackupSettings:
     passphrase_env: str = "DMG_BACKUP_PASSPHRASE"
 
 
+def _is_loopback(bind: str) -> bool:
+    """True for addresses only this machine can reach."""
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return bind == "localhost"
+
+
 @dataclass(frozen=True)
 class MonitoringSettings:
     """WARN/CRIT thresholds of the check_mk services."""
@@ -144,6 +158,7 @@ class MonitoringSettings:
     backup_age_crit_h: float = 50
     free_pct_warn: float = 15
     free_pct_crit: float = 5
+    stage_stall: float = 600  # a stage with work and no progress for this many seconds: /healthz 503, CRIT
 
 
 @dataclass(frozen=True)
@@ -156,14 +171,18 @@ class WebSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     password_env: str = "DMG_WEB_PASSWORD"
+    anonymous_on_loopback: bool = False  # opt-out: no login when bound to loopback (a single-user machine)
+
+    @property
+    def requires_tls(self) -> bool:
+        """Bound to anything but loopback: TLS is required (the password must not cross a network in clear)."""
+        return not _is_loopback(self.bind)
 
     @property
     def requires_login(self) -> bool:
-        """Bound to anything but loopback: TLS and a login are required."""
-        try:
-            return not ipaddress.ip_address(self.bind).is_loopback
-        except ValueError:
-            return self.bind != "localhost"
+        """A login is required on every address, loopback too (any local user or process could otherwise release
+        quarantined mail or see patient images), unless the configuration opts out for loopback."""
+        return self.requires_tls or not self.anonymous_on_loopback
 
 
 @dataclass(frozen=True)
@@ -218,6 +237,20 @@ class Settings:
     def mail_size_for(self, partner: Partner) -> int:
         """The largest mail this partner's mail server takes."""
         return partner.max_mail_size or self.mail.max_mail_size
+
+    @property
+    def fetch_cap(self) -> int:
+        """The largest mail fetched from the mailbox (`mail.max_fetch_size`, or twice the largest mail size cap of
+        the configuration: partners size their mails like ours, with room for other senders' overhead)."""
+        if self.mail.max_fetch_size:
+            return self.mail.max_fetch_size
+        return 2 * max([self.mail.max_mail_size, *(self.mail_size_for(p) for p in self.partners)])
+
+    @property
+    def max_inbound_message(self) -> int:
+        """The largest message that message/partial fragments may add up to: the largest `max_message_size` of
+        any partner, with the same margin."""
+        return 2 * max([200 * 1024**2, *(p.max_message_size for p in self.partners)])
 
     @property
     def catalog_is_sqlite(self) -> bool:
@@ -459,6 +492,14 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
             networks.append(ipaddress.ip_network(str(item), strict=False))
         except ValueError:
             raise gw.fail("allowed_networks", f"entry {item!r} is not an address or network (CIDR)") from None
+    open_to_any_peer = gw.get("open_to_any_peer", bool, False)
+    if not _is_loopback(dicom_bind) and not allowed_ae_raw and not networks and not open_to_any_peer:
+        # any host that reaches the port could have us sign and mail a study to any partner: an open relay
+        raise gw.fail(
+            "dicom_bind",
+            f"{dicom_bind} reaches beyond this machine, and allowed_networks and allowed_calling_ae are both "
+            "empty: name the modalities' networks or AE titles (or set open_to_any_peer = true)",
+        )
     dicom_timeout = float(gw.get("dicom_timeout", (int, float), 60, check=_check_positive))
     dicom_workers = int(
         gw.get(
@@ -534,6 +575,13 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         ),
         receipt_deadline=float(m.get("receipt_deadline", (int, float), 24 * 3600, check=_check_positive)),
         max_unpacked_size=_parse_size_key(m, "max_unpacked_size", "1GB"),
+        max_fetch_size=_parse_size_key(m, "max_fetch_size", "0") if "max_fetch_size" in m.table else 0,
+        max_inbox_backlog=_parse_size_key(m, "max_inbox_backlog", "1GB"),
+        untrusted_quota=_parse_size_key(m, "untrusted_quota", "2GB"),
+        untrusted_quota_per_sender=_parse_size_key(m, "untrusted_quota_per_sender", "1GB"),
+        negative_receipts_per_hour=m.get(
+            "negative_receipts_per_hour", int, 20, check=lambda v: None if v >= 0 else "must be >= 0"
+        ),
     )
     if mail.protocol == "imap" and not mail.imap_nodes:
         raise m.fail("imap_nodes", "protocol = imap needs at least one IMAPS node")
@@ -592,8 +640,9 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         tls_cert=w.path("tls_cert") if "tls_cert" in w.table else None,
         tls_key=w.path("tls_key") if "tls_key" in w.table else None,
         password_env=w.get("password_env", str, "DMG_WEB_PASSWORD"),
+        anonymous_on_loopback=w.get("anonymous_on_loopback", bool, False),
     )
-    if web.requires_login and web.port and (web.tls_cert is None or web.tls_key is None):
+    if web.requires_tls and web.port and (web.tls_cert is None or web.tls_key is None):
         raise w.fail(
             "bind", "a non-loopback address needs tls_cert and tls_key (and a password, see password_env)"
         )

@@ -163,14 +163,19 @@ def _nodes(health: dict[str, Any] | None, now: float) -> list[Service]:
 
 
 def _receipts(receipts: dict[str, int]) -> Service:
-    """Partners' receipts (MDN) for the last 7 days: a failure at a partner is CRIT, a missing receipt WARN."""
+    """Partners' receipts (MDN) for the last 7 days: a failure at a partner or a receipt contradicting an earlier
+    one (forged, replayed, or a partner that changed its mind) is CRIT, a missing receipt WARN."""
     failed, overdue = receipts.get("failed", 0), receipts.get("overdue", 0)
+    contradicted = receipts.get("contradicted", 0)
     return Service(
-        CRIT if failed else WARN if overdue else OK,
+        CRIT if failed or contradicted else WARN if overdue else OK,
         "DMG Receipts",
         f"{receipts.get('confirmed', 0)} confirmed, {receipts.get('awaited', 0)} awaited, {overdue} overdue, "
-        f"{failed} failed at the partner (7 days)",
-        tuple(Metric(k, receipts.get(k, 0)) for k in ("confirmed", "awaited", "overdue", "failed")),
+        f"{failed} failed at the partner, {contradicted} contradicted by a later receipt (7 days)",
+        tuple(
+            Metric(k, receipts.get(k, 0))
+            for k in ("confirmed", "awaited", "overdue", "failed", "contradicted")
+        ),
     )
 
 
@@ -346,6 +351,12 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
                 (now - 7 * 86400,),
             ):
                 receipts[str(receipt)] = int(count)
+            row = await catalog.db.fetchone(
+                "SELECT COUNT(*) FROM transfers WHERE direction = 'out' AND receipt_conflict IS NOT NULL "
+                "AND receipt_at > ?",
+                (now - 7 * 86400,),
+            )
+            receipts["contradicted"] = int(row[0]) if row else 0
         finally:
             await catalog.close()
     except Exception as exc:

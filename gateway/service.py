@@ -160,7 +160,7 @@ class Gateway(SharesContext):
         outbox, inbox = Spool(storage.outbox, storage.tmp), Spool(storage.inbox, storage.tmp)
         outbox.prepare()
         inbox.prepare()
-        fragments = FragmentStore.of(storage)
+        fragments = FragmentStore.of(storage, settings.max_inbound_message)
         fragments.prepare()
         mailbox: Pop3Cluster | ImapCluster = (
             ImapCluster(settings.mail, tls)

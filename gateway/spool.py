@@ -13,9 +13,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from gateway.core.queue import QueueState, after_crash, check_move, is_due
 from gateway.storage import fsync_dir, makedirs_durable
@@ -77,6 +78,10 @@ class Spool:
 
     def put(self, item_id: str, data: bytes | bytearray, meta: dict[str, Any]) -> Item:
         """Enqueue new content durably in INCOMING; an id already queued in any state is left as it is."""
+        return self.put_stream(item_id, lambda f: f.write(data), meta)
+
+    def put_stream(self, item_id: str, write: Callable[[BinaryIO], object], meta: dict[str, Any]) -> Item:
+        """`put`, with the content written by `write(file)` in pieces (a reassembled message is never in memory)."""
         existing = self.find(item_id)
         if existing is not None:
             return existing
@@ -86,7 +91,7 @@ class Spool:
         staging.mkdir(parents=True)
         try:
             with (staging / CONTENT).open("wb") as f:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             _write_json(staging / META, {**meta, "created": meta.get("created", time.time())})
@@ -98,6 +103,14 @@ class Spool:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return Item(item_id, QueueState.INCOMING, target, self._meta(target))
+
+    def drop_content(self, item: Item, reason: str, now: float) -> Item:
+        """Remove a held item's bytes and keep its metadata with the reason (the quota for unauthenticated
+        content); the item stays listed, with `content_dropped`."""
+        item = self.update(item, content_dropped=reason, dropped_at=now)
+        (item.path / CONTENT).unlink(missing_ok=True)
+        fsync_dir(item.path)
+        return item
 
     @staticmethod
     def prepare_item(folder: Path, item_id: str, data: bytes, meta: dict[str, Any]) -> Path:

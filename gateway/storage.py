@@ -173,10 +173,14 @@ class Storage:
         self.inbox = self.spool / "inbox"
         self.intake = self.spool / "intake"
         self.tmp = d_root / "tmp"
+        self.state = d_root / "state"
         self._lock = threading.Lock()
 
-    def prepare(self) -> int:
-        """Create the layout and remove temp files a crash left behind; return how many were removed."""
+    def prepare(self, clean_tmp: bool = True) -> int:
+        """Create the layout and remove temp files a crash left behind; return how many were removed.
+
+        Only the holder of the volume lock may clean: beside a running gateway, tmp/ holds its in-flight C-STORE
+        temp files and staging (`clean_tmp=False` then)."""
         for d in (
             self.images,
             self.conflicts,
@@ -186,6 +190,8 @@ class Storage:
         ):
             makedirs_durable(d)
         removed = 0
+        if not clean_tmp:
+            return 0
         for stray in self.tmp.iterdir():
             if stray.is_dir():
                 shutil.rmtree(stray)

@@ -1,9 +1,16 @@
 """The web port: a status page for operators, `/metrics` for Prometheus, `/healthz` for orchestrators.
 
-Served by the gateway itself (aiohttp), on `web.bind` (localhost by default). Bound elsewhere, TLS and a login are
-required (`web.tls_cert`, `web.tls_key`, password of the user `operator` from the environment variable
-`web.password_env`). The page is plain server-rendered HTML that refreshes itself; the only script is the
-confirmation of a quarantine action. Patient-identifying fields are not shown unless `web.show_patient_data`.
+Served by the gateway itself (aiohttp), on `web.bind` (localhost by default). Every address needs a login, loopback
+too unless `web.anonymous_on_loopback` opts out: the user `operator` with the password from the environment
+variable `web.password_env`, either through the login form (a session cookie: HttpOnly, SameSite=Strict, Secure
+over TLS; 12 hours) or HTTP basic auth for scripts (Prometheus). Bound elsewhere than loopback, TLS is required
+too (`web.tls_cert`, `web.tls_key`). `/healthz` is open (it says ok or not, nothing else).
+
+Every state-changing request (POST) must carry the session's CSRF token and, when the browser sends one, an Origin
+(or Referer) naming this very host: a page elsewhere cannot make an operator's browser release or discard mail.
+Pages and thumbnails (patient images) are sent with `Cache-Control: no-store`. The page is plain server-rendered
+HTML that refreshes itself; the only script is the confirmation of a quarantine action. Patient-identifying fields
+are not shown unless `web.show_patient_data`. Release and discard go through `gateway.operator`, as the CLI's do.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import io
 import ipaddress
 import logging
 import os
+import secrets
 import ssl
 import time
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -30,6 +39,9 @@ if TYPE_CHECKING:
     from gateway.service import Gateway
 
 log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "dmg_session"
+SESSION_SECONDS = 12 * 3600.0
 
 REGISTRY = CollectorRegistry()
 TRANSFER_LATENCY = Histogram(
@@ -147,6 +159,9 @@ class WebApp:
         self.app.add_routes(
             [
                 web.get("/", self.page),
+                web.get("/login", self.login_page),
+                web.post("/login", self.login),
+                web.post("/logout", self.logout),
                 web.get("/healthz", self.healthz),
                 web.get("/metrics", self.metrics),
                 web.get("/thumb/{sop}.png", self.thumb),
@@ -154,25 +169,126 @@ class WebApp:
             ]
         )
         self.runner: web.AppRunner | None = None
+        self.sessions: dict[str, tuple[str, float]] = {}  # session id → (CSRF token, expiry)
+        self.basic_csrf = secrets.token_urlsafe(32)  # the token for basic-auth users (scripts; no cookie)
+
+    def _password(self) -> str:
+        return os.environ.get(self.settings.password_env, "")
+
+    def _session(self, request: web.Request) -> tuple[str, float] | None:
+        sid = request.cookies.get(SESSION_COOKIE, "")
+        found = self.sessions.get(sid)
+        if found is None or found[1] < time.time():
+            self.sessions.pop(sid, None)
+            return None
+        return found
+
+    def _basic_ok(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        password = self._password()
+        if not header.startswith("Basic ") or not password:
+            return False
+        try:
+            user, _, given = base64.b64decode(header[6:]).decode().partition(":")
+        except ValueError:
+            return False
+        return user == "operator" and hmac.compare_digest(given.encode(), password.encode())
+
+    def csrf_token(self, request: web.Request) -> str:
+        """The token every form of this request's page carries."""
+        found = self._session(request)
+        return found[0] if found else self.basic_csrf
+
+    def _same_origin(self, request: web.Request) -> bool:
+        """The browser's Origin (or Referer) names this host; a request without either (a script) passes here
+        and is still held to the token."""
+        origin = request.headers.get("Origin") or request.headers.get("Referer")
+        if not origin:
+            return True
+        if origin == "null":
+            return False
+        return urllib.parse.urlsplit(origin).netloc == request.host
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        password = os.environ.get(self.settings.password_env, "") if self.settings.requires_login else None
-        if password is not None and request.path != "/healthz":
-            header = request.headers.get("Authorization", "")
-            ok = False
-            if header.startswith("Basic "):
-                try:
-                    user, _, given = base64.b64decode(header[6:]).decode().partition(":")
-                    ok = user == "operator" and bool(password) and hmac.compare_digest(given, password)
-                except ValueError:
-                    ok = False
-            if not ok:
-                return web.Response(
-                    status=401, headers={"WWW-Authenticate": 'Basic realm="dicom-mail-gateway"'}
+        open_paths = {"/healthz", "/login"}
+        if (
+            self.settings.requires_login
+            and request.path not in open_paths
+            and self._session(request) is None
+            and not self._basic_ok(request)
+        ):
+            if request.method == "GET" and request.path == "/":
+                raise web.HTTPSeeOther("/login")
+            return web.Response(
+                status=401,
+                text="login required",
+                headers={"WWW-Authenticate": 'Basic realm="dicom-mail-gateway"'},
+            )
+        if request.method == "POST" and request.path != "/login":
+            form = await request.post()
+            if not self._same_origin(request) or not hmac.compare_digest(
+                str(form.get("csrf", "")), self.csrf_token(request)
+            ):
+                log.warning(
+                    "web: refused a %s to %s without a valid CSRF token or origin",
+                    request.method,
+                    request.path,
                 )
+                return web.Response(status=403, text="cross-site request refused")
         response: web.StreamResponse = await handler(request)
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
+
+    async def login_page(self, request: web.Request, problem: str = "") -> web.Response:
+        return web.Response(
+            status=401 if problem else 200,
+            content_type="text/html",
+            text=(
+                "<!doctype html><html><head><meta charset='utf-8'><title>Login — DICOM mail gateway</title></head>"
+                f"<body><h1>{_e(self.gw.settings.name)}</h1><p class='bad'>{_e(problem)}</p>"
+                "<form method='post' action='/login'><label>user <input name='user' value='operator'></label> "
+                "<label>password <input name='password' type='password' autofocus></label> "
+                "<button>log in</button></form></body></html>"
+            ),
+        )
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        password = self._password()
+        ok = (
+            bool(password)
+            and str(form.get("user", "")) == "operator"
+            and hmac.compare_digest(str(form.get("password", "")).encode(), password.encode())
+        )
+        if not ok or not self._same_origin(request):
+            log.warning("web: failed login from %s", request.remote)
+            await asyncio.sleep(1)  # a password guesser gets one try a second per connection
+            return await self.login_page(request, "wrong user or password")
+        sid = secrets.token_urlsafe(32)
+        now = time.time()
+        self.sessions = {k: v for k, v in self.sessions.items() if v[1] > now}
+        self.sessions[sid] = (secrets.token_urlsafe(32), now + SESSION_SECONDS)
+        log.info("web: operator logged in from %s", request.remote)
+        response = web.HTTPSeeOther("/")
+        response.set_cookie(
+            SESSION_COOKIE,
+            sid,
+            max_age=int(SESSION_SECONDS),
+            httponly=True,
+            samesite="Strict",
+            secure=self.settings.tls_cert is not None,
+            path="/",
+        )
+        raise response
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        self.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
+        response = web.HTTPSeeOther("/login")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        raise response
 
     async def start(self) -> None:
         """Listen on the configured address (TLS when configured)."""
@@ -210,27 +326,22 @@ class WebApp:
         if row is None:
             raise web.HTTPNotFound()
         png = await asyncio.to_thread(thumbnail_png, str(self.gw.storage.root / str(row[0])))
-        return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        # a patient image: never kept by the browser or a proxy
+        return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
 
     async def queue_action(self, request: web.Request) -> web.Response:
-        from gateway.core.queue import QueueState
+        from gateway.operator import ActionRefused, OperatorActions
 
         action, item_id = request.match_info["action"], request.match_info["item"]
         if action not in ("release", "discard"):
             raise web.HTTPBadRequest(text="unknown action")
-        for spool in (self.gw.inbox, self.gw.outbox):
-            item = spool.find(item_id)
-            if item is None or item.state not in (QueueState.HOLD, QueueState.CORRUPT):
-                continue
-            if action == "release":
-                spool.move(item, QueueState.INCOMING, crashes=0, released=time.time())
-                await self.gw.catalog.release_mail(str(item.meta.get("message_id", item_id)), time.time())
-                self.gw.wake_all()
-            else:
-                spool.move(item, QueueState.DONE, outcome="discarded by operator")
-            log.info("operator %sd queue item %s via the web page", action, item_id)
-            raise web.HTTPSeeOther("/#quarantine")
-        raise web.HTTPNotFound(text="no held or corrupt item with that id")
+        actions = OperatorActions(self.gw.settings, self.gw.storage, self.gw.catalog)
+        try:
+            await (actions.release if action == "release" else actions.discard)(item_id, "web:operator")
+        except ActionRefused as exc:
+            raise web.HTTPConflict(text=str(exc)) from None
+        self.gw.wake_all()
+        raise web.HTTPSeeOther("/#quarantine")
 
     async def _studies(self) -> list[dict[str, Any]]:
         db = self.gw.catalog.db
@@ -270,6 +381,7 @@ class WebApp:
         return f"{ds.get('PatientName', '')} ({ds.get('PatientID', '')})"
 
     async def page(self, request: web.Request) -> web.Response:
+        """The status page (server-rendered; its forms carry the CSRF token)."""
         from gateway.core.queue import QueueState
 
         gw = self.gw
@@ -347,19 +459,42 @@ class WebApp:
         parts.append(
             "</ul><h2 id='quarantine'>Quarantine</h2><table><tr><th>mail</th><th>state</th><th>since</th><th>reason</th><th></th></tr>"
         )
+        token = _e(self.csrf_token(request))
+
+        def form(action: str, iid: str, question: str, label: str) -> str:
+            return (
+                f"<form method='post' action='/queue/{action}/{iid}' style='display:inline' "
+                f"onsubmit=\"return confirm('{question}')\"><input type='hidden' name='csrf' value='{token}'>"
+                f"<button class='{label}'>{label}</button></form> "
+            )
+
         for state in (QueueState.HOLD, QueueState.CORRUPT):
             for spool in (gw.inbox, gw.outbox):
                 for item in spool.items(state):
                     iid = _e(item.id)
+                    reason = str(item.meta.get("reason", ""))
+                    if item.meta.get("content_dropped"):
+                        reason += f" — bytes dropped: {item.meta['content_dropped']}"
+                    buttons = (
+                        ""
+                        if item.meta.get("content_dropped")
+                        else form("release", iid, "Check and process this mail again?", "retry")
+                    )
                     parts.append(
                         f"<tr><td>{iid}</td><td>{state.value}</td><td>{_ts(item.meta.get('state_since'))}</td>"
-                        f"<td>{_e(item.meta.get('reason', ''))}</td><td>"
-                        f"<form method='post' action='/queue/release/{iid}' style='display:inline' "
-                        f"onsubmit=\"return confirm('Check and process this mail again?')\"><button class='retry'>retry</button></form> "
-                        f"<form method='post' action='/queue/discard/{iid}' style='display:inline' "
-                        f"onsubmit=\"return confirm('Discard this mail for good?')\"><button class='discard'>discard</button></form>"
-                        "</td></tr>"
+                        f"<td>{_e(reason)}</td><td>{buttons}"
+                        + form("discard", iid, "Discard this mail for good?", "discard")
+                        + "</td></tr>"
                     )
+        for g in gw.fragments.groups():
+            gid = _e(g.key)
+            what = f"fragments {g.have}/{g.total or '?'} from {g.sender}, {g.bytes} bytes"
+            parts.append(
+                f"<tr><td>{gid}</td><td>fragments</td><td>{_ts(g.first_seen)}</td>"
+                f"<td>{_e(what + (' — dropped: ' + g.dropped if g.dropped else ''))}</td><td>"
+                + form("discard", gid, "Discard this incomplete message for good?", "discard")
+                + "</td></tr>"
+            )
         parts.append(f"</table><p><small>refreshed {_ts(time.time())}</small></p></body></html>")
         return web.Response(text="".join(parts), content_type="text/html")
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from gateway.catalog.db import Database, connect
 from gateway.core.dicominfo import InstanceInfo
-from gateway.core.states import MailState, TransferState, check_mail, check_transfer
+from gateway.core.states import MailState, TransferState, check_mail, check_transfer, settle_receipt
 
-__all__ = ["MIGRATIONS", "Catalog", "InstanceRecord", "open_catalog"]
+__all__ = ["MIGRATIONS", "Catalog", "InstanceRecord", "ReceiptMatch", "open_catalog"]
 
 MIGRATIONS: list[list[str]] = [
     # 1: the first schema
@@ -125,7 +125,21 @@ MIGRATIONS: list[list[str]] = [
             updated_at DOUBLE NOT NULL)""",
         "CREATE INDEX ix_receipts_out_state ON receipts_out (state)",
     ],
+    # 4: a receipt that contradicts the partner's first answer is kept beside it, never over it
+    [
+        "ALTER TABLE transfers ADD COLUMN receipt_conflict TEXT",
+    ],
 ]
+
+
+@dataclass(frozen=True)
+class ReceiptMatch:
+    """What a partner's receipt did: the transfer it answers (None: no mail we sent to that partner), whether
+    it only repeated what the partner said before, or the contradiction it was recorded as."""
+
+    transfer_id: str | None
+    replay: bool = False
+    contradiction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -408,21 +422,38 @@ class Catalog:
 
     # ----------------------------------------------------------------------------- receipts
     async def record_receipt(
-        self, original_message_id: str, outcome: str, detail: str, now: float
-    ) -> str | None:
-        """A partner's MDN for one of our mails; returns the transfer it belongs to (None: no such mail).
+        self, partner: str, original_message_id: str, outcome: str, detail: str, now: float
+    ) -> ReceiptMatch:
+        """A partner's verified MDN for one of our mails.
 
-        The transfer's receipt becomes `failed` as soon as one mail failed at the partner, `confirmed` (or
+        It counts only for a mail we sent to that same partner (`transfer_id` None otherwise: the caller sets it
+        aside). A mail's final receipt stands (`core.states.settle_receipt`): a replay changes nothing, a
+        different later answer is recorded as a contradiction beside the first and never replaces it. The
+        transfer's receipt becomes `failed` as soon as one mail failed at the partner, `confirmed` (or
         `warning`) when every mail of it has a positive receipt.
         """
         async with self.db.transaction() as tx:
             rows = await tx.fetchall(
-                "SELECT DISTINCT transfer_id FROM mails WHERE direction = 'out' AND mdn_id = ?",
-                (original_message_id,),
+                """SELECT m.transfer_id, m.receipt, m.part FROM mails m JOIN transfers t ON t.id = m.transfer_id
+                   WHERE m.direction = 'out' AND m.mdn_id = ? AND t.partner = ?""",
+                (original_message_id, partner),
             )
             if not rows or rows[0][0] is None:
-                return None
+                return ReceiptMatch(None)
             transfer_id = str(rows[0][0])
+            kept, contradicts = settle_receipt(rows[0][1], outcome)
+            if contradicts:
+                note = (
+                    f"mail {rows[0][2]}: the partner said {kept}, a later receipt says {outcome}"
+                    f"{': ' + detail if detail else ''}"
+                )[:1000]
+                await tx.execute(
+                    "UPDATE transfers SET receipt_conflict = ?, receipt_at = ? WHERE id = ?",
+                    (note, now, transfer_id),
+                )
+                return ReceiptMatch(transfer_id, contradiction=note)
+            if kept == rows[0][1]:
+                return ReceiptMatch(transfer_id, replay=True)
             await tx.execute(
                 "UPDATE mails SET receipt = ?, receipt_detail = ? WHERE direction = 'out' AND mdn_id = ?",
                 (outcome, detail[:1000] or None, original_message_id),
@@ -451,7 +482,7 @@ class Catalog:
                 "UPDATE transfers SET receipt = ?, receipt_detail = ?, receipt_at = ? WHERE id = ?",
                 (state, text[:1000] or None, now, transfer_id),
             )
-            return transfer_id
+            return ReceiptMatch(transfer_id)
 
     async def flag_overdue_receipts(self, deadline: float, now: float) -> int:
         """Sent transfers still without their receipts after `deadline` seconds become `overdue`."""
@@ -477,8 +508,10 @@ class Catalog:
         *,
         sop_uids: list[str] | None = None,
         wait_for_pacs: bool = False,
+        suppressed: bool = False,
     ) -> None:
-        """Remember a receipt we owe (idempotent: the first outcome of a mail stands)."""
+        """Remember a receipt we owe (idempotent: the first outcome of a mail stands). A `suppressed` one (the
+        rate limit of refusals) is recorded and never sent."""
         await self.db.execute(
             f"""{self.db.dialect.insert_ignore} INTO receipts_out (id, partner, to_addr, original_message_id,
                 sop_uids, outcome, detail, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
@@ -490,11 +523,20 @@ class Catalog:
                 " ".join(sop_uids or []),
                 outcome,
                 detail[:1000],
-                "waiting" if wait_for_pacs else "due",
+                "suppressed" if suppressed else "waiting" if wait_for_pacs else "due",
                 now,
                 now,
             ),
         )
+
+    async def negative_receipts_since(self, partner: str, since: float) -> int:
+        """How many refusal receipts (deleted, deleted/error) to this partner were queued since then."""
+        row = await self.db.fetchone(
+            """SELECT COUNT(*) FROM receipts_out WHERE partner = ? AND outcome IN ('deleted', 'deleted/error')
+               AND state <> 'suppressed' AND created_at > ?""",
+            (partner, since),
+        )
+        return int(row[0]) if row else 0
 
     async def receipts_out(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
         """Receipts we owe, in these states."""
@@ -602,6 +644,18 @@ class Catalog:
                 t = await tx.fetchall("SELECT state FROM transfers WHERE id = ?", (transfer_id,))
                 if t and t[0][0] == TransferState.FAILED.value:
                     await self._move_transfer(tx, str(transfer_id), TransferState.PACKAGED, now)
+
+    async def discard_in_mail(self, mail_id: str, now: float) -> None:
+        """An operator discarded a quarantined inbound mail: its record stays, as `discarded`."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetchall("SELECT state FROM mails WHERE id = ? AND direction = 'in'", (mail_id,))
+            if not rows or rows[0][0] == MailState.DISCARDED.value:
+                return
+            check_mail(rows[0][0], MailState.DISCARDED)
+            await tx.execute(
+                "UPDATE mails SET state = ?, updated_at = ? WHERE id = ?",
+                (MailState.DISCARDED.value, now, mail_id),
+            )
 
     # ----------------------------------------------------------------------------- inbound
     async def record_in_mail(self, mail_id: str, path: str, size: int, now: float) -> bool:
@@ -739,7 +793,7 @@ class Catalog:
         )
         transfers = await self.db.fetchall(
             """SELECT id, direction, partner, study_uid, state, parts_done, parts_total, instance_count, bytes,
-                      created_at, updated_at, error, receipt, receipt_detail, bytes_wire
+                      created_at, updated_at, error, receipt, receipt_detail, bytes_wire, receipt_conflict
                FROM transfers ORDER BY updated_at DESC LIMIT ?""",
             (limit,),
         )
@@ -769,6 +823,7 @@ class Catalog:
             "receipt",
             "receipt_detail",
             "bytes_wire",
+            "receipt_conflict",
         )
         receipts = await self.db.fetchall(
             "SELECT state, outcome, COUNT(*) FROM receipts_out GROUP BY state, outcome"

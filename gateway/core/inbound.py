@@ -24,13 +24,33 @@ from gateway.core import mailformat, mdn, pgpmime, smime
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
 from gateway.core.smime import Identity
 
+# What a partner may be told about a refused mail: a fixed vocabulary, never exception text. A failure anywhere in
+# decrypting or verifying gets one phrase, so that a refusal tells nobody whether the padding, the key transport or
+# the signature failed (with AES-CBC and RSA PKCS#1 v1.5 that difference is a decryption oracle).
+UNREADABLE = "could not be decrypted or its signature verified"
+NOT_ENCRYPTED = "not encrypted"
+SENDER_UNKNOWN = "sender not in the address book"
+SENDER_KEY = "the sender's key is not valid (expired or revoked)"
+MALFORMED = "malformed mail"
+NOT_DICOM = "not DICOM"
+INCONSISTENT = "inconsistent DICOM set"
+TOO_LARGE = "too large"
+PUBLIC_REASONS = frozenset(
+    {UNREADABLE, NOT_ENCRYPTED, SENDER_UNKNOWN, SENDER_KEY, MALFORMED, NOT_DICOM, INCONSISTENT, TOO_LARGE}
+)
+
 
 class Refused(ValueError):
-    """The mail must not be ingested; `reason` says why (never patient data)."""
+    """The mail must not be ingested. `reason` is for the operator (local log and catalog; never patient data),
+    `public` the phrase a partner may see (one of `PUBLIC_REASONS`), `authenticated` whether the partner's
+    signature was verified before the refusal (only then is the mail evidence; otherwise it is hostile until
+    proven and counts against the quota for unauthenticated content)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, public: str = UNREADABLE, authenticated: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.public = public
+        self.authenticated = authenticated
 
 
 class PgpOps(Protocol):
@@ -82,12 +102,16 @@ def _unwrap(
     ctype = outer.content_type
     if ctype in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
         if not sender.certs:
-            raise Refused("S/MIME mail from a partner without an S/MIME certificate in the address book")
+            raise Refused(
+                "S/MIME mail from a partner without an S/MIME certificate in the address book", SENDER_KEY
+            )
         _, content = mailformat.unwrap_smime(raw, me, list(sender.certs))
         return content, True, True
     if ctype == "multipart/encrypted":
         if pgp is None or not sender.pgp_fingerprint:
-            raise Refused("PGP/MIME mail from a partner without an OpenPGP key in the address book")
+            raise Refused(
+                "PGP/MIME mail from a partner without an OpenPGP key in the address book", SENDER_KEY
+            )
         try:
             signer, content = pgpmime.unwrap_pgp(raw, pgp.decrypt_verify, pgp.verify_detached)
         except mailformat.MailFormatError:
@@ -130,9 +154,9 @@ def _content_entity(raw: bytes) -> bytes:
     try:
         return mailformat._header_lines(lines) + mailformat.CRLF + body
     except mailformat.MailFormatError:
-        raise Refused("content headers with line breaks") from None
+        raise Refused("content headers with line breaks", MALFORMED) from None
     except UnicodeEncodeError:
-        raise Refused("content headers that are not ASCII") from None
+        raise Refused("content headers that are not ASCII", MALFORMED) from None
 
 
 def inspect_mail(
@@ -146,35 +170,40 @@ def inspect_mail(
 
     `address_book` maps lower-case mail addresses to senders.
     """
+    authenticated = False
     try:
         outer = mailformat.read_outer(raw)
         sender = address_book.get(outer.sender)
         if sender is None:
-            raise Refused("sender is not in the address book")
+            raise Refused("sender is not in the address book", SENDER_UNKNOWN)
         if sender.suspended:
-            raise Refused(f"partner {sender.name} is suspended: {sender.suspended}")
+            raise Refused(f"partner {sender.name} is suspended: {sender.suspended}", SENDER_KEY)
         content, signed, encrypted = _unwrap(raw, outer, sender, me, pgp)
+        authenticated = signed
         if mdn.is_report(content):
             return ReceiptIn(sender.name, mdn.read_report(content), signed)
         if not encrypted:
-            raise Refused(f"mail is not encrypted (Content-Type {outer.content_type})")
+            raise Refused(f"mail is not encrypted (Content-Type {outer.content_type})", NOT_ENCRYPTED)
         opened = mailformat.read_payload(content, sender.name, max_unpacked)
+    except Refused as exc:
+        raise Refused(exc.reason, exc.public, authenticated) from None
     except (mailformat.MailFormatError, smime.SmimeError) as exc:
-        raise Refused(str(exc)) from None
+        # before the signature is verified every failure reads the same to the partner (see UNREADABLE)
+        raise Refused(str(exc), MALFORMED if authenticated else UNREADABLE, authenticated) from None
     except RecursionError:
-        raise Refused("MIME structure nested too deeply") from None
+        raise Refused("MIME structure nested too deeply", MALFORMED, authenticated) from None
     parts = []
     for number, data in enumerate(opened.parts, start=1):
         try:
             parts.append((read_info(data), data))
         except NotDicomError as exc:
-            raise Refused(f"part {number} is not DICOM: {exc}") from None
+            raise Refused(f"part {number} is not DICOM: {exc}", NOT_DICOM, True) from None
     sops = [info.sop_instance_uid for info, _ in parts]
     if len(set(sops)) != len(sops):
-        raise Refused("the same SOP Instance UID appears twice in one mail")
+        raise Refused("the same SOP Instance UID appears twice in one mail", INCONSISTENT, True)
     set_id = opened.set_id or hashlib.sha256(outer.message_id.encode() or raw[:4096]).hexdigest()[:32]
     part = 1 if opened.part is None else opened.part
     total = 1 if opened.total is None else opened.total
     if not 1 <= part <= total:
-        raise Refused(f"set part {part} of {total} is impossible")
+        raise Refused(f"set part {part} of {total} is impossible", INCONSISTENT, True)
     return Accepted(sender.name, f"{sender.name}:{set_id}", part, total, opened.study_uid, parts)

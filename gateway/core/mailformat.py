@@ -366,13 +366,13 @@ def read_outer(raw: bytes) -> OuterInfo:
     """Parse the outer headers only (cheap, even for large mails)."""
     msg = _parse_head(raw)
     return OuterInfo(
-        message_id=(_header(msg, "Message-ID") or "").strip()[:250],
-        sender=parseaddr(_header(msg, "From") or "")[1].lower(),
+        message_id=message_id_or_empty(_header(msg, "Message-ID")),
+        sender=address_or_empty(_header(msg, "From")),
         set_id=_safe_id(_header(msg, H_SET)),
         part=_int_or_none(_header(msg, H_PART)),
         total=_int_or_none(_header(msg, H_TOTAL)),
         content_type=_content_type(msg),
-        notify=parseaddr(_header(msg, "Disposition-Notification-To") or "")[1].lower(),
+        notify=address_or_empty(_header(msg, "Disposition-Notification-To")),
         subject=(_header(msg, "Subject") or "").strip()[:200],
     )
 
@@ -399,10 +399,31 @@ def _split_entity(entity: bytes) -> tuple[Message, bytes]:
     return email.message_from_bytes(entity[:end], policy=email.policy.compat32), entity[end:]
 
 
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_MESSAGE_ID = re.compile(r"^<[!-;=?-~]{1,246}>$")  # RFC 5322 msg-id: printable ASCII, no space, no <>
+
+
 def _header(msg: Message, name: str) -> str | None:
-    """A header as text (compat32 returns `Header` objects for undecodable bytes), or None."""
+    """A header as text, unfolded (RFC 5322 §2.2.3) and with control characters removed, or None. compat32 keeps
+    the folding CRLF in the value; a value from outside must never carry a line break into anything we build."""
     value = msg.get(name)
-    return None if value is None else str(value)
+    if value is None:
+        return None
+    return _CONTROL.sub("", _FOLD.sub("", str(value)))
+
+
+def message_id_or_empty(value: str | None) -> str:
+    """A syntactically valid Message-ID (`<…>`, printable ASCII, at most 248 characters), or "" for anything
+    else: a Message-ID from outside ends up in receipts and the catalog, so it is checked before any use."""
+    value = (value or "").strip()
+    return value if _MESSAGE_ID.match(value) else ""
+
+
+def address_or_empty(value: str | None) -> str:
+    """The mail address of a From:/To:-like header value, lower-case, or "" when it is not a plain address."""
+    addr = parseaddr(value or "")[1].lower()
+    return addr if re.fullmatch(r"[!-~]{1,254}", addr) and addr.count("@") == 1 else ""
 
 
 def _content_type(msg: Message) -> str:

@@ -22,11 +22,19 @@ import secrets
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from gateway.core.mailformat import CRLF, MailFormatError, _header, _header_lines, _parse_head
+from gateway.core.mailformat import (
+    CRLF,
+    MailFormatError,
+    _header,
+    _header_lines,
+    _parse_head,
+    message_id_or_empty,
+)
+from gateway.core.states import RECEIPT_OUTCOMES
 
 MODE = "automatic-action/MDN-sent-automatically"
-OK, WARNING, ERROR, FAILED = "displayed", "displayed/warning", "deleted/error", "deleted"
-OUTCOMES = (OK, WARNING, ERROR, FAILED)
+OUTCOMES = RECEIPT_OUTCOMES  # the state table's receipt outcomes (core.states), in this order:
+OK, WARNING, ERROR, FAILED = OUTCOMES
 _DISPOSITION_RE = re.compile(r"^\s*([\w/-]+)\s*/\s*([\w-]+)\s*;\s*([\w-]+)(?:\s*/\s*([\w-]+))?", re.ASCII)
 
 
@@ -138,7 +146,7 @@ def read_report(entity: bytes) -> Receipt:
         name, sep, value = line.partition(":")
         if sep:
             values.setdefault(name.strip().lower(), value.strip())
-    original = values.get("original-message-id", "")
+    original = message_id_or_empty(values.get("original-message-id"))
     disposition = values.get("disposition", "")
     m = _DISPOSITION_RE.match(disposition)
     if not original or m is None:
@@ -151,7 +159,8 @@ def read_report(entity: bytes) -> Receipt:
     else:
         raise MailFormatError(f"MDN with an unknown disposition type {dtype!r}")
     detail = values.get("error") or values.get("warning") or values.get("failure") or ""
-    return Receipt(original[:250], outcome, detail[:900])
+    detail = "".join(c for c in detail if c.isprintable())  # shown on our status page: no control characters
+    return Receipt(original, outcome, detail[:900])
 
 
 def original_subject(msg_headers: bytes) -> str:

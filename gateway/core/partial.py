@@ -12,10 +12,21 @@ Encrypted and MIME-Version). Pure: bytes in, bytes out.
 
 from __future__ import annotations
 
+import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
-from gateway.core.mailformat import CRLF, MailFormatError, _header, _header_lines, _parse_head, _split_entity
+from gateway.core.mailformat import (
+    CRLF,
+    MAX_HEADER_BYTES,
+    MailFormatError,
+    _end_of_head,
+    _header,
+    _header_lines,
+    _parse_head,
+)
 
 _ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
 _NOT_FROM_OUTER = ("content-", "subject", "message-id", "encrypted", "mime-version")
@@ -105,16 +116,20 @@ def reassemble(fragments: dict[int, bytes]) -> bytes:
     total = max(fragments)
     if sorted(fragments) != list(range(1, total + 1)):
         raise MailFormatError("fragments missing")
-    bodies = []
-    first_outer = None
-    for number in range(1, total + 1):
-        msg, body = _split_entity(fragments[number])
-        if number == 1:
-            first_outer = msg
-        bodies.append(body)
-    enclosed = b"".join(bodies)
-    inner = _parse_head(enclosed)
-    assert first_outer is not None
+    out = io.BytesIO()
+    reassemble_into(total, fragments.__getitem__, out)
+    return out.getvalue()
+
+
+def reassemble_into(total: int, read: Callable[[int], bytes], out: BinaryIO) -> int:
+    """`reassemble`, streamed: fragment `number` is read by `read(number)` one at a time and its body written to
+    `out`, so memory holds one fragment, never the whole message. Returns the bytes written."""
+    if total < 1:
+        raise MailFormatError("no fragments")
+    first = read(1)
+    start = _end_of_head(first)
+    first_outer = _parse_head(first)
+    inner = _parse_head(first[start : start + MAX_HEADER_BYTES + 4])
     extra = [
         (name, str(value))
         for name, value in first_outer.items()
@@ -123,4 +138,17 @@ def reassemble(fragments: dict[int, bytes]) -> bytes:
     extra = [
         (n, v) for n, v in extra if "\r" not in v and "\n" not in v and _header(first_outer, n) is not None
     ]
-    return _header_lines(extra) + enclosed if extra else enclosed
+    written = 0
+    if extra:
+        head = _header_lines(extra)
+        out.write(head)
+        written += len(head)
+    out.write(memoryview(first)[start:])
+    written += len(first) - start
+    del first
+    for number in range(2, total + 1):
+        data = read(number)
+        body = memoryview(data)[_end_of_head(data) :]
+        out.write(body)
+        written += len(body)
+    return written

@@ -14,6 +14,16 @@ Inbound transfer:    receiving ──all parts ingested──▶ complete
 Outbound mail:       queued ──250──▶ sent        queued ──4xx/timeout──▶ queued (attempts+1, next_attempt)
                         └──5xx / too old──▶ failed
 Inbound mail:        fetched ──▶ ingested | duplicate | quarantined | fragment | receipt
+                     quarantined ──operator discards──▶ discarded
+
+A partner's receipt for one outbound mail (RFC 3798 disposition), `settle_receipt`:
+
+    none ──▶ displayed | displayed/warning | deleted         final: a later receipt never overwrites them
+    none ──▶ deleted/error ──▶ displayed | displayed/warning | deleted    (held at the partner: its operator
+                                                                          released or discarded the mail)
+
+A later receipt that says something the table does not allow is a contradiction: shown beside the answer that
+stands, never resolved silently. Receipts count only when signed by the partner (see `stages.ingest`).
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ class MailState(StrEnum):
     QUARANTINED = "quarantined"
     FRAGMENT = "fragment"  # a message/partial piece, kept until its message is complete
     RECEIPT = "receipt"  # a partner's MDN for one of our mails
+    DISCARDED = "discarded"  # a quarantined mail an operator gave up on
 
 
 TRANSFER_MOVES: dict[TransferState, frozenset[TransferState]] = {
@@ -74,7 +85,10 @@ MAIL_MOVES: dict[MailState, frozenset[MailState]] = {
     ),
     MailState.INGESTED: frozenset(),
     MailState.DUPLICATE: frozenset(),
-    MailState.QUARANTINED: frozenset({MailState.FETCHED}),  # an operator's retry
+    MailState.QUARANTINED: frozenset(
+        {MailState.FETCHED, MailState.DISCARDED}
+    ),  # an operator's retry or discard
+    MailState.DISCARDED: frozenset(),
     MailState.FRAGMENT: frozenset(),
     MailState.RECEIPT: frozenset(),
 }
@@ -95,3 +109,21 @@ def check_mail(old: MailState | str, new: MailState) -> None:
 def retry_delay(attempts: int, base: float = 30.0, cap: float = 300.0) -> float:
     """Exponential backoff: base·2^(attempts-1), at most `cap` seconds."""
     return float(min(cap, base * (2 ** max(0, attempts - 1))))
+
+
+# what a partner's receipt can say (RFC 3798 dispositions as core.mdn reads and writes them): OK, WARNING, ERROR, FAILED
+RECEIPT_OUTCOMES = ("displayed", "displayed/warning", "deleted/error", "deleted")
+
+
+def settle_receipt(current: str | None, new: str) -> tuple[str, bool]:
+    """A mail's receipt after `new` arrives, and whether `new` contradicts what the partner said before.
+
+    A final answer stands: a replayed receipt changes nothing, a different later one is a contradiction (a
+    replayed receipt must never turn "failed at partner" into "confirmed", nor the reverse). Only "held at the
+    partner, resend possible" (deleted/error) may still become something else.
+    """
+    if new not in RECEIPT_OUTCOMES:
+        raise IllegalTransition(f"receipt {current} → {new}")
+    if current is None or (current == "deleted/error" and new != current):
+        return new, False
+    return current, current != new

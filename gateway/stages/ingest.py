@@ -12,6 +12,7 @@ already stored with the same bytes is not stored twice; same UID with other byte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -23,12 +24,14 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Protocol
 
+from gateway import untrusted
 from gateway.addressbook import load_address_book
 from gateway.catalog import InstanceRecord
 from gateway.config import Settings
 from gateway.core import compress, inbound, mailformat, mdn, partial
 from gateway.core.queue import QueueState
 from gateway.core.states import MailState
+from gateway.fragments import GroupDropped
 from gateway.spool import Item
 from gateway.stages import record, wait_woken, worker_identity
 from gateway.stages.context import Stage, StageContext
@@ -83,20 +86,63 @@ class Ingester(Stage):
         self.workers: Workers | None = None  # S/MIME mails are opened there (both cores), when set
         self.ingested = 0
         self.quarantined = 0
+        self.quota_drops = 0  # unauthenticated held mails and fragment groups whose bytes the quota dropped
 
-    async def quarantine(self, item: Item, reason: str, raw: bytes | None = None) -> None:
-        """Hold the mail with its reason (an operator may release or discard it); record it; tell the sender."""
-        await asyncio.to_thread(self.inbox.move, item, QueueState.HOLD, reason=reason)
+    async def quarantine(
+        self,
+        item: Item,
+        reason: str,
+        raw: bytes | None = None,
+        *,
+        public: str = inbound.MALFORMED,
+        authenticated: bool = False,
+    ) -> None:
+        """Hold the mail with its reason (an operator may release or discard it); record it; tell the sender
+        (`raw` given: with `public`, a phrase of the fixed vocabulary, never the reason itself).
+
+        An unauthenticated mail (refused before a partner's signature was verified) counts against the quota for
+        unauthenticated content, which may drop the oldest such bytes; an authenticated one is kept as it is."""
+        sender = ""
+        if raw is not None:
+            with contextlib.suppress(mailformat.MailFormatError):
+                sender = mailformat.read_outer(raw).sender
+        await asyncio.to_thread(
+            self.inbox.move,
+            item,
+            QueueState.HOLD,
+            reason=reason,
+            public_reason=public,
+            authenticated=authenticated,
+            sender=sender or str(item.meta.get("sender", "")),
+        )
         await record("quarantine", lambda: self._finish_once(item.id, MailState.QUARANTINED, error=reason))
         self.quarantined += 1
-        log.warning("mail %s quarantined: %s", item.id, reason)
+        log.warning(
+            "mail %s quarantined%s: %s", item.id, "" if authenticated else " (unauthenticated)", reason
+        )
         if raw is not None:
-            await self._owe_receipt(item.id, raw, mdn.ERROR, f"not processed: {reason}")
+            await self._owe_receipt(item.id, raw, mdn.ERROR, f"not processed: {public}")
+        if not authenticated:
+            await self.enforce_quota()
+
+    async def enforce_quota(self) -> None:
+        """Keep unauthenticated content within its quotas (`gateway.untrusted`)."""
+        mail = self.settings.mail
+        dropped = await asyncio.to_thread(
+            untrusted.enforce,
+            self.inbox,
+            self.fragments,
+            self.storage.state,
+            mail.untrusted_quota,
+            mail.untrusted_quota_per_sender,
+        )
+        self.quota_drops += len(dropped)
 
     async def _owe_receipt(
         self, mail_id: str, raw: bytes, outcome: str, detail: str, sop_uids: list[str] | None = None
     ) -> None:
-        """Remember the receipt this mail asked for (only to a partner's own address, never to strangers)."""
+        """Remember the receipt this mail asked for (only to a partner's own address, never to strangers).
+        Refusals to one partner beyond `mail.negative_receipts_per_hour` are recorded as suppressed, not sent."""
         try:
             outer = mailformat.read_outer(raw)
         except mailformat.MailFormatError:
@@ -106,58 +152,109 @@ class Ingester(Stage):
             return
         to = outer.notify if self.settings.partner_by_address(outer.notify) is partner else partner.address
         wait = bool(self.settings.pacs) and bool(sop_uids) and outcome == mdn.OK
+        now = time.time()
+        suppress = False
+        if outcome in (mdn.ERROR, mdn.FAILED):
+            recent = await record(
+                "receipt", lambda: self.catalog.negative_receipts_since(partner.name, now - 3600)
+            )
+            suppress = recent >= self.settings.mail.negative_receipts_per_hour
         await record(
             "receipt",
             lambda: self.catalog.queue_receipt_out(
-                mail_id,
+                # one receipt per mail and outcome: a refused mail released by the operator and then stored
+                # gets its positive receipt too; the same outcome twice (a crash, a re-check) is one receipt
+                mail_id if outcome == mdn.OK else f"{mail_id}:{outcome}",
                 partner.name,
                 to,
                 outer.message_id,
                 outcome,
                 detail,
-                time.time(),
+                now,
                 sop_uids=sop_uids,
                 wait_for_pacs=wait,
+                suppressed=suppress,
             ),
         )
+        if suppress:
+            log.warning("mail %s: refusal receipt to %s suppressed (rate limit)", mail_id, partner.name)
         self.wakes.receipts.set()
 
     async def _fragment(self, item: Item, raw: bytes) -> None:
-        """A message/partial fragment: keep it durably; when its message is complete, queue the whole mail."""
+        """A message/partial fragment: keep it durably (it counts as unauthenticated content until its message
+        is whole and verified); when its message is complete, queue the whole mail."""
         try:
             outer = mailformat.read_outer(raw)
             if self.settings.partner_by_address(outer.sender) is None:
-                raise inbound.Refused("sender is not in the address book")
+                raise inbound.Refused(
+                    "fragment from a sender not in the address book", inbound.SENDER_UNKNOWN
+                )
             key = await asyncio.to_thread(self.fragments.add, outer.sender, raw, time.time())
         except mailformat.MailFormatError as exc:
             await self.quarantine(item, f"bad message/partial fragment: {exc}")
             return
         except inbound.Refused as exc:
-            await self.quarantine(item, exc.reason)
+            await self.quarantine(item, exc.reason, public=exc.public)
+            return
+        except GroupDropped as dropped:
+            # its group's fragments were dropped: this one is not kept either; the group stays listed with why
+            why = dropped.reason
+            await record("fragment", lambda: self._finish_once(item.id, MailState.FRAGMENT, error=why))
+            await asyncio.to_thread(
+                self.inbox.move,
+                item,
+                QueueState.DONE,
+                drop_content=True,
+                outcome="fragment of a dropped group",
+            )
             return
         await record("fragment", lambda: self._finish_once(item.id, MailState.FRAGMENT))
         await asyncio.to_thread(self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="fragment")
+        await self.enforce_quota()
         whole = await asyncio.to_thread(self.fragments.complete, key, self.inbox)
         if whole is not None:
             log.info("mail %s: last fragment; message reassembled as %s", item.id, whole)
             self.wakes.ingest.set()
 
     async def _receipt(self, item: Item, got: inbound.ReceiptIn) -> None:
-        """A partner's MDN for one of our mails: the transfer shows it."""
+        """A partner's MDN for one of our mails: evidence only when signed by the partner the transfer went to
+        and naming a mail we sent to that partner; anything else is set aside with the reason (never answered)."""
         r = got.receipt
-        transfer = await record(
+        if not got.signed:
+            await self.quarantine(item, f"receipt claiming to be from {got.partner} is not signed")
+            return
+        match = await record(
             "receipt",
-            lambda: self.catalog.record_receipt(r.original_message_id, r.outcome, r.detail, time.time()),
+            lambda: self.catalog.record_receipt(
+                got.partner, r.original_message_id, r.outcome, r.detail, time.time()
+            ),
         )
-        await record("receipt", lambda: self._finish_once(item.id, MailState.RECEIPT, transfer_id=transfer))
+        if match.transfer_id is None:
+            await self.quarantine(
+                item,
+                f"signed receipt from {got.partner} names no mail we sent to {got.partner}",
+                authenticated=True,
+            )
+            return
+        await record(
+            "receipt", lambda: self._finish_once(item.id, MailState.RECEIPT, transfer_id=match.transfer_id)
+        )
         await asyncio.to_thread(self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="receipt")
-        log.info(
-            "receipt from %s for transfer %s: %s%s",
-            got.partner,
-            transfer or "(unknown mail)",
-            r.outcome,
-            "" if got.signed else " (unsigned)",
-        )
+        if match.contradiction:
+            log.warning(
+                "receipt from %s for transfer %s contradicts its earlier one (kept beside it): %s",
+                got.partner,
+                match.transfer_id,
+                match.contradiction,
+            )
+        else:
+            log.info(
+                "receipt from %s for transfer %s: %s%s",
+                got.partner,
+                match.transfer_id,
+                r.outcome,
+                " (repeated)" if match.replay else "",
+            )
 
     async def _finish_once(self, mail_id: str, state: MailState, **kw: object) -> bool:
         """finish_in_mail unless the catalog already has the outcome (a crash after it, before the disk move)."""
@@ -207,7 +304,7 @@ class Ingester(Stage):
         try:
             got = await self.open_mail(raw, item.content)
         except inbound.Refused as exc:
-            await self.quarantine(item, exc.reason, raw)
+            await self.quarantine(item, exc.reason, raw, public=exc.public, authenticated=exc.authenticated)
             return
         if isinstance(got, inbound.ReceiptIn):
             await self._receipt(item, got)

@@ -34,6 +34,7 @@ from gateway.children import exit_with
 from gateway.config import Partner
 from gateway.core import compress, dicomzip, mailformat, partial, pgpmime
 from gateway.core.states import TransferState
+from gateway.logsetup import setup_logging
 from gateway.spool import Spool
 from gateway.stages import wait_woken, worker_identity
 from gateway.stages.context import Stage, StageContext
@@ -60,6 +61,9 @@ def _start_worker(gateway_pid: int) -> None:
     next command. Bulk work can wait a moment."""
     exit_with(gateway_pid)
     os.nice(5)
+    setup_logging(
+        logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    )  # scrubbed, like the gateway's
 
 
 class _TooLarge(Exception):

@@ -234,7 +234,7 @@ def receiver_main(spec: dict[str, Any]) -> int:
     """A receiver process: associations arrive as descriptors on the control socket until it closes."""
     import ipaddress
 
-    from gateway.cli import setup_logging
+    from gateway.logsetup import setup_logging
 
     die_with_parent(int(spec["parent"]))
     setup_logging(str(spec["log_level"]))

@@ -1,0 +1,138 @@
+"""What an operator may do to set-aside work, in one place: the CLI (`queue release|discard`) and the web page
+call this, and nothing else moves held items on an operator's behalf.
+
+- release: a held or corrupt mail goes back to `incoming` and is checked (inbound) or sent (outbound) again; its
+  catalog row goes back with it. A mail whose bytes the quota for unauthenticated content dropped cannot be
+  released (there is nothing left to check).
+- discard: a held or corrupt mail is given up for good (its bytes go, its record stays: inbound → `discarded`);
+  a partner that asked for a receipt gets `deleted` ("refused by the operator"). An incomplete message/partial
+  fragment group can be discarded the same way, by its key.
+
+Every action takes the hold lock (`gateway.untrusted.hold_lock`), which the gateway's quota takes too, so an
+operator's command and the running gateway never change the same held item at once; the gateway itself never
+moves held items otherwise. Actions are logged with who did them (never with patient data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.core import mailformat, mdn
+from gateway.core.queue import QueueState
+from gateway.fragments import FragmentStore
+from gateway.spool import Item, Spool
+from gateway.storage import Storage
+from gateway.untrusted import hold_lock
+
+log = logging.getLogger(__name__)
+
+DISCARDED = "refused by the operator"  # what a partner is told (core.inbound's fixed vocabulary style)
+
+
+class ActionRefused(Exception):
+    """The action cannot be done (no such item, not held, nothing left to release); the message says why."""
+
+
+@dataclass
+class OperatorActions:
+    """Release and discard, for the CLI and the web page alike."""
+
+    settings: Settings
+    storage: Storage
+    catalog: Catalog
+
+    @property
+    def queues(self) -> dict[str, Spool]:
+        return {
+            "inbox": Spool(self.storage.inbox, self.storage.tmp),
+            "outbox": Spool(self.storage.outbox, self.storage.tmp),
+        }
+
+    def _find(self, item_id: str) -> tuple[str, Spool, Item]:
+        for name, q in self.queues.items():
+            item = q.find(item_id) if q.root.exists() else None
+            if item is None:
+                continue
+            if item.state not in (QueueState.HOLD, QueueState.CORRUPT):
+                raise ActionRefused(
+                    f"{name} item {item_id} is {item.state}: only held or corrupt items can be released or discarded"
+                )
+            return name, q, item
+        raise ActionRefused(f"no held or corrupt item {item_id}")
+
+    async def release(self, item_id: str, who: str) -> str:
+        """Let a held or corrupt mail go again; returns what was done, in words."""
+
+        def move() -> tuple[str, Item]:
+            with hold_lock(self.storage.state):
+                name, q, item = self._find(item_id)
+                if item.meta.get("content_dropped"):
+                    raise ActionRefused(
+                        f"{name} item {item_id}: its bytes were dropped ({item.meta['content_dropped']}); "
+                        "nothing is left to release, discard it"
+                    )
+                # the running gateway picks the item up from incoming
+                return name, q.move(
+                    item, QueueState.INCOMING, crashes=0, released=time.time(), released_by=who
+                )
+
+        name, item = await asyncio.to_thread(move)
+        await self.catalog.release_mail(str(item.meta.get("message_id", item_id)), time.time())
+        log.info("operator %s released %s item %s", who, name, item_id)
+        return f"{name} item {item_id}: released"
+
+    async def discard(self, item_id: str, who: str) -> str:
+        """Give up a held or corrupt mail, or an incomplete fragment group; returns what was done, in words."""
+        fragments = FragmentStore.of(self.storage)
+
+        def drop() -> tuple[str, Item | None, bytes | None]:
+            with hold_lock(self.storage.state):
+                if any(g.key == item_id for g in fragments.groups()):
+                    fragments.discard(item_id)
+                    return "fragments", None, None
+                name, q, item = self._find(item_id)
+                raw = None
+                if name == "inbox" and item.content.exists():
+                    raw = item.content.read_bytes()[: mailformat.MAX_HEADER_BYTES + 4]  # headers: who to tell
+                return (
+                    name,
+                    q.move(
+                        item,
+                        QueueState.DONE,
+                        drop_content=True,
+                        outcome="discarded by operator",
+                        discarded_by=who,
+                    ),
+                    raw,
+                )
+
+        name, item, head = await asyncio.to_thread(drop)
+        if item is None:
+            log.info("operator %s discarded fragment group %s", who, item_id)
+            return f"fragment group {item_id}: discarded"
+        if name == "inbox":
+            await self.catalog.discard_in_mail(item_id, time.time())
+            if head is not None and item.meta.get("authenticated"):
+                await self._tell_partner(item_id, head)
+        log.info("operator %s discarded %s item %s", who, name, item_id)
+        return f"{name} item {item_id}: discarded"
+
+    async def _tell_partner(self, mail_id: str, head: bytes) -> None:
+        """`deleted` to the partner whose signed mail was discarded, if it asked for receipts (unauthenticated
+        mails get none: their From: is not evidence)."""
+        try:
+            outer = mailformat.read_outer(head)
+        except mailformat.MailFormatError:
+            return
+        partner = self.settings.partner_by_address(outer.sender)
+        if partner is None or not partner.receipts or not outer.notify or not outer.message_id:
+            return
+        to = outer.notify if self.settings.partner_by_address(outer.notify) is partner else partner.address
+        await self.catalog.queue_receipt_out(
+            f"{mail_id}:{mdn.FAILED}", partner.name, to, outer.message_id, mdn.FAILED, DISCARDED, time.time()
+        )
