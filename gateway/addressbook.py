@@ -195,6 +195,7 @@ def load_keys(settings: Settings) -> Keys:
                 settings.pgp.key,
                 [p.pgp_key for p in settings.partners if p.pgp_key is not None],
                 passphrase or None,
+                max_output=min(settings.mail.max_unpacked_size, 8 * settings.fetch_cap),
             )
         except PgpError as exc:
             raise ConfigError(str(settings.source), "pgp.key", str(exc)) from None

@@ -13,6 +13,8 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
+import secrets
 import sys
 import time
 import uuid
@@ -373,11 +375,19 @@ def cmd_dev(args: argparse.Namespace) -> int:
     cfg = devenv.prepare(Path(args.root).resolve(), port=args.port)
     settings = _load(str(cfg))
     setup_logging(settings.log_level)
+    password_file = cfg.parent / "web-password"
+    if not os.environ.get(settings.web.password_env):
+        # the page needs a login on loopback too: a password made once for this dev machine, readable by root only
+        if not password_file.exists():
+            password_file.touch(mode=0o600)
+            password_file.write_text(secrets.token_urlsafe(12) + "\n")
+        os.environ[settings.web.password_env] = password_file.read_text().strip()
     print(
         f"\n  dev gateway: send DICOM to {settings.dicom_bind}:{settings.dicom_port}, Called AE title "
         f"{settings.partners[0].ae_title} (loopback partner: the study goes out by mail and comes back here)\n"
         f"  e.g.  storescu -aec {settings.partners[0].ae_title} {settings.dicom_bind} {settings.dicom_port} +sd SOME_DICOM_FOLDER\n"
-        f"  then  dicom-mail-gateway status -c {cfg}\n",
+        f"  then  dicom-mail-gateway status -c {cfg}\n"
+        f"  web page: http://127.0.0.1:{settings.web.port}/ (user operator, password in {password_file})\n",
         flush=True,
     )
     return _serve(settings)

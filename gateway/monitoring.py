@@ -113,6 +113,22 @@ def _reception(settings: Settings, health: dict[str, Any] | None, now: float, in
     return Service(OK, "DMG DICOM reception", f"accepting on {host}:{settings.dicom_port}", metrics)
 
 
+def _stages(health: dict[str, Any] | None) -> Service:
+    """Pipeline stages that have work and make no progress (or whose loop stopped), and mails the fetcher gave
+    up on after they broke its session again and again (they stay on the server for the mail operator)."""
+    stalled = dict((health or {}).get("stalled", {}))
+    given_up = int((health or {}).get("fetch_given_up", 0))
+    text = "; ".join(f"{stage}: {why}" for stage, why in sorted(stalled.items())) or "every stage is moving"
+    if given_up:
+        text += f"; {given_up} mails in the mailbox cannot be fetched (left on the server)"
+    return Service(
+        CRIT if stalled else WARN if given_up else OK,
+        "DMG Pipeline stages",
+        text,
+        (Metric("stalled", len(stalled)), Metric("unfetchable", given_up)),
+    )
+
+
 def _queue(settings: Settings, name: str, label: str, now: float) -> Service:
     from gateway.core.queue import QueueState
     from gateway.spool import Spool
@@ -302,14 +318,34 @@ def _quarantine(settings: Settings) -> Service:
 
     storage = Storage(settings.d_root)
     inbox = Spool(storage.inbox, storage.tmp)
-    held = sum(len(inbox.items(s)) for s in (QueueState.HOLD, QueueState.CORRUPT) if inbox.dirs[s].exists())
+    from gateway.fragments import FragmentStore
+    from gateway.untrusted import holdings
+
+    items = [
+        i for s in (QueueState.HOLD, QueueState.CORRUPT) if inbox.dirs[s].exists() for i in inbox.items(s)
+    ]
+    held = len(items)
     conflicts = len(list(storage.conflicts.glob("*.dcm"))) if storage.conflicts.exists() else 0
-    state = WARN if held or conflicts else OK
+    untrusted = sum(h.size for h in holdings(inbox, FragmentStore.of(storage))) if inbox.root.exists() else 0
+    now = time.time()
+    dropped = sum(1 for i in items if float(i.meta.get("dropped_at", 0) or 0) > now - 86400)
+    quota = settings.mail.untrusted_quota
+    text = (
+        f"{held} inbound mails held, {conflicts} conflicting instances; unauthenticated content "
+        f"{untrusted / 1e6:.1f} of {quota / 1e6:.0f} MB"
+    )
+    if dropped:
+        text += f"; the quota dropped the bytes of {dropped} unauthenticated mails in 24 h (a flood?)"
     return Service(
-        state,
+        CRIT if dropped else WARN if held or conflicts else OK,
         "DMG Quarantine",
-        f"{held} inbound mails held, {conflicts} conflicting instances (see `dicom-mail-gateway queue` and `status`)",
-        (Metric("held", held), Metric("conflicts", conflicts)),
+        text + " (see `dicom-mail-gateway queue` and `status`)",
+        (
+            Metric("held", held),
+            Metric("conflicts", conflicts),
+            Metric("untrusted_bytes", untrusted, None, quota),
+            Metric("quota_drops_24h", dropped),
+        ),
     )
 
 
@@ -364,6 +400,7 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
     services = [_reception(settings, health, now, recent)]
     services += [_queue(settings, "outbox", "Outbound", now), _queue(settings, "inbox", "Inbound", now)]
     services += _nodes(health, now)
+    services.append(_stages(health))
     if catalog_problem:
         services.append(Service(CRIT, "DMG Transfers failed", catalog_problem))
     else:

@@ -351,6 +351,10 @@ class Gateway(SharesContext):
                 "blocks_over_100ms": self.loop_watch.blocks_over_100ms,
             },
             "nodes": nodes,
+            "stalled": self.progress.stalled(time.time(), self.settings.monitoring.stage_stall),
+            "fetch_given_up": self.fetcher.failures.stuck(),
+            "fetch_too_large": self.fetcher.too_large,
+            "quota_drops": self.ingester.quota_drops,
             "partners": self.keys.book.expiry(),
             "fragments": [
                 g.describe(self.settings.mail.reassembly_deadline, time.time())

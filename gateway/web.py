@@ -313,8 +313,10 @@ class WebApp:
 
     # ------------------------------------------------------------------------------------------ handlers
     async def healthz(self, request: web.Request) -> web.Response:
-        ok = self.gw.scp.listening and all(not t.done() for t in self.gw.tasks)
-        return web.json_response({"ok": ok, "gateway": self.gw.settings.name}, status=200 if ok else 503)
+        stalled = self.gw.progress.stalled(time.time(), self.gw.settings.monitoring.stage_stall)
+        ok = self.gw.scp.listening and all(not t.done() for t in self.gw.tasks) and not stalled
+        body = {"ok": ok, "gateway": self.gw.settings.name, "stalled": sorted(stalled)}
+        return web.json_response(body, status=200 if ok else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, REGISTRY)

@@ -20,6 +20,9 @@ from gateway.devtools.process import GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 CANARIES = (b"CANARYZQX", b"PATIENTJWV", b"PIDCANARY7731", b"19230417")
+# the web page asks for a login on loopback too: the gateways the tests start inherit this password
+WEB_PASSWORD = "test-operator-" + secrets.token_hex(8)
+os.environ["DMG_WEB_PASSWORD"] = WEB_PASSWORD
 
 
 @pytest.fixture(scope="session")

@@ -179,7 +179,9 @@ def test_a_part_corrupted_in_transit_fails_at_the_partner_with_the_reason(  # ty
     )
     assert failed["receipt_detail"], "the partner's reason must be shown"
     # B's words from its fixed vocabulary, carried by the MDN: never the exception text behind them
-    assert "could not be decrypted or its signature verified" in failed["receipt_detail"], failed["receipt_detail"]
+    assert "could not be decrypted or its signature verified" in failed["receipt_detail"], failed[
+        "receipt_detail"
+    ]
     assert "altered" not in failed["receipt_detail"] and "Error" not in failed["receipt_detail"]
     text = a.cli("status")
     assert "failed at partner" in text and failed["receipt_detail"][:40] in text

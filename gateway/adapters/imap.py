@@ -28,6 +28,10 @@ class ImapError(Exception):
     """The server answered NO/BAD."""
 
 
+class MailError(ImapError):
+    """The server refused this one mail; the session goes on with the next."""
+
+
 def _ok(response: aioimaplib.Response, what: str) -> aioimaplib.Response:
     if response.result != "OK":
         text = b" ".join(x for x in response.lines if isinstance(x, bytes))[:200].decode("ascii", "replace")
@@ -60,14 +64,27 @@ class ImapSession:
                 sizes[int(uid)] = int(size)
         return [(uid, str(uid), sizes.get(uid, 0)) for uid in sorted(uids)]
 
-    async def retr(self, uid: int, size_hint: int = 0) -> bytes:
-        """The whole mail, as stored on the server (`size_hint` is for POP3's reader; IMAP gets a literal)."""
-        res = _ok(await self.client.uid("fetch", str(uid), "BODY.PEEK[]"), "UID FETCH")
+    async def retr(self, uid: int, size_hint: int = 0, limit: int = 1 << 30) -> bytes:
+        """The whole mail, as stored on the server (`size_hint` is for POP3's reader; IMAP gets a literal).
+        The caller has checked RFC822.SIZE against `limit`; a literal larger than that is refused all the same."""
+        res = await self.client.uid("fetch", str(uid), "BODY.PEEK[]")
+        if res.result != "OK":
+            raise MailError(f"UID FETCH {uid}: {res.result}")
         # aioimaplib returns: b'n FETCH (... BODY[] {size}', bytearray(literal), b')', b'Success'
         for line in res.lines:
             if isinstance(line, bytearray):
+                if len(line) > limit:
+                    raise MailError(f"UID FETCH {uid}: larger than {limit} bytes")
                 return bytes(line)
-        raise ImapError(f"UID FETCH {uid}: no message literal in the answer")
+        raise MailError(f"UID FETCH {uid}: no message literal in the answer")
+
+    async def headers(self, uid: int) -> bytes:
+        """The mail's header section only: what is kept of a mail too large to fetch."""
+        res = await self.client.uid("fetch", str(uid), "BODY.PEEK[HEADER]")
+        for line in res.lines if res.result == "OK" else []:
+            if isinstance(line, bytearray):
+                return bytes(line[: 256 * 1024])
+        raise MailError(f"UID FETCH {uid} headers: {res.result}")
 
     async def delete(self, uid: int) -> None:
         """Flag \\Deleted (removed at `close`)."""

@@ -146,9 +146,12 @@ def _retire(home: Path) -> None:
 class OpenPgp:
     """The gateway's keyring: sign+encrypt to a partner, decrypt+verify from one."""
 
-    def __init__(self, home: Path, passphrase: str | None = None) -> None:
+    def __init__(self, home: Path, passphrase: str | None = None, max_output: int = 1 << 30) -> None:
         self.home = home
         self.passphrase = passphrase or None
+        # most bytes gpg may produce from one message: a compression bomb stops there (--max-output), before
+        # the plaintext reaches us, and before its signature could even be checked
+        self.max_output = max_output
         self.own_fingerprint = ""
         self._lock = threading.Lock()  # python-gnupg is thread-safe per call; imports must not interleave
         self._gpg = self._open()
@@ -166,7 +169,12 @@ class OpenPgp:
 
     @classmethod
     def rebuild(
-        cls, root: Path, own_secret_key: Path, partner_keys: list[Path], passphrase: str | None = None
+        cls,
+        root: Path,
+        own_secret_key: Path,
+        partner_keys: list[Path],
+        passphrase: str | None = None,
+        max_output: int = 1 << 30,
     ) -> OpenPgp:
         """A new, empty keyring under `root` holding exactly our key and the address book's keys.
 
@@ -183,7 +191,7 @@ class OpenPgp:
                     with contextlib.suppress(FileNotFoundError):
                         entry.unlink()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pgp = cls(root / f"run-{time.time_ns()}", passphrase)
+        pgp = cls(root / f"run-{time.time_ns()}", passphrase, max_output)
         result = pgp._gpg.import_keys(own_secret_key.read_bytes())
         secret = [
             f
@@ -241,9 +249,13 @@ class OpenPgp:
         Raises `PgpError` for anything that is not encrypted to us, lacks integrity protection (MDC), or carries
         a signature that does not verify or was made by a key that is not in our keyring.
         """
-        result = self._gpg.decrypt(data, passphrase=self.passphrase, extra_args=self._args())
+        result = self._gpg.decrypt(
+            data, passphrase=self.passphrase, extra_args=[*self._args(), "--max-output", str(self.max_output)]
+        )
         status = result.status or ""
         stderr = result.stderr or ""
+        if len(result.data or b"") >= self.max_output or "max-output" in stderr:
+            raise PgpError(f"decrypts to more than {self.max_output} bytes (compression bomb?)")
         if not result.ok:
             if "NO_SECKEY" in stderr or "no secret key" in status:
                 raise PgpError("not encrypted to this gateway's OpenPGP key")

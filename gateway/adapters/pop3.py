@@ -27,6 +27,14 @@ _MAX_PREALLOC = 64 << 20  # a buffer sized from LIST is never larger (a mail lar
 MAX_RETR_BYTES = 1 << 30  # no mail of ours comes near; a server that never ends its answer is cut off here
 
 
+class MailError(Exception):
+    """The server refused this one mail (-ERR); the session is still in step and the next mail can be read."""
+
+
+class MailTooLarge(Exception):
+    """The mail grew past the caller's limit while being read (LIST said less): the session must be dropped."""
+
+
 class Pop3Session:
     """One logged-in POP3S session on one node."""
 
@@ -49,9 +57,10 @@ class Pop3Session:
 
         return await asyncio.to_thread(_list)
 
-    async def retr(self, number: int, size_hint: int = 0) -> bytearray:
+    async def retr(self, number: int, size_hint: int = 0, limit: int = MAX_RETR_BYTES) -> bytearray:
         """The whole mail, with CRLF line ends as on the wire; `size_hint` is its size from LIST. A bytearray: the
-        buffer it was read into, so that a 27 MB mail is not copied once more (with the interpreter lock held)."""
+        buffer it was read into, so that a 27 MB mail is not copied once more (with the interpreter lock held).
+        Never more than `limit` bytes are read (`MailTooLarge`); -ERR for this mail is `MailError`."""
 
         def _retr() -> bytearray:
             # poplib's retr() reads and keeps the mail line by line (a Python loop and an object per 76 bytes:
@@ -63,19 +72,25 @@ class Pop3Session:
             conn.sock.sendall(f"RETR {number}\r\n".encode())
             reader = cast(io.BufferedReader, conn.file)
             status = reader.readline(2048)
-            if not status.startswith(b"+OK"):
-                raise poplib.error_proto(status.decode("ascii", "replace").strip() or "no answer to RETR")
+            if not status.startswith(b"-ERR") and not status.startswith(b"+OK"):
+                raise poplib.error_proto(
+                    status.decode("ascii", "replace").strip()[:200] or "no answer to RETR"
+                )
+            if status.startswith(b"-ERR"):
+                raise MailError(status.decode("ascii", "replace").strip()[:200])
             # what readline buffered beyond the status line: read1 returns only that, and empties the buffer
             first = reader.read1(_READ_AHEAD)
-            hint = min(size_hint + (size_hint >> 6), _MAX_PREALLOC)  # LIST's word is trusted this far only
+            hint = min(
+                size_hint + (size_hint >> 6), _MAX_PREALLOC, limit
+            )  # LIST's word is trusted this far only
             buf = bytearray(max(hint, len(first)) + 2 * _READ_AHEAD)
             buf[: len(first)] = first
             view, pos = memoryview(buf), len(first)
             del first
             while not (buf.endswith(b"\r\n.\r\n", 0, pos) or (pos == 3 and buf.startswith(b".\r\n"))):
                 if len(buf) - pos < _READ_AHEAD:  # larger than LIST said: grow (rare)
-                    if pos > MAX_RETR_BYTES:
-                        raise poplib.error_proto(f"mail {number} is larger than {MAX_RETR_BYTES} bytes")
+                    if pos > limit:
+                        raise MailTooLarge(f"mail {number} is larger than {limit} bytes")
                     view.release()
                     buf.extend(bytes(len(buf)))
                     view = memoryview(buf)
@@ -95,6 +110,24 @@ class Pop3Session:
             return buf
 
         return await asyncio.to_thread(_retr)
+
+    async def headers(self, number: int) -> bytes:
+        """The mail's header section only (`TOP n 0`), at most 256 KiB: what is kept of a mail too large to fetch."""
+
+        def _top() -> bytes:
+            try:
+                _, lines, _ = self.conn.top(number, 0)
+            except poplib.error_proto as exc:
+                raise MailError(str(exc)[:200]) from None
+            out, size = [], 0
+            for line in lines:
+                size += len(line) + 2
+                if size > 256 * 1024:
+                    break
+                out.append(line[1:] if line.startswith(b"..") else line)
+            return b"\r\n".join(out) + b"\r\n\r\n"
+
+        return await asyncio.to_thread(_top)
 
     async def delete(self, number: int) -> None:
         """Mark a mail deleted (takes effect at `close`)."""

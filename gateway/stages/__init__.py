@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
+
+import pymysql
 
 from gateway.core.smime import Identity
 
@@ -24,13 +27,26 @@ async def wait_woken(event: asyncio.Event, timeout: float) -> None:
     event.clear()
 
 
+# what "the database or the disk is away for a moment" looks like: worth retrying. Anything else (an illegal state
+# move, a missing row, a bug) is not: it goes to the stage, which sets the item aside with its traceback.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    sqlite3.OperationalError,
+    pymysql.err.OperationalError,
+    pymysql.err.InterfaceError,
+)
+
+
 async def record(what: str, action: Callable[[], Awaitable[T]]) -> T:
-    """Run a catalog update until it succeeds (the database may be restarting); the disk already holds the truth."""
+    """Run a catalog update until it succeeds while the database is away (restarting, locked); any other error is
+    raised at once, for the stage to set its item aside (never retried forever while /healthz says all is well).
+    The disk already holds the truth."""
     delay = 1.0
     while True:
         try:
             return await action()
-        except Exception as exc:
+        except TRANSIENT_ERRORS as exc:
             log.warning("catalog update (%s) failed: %s; retrying in %.0f s", what, type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(30.0, delay * 2)

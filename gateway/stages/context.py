@@ -8,6 +8,7 @@ one stage tells the next that there is work.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,49 @@ class Wakes:
         return tuple(getattr(self, f.name) for f in fields(self))
 
 
+@dataclass
+class StageProgress:
+    """Whether one stage is moving: `beat` at every turn of its loop (with whether it found work), `done` for
+    every item it finished, whatever the outcome (stored, sent, deferred, set aside)."""
+
+    last_beat: float = field(default_factory=time.time)
+    last_done: float = field(default_factory=time.time)
+    has_work: bool = False
+
+    def beat(self, has_work: bool) -> None:
+        now = time.time()
+        if not has_work or not self.has_work:
+            self.last_done = now  # no work, or work just arrived: the stall clock starts now
+        self.last_beat, self.has_work = now, has_work
+
+    def done(self) -> None:
+        self.last_done = time.time()
+
+    def stalled(self, now: float, after: float) -> str | None:
+        """Why the stage counts as stuck (work and no progress, or a loop that stopped turning), or None."""
+        if now - self.last_beat > after:
+            return f"its loop has not turned for {now - self.last_beat:.0f} s"
+        if self.has_work and now - self.last_done > after:
+            return f"it has work and finished nothing for {now - self.last_done:.0f} s"
+        return None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One `StageProgress` per stage that works through a queue (read by /healthz, health.json, check_mk)."""
+
+    ingest: StageProgress = field(default_factory=StageProgress)
+    packager: StageProgress = field(default_factory=StageProgress)
+    sender: StageProgress = field(default_factory=StageProgress)
+    forwarder: StageProgress = field(default_factory=StageProgress)
+    receipts: StageProgress = field(default_factory=StageProgress)
+
+    def stalled(self, now: float, after: float) -> dict[str, str]:
+        """Stage name → why it is stuck, for every stuck stage."""
+        found = {f.name: getattr(self, f.name).stalled(now, after) for f in fields(self)}
+        return {name: why for name, why in found.items() if why}
+
+
 @dataclass(frozen=True)
 class StageContext:
     """Everything the stages share (one per running gateway)."""
@@ -47,6 +91,7 @@ class StageContext:
     inbox: Spool
     fragments: FragmentStore
     wakes: Wakes = field(default_factory=Wakes)
+    progress: Progress = field(default_factory=Progress)
 
 
 class SharesContext:
@@ -85,6 +130,10 @@ class SharesContext:
     @property
     def wakes(self) -> Wakes:
         return self.ctx.wakes
+
+    @property
+    def progress(self) -> Progress:
+        return self.ctx.progress
 
 
 class Stage(SharesContext):

@@ -3,23 +3,82 @@ deleted on the server (`DELE`, or `\Deleted` + EXPUNGE).
 
 The inbox item is named by the SHA-256 of the mail, so fetching the same mail twice (a crash between the
 durable write and QUIT) lands on the same item and the same catalog row.
+
+The mailbox is shared and untrusted, so one mail affects only itself:
+- a mail larger than `Settings.fetch_cap` is never read: its headers are kept as a held item (unauthenticated,
+  "too large") and it is deleted from the server, so that it cannot fill the mailbox either;
+- a mail the server will not give us (-ERR, NO) is skipped and the poll goes on; one that breaks the session is
+  remembered (`D:/state/fetch-failures.json`, by UIDL), tried last in the next polls, and after `MAX_TRIES`
+  left on the server and reported (check_mk, status) instead of blocking the mailbox;
+- a mail that does not fit D:'s reserve right now waits on the server while smaller ones are fetched;
+- fetched mails not yet checked may occupy at most `mail.max_inbox_backlog` bytes: above that, fetching waits for
+  ingest (a flood fills the server, not D:).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import os
 import time
+from pathlib import Path
+from typing import Any
 
+from gateway.adapters import imap, pop3
 from gateway.adapters.imap import ImapCluster
 from gateway.adapters.pop3 import Pop3Cluster
+from gateway.core import inbound
+from gateway.core.queue import QueueState
+from gateway.core.states import MailState
 from gateway.errors import TransientError
 from gateway.stages.context import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
 MAX_MAILS_PER_POLL = 200
+MAX_TRIES = 3  # a mail that broke the session this often stays on the server, reported
+_MAIL_ERRORS = (pop3.MailError, imap.MailError)
+
+
+class FetchFailures:
+    """Mails that broke a fetch, by UIDL (durable: a restart does not forget a poison mail)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.seen: dict[str, dict[str, Any]] = dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            self.seen = {}
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.seen, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def note(self, uid: str, problem: str, now: float) -> int:
+        """Count one more failure of this mail; returns how many it has."""
+        entry = self.seen.setdefault(uid, {"tries": 0, "first": now})
+        entry.update(tries=int(entry["tries"]) + 1, last=now, problem=problem[:200])
+        self._save()
+        return int(entry["tries"])
+
+    def given_up(self, uid: str) -> bool:
+        return int(self.seen.get(uid, {}).get("tries", 0)) >= MAX_TRIES
+
+    def order(self, listing: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
+        """The mailbox listing with mails that failed before at the end (the others are fetched first), and
+        entries of mails no longer on the server forgotten."""
+        present = {uid for _, uid, _ in listing}
+        if any(uid not in present for uid in self.seen):
+            self.seen = {uid: e for uid, e in self.seen.items() if uid in present}
+            self._save()
+        return sorted(listing, key=lambda m: (m[1] in self.seen, m[0]))
+
+    def stuck(self) -> int:
+        """Mails left on the server after MAX_TRIES failures."""
+        return sum(1 for e in self.seen.values() if int(e.get("tries", 0)) >= MAX_TRIES)
 
 
 class Fetcher(Stage):
@@ -31,6 +90,8 @@ class Fetcher(Stage):
         self.per_node: dict[str, int] = {}
         self.bytes_received = 0
         self.fetched = 0
+        self.too_large = 0
+        self.failures = FetchFailures(self.storage.state / "fetch-failures.json")
 
     def _put(self, raw: bytes | bytearray, node: str) -> str:
         """Make a fetched mail durable in the inbox under its content key (in a thread: it hashes the whole mail)."""
@@ -38,35 +99,110 @@ class Fetcher(Stage):
         self.inbox.put(key, raw, {"node": node, "size": len(raw)})
         return key
 
+    def _backlog(self) -> int:
+        """Bytes of fetched mails not yet checked (incoming and deferred inbox items)."""
+        return sum(
+            int(i.meta.get("size", 0))
+            for s in (QueueState.INCOMING, QueueState.DEFERRED)
+            for i in self.inbox.items(s)
+        )
+
+    def _hold_headers(self, uid: str, head: bytes, size: int, node: str, cap: int) -> str:
+        """Keep the headers of a mail too large to fetch as a held, unauthenticated item with the reason."""
+        key = "large-" + hashlib.sha256(f"{uid}\0{size}".encode() + head).hexdigest()[:34]
+        item = self.inbox.put(key, head, {"node": node, "size": size, "headers_only": True})
+        if item.state is QueueState.INCOMING:
+            item = self.inbox.move(item, QueueState.ACTIVE)
+            item = self.inbox.move(
+                item,
+                QueueState.HOLD,
+                reason=f"mail of {size} bytes is larger than the fetch limit of {cap} bytes; only its headers "
+                "were kept and it was deleted from the server",
+                public_reason=inbound.TOO_LARGE,
+                authenticated=False,
+            )
+        return key
+
+    async def _refuse_too_large(self, session: Any, number: int, uid: str, size: int, cap: int) -> None:
+        try:
+            head = await session.headers(number)
+        except _MAIL_ERRORS:
+            head = b"\r\n"
+        node = str(session.node)
+        key = await asyncio.to_thread(self._hold_headers, uid, head, size, node, cap)
+        now = time.time()
+        await self.catalog.record_in_mail(key, f"spool/inbox/{key}", size, now)
+        row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (key,))
+        if row is not None and row[0] == MailState.FETCHED.value:
+            await self.catalog.finish_in_mail(
+                key, MailState.QUARANTINED, now, error="larger than the fetch limit"
+            )
+        # crash here: headers held and recorded, mail still on the server; the next poll finds the same item
+        await session.delete(number)
+        self.too_large += 1
+        log.warning(
+            "mail %s (%d bytes) is larger than the fetch limit (%d): headers held, mail deleted",
+            key,
+            size,
+            cap,
+        )
+
     async def poll_once(self) -> int:
         """One session: fetch, make durable, delete. Returns the number of mails taken."""
         if not self.storage.has_room():
             # D: is full: mails stay on the server until there is room again
             log.warning("D: below its free-space reserve: mailbox not polled")
             return 0
+        backlog = await asyncio.to_thread(self._backlog)
+        if backlog > self.settings.mail.max_inbox_backlog:
+            log.warning("%d bytes of fetched mail not yet checked: fetching waits for ingest", backlog)
+            return 0
+        cap = self.settings.fetch_cap
         session = await self.mailbox.open()
         taken = 0
+        in_flight = ""
         try:
-            listing = await session.list()
-            for number, _uid, size in listing[:MAX_MAILS_PER_POLL]:
+            listing = self.failures.order(await session.list())
+            for number, uid, size in listing[:MAX_MAILS_PER_POLL]:
+                if self.failures.given_up(uid):
+                    continue  # reported (check_mk); stays on the server for the mail operator
+                if size > cap:
+                    await self._refuse_too_large(session, number, uid, size, cap)
+                    continue
+                if backlog > self.settings.mail.max_inbox_backlog:
+                    break
                 if self.storage.free_bytes() - 2 * size < self.storage.min_free:
                     log.warning(
-                        "D: too full for the next mail (%d bytes): the rest stays on the server", size
+                        "D: too full for mail %s (%d bytes) now: it stays on the server", number, size
                     )
-                    break
-                raw = await session.retr(number, size)
+                    continue  # smaller mails may still fit
+                in_flight = uid
+                try:
+                    raw = await session.retr(number, size, cap)
+                except _MAIL_ERRORS as exc:
+                    tries = self.failures.note(uid, str(exc), time.time())
+                    log.warning(
+                        "mail %s could not be fetched (try %d of %d): %s", number, tries, MAX_TRIES, exc
+                    )
+                    in_flight = ""
+                    continue
+                in_flight = ""
                 key = await asyncio.to_thread(self._put, raw, str(session.node))
                 # crash here: queued but not indexed; start-up reconciliation records it
                 await self.catalog.record_in_mail(key, f"spool/inbox/{key}", len(raw), time.time())
                 # crash here: mail durable and recorded, still on the server; fetched again → same key, ignored
                 await session.delete(number)
                 taken += 1
+                backlog += len(raw)
                 self.per_node[str(session.node)] = self.per_node.get(str(session.node), 0) + 1
                 self.bytes_received += len(raw)
                 self.wakes.ingest.set()
             await session.close()  # QUIT commits the deletions
-        except BaseException:
+        except BaseException as exc:
             session.abort()
+            if in_flight and isinstance(exc, Exception):
+                # this mail broke the session: it goes last next time, and is given up after MAX_TRIES
+                self.failures.note(in_flight, f"{type(exc).__name__}", time.time())
             raise
         self.fetched += taken
         if taken:

@@ -174,6 +174,9 @@ class Forwarder(Stage):
         while True:
             try:
                 tried = await self.run_once()
+                if tried:
+                    self.progress.forwarder.done()  # accepted, refused or retried later: each is an outcome
+                self.progress.forwarder.beat(bool(tried))
             except Exception:
                 log.exception("forwarding failed; retrying")
                 tried = 0

@@ -393,7 +393,10 @@ class Ingester(Stage):
     async def run_once(self) -> int:
         """Ingest every due mail; return how many were handled. Disk and I/O trouble defers, a bug sets aside."""
         handled = 0
-        for item in await asyncio.to_thread(self.inbox.due, time.time()):
+        due = await asyncio.to_thread(self.inbox.due, time.time())
+        self.progress.ingest.beat(bool(due))
+        for item in due:
+            self.progress.ingest.done()
             if not self.storage.has_room():
                 log.warning("D: below its free-space reserve: ingest paused")
                 break

@@ -411,7 +411,10 @@ class Packager(Stage):
             log.exception("packaging workers did not start")
         while True:
             try:
-                for transfer in await self.catalog.transfers_in_state("out", TransferState.PENDING):
+                pending = await self.catalog.transfers_in_state("out", TransferState.PENDING)
+                self.progress.packager.beat(bool(pending))
+                for transfer in pending:
+                    self.progress.packager.done()
                     try:
                         await self.package(transfer)
                     except OSError as exc:

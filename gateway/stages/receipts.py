@@ -19,10 +19,12 @@ import time
 
 from gateway.config import Partner
 from gateway.core import mailformat, mdn, pgpmime
-from gateway.stages import wait_woken
+from gateway.stages import TRANSIENT_ERRORS, wait_woken
 from gateway.stages.context import Stage, StageContext
 
 log = logging.getLogger(__name__)
+
+MAX_TRIES = 3
 
 
 def receipt_item_id(receipt_id: str) -> str:
@@ -35,6 +37,7 @@ class Receipts(Stage):
 
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
+        self._failures: dict[str, int] = {}  # receipt id → failed builds in a row
 
     def build(self, partner: Partner, to: str, original_message_id: str, outcome: str, detail: str) -> bytes:
         """The MDN mail for one inbound mail, signed (and encrypted for PGP/MIME partners)."""
@@ -77,36 +80,59 @@ class Receipts(Stage):
         return settled
 
     async def queue_due(self) -> int:
-        """Build and queue every due receipt."""
+        """Build and queue every due receipt. One that cannot be built is tried again at the next turns and, after
+        `MAX_TRIES`, set aside as `failed` with the error logged: it never holds up the receipts behind it."""
         queued = 0
-        for r in await self.catalog.receipts_out(("due",)):
-            partner = self.settings.partner_by_name(str(r["partner"]))
-            if partner is None:
-                await self.catalog.set_receipt_out(str(r["id"]), "dropped", time.time())
-                continue
-            data = await asyncio.to_thread(
-                self.build,
-                partner,
-                str(r["to_addr"]),
-                str(r["original_message_id"]),
-                str(r["outcome"]),
-                str(r["detail"] or ""),
-            )
-            meta = {
-                "kind": "mdn",
-                "partner": partner.name,
-                "to": str(r["to_addr"]),
-                "receipt": str(r["id"]),
-                "message_id": receipt_item_id(str(r["id"])),
-                "attempts": 0,
-            }
-            await asyncio.to_thread(self.outbox.put, receipt_item_id(str(r["id"])), data, meta)
-            # crash here: the item is queued; put() is idempotent, so building it again changes nothing
-            await self.catalog.set_receipt_out(str(r["id"]), "queued", time.time())
-            queued += 1
+        due = await self.catalog.receipts_out(("due",))
+        self.progress.receipts.beat(bool(due))
+        for r in due:
+            self.progress.receipts.done()
+            try:
+                queued += await self._queue_one(r)
+            except TRANSIENT_ERRORS:
+                raise  # the catalog or D: is away: the whole turn is tried again
+            except Exception as exc:
+                rid = str(r["id"])
+                tries = self._failures[rid] = self._failures.get(rid, 0) + 1
+                log.exception("receipt %s could not be built (try %d of %d)", rid, tries, MAX_TRIES)
+                if tries >= MAX_TRIES:
+                    await self.catalog.set_receipt_out(
+                        rid,
+                        "failed",
+                        time.time(),
+                        str(r["outcome"]),
+                        f"could not be built: {type(exc).__name__}",
+                    )
+                    self._failures.pop(rid, None)
         if queued:
             self.wakes.sender.set()
         return queued
+
+    async def _queue_one(self, r: dict[str, object]) -> int:
+        partner = self.settings.partner_by_name(str(r["partner"]))
+        if partner is None:
+            await self.catalog.set_receipt_out(str(r["id"]), "dropped", time.time())
+            return 0
+        data = await asyncio.to_thread(
+            self.build,
+            partner,
+            str(r["to_addr"]),
+            str(r["original_message_id"]),
+            str(r["outcome"]),
+            str(r["detail"] or ""),
+        )
+        meta = {
+            "kind": "mdn",
+            "partner": partner.name,
+            "to": str(r["to_addr"]),
+            "receipt": str(r["id"]),
+            "message_id": receipt_item_id(str(r["id"])),
+            "attempts": 0,
+        }
+        await asyncio.to_thread(self.outbox.put, receipt_item_id(str(r["id"])), data, meta)
+        # crash here: the item is queued; put() is idempotent, so building it again changes nothing
+        await self.catalog.set_receipt_out(str(r["id"]), "queued", time.time())
+        return 1
 
     async def run_forever(self) -> None:
         """Settle, queue, flag; never dies."""

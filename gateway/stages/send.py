@@ -125,7 +125,10 @@ class Sender(Stage):
         """Send due mails; sleep until woken or the next retry is due; never dies."""
         while True:
             try:
-                for item in await asyncio.to_thread(self.outbox.due, time.time()):
+                due = await asyncio.to_thread(self.outbox.due, time.time())
+                self.progress.sender.beat(bool(due))
+                for item in due:
+                    self.progress.sender.done()  # the one before, whatever came of it
                     try:
                         await self.send_one(item)
                     except Exception as exc:
