@@ -11,6 +11,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,6 +146,17 @@ def _is_loopback(bind: str) -> bool:
 
 
 @dataclass(frozen=True)
+class DicomTls:
+    """DICOM over TLS on its own port: our certificate and key, and (optional) the CA whose client certificates
+    are required (no CA: any client, as the anonymous TLS of PS3.15's profiles allows)."""
+
+    port: int
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
 class MonitoringSettings:
     """WARN/CRIT thresholds of the check_mk services."""
 
@@ -211,6 +223,7 @@ class Settings:
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     dicom_timeout: float = 60.0
     dicom_workers: int = 2
+    dicom_tls: DicomTls | None = None  # a second DICOM port, TLS only (PS3.15 Annex B)
     backup: BackupSettings = field(default_factory=BackupSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     web: WebSettings = field(default_factory=WebSettings)
@@ -500,6 +513,20 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
             f"{dicom_bind} reaches beyond this machine, and allowed_networks and allowed_calling_ae are both "
             "empty: name the modalities' networks or AE titles (or set open_to_any_peer = true)",
         )
+    dicom_tls = None
+    if gw.get("dicom_tls_port", int, 0, check=lambda v: None if 0 <= v < 65536 else "not a port"):
+        dicom_tls = DicomTls(
+            port=gw.get("dicom_tls_port", int),
+            cert=gw.path("dicom_tls_cert"),
+            key=gw.path("dicom_tls_key"),
+            client_ca=gw.path("dicom_tls_ca") if "dicom_tls_ca" in gw.table else None,
+        )
+        from gateway.tls import dicom_server_context  # tls.py builds every context; it imports this module
+
+        try:
+            dicom_server_context(dicom_tls)
+        except (OSError, ssl.SSLError) as exc:
+            raise gw.fail("dicom_tls_cert", f"certificate, key or CA not usable: {exc}") from None
     dicom_timeout = float(gw.get("dicom_timeout", (int, float), 60, check=_check_positive))
     dicom_workers = int(
         gw.get(
@@ -727,6 +754,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         allowed_networks=tuple(networks),
         dicom_timeout=dicom_timeout,
         dicom_workers=dicom_workers,
+        dicom_tls=dicom_tls,
         backup=backup,
         monitoring=monitoring,
         web=web,

@@ -325,6 +325,10 @@ def _quarantine(settings: Settings) -> Service:
         i for s in (QueueState.HOLD, QueueState.CORRUPT) if inbox.dirs[s].exists() for i in inbox.items(s)
     ]
     held = len(items)
+    outbox = Spool(storage.outbox, storage.tmp)
+    corrupt = sum(
+        len(q.items(QueueState.CORRUPT)) for q in (inbox, outbox) if q.dirs[QueueState.CORRUPT].exists()
+    )
     conflicts = len(list(storage.conflicts.glob("*.dcm"))) if storage.conflicts.exists() else 0
     untrusted = sum(h.size for h in holdings(inbox, FragmentStore.of(storage))) if inbox.root.exists() else 0
     now = time.time()
@@ -336,8 +340,10 @@ def _quarantine(settings: Settings) -> Service:
     )
     if dropped:
         text += f"; the quota dropped the bytes of {dropped} unauthenticated mails in 24 h (a flood?)"
+    if corrupt:
+        text += f"; {corrupt} mails set aside by an internal error (a bug: see the traceback in `queue`)"
     return Service(
-        CRIT if dropped else WARN if held or conflicts else OK,
+        CRIT if dropped or corrupt else WARN if held or conflicts else OK,
         "DMG Quarantine",
         text + " (see `dicom-mail-gateway queue` and `status`)",
         (
@@ -345,6 +351,7 @@ def _quarantine(settings: Settings) -> Service:
             Metric("conflicts", conflicts),
             Metric("untrusted_bytes", untrusted, None, quota),
             Metric("quota_drops_24h", dropped),
+            Metric("corrupt", corrupt),
         ),
     )
 

@@ -23,18 +23,24 @@ from gateway.core.queue import QueueState
 from gateway.devtools.studies import make_study
 from gateway.spool import Spool
 from gateway.tls import mail_client_context
-from tests.conftest import CANARIES, free_port, storescu, wait_for
+from tests.conftest import CANARIES, WEB_PASSWORD, free_port, storescu, wait_for
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".dev" / "artifacts"
 
 
-def get(url: str) -> tuple[int, bytes]:
+def get(url: str, auth: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+OPERATOR = f"operator:{WEB_PASSWORD}"
 
 
 class Browser:
@@ -128,7 +134,9 @@ async def test_status_page_in_a_real_browser(mail, make_gateway, pki_dir, tmp_pa
 
     status, body = await asyncio.to_thread(get, f"{base}/healthz")
     assert status == 200 and json.loads(body)["ok"] is True
-    status, metrics = await asyncio.to_thread(get, f"{base}/metrics")
+    status, _ = await asyncio.to_thread(get, f"{base}/metrics")
+    assert status == 401, "a login on loopback too"
+    status, metrics = await asyncio.to_thread(get, f"{base}/metrics", OPERATOR)
     assert status == 200
     assert (
         b"dmg_instances_received_total 6.0" in metrics
@@ -140,7 +148,16 @@ async def test_status_page_in_a_real_browser(mail, make_gateway, pki_dir, tmp_pa
     browser = Browser()
     try:
         await browser.connect()
-        await browser.goto(base + "/")
+        await browser.goto(base + "/")  # not logged in: the login form
+        assert "password" in str(await browser.evaluate("document.body.innerHTML"))
+        await browser.evaluate(
+            f"document.querySelector('input[name=password]').value = '{WEB_PASSWORD}';"
+            "document.querySelector('form').submit(); 1"
+        )
+        for _ in range(100):
+            if await browser.evaluate("location.pathname + document.readyState") == "/complete":
+                break
+            await asyncio.sleep(0.1)
         text = str(await browser.evaluate("document.body.innerText"))
         assert "Quarantine" in text and "address book" in text and "Mail nodes" in text
         assert await browser.evaluate("document.querySelectorAll('img.thumb').length") == 3  # one per series
@@ -170,7 +187,7 @@ async def test_status_page_in_a_real_browser(mail, make_gateway, pki_dir, tmp_pa
         browser.close()
 
     status, _ = await asyncio.to_thread(
-        get, f"{base}/thumb/{json.loads(gw.cli('status', '--json'))['studies'][0]['study_uid']}.png"
+        get, f"{base}/thumb/{json.loads(gw.cli('status', '--json'))['studies'][0]['study_uid']}.png", OPERATOR
     )
     assert status == 404  # a study UID is not an instance: nothing leaks by guessing
     image = Image.open(io.BytesIO((ARTIFACTS / "web-status.png").read_bytes()))
@@ -215,7 +232,63 @@ def test_off_loopback_the_page_needs_tls_and_a_login(mail, make_gateway, pki_dir
             return int(e.code)
 
     wait_for(lambda: fetch("/healthz") == 200, 30, 0.3, "the TLS web port")
-    assert fetch("/") == 401
+    assert fetch("/metrics") == 401
     assert fetch("/metrics", "operator:wrong") == 401
     assert fetch("/", "operator:s3cret-for-the-test") == 200
     assert fetch("/metrics", "operator:s3cret-for-the-test") == 200
+
+
+def test_state_changes_need_a_login_and_a_same_origin_token(mail, make_gateway, pki_dir):  # type: ignore[no-untyped-def]
+    """Release and discard: refused without a login, refused cross-origin or without the CSRF token even with
+    the operator's session, done with both; pages and thumbnails are never cached."""
+    import http.cookiejar
+    import re
+    import urllib.parse
+
+    web_port = free_port()
+    gw = make_gateway("gateway-c", [("gateway-b", "gateway-b", "TO_B")], poll_interval=1, web_port=web_port)
+    gw.start()
+    a = load(make_gateway("gateway-a", [("gateway-b", "gateway-b", "TO_B")]).config)
+    asyncio.run(
+        SmtpCluster(a.mail, mail_client_context(a.mail)).send(
+            a.mail.address, "gateway-c@dicommail.test", b"Subject: x\r\n\r\nhello\r\n"
+        )
+    )
+    inbox = Spool(gw.d_root / "spool" / "inbox", gw.d_root / "tmp")
+    item = wait_for(lambda: inbox.items(QueueState.HOLD), 30, 0.5, "a held mail")[0]
+    base = f"http://127.0.0.1:{web_port}"
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+
+    def call(
+        path: str, form: dict[str, str] | None = None, origin: str | None = None
+    ) -> tuple[int, str, dict]:  # type: ignore[type-arg]
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        req = urllib.request.Request(base + path, data=data)
+        if origin:
+            req.add_header("Origin", origin)
+        try:
+            with opener.open(req, timeout=10) as r:
+                return r.status, r.read().decode(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(), dict(e.headers)
+
+    # no login: the page is the login form, an action is refused
+    status, body, _ = call("/")
+    assert status == 200 and "type='password'" in body
+    assert call(f"/queue/discard/{item.id}", {"csrf": "x"})[0] == 401
+    assert call("/login", {"user": "operator", "password": "wrong"})[0] == 401
+    status, body, headers = call("/login", {"user": "operator", "password": WEB_PASSWORD}, origin=base)
+    assert status == 200 and "Quarantine" in body
+    assert headers.get("Cache-Control") == "no-store"
+    token = re.search(r"name='csrf' value='([^']+)'", body).group(1)  # type: ignore[union-attr]
+    # logged in, but without the token, with a wrong one, or from another origin: refused, nothing changes
+    assert call(f"/queue/discard/{item.id}", {})[0] == 403
+    assert call(f"/queue/discard/{item.id}", {"csrf": "forged"}, origin=base)[0] == 403
+    assert call(f"/queue/discard/{item.id}", {"csrf": token}, origin="http://evil.example")[0] == 403
+    assert inbox.find(item.id).state is QueueState.HOLD  # type: ignore[union-attr]
+    # the operator's own page: done
+    status, _, _ = call(f"/queue/discard/{item.id}", {"csrf": token}, origin=base)
+    assert status == 200
+    assert inbox.find(item.id).state is QueueState.DONE  # type: ignore[union-attr]
+    assert "discarded" in json.dumps(json.loads(gw.cli("status", "--json"))["mails_by_state"])

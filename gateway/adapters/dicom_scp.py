@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import struct
 import tempfile
 import threading
@@ -649,17 +650,35 @@ class DicomScp(ServesDicomPort):
         self.on_refused()
         return status
 
-    def serve(self, conn: socket.socket, peer: str) -> None:
-        """Run one association on an accepted connection, in a thread of its own."""
+    def serve(self, conn: socket.socket, peer: str, tls: ssl.SSLContext | None = None) -> None:
+        """Run one association on an accepted connection, in a thread of its own (after the TLS handshake, for a
+        connection to the TLS port: a peer without TLS, or without a certificate the context accepts, is closed
+        before any PDU is read)."""
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.settimeout(self.timeout)
         with self._lock:
             self._connections += 1
         threading.Thread(
-            target=self._run_association, args=(conn, peer), name="dicom-association", daemon=True
+            target=self._run_association, args=(conn, peer, tls), name="dicom-association", daemon=True
         ).start()
 
-    def _run_association(self, conn: socket.socket, peer: str) -> None:
+    def _run_association(self, conn: socket.socket, peer: str, tls: ssl.SSLContext | None = None) -> None:
+        if tls is not None:
+            try:
+                conn = tls.wrap_socket(
+                    conn, server_side=True
+                )  # the handshake, bounded by the socket's timeout
+            except (OSError, ssl.SSLError) as exc:
+                log.warning(
+                    "DICOM TLS handshake with %s failed: %s", peer, getattr(exc, "reason", None) or exc
+                )
+                with contextlib.suppress(OSError):
+                    conn.close()
+                with self._lock:
+                    self._connections -= 1
+                    self._lock.notify_all()
+                self.on_ended()
+                return
         assoc = _Association(self, conn, peer)
         try:
             assoc.run()

@@ -249,13 +249,20 @@ class OpenPgp:
         Raises `PgpError` for anything that is not encrypted to us, lacks integrity protection (MDC), or carries
         a signature that does not verify or was made by a key that is not in our keyring.
         """
-        result = self._gpg.decrypt(
-            data, passphrase=self.passphrase, extra_args=[*self._args(), "--max-output", str(self.max_output)]
-        )
-        status = result.status or ""
-        stderr = result.stderr or ""
-        if len(result.data or b"") >= self.max_output or "max-output" in stderr:
-            raise PgpError(f"decrypts to more than {self.max_output} bytes (compression bomb?)")
+        # gpg writes the plaintext to a file of ours (never more than max_output bytes), so it is held in memory
+        # once, after the checks, instead of being collected from a pipe and joined (twice its size)
+        with tempfile.NamedTemporaryFile(prefix="dmg-plain-", dir=self.home) as out:
+            result = self._gpg.decrypt(
+                data,
+                passphrase=self.passphrase,
+                output=out.name,
+                extra_args=[*self._args(), "--yes", "--max-output", str(self.max_output)],
+            )
+            status = result.status or ""
+            stderr = result.stderr or ""
+            if os.path.getsize(out.name) >= self.max_output or "max-output" in stderr:
+                raise PgpError(f"decrypts to more than {self.max_output} bytes (compression bomb?)")
+            plain = out.read() if result.ok else b""
         if not result.ok:
             if "NO_SECKEY" in stderr or "no secret key" in status:
                 raise PgpError("not encrypted to this gateway's OpenPGP key")
@@ -268,12 +275,12 @@ class OpenPgp:
             tag in stderr for tag in ("NEWSIG", "GOODSIG", "BADSIG", "ERRSIG", "EXPSIG", "REVKEYSIG")
         )
         if not signed:
-            return bytes(result.data), ""
+            return plain, ""
         if not result.valid:
             if "NO_PUBKEY" in stderr:
                 raise PgpError("signed by a key that is not in the address book")
             raise PgpError("the OpenPGP signature does not verify")
-        return bytes(result.data), str(result.pubkey_fingerprint or result.fingerprint or "").upper()
+        return plain, str(result.pubkey_fingerprint or result.fingerprint or "").upper()
 
     def verify_detached(self, data: bytes, signature: bytes) -> str:
         """Check a detached signature over `data`; return the signer's primary fingerprint."""

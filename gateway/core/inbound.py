@@ -52,6 +52,10 @@ class Refused(ValueError):
         self.public = public
         self.authenticated = authenticated
 
+    def __reduce__(self) -> tuple[type[Refused], tuple[str, str, bool]]:
+        # from a worker process: all three cross the pipe (exceptions pickle only their args by default)
+        return (Refused, (self.reason, self.public, self.authenticated))
+
 
 class PgpOps(Protocol):
     """What the gate needs from OpenPGP (`adapters.openpgp.OpenPgp`)."""

@@ -38,26 +38,28 @@ class Wakes:
 
 @dataclass
 class StageProgress:
-    """Whether one stage is moving: `beat` at every turn of its loop (with whether it found work), `done` for
-    every item it finished, whatever the outcome (stored, sent, deferred, set aside)."""
+    """Whether one stage is moving: `beat` whenever its loop looks for work (with whether it found some), `done`
+    whenever it finished an item or a batch, whatever the outcome (stored, sent, deferred, set aside). A stage
+    that has work and finished nothing for a while is stuck: a hung peer, a lock, a loop retrying one item."""
 
-    last_beat: float = field(default_factory=time.time)
     last_done: float = field(default_factory=time.time)
     has_work: bool = False
 
     def beat(self, has_work: bool) -> None:
-        now = time.time()
         if not has_work or not self.has_work:
-            self.last_done = now  # no work, or work just arrived: the stall clock starts now
-        self.last_beat, self.has_work = now, has_work
+            self.last_done = time.time()  # no work, or work just arrived: the stall clock starts now
+        self.has_work = has_work
 
     def done(self) -> None:
         self.last_done = time.time()
 
+    def idle(self) -> None:
+        """The batch the stage found is finished: no work known until it looks again."""
+        self.has_work = False
+        self.last_done = time.time()
+
     def stalled(self, now: float, after: float) -> str | None:
-        """Why the stage counts as stuck (work and no progress, or a loop that stopped turning), or None."""
-        if now - self.last_beat > after:
-            return f"its loop has not turned for {now - self.last_beat:.0f} s"
+        """Why the stage counts as stuck, or None."""
         if self.has_work and now - self.last_done > after:
             return f"it has work and finished nothing for {now - self.last_done:.0f} s"
         return None

@@ -110,8 +110,15 @@ class Forwarder(Stage):
         self.rejected = 0
 
     async def run_once(self, now: float | None = None) -> int:
+        try:
+            return await self._try_due(now)
+        finally:
+            self.progress.forwarder.idle()
+
+    async def _try_due(self, now: float | None) -> int:
         """Try every due forward once; return how many were tried."""
         due = await self.catalog.due_forwards(now or time.time())
+        self.progress.forwarder.beat(bool(due))
         by_pacs: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in due:
             by_pacs[str(row["pacs"])].append(row)
@@ -129,6 +136,7 @@ class Forwarder(Stage):
                     )
                 continue
             outcomes = await asyncio.to_thread(send_batch, pacs, items, self.storage.root)
+            self.progress.forwarder.done()  # accepted, refused or retried later: each is an outcome
             attempts_of = {str(i["sop_uid"]): int(i["attempts"]) + 1 for i in items}
             for o in outcomes:
                 attempts = attempts_of[o.sop_uid]
@@ -174,9 +182,6 @@ class Forwarder(Stage):
         while True:
             try:
                 tried = await self.run_once()
-                if tried:
-                    self.progress.forwarder.done()  # accepted, refused or retried later: each is an outcome
-                self.progress.forwarder.beat(bool(tried))
             except Exception:
                 log.exception("forwarding failed; retrying")
                 tried = 0

@@ -424,6 +424,8 @@ class Ingester(Stage):
                         "corrupt",
                         functools.partial(self._finish_once, item.id, MailState.QUARANTINED, error=reason),
                     )
+        else:
+            self.progress.ingest.idle()
         return handled
 
     async def run_forever(self) -> None:

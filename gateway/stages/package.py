@@ -443,6 +443,8 @@ class Packager(Stage):
                             time.time(),
                             f"packaging failed: {type(exc).__name__}: {exc}",
                         )
+                else:
+                    self.progress.packager.idle()
             except Exception:
                 log.exception("packager loop error; retrying")
             await wait_woken(self.wakes.packager, 5)

@@ -104,6 +104,7 @@ class Receipts(Stage):
                         f"could not be built: {type(exc).__name__}",
                     )
                     self._failures.pop(rid, None)
+        self.progress.receipts.idle()
         if queued:
             self.wakes.sender.set()
         return queued

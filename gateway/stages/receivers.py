@@ -41,7 +41,7 @@ from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
 
-_ASSOCIATION, _INDEXED = b"A", b"I"
+_ASSOCIATION, _ASSOCIATION_TLS, _INDEXED = b"A", b"T", b"I"  # T: from the TLS port, the receiver does the TLS
 
 
 @dataclass
@@ -69,6 +69,9 @@ class ReceiverPool(ServesDicomPort):
         self.workers = max(1, workers)
         self.refused = 0
         self.listener = DicomListener((settings.dicom_bind, settings.dicom_port))
+        self.tls_listener = (
+            DicomListener((settings.dicom_bind, settings.dicom_tls.port)) if settings.dicom_tls else None
+        )
         self._receivers: dict[int, _Receiver] = {}
         self._by_key: dict[str, _Receiver] = {}
         self._cond = threading.Condition()
@@ -91,14 +94,16 @@ class ReceiverPool(ServesDicomPort):
     def start(self) -> None:
         """Open the DICOM port (the receivers are started by `run_forever`)."""
         self.listener.open(self._hand_over)
+        if self.tls_listener is not None:
+            self.tls_listener.open(lambda conn, peer: self._hand_over(conn, peer, _ASSOCIATION_TLS))
 
-    def _hand_over(self, conn: socket.socket, peer: str) -> None:
+    def _hand_over(self, conn: socket.socket, peer: str, kind: bytes = _ASSOCIATION) -> None:
         try:
-            self._dispatch(conn, peer)
+            self._dispatch(conn, peer, kind)
         finally:
             conn.close()  # the receiver holds its own copy of the descriptor now
 
-    def _dispatch(self, conn: socket.socket, peer: str) -> None:
+    def _dispatch(self, conn: socket.socket, peer: str, kind: bytes = _ASSOCIATION) -> None:
         """Hand a connection to the ready receiver with the fewest associations (waits while none is ready)."""
         deadline = time.monotonic() + 30
         with self._cond:
@@ -113,7 +118,7 @@ class ReceiverPool(ServesDicomPort):
             target = min(ready, key=lambda r: r.active)
             target.active += 1
         try:
-            socket.send_fds(target.control, [_ASSOCIATION + peer.encode()], [conn.fileno()])
+            socket.send_fds(target.control, [kind + peer.encode()], [conn.fileno()])
         except OSError as exc:
             with self._cond:
                 target.active -= 1
@@ -147,6 +152,14 @@ class ReceiverPool(ServesDicomPort):
             "events_fd": events_child.fileno(),
             "log_level": s.log_level,
             "parent": os.getpid(),
+            "tls": None
+            if s.dicom_tls is None
+            else {
+                "port": s.dicom_tls.port,
+                "cert": str(s.dicom_tls.cert),
+                "key": str(s.dicom_tls.key),
+                "client_ca": str(s.dicom_tls.client_ca) if s.dicom_tls.client_ca else None,
+            },
         }
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.stages.receivers", json.dumps(spec)],
@@ -225,6 +238,8 @@ class ReceiverPool(ServesDicomPort):
         """Close the DICOM port: no new associations (running ones finish in their receivers)."""
         self._stopping = True
         self.listener.close()
+        if self.tls_listener is not None:
+            self.tls_listener.close()
         with self._cond:
             self._cond.notify_all()
 
@@ -264,6 +279,20 @@ def receiver_main(spec: dict[str, Any]) -> int:
         on_refused=lambda: emit({"t": "refused"}),
         on_ended=lambda: emit({"t": "ended"}),
     )
+    tls = None
+    if spec.get("tls"):
+        from gateway.config import DicomTls
+        from gateway.tls import dicom_server_context
+
+        t = spec["tls"]
+        tls = dicom_server_context(
+            DicomTls(
+                int(t["port"]),
+                Path(t["cert"]),
+                Path(t["key"]),
+                Path(t["client_ca"]) if t["client_ca"] else None,
+            )
+        )
     emit({"t": "ready"})
     while True:
         try:
@@ -274,8 +303,12 @@ def receiver_main(spec: dict[str, Any]) -> int:
             for fd in fds:
                 os.close(fd)
             break  # the main process closed the control socket: shut down
-        if msg[:1] == _ASSOCIATION and fds:
-            scp.serve(socket.socket(fileno=fds[0]), msg[1:].decode("ascii", "replace"))
+        if msg[:1] in (_ASSOCIATION, _ASSOCIATION_TLS) and fds:
+            scp.serve(
+                socket.socket(fileno=fds[0]),
+                msg[1:].decode("ascii", "replace"),
+                tls if msg[:1] == _ASSOCIATION_TLS else None,
+            )
             for extra in fds[1:]:
                 os.close(extra)
         elif msg[:1] == _INDEXED:

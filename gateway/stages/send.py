@@ -161,6 +161,7 @@ class Sender(Stage):
                                     time.time(),
                                 ),
                             )
+                self.progress.sender.idle()
                 nxt = self.outbox.next_due()
             except Exception:
                 log.exception("sender loop error; retrying")
