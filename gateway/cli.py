@@ -266,6 +266,8 @@ async def _queue(settings: config.Settings, action: str, item_id: str | None, as
                         "state": i.state.value,
                         "reason": i.meta.get("reason", ""),
                         "since": i.meta.get("state_since"),
+                        "authenticated": i.meta.get("authenticated"),
+                        "content_dropped": i.meta.get("content_dropped"),
                     }
                     for state in (QueueState.HOLD, QueueState.CORRUPT)
                     for i in (q.items(state) if q.dirs[state].exists() else [])
@@ -280,10 +282,15 @@ async def _queue(settings: config.Settings, action: str, item_id: str | None, as
             counts = " ".join(f"{k}={v}" for k, v in data["counts"].items())
             print(f"{name}: {counts}")
             for entry in data["set_aside"]:
-                print(f"  {entry['state']:<8} {entry['id']}  {_ts(entry['since'])}  {entry['reason']}")
+                dropped = f"  [bytes dropped: {entry['content_dropped']}]" if entry["content_dropped"] else ""
+                print(
+                    f"  {entry['state']:<8} {entry['id']}  {_ts(entry['since'])}  {entry['reason']}{dropped}"
+                )
         for g in fragments.groups():
+            state = f"dropped: {g.dropped}" if g.dropped else "(discard ID drops it)"
             print(
-                f"fragments: {g.key}  {g.have}/{g.total or '?'} since {_ts(g.first_seen)}  (discard ID drops it)"
+                f"fragments: {g.key}  {g.have}/{g.total or '?'} from {g.sender}, {g.bytes} bytes, "
+                f"since {_ts(g.first_seen)}  {state}"
             )
         return 0
     import getpass
