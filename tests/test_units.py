@@ -450,3 +450,41 @@ async def test_loop_watch_takes_a_block_apart() -> None:
     parts = watch.max_block_parts
     assert parts["running"] >= 0.2, parts  # the kernel saw the loop's thread on a core for most of it
     assert parts["running"] + parts["waiting_for_cpu"] + parts["other"] <= watch.max_block + 0.06, parts
+
+
+def test_a_final_receipt_stands_and_a_contradiction_is_reported() -> None:
+    from gateway.core.states import IllegalTransition, settle_receipt
+
+    assert settle_receipt(None, "displayed") == ("displayed", False)
+    assert settle_receipt("displayed", "displayed") == ("displayed", False)  # a replay
+    assert settle_receipt("displayed", "deleted") == ("displayed", True)  # never "confirmed" → "failed"
+    assert settle_receipt("deleted", "displayed") == ("deleted", True)  # nor the reverse
+    assert settle_receipt("deleted/error", "displayed") == ("displayed", False)  # released at the partner
+    assert settle_receipt("deleted/error", "deleted") == ("deleted", False)  # discarded at the partner
+    with pytest.raises(IllegalTransition):
+        settle_receipt(None, "confirmed")
+
+
+def test_the_quota_drops_the_oldest_unauthenticated_bytes_first() -> None:
+    from gateway.core.quota import Holding, plan_drops
+
+    held = [Holding("mail", f"m{i}", "a@x", 10, float(i)) for i in range(5)]
+    held += [Holding("fragments", f"g{i}", f"s{i}@y", 10, 10.0 + i) for i in range(3)]
+    drops = plan_drops(held, total=60, per_sender=30)
+    assert [h.ref for h in drops] == ["m0", "m1"]  # a@x is cut to 30 first; then all fit in 60
+    drops = plan_drops(held, total=40, per_sender=30)
+    assert [h.ref for h in drops] == ["m0", "m1", "m2", "m3"]  # then the oldest of the rest
+    assert plan_drops(held, total=1000, per_sender=1000) == []
+
+
+def test_headers_from_outside_are_unfolded_and_checked() -> None:
+    from gateway.core import mailformat
+    from gateway.logsetup import scrub
+
+    raw = b"From: Partner\r\n <p@x.test>\r\nMessage-ID:\r\n <a.1@x.test>\r\nSubject: s\r\n\r\nbody"
+    outer = mailformat.read_outer(raw)
+    assert outer.message_id == "<a.1@x.test>" and outer.sender == "p@x.test"
+    assert mailformat.message_id_or_empty("<a b@x>") == ""
+    assert mailformat.message_id_or_empty("<a@x>\r\nBcc: victim@y") == ""
+    assert mailformat.address_or_empty("a@b@c") == ""
+    assert "DOE" not in scrub("Invalid value for VR PN: 'DOE^JOHN'") and "VR PN" in scrub("VR PN: 'DOE^JOHN'")

@@ -96,6 +96,7 @@ class Ingester(Stage):
         *,
         public: str = inbound.MALFORMED,
         authenticated: bool = False,
+        tell_sender: bool = True,
     ) -> None:
         """Hold the mail with its reason (an operator may release or discard it); record it; tell the sender
         (`raw` given: with `public`, a phrase of the fixed vocabulary, never the reason itself).
@@ -120,7 +121,7 @@ class Ingester(Stage):
         log.warning(
             "mail %s quarantined%s: %s", item.id, "" if authenticated else " (unauthenticated)", reason
         )
-        if raw is not None:
+        if raw is not None and tell_sender:
             await self._owe_receipt(item.id, raw, mdn.ERROR, f"not processed: {public}")
         if not authenticated:
             await self.enforce_quota()
@@ -191,10 +192,10 @@ class Ingester(Stage):
                 )
             key = await asyncio.to_thread(self.fragments.add, outer.sender, raw, time.time())
         except mailformat.MailFormatError as exc:
-            await self.quarantine(item, f"bad message/partial fragment: {exc}")
+            await self.quarantine(item, f"bad message/partial fragment: {exc}", raw, tell_sender=False)
             return
         except inbound.Refused as exc:
-            await self.quarantine(item, exc.reason, public=exc.public)
+            await self.quarantine(item, exc.reason, raw, public=exc.public, tell_sender=False)
             return
         except GroupDropped as dropped:
             # its group's fragments were dropped: this one is not kept either; the group stays listed with why
@@ -216,12 +217,15 @@ class Ingester(Stage):
             log.info("mail %s: last fragment; message reassembled as %s", item.id, whole)
             self.wakes.ingest.set()
 
-    async def _receipt(self, item: Item, got: inbound.ReceiptIn) -> None:
+    async def _receipt(self, item: Item, got: inbound.ReceiptIn, raw: bytes) -> None:
         """A partner's MDN for one of our mails: evidence only when signed by the partner the transfer went to
         and naming a mail we sent to that partner; anything else is set aside with the reason (never answered)."""
         r = got.receipt
         if not got.signed:
-            await self.quarantine(item, f"receipt claiming to be from {got.partner} is not signed")
+            # never answered (a receipt is not answered), but counted against its claimed sender's quota
+            await self.quarantine(
+                item, f"receipt claiming to be from {got.partner} is not signed", raw, tell_sender=False
+            )
             return
         match = await record(
             "receipt",
@@ -307,7 +311,7 @@ class Ingester(Stage):
             await self.quarantine(item, exc.reason, raw, public=exc.public, authenticated=exc.authenticated)
             return
         if isinstance(got, inbound.ReceiptIn):
-            await self._receipt(item, got)
+            await self._receipt(item, got, raw)
             return
         accepted = got
         now = time.time()
