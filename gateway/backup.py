@@ -33,14 +33,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from gateway.catalog import MIGRATIONS, open_catalog
+from gateway.catalog import MIGRATIONS, TABLES, open_catalog
 from gateway.catalog.db import _plain
 from gateway.config import Settings
 from gateway.storage import fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
-TABLES = ("studies", "series", "instances", "transfers", "transfer_items", "mails")
 STAMP = "%Y%m%d-%H%M%S"
 
 

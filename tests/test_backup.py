@@ -56,6 +56,14 @@ async def populate(url: str, tmp_path: Path) -> None:
         await cat.defer_mail("<t1.2@x>", 1, 2000.0, "421 busy", 1013.0)
         await cat.record_in_mail("in1", "spool/inbox/in1", 99, 1020.0)
         await cat.finish_in_mail("in1", MailState.QUARANTINED, 1021.0, error="mail is not signed")
+        # what the PACS answered, and a receipt still owed: both must survive a restore
+        await cat.queue_forwards([infos[0].sop_instance_uid, infos[1].sop_instance_uid], ["pacs1"], 1030.0)
+        await cat.record_forward(
+            infos[0].sop_instance_uid, "pacs1", "rejected", 5, 1031.0, status=0xA700, error="out of resources"
+        )
+        await cat.queue_receipt_out(
+            "in1:deleted/error", "gateway-b", "b@x", "<m.1@x>", "deleted/error", "not DICOM", 1032.0
+        )
     finally:
         await cat.close()
 
@@ -63,6 +71,14 @@ async def populate(url: str, tmp_path: Path) -> None:
 async def dump(url: str) -> dict[str, list[tuple[object, ...]]]:
     cat = await open_catalog(url)
     try:
+        # the backup's table list is derived from the schema: it must name every table the database has
+        if url.startswith("sqlite"):
+            names = await cat.db.fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")
+        else:
+            names = await cat.db.fetchall(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
+            )
+        assert {str(n[0]) for n in names} - {"schema_version"} == set(backup.TABLES)
         return {
             t: sorted(tuple(r) for r in await cat.db.fetchall(f"SELECT * FROM {t}")) for t in backup.TABLES
         }
@@ -89,7 +105,7 @@ async def test_backup_wipe_restore_is_identical(
     # an empty machine: nothing of the catalog, the configuration or the certificates
     restored = tmp_path / "restored-site"
     counts = await backup.restore(result.path, target, config_to=restored)
-    assert counts["transfers"] == 1
+    assert counts["transfers"] == 1 and counts["pacs_forwards"] == 2 and counts["receipts_out"] == 1
     after = await dump(target)
     assert after == before, "catalog rows and transfer history identical after restore"
     assert (restored / "gateway.toml").read_bytes() == settings.source.read_bytes()

@@ -7,6 +7,7 @@ State changes go through `core.states`, so an illegal move raises before it reac
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from gateway.catalog.db import Database, connect
 from gateway.core.dicominfo import InstanceInfo
 from gateway.core.states import MailState, TransferState, check_mail, check_transfer, settle_receipt
 
-__all__ = ["MIGRATIONS", "Catalog", "InstanceRecord", "ReceiptMatch", "open_catalog"]
+__all__ = ["MIGRATIONS", "TABLES", "Catalog", "InstanceRecord", "ReceiptMatch", "open_catalog"]
 
 MIGRATIONS: list[list[str]] = [
     # 1: the first schema
@@ -130,6 +131,17 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE transfers ADD COLUMN receipt_conflict TEXT",
     ],
 ]
+
+
+# Every table of the schema, in the order the migrations create them: derived, never listed by hand, so that a
+# backup (and anything else that must cover every table) cannot forget a new one. `schema_version` is not here:
+# it is bookkeeping, recorded in a backup's manifest instead.
+TABLES: tuple[str, ...] = tuple(
+    name
+    for statements in MIGRATIONS
+    for sql in statements
+    for name in re.findall(r"^\s*CREATE TABLE (\w+)", sql)
+)
 
 
 @dataclass(frozen=True)
