@@ -300,6 +300,11 @@ class WebApp:
             ctx.load_cert_chain(str(self.settings.tls_cert), str(self.settings.tls_key))
         site = web.TCPSite(self.runner, self.settings.bind, self.settings.port, ssl_context=ctx)
         await site.start()
+        if self.settings.requires_login and not self._password():
+            log.warning(
+                "web page: %s is empty, so nobody can log in (only /healthz answers); set it to the operator's password",
+                self.settings.password_env,
+            )
         log.info(
             "web status page on %s://%s:%d/",
             "https" if ctx else "http",
