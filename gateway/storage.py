@@ -30,8 +30,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
-from gateway.core.dicominfo import InstanceInfo
+from gateway.core.dicominfo import InstanceInfo, NotDicomError, dataset_offset
 from gateway.errors import VolumeInUseError
 
 _SAFE = re.compile(r"^[0-9A-Za-z._-]{1,128}$")
@@ -158,6 +159,34 @@ def _inodes_of(st: os.statvfs_result) -> int | None:
     return int(st.f_favail) if st.f_files else None
 
 
+def _dataset_start(f: BinaryIO) -> int | None:
+    """Where the dataset of an open Part 10 file begins (after its file meta group), or None."""
+    f.seek(0)
+    try:
+        return dataset_offset(f.read(144))
+    except NotDicomError:
+        return None
+
+
+def same_dataset(a: Path, b: Path) -> bool:
+    """True when two Part 10 files hold the same dataset bytes, whatever their file meta headers say (the
+    identity of an instance is its dataset; the transfer syntax is in the dataset's encoding). Streamed."""
+    with a.open("rb") as fa, b.open("rb") as fb:
+        start_a, start_b = _dataset_start(fa), _dataset_start(fb)
+        if start_a is None or start_b is None:
+            return False
+        if a.stat().st_size - start_a != b.stat().st_size - start_b:
+            return False
+        fa.seek(start_a)
+        fb.seek(start_b)
+        while True:
+            chunk_a, chunk_b = fa.read(_CHUNK), fb.read(_CHUNK)
+            if chunk_a != chunk_b:
+                return False
+            if not chunk_a:
+                return True
+
+
 class Storage:
     """The working volume: paths and durable writes. Thread-safe (used from DICOM association threads)."""
 
@@ -225,7 +254,11 @@ class Storage:
             try:
                 os.link(tmp, target)
             except FileExistsError:
-                if target.stat().st_size == size and sha256_file(target) == sha:
+                if (target.stat().st_size == size and sha256_file(target) == sha) or same_dataset(
+                    target, tmp
+                ):
+                    # the same instance: byte for byte, or with only another file meta header (another toolkit
+                    # wrote the Part 10 wrapper); the stored file stays as it is
                     tmp.unlink()
                     return StoreResult(StoreOutcome.DUPLICATE, target, sha, size)
                 makedirs_durable(self.conflicts)

@@ -488,3 +488,29 @@ def test_headers_from_outside_are_unfolded_and_checked() -> None:
     assert mailformat.message_id_or_empty("<a@x>\r\nBcc: victim@y") == ""
     assert mailformat.address_or_empty("a@b@c") == ""
     assert "DOE" not in scrub("Invalid value for VR PN: 'DOE^JOHN'") and "VR PN" in scrub("VR PN: 'DOE^JOHN'")
+
+
+def test_the_same_dataset_under_another_file_meta_is_the_same_instance(tmp_path: Path) -> None:
+    """A modality's original file sent again by hand (`send`), wrapped by another toolkit: a duplicate, not a
+    conflict. Another dataset under the same UID is still a conflict."""
+    from gateway.adapters.dicom_scp import file_meta
+    from gateway.core.dicominfo import dataset_offset, read_info
+    from gateway.devtools.studies import make_study
+    from gateway.storage import Storage, StoreOutcome
+
+    src = make_study(tmp_path / "s", ct=1, mr=0, sc=0)[0]
+    data = src.read_bytes()
+    info = read_info(src)
+    rewrapped = (
+        file_meta(info.sop_class_uid, info.sop_instance_uid, info.transfer_syntax)
+        + data[dataset_offset(data) :]
+    )
+    assert rewrapped != data and rewrapped[dataset_offset(rewrapped) :] == data[dataset_offset(data) :]
+    storage = Storage(tmp_path / "d")
+    storage.prepare()
+    assert storage.store_bytes(data, info).outcome is StoreOutcome.STORED
+    assert storage.store_bytes(rewrapped, info).outcome is StoreOutcome.DUPLICATE
+    assert not storage.conflicts.exists() or not any(storage.conflicts.iterdir())
+    changed = data[:-2] + bytes([data[-2] ^ 1]) + data[-1:]
+    assert storage.store_bytes(changed, info).outcome is StoreOutcome.CONFLICT
+    assert storage.instance_path(info).read_bytes() == data, "the stored file stays as it was"
