@@ -307,6 +307,9 @@ class _Association:
                     if length > 64:
                         raise ProtocolError("oversized A-RELEASE-RQ", 0x06)
                     self._read(length)
+                    # the slot is free before the peer learns the association ended: a peer that associates
+                    # again at once must find it free (not wait for our side of the TCP close)
+                    self.scp.give_slot(self)
                     self.sock.sendall(_RELEASE_RP)
                     return
                 elif pdu_type == _ABORT:
@@ -324,14 +327,17 @@ class _Association:
             log.info("association from %s ended: %s", self.peer, exc)
         finally:
             self._discard_store()
+            self.scp.give_slot(self)
             self._close()
 
     def _close(self) -> None:
         """End the connection as PS3.8 wants the acceptor to: after our last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP,
         A-ABORT) the requestor closes, and we wait for that (bounded, like the ARTIM timer). Closing at once could
         make the kernel reset the connection before the peer has read the PDU, so a rejected peer saw an abort."""
+        # No half-close first: PS3.8 (AR-3, AA-1, the ARTIM timer) has the requestor close the connection after
+        # our last PDU. Sending our FIN at once let a loaded requestor see "connection closed" before it had
+        # handled the A-ASSOCIATE-RJ in it (pynetdicom then reported neither a rejection nor an abort).
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
             self.sock.settimeout(_ARTIM)
             deadline = time.monotonic() + _ARTIM
             while time.monotonic() < deadline and self.sock.recv(65536):
@@ -620,6 +626,14 @@ class DicomScp(ServesDicomPort):
             return (0x01, 0x01, 0x07), f"called AE title {called!r} not configured"
         return None
 
+    def give_slot(self, assoc: _Association) -> None:
+        """An association ended: its slot counts no more (once, however often this is called)."""
+        with self._lock:
+            if assoc.slot:
+                assoc.slot = False
+                self._active -= 1
+                self._lock.notify_all()
+
     def take_slot(self) -> bool:
         """Count one more established association, unless the limit is reached."""
         with self._lock:
@@ -685,9 +699,8 @@ class DicomScp(ServesDicomPort):
         except Exception:
             log.exception("association from %s: unexpected error", peer)
         finally:
+            self.give_slot(assoc)
             with self._lock:
-                if assoc.slot:
-                    self._active -= 1
                 self._connections -= 1
                 self._lock.notify_all()
             self.on_ended()
