@@ -24,6 +24,7 @@ from typing import Any
 from gateway import config
 from gateway.errors import ConfigError, VolumeInUseError
 from gateway.logsetup import setup_logging
+from gateway.report import outcome_text
 
 log = logging.getLogger("gateway")
 
@@ -138,26 +139,6 @@ def _ts(value: Any) -> str:
     return dt.datetime.fromtimestamp(float(value)).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-_RECEIPT_TEXT = {
-    "awaited": "awaiting receipt",
-    "confirmed": "confirmed by partner",
-    "warning": "confirmed by partner with a warning",
-    "failed": "failed at partner",
-    "overdue": "no receipt yet (overdue)",
-    "not-requested": "no receipts from this partner",
-}
-
-
-def _receipt_text(t: dict[str, Any]) -> str:
-    """An outbound transfer's receipt state in words (inbound transfers have none)."""
-    receipt = t.get("receipt")
-    if not receipt:
-        return "-"
-    text = _RECEIPT_TEXT.get(str(receipt), str(receipt))
-    text = f"{text}: {t['receipt_detail']}" if t.get("receipt_detail") else text
-    return f"{text} (CONTRADICTED: {t['receipt_conflict']})" if t.get("receipt_conflict") else text
-
-
 def _partners(settings: config.Settings) -> list[dict[str, Any]]:
     """The address book with days until keys expire; a key problem shows instead of stopping `status`."""
     from gateway.addressbook import load_address_book
@@ -204,14 +185,14 @@ async def _status(settings: config.Settings, as_json: bool) -> int:
     print("\nrecent transfers (MB: DICOM bytes → bytes on the wire):")
     print(
         f"  {'id':<32} {'dir':<3} {'partner':<14} {'state':<10} {'mails':>7} {'inst':>5} {'MB':>15}  "
-        f"{'updated':<19}  receipt"
+        f"{'updated':<19}  receipt (out) / PACS (in)"
     )
     for t in st["transfers"]:
         mails = f"{t['parts_done']}/{t['parts_total'] or '?'}"
         size = f"{t['bytes'] / 1e6:.1f}" + (f" → {t['bytes_wire'] / 1e6:.1f}" if t.get("bytes_wire") else "")
         print(
             f"  {t['id'][-32:]:<32} {t['direction']:<3} {t['partner'][:14]:<14} {t['state']:<10} {mails:>7} "
-            f"{t['instances']:>5} {size:>15}  {_ts(t['updated_at']):<19}  {_receipt_text(t)}"
+            f"{t['instances']:>5} {size:>15}  {_ts(t['updated_at']):<19}  {outcome_text(t)}"
             + (f"  ({t['error']})" if t["error"] else "")
             + (
                 "  INCOMPLETE after the reassembly deadline"

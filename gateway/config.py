@@ -100,6 +100,7 @@ class MailSettings:
     untrusted_quota: int = 2 * 1024**3  # unauthenticated quarantined mails + fragment groups, all senders
     untrusted_quota_per_sender: int = 1024**3  # the same, per From: address
     negative_receipts_per_hour: int = 20  # refusal receipts to one partner; more are recorded, not sent
+    receipt_pacs_deadline: float = 900.0  # a receipt waits at most this long for the PACS's answers
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class Pacs:
     calling_ae: str
     max_attempts: int = 5
     retry_base: float = 30.0
+    timeout: float = 30.0  # bound of every association and DIMSE step with this PACS
+    associations: int = 2  # associations used at once
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -606,6 +609,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         max_inbox_backlog=_parse_size_key(m, "max_inbox_backlog", "1GB"),
         untrusted_quota=_parse_size_key(m, "untrusted_quota", "2GB"),
         untrusted_quota_per_sender=_parse_size_key(m, "untrusted_quota_per_sender", "1GB"),
+        receipt_pacs_deadline=float(m.get("receipt_pacs_deadline", (int, float), 900, check=_check_positive)),
         negative_receipts_per_hour=m.get(
             "negative_receipts_per_hour", int, 20, check=lambda v: None if v >= 0 else "must be >= 0"
         ),
@@ -694,6 +698,10 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
                 "max_attempts", int, 5, check=lambda v: None if v >= 1 else "must be at least 1"
             ),
             retry_base=float(pr.get("retry_base", (int, float), 30, check=_check_positive)),
+            timeout=float(pr.get("timeout", (int, float), 30, check=_check_positive)),
+            associations=pr.get(
+                "associations", int, 2, check=lambda v: None if 1 <= v <= 16 else "must be between 1 and 16"
+            ),
             tls_ca=pr.path("tls_ca") if "tls_ca" in entry else None,
             tls_cert=pr.path("tls_cert") if "tls_cert" in entry else None,
             tls_key=pr.path("tls_key") if "tls_key" in entry else None,

@@ -180,17 +180,19 @@ def _nodes(health: dict[str, Any] | None, now: float) -> list[Service]:
 
 def _receipts(receipts: dict[str, int]) -> Service:
     """Partners' receipts (MDN) for the last 7 days: a failure at a partner or a receipt contradicting an earlier
-    one (forged, replayed, or a partner that changed its mind) is CRIT, a missing receipt WARN."""
+    one (forged, replayed, or a partner that changed its mind) is CRIT; a receipt with a warning (the partner
+    stored the study, its PACS refused some of it or did not answer) or a missing receipt is WARN."""
     failed, overdue = receipts.get("failed", 0), receipts.get("overdue", 0)
-    contradicted = receipts.get("contradicted", 0)
+    contradicted, warning = receipts.get("contradicted", 0), receipts.get("warning", 0)
     return Service(
-        CRIT if failed or contradicted else WARN if overdue else OK,
+        CRIT if failed or contradicted else WARN if overdue or warning else OK,
         "DMG Receipts",
-        f"{receipts.get('confirmed', 0)} confirmed, {receipts.get('awaited', 0)} awaited, {overdue} overdue, "
-        f"{failed} failed at the partner, {contradicted} contradicted by a later receipt (7 days)",
+        f"{receipts.get('confirmed', 0)} confirmed, {warning} with a warning, {receipts.get('awaited', 0)} "
+        f"awaited, {overdue} overdue, {failed} failed at the partner, {contradicted} contradicted by a later "
+        "receipt (7 days)",
         tuple(
             Metric(k, receipts.get(k, 0))
-            for k in ("confirmed", "awaited", "overdue", "failed", "contradicted")
+            for k in ("confirmed", "warning", "awaited", "overdue", "failed", "contradicted")
         ),
     )
 

@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gateway import backup
+from gateway.report import outcome_text
 
 if TYPE_CHECKING:
     from gateway.service import Gateway
@@ -427,14 +428,16 @@ class WebApp:
                 )
         parts.append(
             "</table><h2>Transfers</h2><table><tr><th>transfer</th><th>dir</th><th>partner</th><th>state</th>"
-            "<th>mails</th><th>instances</th><th>updated</th><th>reason</th></tr>"
+            "<th>mails</th><th>instances</th><th>updated</th><th>receipt (out) / PACS (in)</th><th>reason</th></tr>"
         )
         for t in st["transfers"]:
-            cls = "bad" if t["state"] == "failed" else ""
+            troubled = t["receipt"] in ("failed", "warning", "overdue") or t.get("receipt_conflict")
+            troubled = troubled or any(f["state"] == "rejected" for f in t["pacs"])
+            cls = "bad" if t["state"] == "failed" or troubled else ""
             parts.append(
                 f"<tr class='{cls}'><td>{_e(t['id'])}</td><td>{_e(t['direction'])}</td><td>{_e(t['partner'])}</td>"
                 f"<td>{_e(t['state'])}</td><td>{t['parts_done']}/{_e(t['parts_total'] or '?')}</td><td>{t['instances']}</td>"
-                f"<td>{_ts(t['updated_at'])}</td><td>{_e(t['error'] or '')}</td></tr>"
+                f"<td>{_ts(t['updated_at'])}</td><td>{_e(outcome_text(t))}</td><td>{_e(t['error'] or '')}</td></tr>"
             )
         parts.append("</table><h2>Recent studies</h2>")
         for s in studies:

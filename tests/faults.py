@@ -130,3 +130,28 @@ def refusing_pacs(port: int, refuse_modality: str = "MR") -> Iterator[list[str]]
         yield received
     finally:
         server.shutdown()
+
+
+@contextlib.contextmanager
+def aborting_pacs(port: int) -> Iterator[list[str]]:
+    """A PACS that accepts the association and then aborts it at the first C-STORE (as some PACS refuse)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    from gateway.adapters.dicom_scp import ACCEPTED_TRANSFER_SYNTAXES
+
+    seen: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        seen.append(str(event.request.AffectedSOPInstanceUID))
+        event.assoc.abort()
+        return 0xC000
+
+    ae = AE(ae_title="ABORTER")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield seen
+    finally:
+        server.shutdown()

@@ -553,7 +553,17 @@ class Catalog:
     async def receipts_out(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
         """Receipts we owe, in these states."""
         marks = ", ".join("?" for _ in states)
-        keys = ("id", "partner", "to_addr", "original_message_id", "sop_uids", "outcome", "detail", "state")
+        keys = (
+            "id",
+            "partner",
+            "to_addr",
+            "original_message_id",
+            "sop_uids",
+            "outcome",
+            "detail",
+            "state",
+            "created_at",
+        )
         rows = await self.db.fetchall(
             f"SELECT {', '.join(keys)} FROM receipts_out WHERE state IN ({marks}) ORDER BY created_at", states
         )
@@ -841,10 +851,26 @@ class Catalog:
             "SELECT state, outcome, COUNT(*) FROM receipts_out GROUP BY state, outcome"
         )
         skeys = ("study_uid", "instances", "series", "bytes", "source", "last_received")
+        listed = [dict(zip(tkeys, r, strict=True)) for r in transfers]
+        inbound = [str(t["id"]) for t in listed if t["direction"] == "in"]
+        per_transfer: dict[str, list[dict[str, Any]]] = {}
+        if inbound:
+            marks = ", ".join("?" for _ in inbound)
+            for tid, pacs, state, count, error in await self.db.fetchall(
+                f"""SELECT i.in_transfer, f.pacs, f.state, COUNT(*), MAX(f.error) FROM pacs_forwards f
+                    JOIN instances i ON i.sop_uid = f.sop_uid WHERE i.in_transfer IN ({marks})
+                    GROUP BY i.in_transfer, f.pacs, f.state ORDER BY f.pacs, f.state""",
+                inbound,
+            ):
+                per_transfer.setdefault(str(tid), []).append(
+                    {"pacs": pacs, "state": state, "count": int(count), "error": error}
+                )
+        for t in listed:
+            t["pacs"] = per_transfer.get(str(t["id"]), [])
         return {
             "transfers_by_state": [{"direction": d, "state": s, "count": int(c)} for d, s, c in counts],
             "mails_by_state": [{"direction": d, "state": s, "count": int(c)} for d, s, c in mails],
-            "transfers": [dict(zip(tkeys, r, strict=True)) for r in transfers],
+            "transfers": listed,
             "studies": [dict(zip(skeys, r, strict=True)) for r in studies],
             "pacs_forwards": [{"pacs": p, "state": st, "count": int(c)} for p, st, c in forwards],
             "receipts_out": [{"state": st, "outcome": o, "count": int(c)} for st, o, c in receipts],

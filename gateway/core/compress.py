@@ -6,7 +6,8 @@ Pure functions over Part 10 bytes (they run in worker processes, see `stages.pac
   (1.2.840.10008.1.2.4.90, OpenJPEG via pylibjpeg-openjpeg, reversible 5-3 wavelet). Decoding gives exactly the
   original pixel values. SOP Instance UID and every other attribute stay as they were.
 - `deflate`: an Explicit/Implicit VR Little Endian instance becomes Deflated Explicit VR Little Endian
-  (1.2.840.10008.1.2.1.99); the receiving gateway inflates it back (`inflate`), because few PACS accept it.
+  (1.2.840.10008.1.2.1.99). The receiving gateway stores what the mail carried; its forwarding inflates for a PACS
+  that does not accept Deflated (`stages.forward.as_native`).
 
 Instances that are already compressed (encapsulated), lossy, big endian, without pixel data (for JPEG 2000) or of a
 shape JPEG 2000 cannot carry losslessly pass unchanged: `transcode` returns None for them.
@@ -87,14 +88,3 @@ def transcode_file(src: str, dst: str, mode: str) -> tuple[int, int, str | None]
     with open(dst, "wb") as f:
         f.write(result.data)
     return len(data), len(result.data), result.transfer_syntax
-
-
-def inflate(data: bytes) -> bytes | None:
-    """A Deflated Explicit VR Little Endian instance as Explicit VR Little Endian; None for anything else."""
-    if b"1.2.840.10008.1.2.1.99" not in data[:4096]:
-        return None
-    ds = pydicom.dcmread(io.BytesIO(data))
-    if ds.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        return None
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return _write(ds)

@@ -1,6 +1,9 @@
 """Stage 7, forward: every instance that arrived by mail goes on to each configured PACS (C-STORE SCU).
 
-Per PACS, due instances are sent on one association, each file streamed as stored (no decode). Success and the
+Per PACS, due instances are sent over up to `associations` associations at once, each file streamed as stored
+(no decode) in a context of its own transfer syntax; where the PACS does not take that syntax, the instance is
+converted for it (inflated, decompressed, byte-swapped) into Explicit/Implicit VR Little Endian, and what D: holds
+never changes. Every association and DIMSE step is bounded by the PACS's `timeout`. Success and the
 warning statuses (0xB000, 0xB006, 0xB007) count as accepted; a failure status or a failed association is retried
 with backoff (`retry_base`·2^n), and after `max_attempts` the instance is recorded as rejected with the PACS's
 status: "sent" never hides a failed import. pynetdicom blocks, so each association runs in a worker thread.
@@ -9,7 +12,9 @@ status: "sent" never hides a failed import. pynetdicom blocks, so each associati
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections import defaultdict
@@ -17,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 
 from gateway.catalog import Catalog
@@ -39,14 +47,60 @@ class Outcome:
     error: str | None = None
 
 
-def send_batch(pacs: Pacs, items: list[dict[str, Any]], root: Path, timeout: float = 60) -> list[Outcome]:
-    """One association, every item; blocking (run in a thread)."""
+NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def requested_contexts(items: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """What to propose: per SOP class each stored transfer syntax on its own (the file goes as it is), and where
+    one is not native little endian, a fallback context offering Explicit and Implicit VR Little Endian (the file
+    is converted for this PACS only; what D: holds never changes)."""
+    contexts: list[tuple[str, list[str]]] = []
+    for sop_class in sorted({str(i["sop_class_uid"]) for i in items}):
+        stored = sorted({str(i["transfer_syntax"]) for i in items if str(i["sop_class_uid"]) == sop_class})
+        contexts += [(sop_class, [ts]) for ts in stored]
+        if any(ts not in NATIVE for ts in stored):
+            contexts.append((sop_class, list(NATIVE)))
+    return contexts[:128]
+
+
+def as_native(path: Path) -> Dataset:
+    """The stored instance as a dataset pynetdicom can send in a native little-endian context: deflated data is
+    read as it is (pynetdicom re-encodes it), compressed pixel data is decoded, big endian pixel data swapped.
+    Raises `ValueError` when this cannot be done (no decoder for the syntax, pixel data of an unknown shape)."""
+    syntax = UID(ExplicitVRLittleEndian)
+    try:
+        ds = dcmread(path)
+        syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+        if syntax.is_compressed:
+            ds.decompress(generate_instance_uid=False)
+        elif not syntax.is_little_endian:
+            if "PixelData" in ds:
+                pixels = ds.pixel_array
+                ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.set_original_encoding(False, True, ds.original_character_set)
+        return ds
+    except Exception as exc:  # a decoder's error, whatever its kind, means "cannot convert"
+        raise ValueError(f"the PACS does not take {syntax.name} and it cannot be converted here") from exc
+
+
+def _describe(status: int | None, error: str | None) -> str:
+    return error or f"PACS answered 0x{status:04X}"
+
+
+def send_batch(
+    pacs: Pacs, items: list[dict[str, Any]], root: Path, timeout: float | None = None
+) -> list[Outcome]:
+    """One association, every item; blocking (run in a thread). Every step is bounded by the PACS's timeout:
+    pynetdicom notices a peer's abort only when its timeout runs out."""
+    timeout = pacs.timeout if timeout is None else timeout
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream the stored file as it is
     ae = AE(ae_title=pacs.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    contexts = sorted({(str(i["sop_class_uid"]), str(i["transfer_syntax"])) for i in items})[:128]
-    for sop_class, syntax in contexts:
-        ae.add_requested_context(sop_class, [syntax])
+    ae.connection_timeout = timeout
+    contexts = requested_contexts(items)
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
     tls_args = None
     if pacs.tls_ca is not None:
         # DICOM TLS: the PACS must present a certificate from tls_ca for its host name; never a plain fallback
@@ -58,21 +112,43 @@ def send_batch(pacs: Pacs, items: list[dict[str, Any]], root: Path, timeout: flo
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted or unreachable"
         return [Outcome(str(i["sop_uid"]), None, f"association {why}") for i in items]
+    with contextlib.suppress(AttributeError, OSError):  # Nagle costs ~40 ms per small instance
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+    accepted: dict[str, set[str]] = defaultdict(set)
+    for cx in assoc.accepted_contexts:
+        accepted[str(cx.abstract_syntax)].add(str(cx.transfer_syntax[0]))
+    proposed = {(sop, ts) for sop, syntaxes in contexts for ts in syntaxes}
     outcomes = []
     try:
         for i in items:
-            if (str(i["sop_class_uid"]), str(i["transfer_syntax"])) not in contexts:
+            sop_class, syntax = str(i["sop_class_uid"]), str(i["transfer_syntax"])
+            if (sop_class, syntax) not in proposed:
                 outcomes.append(
                     Outcome(str(i["sop_uid"]), None, "too many kinds in one association; next round")
                 )
                 continue
+            path = root / str(i["path"])
             try:
-                rsp = assoc.send_c_store(root / str(i["path"]))
-            except (ValueError, OSError, RuntimeError) as exc:
-                outcomes.append(Outcome(str(i["sop_uid"]), None, f"{type(exc).__name__}"))
+                if syntax in accepted[sop_class]:
+                    rsp = assoc.send_c_store(path)
+                elif accepted[sop_class] & set(NATIVE):
+                    rsp = assoc.send_c_store(as_native(path))
+                else:
+                    name = UID(sop_class).name
+                    outcomes.append(
+                        Outcome(str(i["sop_uid"]), None, f"the PACS accepted no transfer syntax for {name}")
+                    )
+                    continue
+            except (ValueError, OSError, RuntimeError, AttributeError) as exc:
+                outcomes.append(Outcome(str(i["sop_uid"]), None, str(exc)[:200] or type(exc).__name__))
                 continue
             status = int(getattr(rsp, "Status", -1)) if rsp else None
-            outcomes.append(Outcome(str(i["sop_uid"]), status, None if status is not None else "no response"))
+            if status is None:
+                outcomes.append(
+                    Outcome(str(i["sop_uid"]), None, f"no answer within {timeout:g} s (association aborted?)")
+                )
+            else:
+                outcomes.append(Outcome(str(i["sop_uid"]), status))
             if not assoc.is_established:
                 break
     finally:
@@ -83,6 +159,14 @@ def send_batch(pacs: Pacs, items: list[dict[str, Any]], root: Path, timeout: flo
         Outcome(str(i["sop_uid"]), None, "association ended") for i in items if str(i["sop_uid"]) not in sent
     ]
     return outcomes
+
+
+async def send_parallel(pacs: Pacs, items: list[dict[str, Any]], root: Path) -> list[Outcome]:
+    """The items over up to `pacs.associations` associations at once (one thread each)."""
+    n = max(1, min(pacs.associations, len(items)))
+    shares = [items[k::n] for k in range(n)]
+    results = await asyncio.gather(*(asyncio.to_thread(send_batch, pacs, share, root) for share in shares))
+    return [o for r in results for o in r]
 
 
 async def purge_accepted(settings: Settings, storage: Storage, catalog: Catalog, now: float) -> int:
@@ -135,7 +219,7 @@ class Forwarder(Stage):
                         error="PACS no longer configured",
                     )
                 continue
-            outcomes = await asyncio.to_thread(send_batch, pacs, items, self.storage.root)
+            outcomes = await send_parallel(pacs, items, self.storage.root)
             self.progress.forwarder.done()  # accepted, refused or retried later: each is an outcome
             attempts_of = {str(i["sop_uid"]): int(i["attempts"]) + 1 for i in items}
             for o in outcomes:
@@ -147,7 +231,7 @@ class Forwarder(Stage):
                     )
                     self.accepted += 1
                     continue
-                error = o.error or f"PACS answered 0x{o.status:04X}"
+                error = _describe(o.status, o.error)
                 if attempts >= pacs.max_attempts:
                     await self.catalog.record_forward(
                         o.sop_uid, name, "rejected", attempts, t, status=o.status, error=error

@@ -28,7 +28,7 @@ from gateway import untrusted
 from gateway.addressbook import load_address_book
 from gateway.catalog import InstanceRecord
 from gateway.config import Settings
-from gateway.core import compress, inbound, mailformat, mdn, partial
+from gateway.core import inbound, mailformat, mdn, partial
 from gateway.core.queue import QueueState
 from gateway.core.states import MailState
 from gateway.fragments import GroupDropped
@@ -337,9 +337,9 @@ class Ingester(Stage):
         records = []
         size = 0
         for info, received in accepted.parts:
-            # a partner's Deflated transfer syntax is inflated: few PACS accept it (pixel data unchanged)
-            data = await asyncio.to_thread(compress.inflate, received) or received
-            result = await asyncio.to_thread(self.storage.store_bytes, data, info)
+            # stored byte for byte as the mail carried it: the catalog's transfer syntax is the file's, and
+            # forwarding converts for a PACS that does not take it
+            result = await asyncio.to_thread(self.storage.store_bytes, received, info)
             if result.outcome is StoreOutcome.CONFLICT:
                 log.warning(
                     "mail %s: instance %s differs from the stored one; kept aside in conflicts/",

@@ -63,16 +63,29 @@ class Receipts(Stage):
         for r in await self.catalog.receipts_out(("waiting",)):
             sops = str(r["sop_uids"] or "").split()
             outcomes = await self.catalog.forward_outcomes(sops)
-            if any(state not in ("accepted", "rejected") for _, state, _, _ in outcomes):
+            states: dict[str, list[str]] = {sop: [] for sop in sops}
+            for sop, state, _, _ in outcomes:
+                states.setdefault(sop, []).append(state)
+            final = ("accepted", "rejected")
+            rejected = [sop for sop in sops if "rejected" in states[sop]]
+            waiting = [
+                sop
+                for sop in sops
+                if sop not in rejected
+                and (len(states[sop]) < len(self.settings.pacs) or any(st not in final for st in states[sop]))
+            ]
+            overdue = time.time() - float(str(r["created_at"])) >= self.settings.mail.receipt_pacs_deadline
+            if waiting and not overdue:
                 continue
-            if len(outcomes) < len(sops) * len(self.settings.pacs):
-                continue  # forwards not queued yet
-            rejected = sorted({sop for sop, state, _, _ in outcomes if state == "rejected"})
-            if rejected:
-                outcome, detail = (
-                    mdn.WARNING,
-                    f"stored; the PACS refused {len(rejected)} of {len(sops)} instances",
-                )
+            if rejected or waiting:
+                # a PACS that refused, or one that has not answered within the deadline: the partner learns it now
+                # rather than never; the instances are stored here either way
+                said = []
+                if rejected:
+                    said.append(f"the PACS refused {len(rejected)} of {len(sops)} instances")
+                if waiting:
+                    said.append(f"the PACS has not yet answered for {len(waiting)} of {len(sops)} instances")
+                outcome, detail = mdn.WARNING, "stored; " + "; ".join(said)
             else:
                 outcome, detail = mdn.OK, "stored and accepted by the PACS"
             await self.catalog.set_receipt_out(str(r["id"]), "due", time.time(), outcome, detail)
