@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -103,5 +104,69 @@ async def test_an_unexpected_error_sets_the_mail_aside_with_its_traceback(tmp_pa
         assert "ZeroDivisionError" in item.meta["traceback"] and item.content.exists()
         row = await catalog.db.fetchone("SELECT state, error FROM mails WHERE id = 'm1'")
         assert row == ("quarantined", "internal error: ZeroDivisionError")
+    finally:
+        await catalog.close()
+
+
+async def test_a_slow_pacs_holds_a_receipt_no_longer_than_the_deadline(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
+    """A receipt waits for the PACS's answers; past `mail.receipt_pacs_deadline` it goes as a warning that says
+    how many instances are still unanswered, and a refusal is named beside them."""
+    from gateway.addressbook import AddressBook, Keys
+    from gateway.catalog import open_catalog
+    from gateway.core import mdn
+    from gateway.core.smime import Identity
+    from gateway.fragments import FragmentStore
+    from gateway.stages.context import StageContext
+    from gateway.stages.receipts import Receipts
+    from gateway.storage import Storage
+
+    settings = minimal_settings(
+        tmp_path,
+        pki_dir,
+        pki_dir / "gateway-b-smime.pem",
+        pki_dir / "gateway-b-smime.key",
+        pacs=[{"name": "slow", "host": "127.0.0.1", "port": 1, "ae_title": "SLOW"}],
+    )
+    storage = Storage(settings.d_root)
+    storage.prepare()
+    catalog = await open_catalog(settings.database_url)
+    try:
+        me = Identity.load(settings.smime_cert.read_bytes(), settings.smime_key.read_bytes())
+        stage = Receipts(
+            StageContext(
+                settings,
+                storage,
+                catalog,
+                Keys(me, AddressBook([]), None),
+                Spool(storage.outbox, storage.tmp),
+                Spool(storage.inbox, storage.tmp),
+                FragmentStore.of(storage),
+            )
+        )
+        deadline = settings.mail.receipt_pacs_deadline
+        now = time.time()
+        sops = ["1.2.3.1", "1.2.3.2", "1.2.3.3"]
+        await catalog.queue_forwards(sops, ["slow"], now)
+        await catalog.record_forward("1.2.3.1", "slow", "accepted", 1, now, status=0)
+        await catalog.record_forward(
+            "1.2.3.2", "slow", "rejected", 5, now, status=0xA700, error="PACS answered 0xA700"
+        )
+        await catalog.queue_receipt_out(
+            "fresh", "a", "a@x", "<m1@x>", mdn.OK, "", now, sop_uids=sops, wait_for_pacs=True
+        )
+        await catalog.queue_receipt_out(
+            "old", "a", "a@x", "<m2@x>", mdn.OK, "", now - deadline - 1, sop_uids=sops, wait_for_pacs=True
+        )
+        assert await stage.settle_waiting() == 1
+        rows = {r["id"]: r for r in await catalog.receipts_out(("due", "waiting"))}
+        assert rows["fresh"]["state"] == "waiting", "within the deadline the receipt waits for the PACS"
+        assert rows["old"]["state"] == "due" and rows["old"]["outcome"] == mdn.WARNING
+        assert rows["old"]["detail"] == (
+            "stored; the PACS refused 1 of 3 instances; the PACS has not yet answered for 1 of 3 instances"
+        )
+        await catalog.record_forward("1.2.3.3", "slow", "accepted", 1, now, status=0)
+        assert await stage.settle_waiting() == 1
+        rows = {r["id"]: r for r in await catalog.receipts_out(("due",))}
+        assert rows["fresh"]["detail"] == "stored; the PACS refused 1 of 3 instances"
     finally:
         await catalog.close()
