@@ -304,6 +304,17 @@ class Gateway(SharesContext):
             except Exception:
                 log.exception("housekeeping failed")
 
+    async def probe_nodes(self) -> None:
+        """After a node's cool-down, probe the SMTP nodes that failed last (no mail is sent): an idle node that
+        came back is OK again in check_mk without waiting for traffic. Mailbox nodes are polled in turn anyway."""
+        local = self.settings.mail.address.split("@", 1)[1]
+        while True:
+            await asyncio.sleep(max(5.0, self.settings.mail.node_cooldown / 2))
+            try:
+                await self.sender.smtp.probe_failing(local)
+            except Exception:
+                log.exception("probing mail nodes failed")
+
     async def publish_health(self) -> None:
         """Every 5 s: heartbeat, node health and counters to d_root/state/health.json (for check_mk)."""
         started = time.time()
@@ -378,6 +389,7 @@ class Gateway(SharesContext):
                     tg.create_task(self.housekeeping(), name="housekeeping"),
                     tg.create_task(backup.run_forever(self.settings), name="backup"),
                     tg.create_task(self.publish_health(), name="health"),
+                    tg.create_task(self.probe_nodes(), name="probe-nodes"),
                     tg.create_task(self.forwarder.run_forever(), name="forward"),
                     tg.create_task(self.receipts.run_forever(), name="receipts"),
                     tg.create_task(self.loop_watch.run_forever(), name="loop-watch"),

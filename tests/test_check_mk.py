@@ -156,3 +156,28 @@ def test_a_broken_configuration_is_a_service_state(tmp_path):  # type: ignore[no
     assert r.returncode == 0
     services = parse(r.stdout)
     assert services["DMG Configuration"][0] == 2 and "gateway.ae_title" in services["DMG Configuration"][2]
+
+
+def test_idle_smtp_nodes_recover_to_ok_after_an_outage(mail, make_gateway, tmp_path):  # type: ignore[no-untyped-def]
+    """Every SMTP node fails a mail; when the cluster is back, one node takes the mail and the five that see no
+    traffic are probed (no mail sent): all six are OK again in check_mk without waiting for the next study."""
+    nodes = list(range(1, 7))
+    mail.set_nodes(nodes, up=False, smtp=True, pop3=False)
+    gw = make_gateway(
+        "gateway-a", [("gateway-b", "gateway-b", "TO_B")], stability_delay=1, node_cooldown=2, tail=RELAXED
+    )
+    gw.start()
+    make_study(tmp_path / "s", ct=1, mr=0, sc=0, size=16)
+    assert storescu(gw.port, "TO_B", tmp_path / "s").returncode == 0
+
+    def smtp_states() -> dict[str, int]:
+        return {n: s[0] for n, s in parse(gw.cli("check-mk")).items() if n.endswith(" SMTP")}
+
+    wait_for(
+        lambda: len(smtp_states()) == 6 and set(smtp_states().values()) == {2}, 90, 1, "all SMTP nodes CRIT"
+    )
+    mail.set_nodes(nodes, up=True, smtp=True, pop3=False)
+    wait_for(lambda: json.loads(gw.cli("status", "--json"))["transfers"][0]["state"] == "sent", 90, 1, "sent")
+    wait_for(lambda: set(smtp_states().values()) == {0}, 60, 1, "every SMTP node OK again, idle ones too")
+    used = {n for n, h in health(gw)["nodes"]["smtp"].items() if h["ok"]}
+    assert len(used) == 6

@@ -180,6 +180,42 @@ class SmtpCluster:
             except Exception:
                 client.close()
 
+    async def _probe_session(self, node: Node, local_hostname: str) -> None:
+        client = aiosmtplib.SMTP(
+            hostname=node.host,
+            port=node.port,
+            start_tls=True,
+            tls_context=self.tls,
+            timeout=self.mail.io_timeout,
+            local_hostname=local_hostname,
+        )
+        await client.connect(
+            timeout=self.mail.connect_timeout
+        )  # greeting, EHLO, STARTTLS with our certificate
+        try:
+            await client.noop()
+        finally:
+            try:
+                await client.quit()
+            except Exception:
+                client.close()
+
+    async def probe_failing(self, local_hostname: str) -> int:
+        """Probe every node that failed last and has rested (connect, STARTTLS with the client certificate, NOOP,
+        QUIT; no mail): a node that came back is OK again without waiting for traffic. Returns the nodes probed."""
+        nodes = self.pool.to_probe(time.time())
+        for node in nodes:
+            try:
+                await asyncio.to_thread(asyncio.run, self._probe_session(node, local_hostname))
+            except Exception as exc:
+                err = _classify(node, exc)
+                problem = err.problem if isinstance(err, MailNodeError) else str(err)
+                self.pool.failed(node, time.time(), f"probe: {problem}")
+                continue
+            self.pool.ok(node, time.time())
+            log.info("SMTP node %s answers again (probe)", node)
+        return len(nodes)
+
     async def send(self, sender: str, recipient: str, data: bytes) -> Node:
         """Deliver to the first node that takes it; return that node. Raises RejectedError or TransientError."""
         problems: list[str] = []

@@ -56,6 +56,17 @@ class NodePool(Generic[N]):
         h.down_until = 0.0
         h.successes += 1
 
+    def to_probe(self, now: float) -> list[N]:
+        """Nodes whose last word was a failure and whose cool-down is over: an idle node is judged by a probe,
+        not left failing until traffic happens to pass it."""
+        return [
+            n
+            for n in self.nodes
+            if (h := self.health[n]).last_error_at is not None
+            and (h.last_ok is None or h.last_error_at > h.last_ok)
+            and h.down_until <= now
+        ]
+
     def failed(self, node: N, now: float, error: str) -> None:
         """Record a failure; the node rests for `cooldown` seconds."""
         h = self.health[node]
