@@ -27,6 +27,7 @@ import secrets
 import ssl
 import time
 import urllib.parse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -64,17 +65,27 @@ class GatewayCollector:
         c = CounterMetricFamily("dmg_instances_received", "DICOM instances acknowledged to modalities")
         c.add_metric([], gw.intake.received)
         yield c
-        c = CounterMetricFamily("dmg_mails_sent", "Mails accepted by an SMTP node", labels=["node"])
-        for node, h in gw.sender.smtp.pool.health.items():
-            c.add_metric([str(node)], h.successes)
+        c = CounterMetricFamily(
+            "dmg_mails_sent",
+            "Mails accepted by an SMTP node, by kind (study, receipt)",
+            labels=["node", "kind"],
+        )
+        for (smtp_node, kind), n in sorted(gw.sender.sent_by_node.items()):
+            c.add_metric([smtp_node, kind], n)
         yield c
-        c = CounterMetricFamily("dmg_mails_received", "Mails fetched from a POP3 node", labels=["node"])
-        for pop3_node, n in gw.fetcher.per_node.items():
-            c.add_metric([pop3_node], n)
+        c = CounterMetricFamily("dmg_mails_received", "Mails fetched from a mailbox node", labels=["node"])
+        for mailbox_node, n in gw.fetcher.per_node.items():
+            c.add_metric([mailbox_node], n)
         yield c
-        c = CounterMetricFamily("dmg_bytes", "Mail bytes on the wire", labels=["direction"])
-        c.add_metric(["out"], gw.sender.bytes_sent)
-        c.add_metric(["in"], gw.fetcher.bytes_received)
+        c = CounterMetricFamily(
+            "dmg_bytes",
+            "Mail bytes on the wire, by direction, node and kind",
+            labels=["direction", "node", "kind"],
+        )
+        for (smtp_node, kind), n in sorted(gw.sender.bytes_by_node.items()):
+            c.add_metric(["out", smtp_node, kind], n)
+        for mailbox_node, n in sorted(gw.fetcher.bytes_per_node.items()):
+            c.add_metric(["in", mailbox_node, "any"], n)
         yield c
         c = CounterMetricFamily(
             "dmg_mail_node_failures", "Failed attempts per mail node", labels=["protocol", "node"]
@@ -125,7 +136,8 @@ def _ts(value: object) -> str:
 
 
 def thumbnail_png(path: str, size: int = 128) -> bytes:
-    """A small PNG of the first frame (Pillow); a grey square when the pixel data cannot be decoded here."""
+    """A square PNG of the first frame (Pillow), the image centred on black so that a tall or wide one stays inside
+    its box; a grey square, with one INFO line, when the pixel data cannot be decoded here."""
     import numpy as np
     import pydicom
     from PIL import Image
@@ -133,7 +145,7 @@ def thumbnail_png(path: str, size: int = 128) -> bytes:
     try:
         ds = pydicom.dcmread(path)
         arr = ds.pixel_array
-        if getattr(ds, "NumberOfFrames", 1) and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
             arr = arr[0]
         arr = arr.astype("float64")
         lo, hi = float(np.percentile(arr, 1)), float(np.percentile(arr, 99))
@@ -141,11 +153,15 @@ def thumbnail_png(path: str, size: int = 128) -> bytes:
         if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
             arr = 255 - arr
         image = Image.fromarray(arr)
-    except Exception:
-        image = Image.new("L", (size, size), 96)
-    image.thumbnail((size, size))
+        image = image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode)
+        image.thumbnail((size, size))
+        canvas = Image.new(image.mode, (size, size))
+        canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    except Exception as exc:  # any decoder's failure: the page shows a placeholder, never an error
+        log.info("no thumbnail for %s: %s", Path(path).stem, type(exc).__name__)
+        canvas = Image.new("L", (size, size), 96)
     out = io.BytesIO()
-    image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(out, format="PNG")
+    canvas.save(out, format="PNG")
     return out.getvalue()
 
 
@@ -448,7 +464,7 @@ class WebApp:
             )
             for series_uid, modality, n, sop in s["series"]:
                 parts.append(
-                    f"<img class='thumb' src='/thumb/{_e(sop)}.png' width='96' alt='{_e(modality)} series, {n} images' "
+                    f"<img class='thumb' src='/thumb/{_e(sop)}.png' width='96' height='96' alt='{_e(modality)} series, {n} images' "
                     f"title='{_e(modality)} {_e(series_uid)}: {n}'>"
                 )
             parts.append("</div>")

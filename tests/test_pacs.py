@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import re
 import sqlite3
 import urllib.request
 from collections.abc import Iterator
@@ -41,12 +42,22 @@ def rest(http_port: int, path: str) -> bytes:
         return r.read()  # type: ignore[no-any-return]
 
 
-def page(web_port: int) -> str:
-    """The status page, as the operator sees it (logged in)."""
-    req = urllib.request.Request(f"http://127.0.0.1:{web_port}/")
+def page(web_port: int, path: str = "/") -> str:
+    """A page of the web port, as the operator sees it (logged in)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{web_port}{path}")
     req.add_header("Authorization", "Basic " + base64.b64encode(f"operator:{WEB_PASSWORD}".encode()).decode())
     with urllib.request.urlopen(req, timeout=10) as r:
         return html.unescape(r.read().decode())
+
+
+def metric_values(exposition: str, name: str, **labels: str) -> list[float]:
+    """The values of one Prometheus metric whose labels include these."""
+    values = []
+    for line in exposition.splitlines():
+        m = re.match(r"(\w+)\{(.*)\} (\S+)$", line)
+        if m and m[1] == name and all(f'{k}="{v}"' in m[2].split(",") for k, v in labels.items()):
+            values.append(float(m[3]))
+    return values
 
 
 def forwards(gw) -> dict[tuple[str, str], int]:  # type: ignore[no-untyped-def]
@@ -121,6 +132,10 @@ def test_inbound_study_reaches_the_pacs_and_refusals_are_reported(mail, make_gat
     page_b = page(web_b)
     assert "PACS refuser: 4 accepted, 2 REFUSED (PACS answered 0xA700)" in page_b
     assert "confirmed by partner with a warning: stored; the PACS refused 6 of 6 instances" in page(web_a)
+    # the receipt mail B sent is counted in its outgoing bytes, per node; A counts what it fetched per node
+    out = metric_values(page(web_b, "/metrics"), "dmg_bytes_total", direction="out", kind="receipt")
+    assert out and sum(out) > 1000
+    assert sum(metric_values(page(web_a, "/metrics"), "dmg_bytes_total", direction="in")) > 0
 
     stored = {}
     for orthanc_id in json.loads(rest(http_port, "/instances")):

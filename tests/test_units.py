@@ -514,3 +514,42 @@ def test_the_same_dataset_under_another_file_meta_is_the_same_instance(tmp_path:
     changed = data[:-2] + bytes([data[-2] ^ 1]) + data[-1:]
     assert storage.store_bytes(changed, info).outcome is StoreOutcome.CONFLICT
     assert storage.instance_path(info).read_bytes() == data, "the stored file stays as it was"
+
+
+def test_thumbnails_decode_12_bit_jpeg_stay_square_and_never_log_an_error(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """JPEG Extended 12-bit (as DCMTK writes it) is decoded; a tall image stays inside its square box; pixel data
+    that cannot be decoded gives a grey placeholder and one INFO line, no ERROR."""
+    import io
+    import logging
+    import subprocess
+
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    from gateway.web import thumbnail_png
+
+    src = make_study(tmp_path / "s", ct=1, mr=0, sc=0, size=64)[0]
+    jpeg12 = tmp_path / "jpeg12.dcm"
+    subprocess.run(["dcmcjpeg", "+ee", str(src), str(jpeg12)], check=True, capture_output=True, timeout=60)
+    tall = pydicom.dcmread(src)
+    tall.Rows, tall.Columns = 64, 16
+    tall.PixelData = np.arange(64 * 16, dtype=np.uint16).tobytes()
+    tall.save_as(tmp_path / "tall.dcm", enforce_file_format=True)
+    broken = pydicom.dcmread(src)
+    broken.PixelData = b"\\0" * 10  # far too short for 64 × 64 pixels
+    broken.save_as(tmp_path / "broken.dcm", enforce_file_format=True)
+    with caplog.at_level(logging.DEBUG):
+        images = {
+            name: Image.open(io.BytesIO(thumbnail_png(str(tmp_path / f"{name}.dcm"))))
+            for name in ("jpeg12", "tall", "broken")
+        }
+    assert all(im.size == (128, 128) for im in images.values())
+    assert len(set(np.asarray(images["jpeg12"].convert("L")).ravel().tolist())) > 10, (
+        "the image, not a placeholder"
+    )
+    left_edge = np.asarray(images["tall"].convert("L"))[:, :40]
+    assert not left_edge.any(), "a tall image is centred in its box, black beside it"
+    assert set(np.asarray(images["broken"]).ravel().tolist()) == {96}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.levelname for r in caplog.records if "no thumbnail" in r.getMessage()] == ["INFO"]

@@ -89,6 +89,7 @@ class Fetcher(Stage):
         self.mailbox = mailbox
         self.per_node: dict[str, int] = {}
         self.bytes_received = 0
+        self.bytes_per_node: dict[str, int] = {}
         self.fetched = 0
         self.too_large = 0
         self.failures = FetchFailures(self.storage.state / "fetch-failures.json")
@@ -196,6 +197,9 @@ class Fetcher(Stage):
                 backlog += len(raw)
                 self.per_node[str(session.node)] = self.per_node.get(str(session.node), 0) + 1
                 self.bytes_received += len(raw)
+                self.bytes_per_node[str(session.node)] = self.bytes_per_node.get(str(session.node), 0) + len(
+                    raw
+                )
                 self.wakes.ingest.set()
             await session.close()  # QUIT commits the deletions
         except BaseException as exc:

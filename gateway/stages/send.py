@@ -39,6 +39,8 @@ class Sender(Stage):
         self.deferred = 0
         self.rejected = 0
         self.bytes_sent = 0
+        self.sent_by_node: dict[tuple[str, str], int] = {}  # (node, kind: study/receipt) → mails
+        self.bytes_by_node: dict[tuple[str, str], int] = {}  # (node, kind) → bytes on the wire
 
     async def _hold(self, item: Item, reason: str) -> None:
         await asyncio.to_thread(self.outbox.move, item, QueueState.HOLD, reason=reason)
@@ -95,6 +97,10 @@ class Sender(Stage):
         # crash here: the server has the mail, the item is still active: it is sent again after restart and the
         # receiver drops the duplicate (same set id and part). At-least-once on the wire, exactly-once in storage.
         await asyncio.to_thread(self.outbox.move, item, QueueState.DONE, drop_content=True, node=str(node))
+        key = (str(node), "receipt" if is_receipt else "study")
+        self.sent_by_node[key] = self.sent_by_node.get(key, 0) + 1
+        self.bytes_by_node[key] = self.bytes_by_node.get(key, 0) + len(data)
+        self.bytes_sent += len(data)
         if is_receipt:
             await record(
                 "sent", lambda: self.catalog.set_receipt_out(str(meta["receipt"]), "sent", time.time())
@@ -103,7 +109,6 @@ class Sender(Stage):
             return
         await record("sent", lambda: self.catalog.mark_mail_sent(meta["message_id"], str(node), time.time()))
         self.sent += 1
-        self.bytes_sent += len(data)
         # the cluster answers again: mails deferred because every node failed need not wait out their backoff
         await asyncio.to_thread(self._wake_deferred)
         if int(meta.get("part", 0)) == int(meta.get("total", -1)):
