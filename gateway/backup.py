@@ -126,21 +126,38 @@ async def _mysql_snapshot(url: str, folder: Path) -> tuple[int, dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------- the set
+def _is_secret(path: Path) -> bool:
+    """A private key (PEM or an OpenPGP secret key block): never copied in the clear."""
+    head = path.read_bytes()[: 1 << 16]
+    return b"PRIVATE KEY-----" in head or b"PGP PRIVATE KEY BLOCK" in head
+
+
+def _ref_name(key: tuple[str | int, ...], path: Path) -> str:
+    """The file's name inside the set: where the configuration names it, e.g. `partners-0-smime_cert.pem`."""
+    return "-".join(str(k) for k in key) + "".join(path.suffixes[-2:])
+
+
+def config_refs(settings: Settings) -> list[dict[str, Any]]:
+    """Every file the configuration names (derived from what the configuration reader read as a file, so a new
+    setting can never be forgotten): its key in the document, its name in the set, where it was, and whether it
+    is a private key."""
+    return [
+        {
+            "key": list(ref.key),
+            "file": _ref_name(ref.key, ref.path),
+            "original": str(ref.path),
+            "secret": _is_secret(ref.path),
+        }
+        for ref in settings.file_refs
+    ]
+
+
 def _config_files(settings: Settings) -> dict[str, Path]:
-    """Configuration and public certificate files, by name inside config/."""
+    """The configuration and every public file it names, by name inside config/."""
     files = {"gateway.toml": settings.source}
-    files["mail-client.pem"] = settings.mail.client_cert
-    files["mail-ca.pem"] = settings.mail.ca_bundle
-    files["smime.pem"] = settings.smime_cert
-    if settings.pgp is not None:
-        files["pgp-own.pub.asc"] = settings.pgp.key.with_name(settings.pgp.key.name.replace(".sec.", ".pub."))
-        if not files["pgp-own.pub.asc"].exists() or files["pgp-own.pub.asc"] == settings.pgp.key:
-            del files["pgp-own.pub.asc"]
-    for p in settings.partners:
-        if p.smime_cert is not None:
-            files[f"partner-{p.name}.pem"] = p.smime_cert
-        if p.pgp_key is not None:
-            files[f"partner-{p.name}.pgp.asc"] = p.pgp_key
+    for ref in config_refs(settings):
+        if not ref["secret"]:
+            files[ref["file"]] = Path(ref["original"])
     return files
 
 
@@ -266,11 +283,16 @@ async def run_backup(settings: Settings, now: dt.datetime | None = None) -> Back
                     f"include_private_keys needs a passphrase of 12+ characters in ${bk.passphrase_env}"
                 )
             (partial / "keys").mkdir()
-            for name, key in (
-                ("mail-client.key", settings.mail.client_key),
-                ("smime.key", settings.smime_key),
-            ):
-                (partial / "keys" / name).write_bytes(_encrypted_key(key, passphrase))
+            for ref in config_refs(settings):
+                if ref["secret"]:
+                    key = Path(ref["original"])
+                    # an OpenPGP secret key is kept as it is: it is protected by its own passphrase
+                    data = (
+                        key.read_bytes()
+                        if b"PGP PRIVATE" in key.read_bytes()
+                        else _encrypted_key(key, passphrase)
+                    )
+                    (partial / "keys" / ref["file"]).write_bytes(data)
         (partial / "queues.json").write_text(json.dumps(_queue_metadata(settings), default=str))
         info = {
             "gateway": settings.name,
@@ -279,6 +301,7 @@ async def run_backup(settings: Settings, now: dt.datetime | None = None) -> Back
             "backend": "sqlite" if settings.catalog_is_sqlite else "mysql",
             "rows": counts,
             "config_paths": {name: str(p) for name, p in _config_files(settings).items()},
+            "config_refs": config_refs(settings),
         }
         files, size = await asyncio.to_thread(_write_manifest, partial, info)
         os.rename(partial, folder)
@@ -346,12 +369,68 @@ async def restore(
                 counts[table] = n
     finally:
         await catalog.close()
-    for name, original in manifest.get("config_paths", {}).items():
-        target = (config_to / name) if config_to else Path(original)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists() or force:
-            shutil.copy2(folder / "config" / name, target)
+    if config_to is not None and manifest.get("config_refs") is not None:
+        await asyncio.to_thread(_config_into, folder, manifest, config_to, database_url, force)
+    else:
+        for name, original in manifest.get("config_paths", {}).items():
+            target = (config_to / name) if config_to else Path(original)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists() or force:
+                shutil.copy2(folder / "config" / name, target)
     return counts
+
+
+def _config_into(
+    folder: Path, manifest: dict[str, Any], config_to: Path, database_url: str, force: bool
+) -> None:
+    """Write the configuration and its files below `config_to`, the configuration's paths rewritten to them
+    (and its catalog URL to `database_url`), so that `run -c config_to/gateway.toml` starts as restored. Private
+    keys come from keys/ (decrypted with the backup passphrase) when the set has them; otherwise the
+    configuration keeps their original paths, where the operator must put them back."""
+    import tomllib
+
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.core import tomlfile
+
+    target = config_to / "gateway.toml"
+    if target.exists() and not force:
+        raise BackupError(f"{target} exists; restore refuses to overwrite it (--force)")
+    config_to.mkdir(parents=True, exist_ok=True)
+    text = (folder / "config" / "gateway.toml").read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    passphrase_env = data.get("backup", {}).get("passphrase_env", "DMG_BACKUP_PASSPHRASE")
+    for ref in manifest["config_refs"]:
+        new = config_to / ref["file"]
+        if not ref["secret"]:
+            shutil.copy2(folder / "config" / ref["file"], new)
+        elif (folder / "keys" / ref["file"]).exists():
+            raw = (folder / "keys" / ref["file"]).read_bytes()
+            if b"PGP PRIVATE" not in raw:
+                passphrase = os.environ.get(passphrase_env, "").encode()
+                if not passphrase:
+                    raise BackupError(f"the set holds encrypted private keys: set ${passphrase_env}")
+                try:
+                    key = serialization.load_pem_private_key(raw, passphrase)
+                except ValueError:
+                    raise BackupError(f"${passphrase_env} does not decrypt the private keys") from None
+                raw = key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+        else:
+            continue  # the key stays where the configuration said
+        table: Any = data
+        for part in ref["key"][:-1]:
+            table = table[part]
+        table[ref["key"][-1]] = str(new)
+    data.setdefault("database", {})["url"] = database_url
+    (config_to / "gateway.toml.backed-up").write_text(text, encoding="utf-8")  # with its comments, as it was
+    target.write_text(tomlfile.dumps(data), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- schedule

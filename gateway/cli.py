@@ -341,6 +341,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"restore refused: {exc}", file=sys.stderr)
         return 1
     print(f"restored {manifest['gateway']} from {folder.name} into {url.split('://')[0]}: {counts}")
+    if args.config_to:
+        restored = Path(args.config_to) / "gateway.toml"
+        try:
+            config.load(restored)
+        except (
+            ConfigError
+        ) as exc:  # e.g. a private key that was not in the set and is not back at its path yet
+            print(f"the restored configuration does not start yet: {exc}", file=sys.stderr)
+            return 1
+        print(f"configuration: {restored} (start with: dicom-mail-gateway run -c {restored})")
     return 0
 
 

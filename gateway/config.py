@@ -233,6 +233,7 @@ class Settings:
     pacs: tuple[Pacs, ...] = ()
     keep_days_after_pacs: float = 7.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    file_refs: tuple[FileRef, ...] = field(default=(), compare=False)  # every file it names (backup, restore)
 
     def partner_by_ae(self, ae_title: str) -> Partner | None:
         """The partner a Called AE Title routes to, if any."""
@@ -274,14 +275,31 @@ class Settings:
         return self.database_url.startswith("sqlite:")
 
 
+@dataclass(frozen=True)
+class FileRef:
+    """A file the configuration names: where in the document (e.g. ("partners", 0, "smime_cert")), and which."""
+
+    key: tuple[str | int, ...]
+    path: Path
+
+
 class _Reader:
     """Walks one TOML table, remembering which keys were read so unknown ones can be refused."""
 
-    def __init__(self, file: Path, prefix: str, table: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        file: Path,
+        prefix: str,
+        table: dict[str, Any],
+        refs: list[FileRef] | None = None,
+        where: tuple[str | int, ...] = (),
+    ) -> None:
         self.file = file
         self.prefix = prefix
         self.table = table
         self.seen: set[str] = set()
+        self.refs: list[FileRef] = [] if refs is None else refs  # every file the configuration names
+        self.where = where  # this table's place in the document
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -318,7 +336,13 @@ class _Reader:
             p = (self.file.parent / p).resolve()
         if must_exist and not p.exists():
             raise self.fail(name, f"file not found: {p}")
+        if must_exist:
+            self.refs.append(FileRef((*self.where, name), p))
         return p
+
+    def within(self, name: str | int, prefix: str, table: dict[str, Any]) -> _Reader:
+        """A reader for a table inside this one (sharing the record of file references)."""
+        return _Reader(self.file, prefix, table, self.refs, (*self.where, name))
 
     def table_of(self, name: str, required: bool = True) -> _Reader:
         self.seen.add(name)
@@ -329,7 +353,7 @@ class _Reader:
             value = {}
         if not isinstance(value, dict):
             raise self.fail(name, "must be a table")
-        return _Reader(self.file, self.key(name), value)
+        return self.within(name, self.key(name), value)
 
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
@@ -683,7 +707,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     for i, entry in enumerate(root.get("pacs", list, [])):
         if not isinstance(entry, dict):
             raise root.fail(f"pacs[{i}]", "must be a table ([[pacs]])")
-        pr = _Reader(file, f"pacs[{i}]", entry)
+        pr = root.within("pacs", f"pacs[{i}]", entry).within(i, f"pacs[{i}]", entry)
         node = Pacs(
             name=pr.get(
                 "name",
@@ -720,7 +744,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     for i, entry in enumerate(partners_raw):
         if not isinstance(entry, dict):
             raise root.fail(f"partners[{i}]", "must be a table ([[partners]])")
-        p = _Reader(file, f"partners[{i}]", entry)
+        p = root.within("partners", f"partners[{i}]", entry).within(i, f"partners[{i}]", entry)
         partner = _partner(p, file)
         p.done()
         for other in partners:
@@ -740,6 +764,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     root.done()
 
     return Settings(
+        file_refs=tuple(root.refs),
         source=file,
         name=name,
         ae_title=ae_title,

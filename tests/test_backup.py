@@ -15,8 +15,10 @@ from gateway import backup, config
 from gateway.catalog import InstanceRecord, open_catalog
 from gateway.core.dicominfo import read_info
 from gateway.core.states import MailState
+from gateway.devtools import orthanc as orthanc_peer
+from gateway.devtools.process import GatewayProcess
 from gateway.devtools.studies import make_study
-from tests.conftest import write_config
+from tests.conftest import free_port, storescu, wait_for, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,8 +110,17 @@ async def test_backup_wipe_restore_is_identical(
     assert counts["transfers"] == 1 and counts["pacs_forwards"] == 2 and counts["receipts_out"] == 1
     after = await dump(target)
     assert after == before, "catalog rows and transfer history identical after restore"
-    assert (restored / "gateway.toml").read_bytes() == settings.source.read_bytes()
-    assert (restored / "partner-gateway-b.pem").read_bytes() == settings.partners[0].smime_cert.read_bytes()
+    assert (restored / "gateway.toml.backed-up").read_bytes() == settings.source.read_bytes()
+    # the restored configuration names the restored files and the new catalog, and loads as it is
+    again = config.load(restored / "gateway.toml")
+    assert again.database_url == target
+    assert again.partners[0].smime_cert == restored / "partners-0-smime_cert.pem"
+    assert again.partners[0].smime_cert.read_bytes() == settings.partners[0].smime_cert.read_bytes()
+    for ref in again.file_refs:
+        private = b"PRIVATE KEY" in ref.path.read_bytes()
+        assert (ref.path.parent == restored) != private, (
+            f"{ref.key}: public files restored, keys where they were"
+        )
     with pytest.raises(backup.BackupError, match="not empty"):
         await backup.restore(result.path, target, config_to=restored)
 
@@ -173,7 +184,7 @@ async def test_private_keys_only_encrypted_and_on_request(tmp_path, pki_dir, mon
     )
     monkeypatch.setenv("TEST_BK_PW", "correct horse battery")
     result = await backup.run_backup(settings)
-    pem = (result.path / "keys" / "smime.key").read_bytes()
+    pem = (result.path / "keys" / "smime-key.key").read_bytes()
     assert b"ENCRYPTED PRIVATE KEY" in pem
     key = serialization.load_pem_private_key(pem, b"correct horse battery")
     assert (
@@ -184,7 +195,7 @@ async def test_private_keys_only_encrypted_and_on_request(tmp_path, pki_dir, mon
         .public_key()
         .public_numbers()
     )
-    assert json.loads((result.path / "manifest.json").read_text())["files"]["keys/smime.key"]["sha256"]
+    assert json.loads((result.path / "manifest.json").read_text())["files"]["keys/smime-key.key"]["sha256"]
 
 
 def test_schedule_and_outcome(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
@@ -207,3 +218,78 @@ async def test_each_set_is_also_copied_elsewhere(tmp_path, pki_dir):  # type: ig
     assert (copy / "catalog" / "instances.jsonl").read_bytes() == (
         result.path / "catalog" / "instances.jsonl"
     ).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_restored_gateway_starts_and_finishes_the_work_it_owed(mail, make_gateway, tmp_path):  # type: ignore[no-untyped-def]
+    """B has stored a study from A while its PACS is down: the forwards are pending and the receipt to A waits for
+    the PACS. B's catalog is lost. `restore SET --database-url NEW --config-to DIR` (as an operator types it)
+    gives a configuration that starts as it is; the restored B forwards to the PACS once it is up and sends A the
+    receipt it owed, and A shows the transfer confirmed."""
+    pacs_port = free_port()
+    pacs = (
+        f'[[pacs]]\nname = "orthanc"\nhost = "127.0.0.1"\nport = {pacs_port}\nae_title = "ORTHANC"\n'
+        "max_attempts = 1000\nretry_base = 1\ntimeout = 5\n"
+    )
+    b = make_gateway("gateway-b", [("gateway-a", "gateway-a", "TO_A")], poll_interval=1, tail=pacs)
+    a = make_gateway("gateway-a", [("gateway-b", "gateway-b", "TO_B")], stability_delay=1, poll_interval=1)
+    b.start()
+    a.start()
+    make_study(tmp_path / "s", ct=2, mr=1, sc=0, size=16)
+    assert storescu(a.port, "TO_B", tmp_path / "s").returncode == 0
+
+    def retrying(gw) -> bool:  # type: ignore[no-untyped-def]
+        rows = json.loads(gw.cli("status", "--json"))["pacs_forwards"]
+        return sum(r["count"] for r in rows if r["state"] == "retry") == 3
+
+    wait_for(lambda: retrying(b), 120, 1, "B stored the study and cannot reach its PACS")
+    assert "backup" in b.cli("backup").lower()
+    b.stop()
+    (b.d_root / "catalog.sqlite").unlink()  # the catalog is lost; D: with the instances is still there
+    sets = sorted(p for p in (b.config.parent / "e" / "backup").iterdir() if p.is_dir())
+    site = tmp_path / "restored-b"
+    new_db = f"sqlite:///{tmp_path / 'restored-b.sqlite'}"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "restore",
+            str(sets[-1]),
+            "--database-url",
+            new_db,
+            "--config-to",
+            str(site),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"run -c {site / 'gateway.toml'}" in r.stdout
+    restored = GatewayProcess("gateway-b", site / "gateway.toml", b.port, site / "gateway.log", b.d_root)
+    peer = orthanc_peer.start(tmp_path / "orthanc", dicom_port=pacs_port)
+    try:
+        restored.start()
+        wait_for(
+            lambda: (
+                {
+                    (f["state"], f["count"])
+                    for f in json.loads(restored.cli("status", "--json"))["pacs_forwards"]
+                }
+                == {("accepted", 3)}
+            ),
+            120,
+            1,
+            "the pending forwards completed after the restore",
+        )
+        assert len(json.loads(peer.rest("/instances"))) == 3
+        wait_for(
+            lambda: json.loads(a.cli("status", "--json"))["transfers"][0]["receipt"] == "confirmed",
+            120,
+            1,
+            "the receipt B owed reached A",
+        )
+    finally:
+        restored.stop()
+        peer.stop()

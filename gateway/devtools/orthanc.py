@@ -37,9 +37,11 @@ class Orthanc:
         self.proc.wait(30)
 
 
-def start(folder: Path, extra: dict[str, Any] | None = None, timeout: float = 60) -> Orthanc:
+def start(
+    folder: Path, extra: dict[str, Any] | None = None, timeout: float = 60, dicom_port: int | None = None
+) -> Orthanc:
     """Start Orthanc (AE ORTHANC, TCP_NODELAY, no authentication, loopback only) and wait for its REST API."""
-    dicom_port, http_port = _free_port(), _free_port()
+    dicom_port, http_port = dicom_port or _free_port(), _free_port()
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "dmg-peer",
