@@ -67,10 +67,28 @@ def _collect(paths: list[str]) -> list[Path]:
     return files
 
 
+class _Progress:
+    """One self-overwriting line on a terminal (stderr), at most five times a second; nothing when not a TTY."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.on = sys.stderr.isatty()
+        self.shown = 0.0
+
+    def show(self, done: int, size: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.on or (not final and now - self.shown < 0.2):
+            return
+        self.shown = now
+        print(
+            f"\r  {done}/{self.total} files, {size / 1e6:.1f} MB", end="\n" if final else "", file=sys.stderr
+        )
+
+
 async def _send(settings: config.Settings, partner: str, paths: list[str]) -> int:
     from gateway.catalog import InstanceRecord, open_catalog
     from gateway.core.dicominfo import NotDicomError, read_info
-    from gateway.storage import Storage, StoreOutcome
+    from gateway.storage import DiskFullError, Storage, StoreOutcome
 
     target = settings.partner_by_name(partner)
     if target is None:
@@ -79,28 +97,40 @@ async def _send(settings: config.Settings, partner: str, paths: list[str]) -> in
             file=sys.stderr,
         )
         return 2
-    storage = Storage(settings.d_root)
+    storage = Storage(settings.d_root, settings.min_free, settings.min_free_inodes)
     # never clean tmp/ here: a running gateway's in-flight C-STORE files and staging are there. Like one of its
     # receiver processes, `send` only adds instances (each placed with link(), safe beside other writers).
     storage.prepare(clean_tmp=False)
+    files = list(_collect(paths))
+    progress = _Progress(len(files))
+    started = time.monotonic()
     catalog = await open_catalog(settings.database_url)
     try:
         records = []
-        skipped = 0
-        for f in _collect(paths):
+        skipped = conflicts = already = size = 0
+        for n, f in enumerate(files, start=1):
             try:
                 info = read_info(f)
             except NotDicomError as exc:
                 skipped += 1
-                print(f"skipped {f}: {exc}", file=sys.stderr)
+                print(f"\rskipped {f}: {exc}", file=sys.stderr)
                 continue
-            result = storage.store_bytes(f.read_bytes(), info)
+            try:
+                storage.check_room()
+                result = await asyncio.to_thread(storage.store_copy, f, info)
+            except DiskFullError as exc:
+                print(f"\rstopped at {f}: {exc}; nothing was queued", file=sys.stderr)
+                return 1
             if result.outcome is StoreOutcome.CONFLICT:
+                conflicts += 1
                 print(
-                    f"skipped {f}: an instance with its UID and other content is already stored",
+                    f"\rskipped {f}: an instance with its UID and another dataset is already stored "
+                    f"(kept aside in {storage.conflicts})",
                     file=sys.stderr,
                 )
                 continue
+            already += result.outcome is StoreOutcome.DUPLICATE
+            size += result.size
             records.append(
                 InstanceRecord(
                     info,
@@ -113,6 +143,8 @@ async def _send(settings: config.Settings, partner: str, paths: list[str]) -> in
                     time.time(),
                 )
             )
+            progress.show(n, size)
+        progress.show(len(files), size, final=True)
         if not records:
             print("nothing to send", file=sys.stderr)
             return 1
@@ -121,10 +153,13 @@ async def _send(settings: config.Settings, partner: str, paths: list[str]) -> in
             by_study.setdefault(r.info.study_uid, []).append(r)
         for study, group in by_study.items():
             tid = uuid.uuid4().hex
-            n = await catalog.enqueue_manual(group, tid, target.name, time.time())
-            print(f"transfer {tid}: {n} instances of study {study} queued for {target.name}")
-        if skipped:
-            print(f"{skipped} files were not DICOM and were skipped", file=sys.stderr)
+            count = await catalog.enqueue_manual(group, tid, target.name, time.time())
+            print(f"transfer {tid}: {count} instances of study {study} queued for {target.name}")
+        print(
+            f"{len(records)} instances ({size / 1e6:.1f} MB, {already} of them already stored here) in "
+            f"{len(by_study)} studies queued for {target.name} in {time.monotonic() - started:.1f} s; "
+            f"{skipped} files not DICOM, {conflicts} conflicts"
+        )
         return 0
     finally:
         await catalog.close()

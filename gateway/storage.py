@@ -288,6 +288,25 @@ class Storage:
             os.fsync(f.fileno())
         return self._place(info, tmp, *digest)
 
+    def store_copy(self, src: Path, info: InstanceInfo) -> StoreResult:
+        """Store a copy of a file (the `send` command): streamed in chunks and hashed on the way, never whole in
+        memory."""
+        tmp = self.tmp / f".cp.{_safe(info.sop_instance_uid)}.{os.getpid()}.{threading.get_ident()}.tmp"
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with src.open("rb") as fin, tmp.open("wb") as fout:
+                while chunk := fin.read(_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                    fout.write(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return self._place(info, tmp, h.hexdigest(), size)
+
     def store_bytes(self, data: bytes, info: InstanceInfo) -> StoreResult:
         """Store an instance held in memory (the mail ingest path)."""
         tmp = self.tmp / f".in.{_safe(info.sop_instance_uid)}.{os.getpid()}.{threading.get_ident()}.tmp"

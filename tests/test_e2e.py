@@ -146,8 +146,19 @@ def test_send_command_and_permanent_rejection(mail, mariadb_url, make_gateway, t
     (tmp_path / "study" / "notes.txt").write_text("not DICOM")
     out = a.cli("send", "--to", "gateway-b", str(tmp_path / "study"))
     assert "10 instances" in out
+    assert "0 of them already stored here) in 1 studies queued for gateway-b" in out
+    assert "1 files not DICOM, 0 conflicts" in out
     wait_for(lambda: transfers(b, "in", "complete"), 120, 1, "the hand-sent study at B")
     assert_delivered_identically(a, b, sources)
+
+    # the modality's original files of a study A already received (its SCP wrote another file meta header):
+    # the same instances, no conflict
+    again = make_study(tmp_path / "again", ct=2, mr=1, sc=0, size=16)
+    assert storescu(a.port, "TO_B", tmp_path / "again").returncode == 0
+    out = a.cli("send", "--to", "gateway-b", str(tmp_path / "again"))
+    assert "3 instances (" in out and "3 of them already stored here" in out and "0 conflicts" in out
+    assert json.loads(a.cli("status", "--json"))["conflicts"] == []
+    assert not list((a.d_root / "conflicts").glob("*.dcm"))
 
     a.cli("send", "--to", "ghost", str(sources[0]))
     failed = wait_for(
