@@ -153,7 +153,7 @@ def test_send_command_and_permanent_rejection(mail, mariadb_url, make_gateway, t
 
     # the modality's original files of a study A already received (its SCP wrote another file meta header):
     # the same instances, no conflict
-    again = make_study(tmp_path / "again", ct=2, mr=1, sc=0, size=16)
+    make_study(tmp_path / "again", ct=2, mr=1, sc=0, size=16)
     assert storescu(a.port, "TO_B", tmp_path / "again").returncode == 0
     out = a.cli("send", "--to", "gateway-b", str(tmp_path / "again"))
     assert "3 instances (" in out and "3 of them already stored here" in out and "0 conflicts" in out
