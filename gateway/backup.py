@@ -23,18 +23,15 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import subprocess
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from gateway.catalog import MIGRATIONS, TABLES, open_catalog
-from gateway.catalog.db import _plain
+from gateway.catalog import MIGRATIONS, TABLES, open_catalog, snapshot
 from gateway.config import Settings
 from gateway.storage import fsync_dir, sha256_file
 
@@ -58,71 +55,13 @@ class BackupResult:
     removed: list[str]
 
 
+def _read_rows(src: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()]
+
+
 def backup_root(settings: Settings) -> Path:
     """Where backup sets live."""
     return settings.e_root / "backup"
-
-
-# ---------------------------------------------------------------------------------------------- snapshot
-def _write_rows(folder: Path, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> int:
-    with (folder / f"{table}.jsonl").open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(
-                json.dumps(dict(zip(columns, (_plain(v) for v in row), strict=True)), separators=(",", ":"))
-            )
-            f.write("\n")
-    return len(rows)
-
-
-def _sqlite_snapshot(db_path: Path, folder: Path, file_copy: Path) -> tuple[int, dict[str, int]]:
-    """All tables from one read transaction (WAL: writers go on), plus a copy via the online backup API."""
-    con = sqlite3.connect(str(db_path))
-    try:
-        con.execute("BEGIN")
-        version = int(con.execute("SELECT version FROM schema_version").fetchone()[0])
-        counts = {}
-        for table in TABLES:
-            cur = con.execute(f"SELECT * FROM {table}")
-            counts[table] = _write_rows(folder, table, [d[0] for d in cur.description], cur.fetchall())
-        con.execute("COMMIT")
-        dst = sqlite3.connect(str(file_copy))
-        try:
-            con.backup(dst)
-        finally:
-            dst.close()
-    finally:
-        con.close()
-    return version, counts
-
-
-async def _mysql_snapshot(url: str, folder: Path) -> tuple[int, dict[str, int]]:
-    """All tables from one consistent InnoDB snapshot (the equivalent of mariadb-dump --single-transaction)."""
-    import aiomysql
-
-    u = urllib.parse.urlsplit(url)
-    conn = await aiomysql.connect(
-        host=u.hostname or "127.0.0.1",
-        port=u.port or 3306,
-        user=urllib.parse.unquote(u.username or "root"),
-        password=urllib.parse.unquote(u.password or ""),
-        db=u.path.lstrip("/"),
-    )
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            await cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
-            await cur.execute("SELECT version FROM schema_version")
-            version = int((await cur.fetchone())[0])
-            counts = {}
-            for table in TABLES:
-                await cur.execute(f"SELECT * FROM {table}")
-                columns = [d[0] for d in cur.description]
-                rows = list(await cur.fetchall())
-                counts[table] = await asyncio.to_thread(_write_rows, folder, table, columns, rows)
-            await cur.execute("COMMIT")
-    finally:
-        conn.close()
-    return version, counts
 
 
 # ---------------------------------------------------------------------------------------------- the set
@@ -269,10 +208,10 @@ async def run_backup(settings: Settings, now: dt.datetime | None = None) -> Back
         if settings.catalog_is_sqlite:
             db_path = Path(settings.database_url[len("sqlite:///") :])
             version, counts = await asyncio.to_thread(
-                _sqlite_snapshot, db_path, partial / "catalog", partial / "catalog.sqlite"
+                snapshot.sqlite_snapshot, db_path, partial / "catalog", partial / "catalog.sqlite"
             )
         else:
-            version, counts = await _mysql_snapshot(settings.database_url, partial / "catalog")
+            version, counts = await snapshot.mysql_snapshot(settings.database_url, partial / "catalog")
         for name, src in _config_files(settings).items():
             shutil.copy2(src, partial / "config" / name)
         bk = settings.backup
@@ -348,25 +287,14 @@ async def restore(
     catalog = await open_catalog(database_url)
     counts: dict[str, int] = {}
     try:
-        for table in TABLES:
-            row = await catalog.db.fetchone(f"SELECT COUNT(*) FROM {table}")
-            if row and row[0] and not force:
-                raise BackupError(
-                    f"the target catalog is not empty ({table} has rows); restore refuses to mix"
-                )
-        async with catalog.db.transaction() as tx:
-            for table in TABLES:
-                src = folder / "catalog" / f"{table}.jsonl"
-                n = 0
-                for line in src.read_text(encoding="utf-8").splitlines():
-                    record = json.loads(line)
-                    cols = list(record)
-                    await tx.execute(
-                        f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
-                        [record[c] for c in cols],
-                    )
-                    n += 1
-                counts[table] = n
+        occupied = await catalog.first_table_with_rows()
+        if occupied is not None and not force:
+            raise BackupError(
+                f"the target catalog is not empty ({occupied} has rows); restore refuses to mix"
+            )
+        counts = await catalog.load_rows(
+            {table: _read_rows(folder / "catalog" / f"{table}.jsonl") for table in TABLES}
+        )
     finally:
         await catalog.close()
     if config_to is not None and manifest.get("config_refs") is not None:

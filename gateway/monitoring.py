@@ -371,37 +371,9 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
     try:
         catalog = await open_catalog(settings.database_url)
         try:
-            row = await catalog.db.fetchone(
-                "SELECT COUNT(*) FROM instances WHERE received_at > ?", (now - 86400,)
-            )
-            recent = int(row[0]) if row else 0
-            row = await catalog.db.fetchone(
-                "SELECT COUNT(*) FROM transfers WHERE direction = 'out' AND state = 'failed' AND updated_at > ?",
-                (now - 7 * 86400,),
-            )
-            failed = int(row[0]) if row else 0
-            for state, count in await catalog.db.fetchall(
-                "SELECT state, COUNT(*) FROM pacs_forwards GROUP BY state"
-            ):
-                forwards[str(state)] = int(count)
-            # inbound sets still missing parts after the reassembly deadline
-            row = await catalog.db.fetchone(
-                "SELECT COUNT(*) FROM transfers WHERE direction = 'in' AND state = 'receiving' AND created_at < ?",
-                (now - settings.mail.reassembly_deadline,),
-            )
-            stuck_in = int(row[0]) if row else 0
-            for receipt, count in await catalog.db.fetchall(
-                "SELECT receipt, COUNT(*) FROM transfers WHERE direction = 'out' AND receipt IS NOT NULL "
-                "AND updated_at > ? GROUP BY receipt",
-                (now - 7 * 86400,),
-            ):
-                receipts[str(receipt)] = int(count)
-            row = await catalog.db.fetchone(
-                "SELECT COUNT(*) FROM transfers WHERE direction = 'out' AND receipt_conflict IS NOT NULL "
-                "AND receipt_at > ?",
-                (now - 7 * 86400,),
-            )
-            receipts["contradicted"] = int(row[0]) if row else 0
+            counts = await catalog.monitoring_counts(now, settings.mail.reassembly_deadline)
+            recent, failed, stuck_in = counts["recent"], counts["failed"], counts["stuck_in"]
+            forwards, receipts = counts["forwards"], counts["receipts"]
         finally:
             await catalog.close()
     except Exception as exc:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import backup, monitoring
+from gateway import backup, metrics, monitoring
 from gateway.adapters.imap import ImapCluster
 from gateway.adapters.pop3 import Pop3Cluster
 from gateway.adapters.smtp import SmtpCluster
@@ -210,8 +210,7 @@ class Gateway(SharesContext):
             + self.outbox.items(QueueState.CORRUPT)
         ):
             mid = str(item.meta.get("message_id", ""))
-            row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (mid,))
-            if row is None or row[0] != MailState.QUEUED.value:
+            if await self.catalog.mail_state(mid) != MailState.QUEUED.value:
                 continue
             if item.state is QueueState.DONE:
                 await self.catalog.mark_mail_sent(mid, str(item.meta.get("node", "")), now)
@@ -224,12 +223,13 @@ class Gateway(SharesContext):
                     item.id, f"spool/inbox/{item.id}", int(item.meta.get("size", 0)), now
                 ):
                     fixed += 1
-                if state in (QueueState.HOLD, QueueState.CORRUPT):
-                    row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (item.id,))
-                    if row is not None and row[0] == MailState.FETCHED.value:
-                        reason = str(item.meta.get("reason", "set aside"))
-                        await self.catalog.finish_in_mail(item.id, MailState.QUARANTINED, now, error=reason)
-                        fixed += 1
+                if (
+                    state in (QueueState.HOLD, QueueState.CORRUPT)
+                    and await self.catalog.mail_state(item.id) == MailState.FETCHED.value
+                ):
+                    reason = str(item.meta.get("reason", "set aside"))
+                    await self.catalog.finish_in_mail(item.id, MailState.QUARANTINED, now, error=reason)
+                    fixed += 1
         return fixed
 
     async def reconcile_storage(self) -> dict[str, int]:
@@ -239,14 +239,8 @@ class Gateway(SharesContext):
             return {self.storage.relative(p) for p in self.storage.images.rglob("*.dcm")}
 
         on_disk = await asyncio.to_thread(files)
-        rows = {
-            str(r[0])
-            for r in await self.catalog.db.fetchall("SELECT path FROM instances WHERE purged_at IS NULL")
-        }
-        purged = {
-            str(r[0])
-            for r in await self.catalog.db.fetchall("SELECT path FROM instances WHERE purged_at IS NOT NULL")
-        }
+        rows = await self.catalog.instance_paths(purged=False)
+        purged = await self.catalog.instance_paths(purged=True)
         for path in on_disk & purged - rows:  # a purge interrupted between the catalog and the unlink
             (self.storage.root / path).unlink(missing_ok=True)
         on_disk -= purged - rows
@@ -375,6 +369,7 @@ class Gateway(SharesContext):
 
     async def run(self) -> None:
         """Run every stage until `stopping` is set."""
+        collector = metrics.attach(self)
         try:
             async with asyncio.TaskGroup() as tg:
                 # the stages that must run as long as the gateway does (watched by /healthz)
@@ -417,6 +412,7 @@ class Gateway(SharesContext):
         except* _Stop:
             pass
         finally:
+            metrics.detach(collector)
             self.scp.stop()
             self.packager.close()
             await self.catalog.close()

@@ -8,8 +8,10 @@ client certificate.
 from __future__ import annotations
 
 import ssl
+from typing import TYPE_CHECKING
 
-from gateway.config import DicomTls, MailSettings
+if TYPE_CHECKING:  # config validates by building contexts here; types only, so no import circle
+    from gateway.config import DicomTls, MailSettings
 
 
 def mail_client_context(mail: MailSettings) -> ssl.SSLContext:

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import generate_latest
 
 from gateway import backup
+from gateway.metrics import REGISTRY
 from gateway.report import outcome_text
 
 if TYPE_CHECKING:
@@ -44,87 +44,6 @@ log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "dmg_session"
 SESSION_SECONDS = 12 * 3600.0
-
-REGISTRY = CollectorRegistry()
-TRANSFER_LATENCY = Histogram(
-    "dmg_transfer_latency_seconds",
-    "From packaging a transfer to the server's 250 for its last mail",
-    buckets=(1, 5, 15, 30, 60, 120, 300, 900, 3600, 14400),
-    registry=REGISTRY,
-)
-
-
-class GatewayCollector:
-    """Counters and gauges read from the running gateway at scrape time (no patient data: counts only)."""
-
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-
-    def collect(self) -> Any:
-        gw = self.gw
-        c = CounterMetricFamily("dmg_instances_received", "DICOM instances acknowledged to modalities")
-        c.add_metric([], gw.intake.received)
-        yield c
-        c = CounterMetricFamily(
-            "dmg_mails_sent",
-            "Mails accepted by an SMTP node, by kind (study, receipt)",
-            labels=["node", "kind"],
-        )
-        for (smtp_node, kind), n in sorted(gw.sender.sent_by_node.items()):
-            c.add_metric([smtp_node, kind], n)
-        yield c
-        c = CounterMetricFamily("dmg_mails_received", "Mails fetched from a mailbox node", labels=["node"])
-        for mailbox_node, n in gw.fetcher.per_node.items():
-            c.add_metric([mailbox_node], n)
-        yield c
-        c = CounterMetricFamily(
-            "dmg_bytes",
-            "Mail bytes on the wire, by direction, node and kind",
-            labels=["direction", "node", "kind"],
-        )
-        for (smtp_node, kind), n in sorted(gw.sender.bytes_by_node.items()):
-            c.add_metric(["out", smtp_node, kind], n)
-        for mailbox_node, n in sorted(gw.fetcher.bytes_per_node.items()):
-            c.add_metric(["in", mailbox_node, "any"], n)
-        yield c
-        c = CounterMetricFamily(
-            "dmg_mail_node_failures", "Failed attempts per mail node", labels=["protocol", "node"]
-        )
-        for proto, pool in (
-            ("smtp", gw.sender.smtp.pool),
-            (gw.settings.mail.protocol, gw.fetcher.mailbox.pool),
-        ):
-            for node, h in pool.health.items():
-                c.add_metric([proto, str(node)], h.failures)
-        yield c
-        c = CounterMetricFamily("dmg_errors", "Errors by kind", labels=["kind"])
-        c.add_metric(["dicom_refused"], gw.scp.refused)
-        c.add_metric(["dicom_conflict"], gw.intake.conflicts)
-        c.add_metric(["mail_quarantined"], gw.ingester.quarantined)
-        c.add_metric(["mail_deferred"], gw.sender.deferred)
-        c.add_metric(["mail_rejected"], gw.sender.rejected)
-        yield c
-        g = GaugeMetricFamily("dmg_queue_depth", "Queue items by state", labels=["queue", "state"])
-        for name, spool in (("outbox", gw.outbox), ("inbox", gw.inbox)):
-            for state, n in spool.counts().items():
-                g.add_metric([name, state], n)
-        yield g
-        g = GaugeMetricFamily("dmg_free_bytes", "Free bytes on the working volume D:")
-        g.add_metric([], gw.storage.free_bytes())
-        yield g
-        inodes = gw.storage.free_inodes()
-        if inodes is not None:
-            g = GaugeMetricFamily("dmg_free_inodes", "Free inodes on the working volume D:")
-            g.add_metric([], inodes)
-            yield g
-        g = GaugeMetricFamily(
-            "dmg_event_loop_max_block_seconds", "Longest the event loop was blocked since start"
-        )
-        g.add_metric([], gw.loop_watch.max_block)
-        yield g
-        c = CounterMetricFamily("dmg_event_loop_blocks", "Times the event loop was blocked for over 100 ms")
-        c.add_metric([], gw.loop_watch.blocks_over_100ms)
-        yield c
 
 
 def _e(value: object) -> str:
@@ -171,7 +90,6 @@ class WebApp:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.settings = gw.settings.web
-        REGISTRY.register(GatewayCollector(gw))  # one gateway per process
         self.app = web.Application(middlewares=[self._auth])
         self.app.add_routes(
             [
@@ -346,10 +264,10 @@ class WebApp:
 
     async def thumb(self, request: web.Request) -> web.Response:
         sop = request.match_info["sop"]
-        row = await self.gw.catalog.db.fetchone("SELECT path FROM instances WHERE sop_uid = ?", (sop,))
-        if row is None:
+        path = await self.gw.catalog.instance_path(sop)
+        if path is None:
             raise web.HTTPNotFound()
-        png = await asyncio.to_thread(thumbnail_png, str(self.gw.storage.root / str(row[0])))
+        png = await asyncio.to_thread(thumbnail_png, str(self.gw.storage.root / path))
         # a patient image: never kept by the browser or a proxy
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
 
@@ -368,27 +286,9 @@ class WebApp:
         raise web.HTTPSeeOther("/#quarantine")
 
     async def _studies(self) -> list[dict[str, Any]]:
-        db = self.gw.catalog.db
-        studies = await db.fetchall(
-            """SELECT s.study_uid, s.last_received, COUNT(i.sop_uid), MIN(i.source)
-               FROM studies s JOIN instances i ON i.study_uid = s.study_uid
-               GROUP BY s.study_uid, s.last_received ORDER BY s.last_received DESC LIMIT 10"""
-        )
         out = []
-        for study_uid, last, count, source in studies:
-            series = await db.fetchall(
-                """SELECT i.series_uid, MAX(se.modality), COUNT(*), MIN(i.sop_uid) FROM instances i
-                   LEFT JOIN series se ON se.series_uid = i.series_uid WHERE i.study_uid = ?
-                   GROUP BY i.series_uid ORDER BY i.series_uid""",
-                (study_uid,),
-            )
-            entry: dict[str, Any] = {
-                "uid": study_uid,
-                "last": last,
-                "count": count,
-                "source": source,
-                "series": series,
-            }
+        for entry in await self.gw.catalog.recent_studies(10):
+            series = entry["series"]
             if self.settings.show_patient_data and series:
                 entry["patient"] = await asyncio.to_thread(self._patient, str(series[0][3]))
             out.append(entry)

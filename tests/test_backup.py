@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gateway import backup, config
+from gateway import backup, catalog, config
 from gateway.catalog import InstanceRecord, open_catalog
 from gateway.core.dicominfo import read_info
 from gateway.core.states import MailState
@@ -80,9 +80,9 @@ async def dump(url: str) -> dict[str, list[tuple[object, ...]]]:
             names = await cat.db.fetchall(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
             )
-        assert {str(n[0]) for n in names} - {"schema_version"} == set(backup.TABLES)
+        assert {str(n[0]) for n in names} - {"schema_version"} == set(catalog.TABLES)
         return {
-            t: sorted(tuple(r) for r in await cat.db.fetchall(f"SELECT * FROM {t}")) for t in backup.TABLES
+            t: sorted(tuple(r) for r in await cat.db.fetchall(f"SELECT * FROM {t}")) for t in catalog.TABLES
         }
     finally:
         await cat.close()

@@ -133,8 +133,7 @@ class Fetcher(Stage):
         key = await asyncio.to_thread(self._hold_headers, uid, head, size, node, cap)
         now = time.time()
         await self.catalog.record_in_mail(key, f"spool/inbox/{key}", size, now)
-        row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (key,))
-        if row is not None and row[0] == MailState.FETCHED.value:
+        if await self.catalog.mail_state(key) == MailState.FETCHED.value:
             await self.catalog.finish_in_mail(
                 key, MailState.QUARANTINED, now, error="larger than the fetch limit"
             )

@@ -262,10 +262,10 @@ class Ingester(Stage):
 
     async def _finish_once(self, mail_id: str, state: MailState, **kw: object) -> bool:
         """finish_in_mail unless the catalog already has the outcome (a crash after it, before the disk move)."""
-        row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (mail_id,))
-        if row is None:
+        known = await self.catalog.mail_state(mail_id)
+        if known is None:
             await self.catalog.record_in_mail(mail_id, f"spool/inbox/{mail_id}", 0, time.time())
-        elif row[0] != MailState.FETCHED.value:
+        elif known != MailState.FETCHED.value:
             return False
         return await self.catalog.finish_in_mail(mail_id, state, time.time(), **kw)  # type: ignore[arg-type]
 
@@ -293,8 +293,7 @@ class Ingester(Stage):
     async def ingest(self, item: Item) -> None:
         """Ingest or quarantine one queued mail."""
         mail_id = item.id
-        row = await self.catalog.db.fetchone("SELECT state FROM mails WHERE id = ?", (mail_id,))
-        if row is not None and row[0] in _FINISHED:
+        if await self.catalog.mail_state(mail_id) in _FINISHED:
             # the catalog recorded the outcome before a crash; only the disk move was missing
             await asyncio.to_thread(self.inbox.move, item, QueueState.ACTIVE)
             self.inbox.move(self.inbox.find(mail_id) or item, QueueState.DONE, drop_content=True)

@@ -19,10 +19,10 @@ from gateway.adapters.smtp import SmtpCluster
 from gateway.core.queue import QueueState
 from gateway.core.states import retry_delay
 from gateway.errors import RejectedError, TransientError
+from gateway.metrics import TRANSFER_LATENCY
 from gateway.spool import Item
 from gateway.stages import record, wait_woken
 from gateway.stages.context import Stage, StageContext
-from gateway.web import TRANSFER_LATENCY
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,171 @@
+"""Receipts both ways: what partners' receipts said about our mails, and the receipts we owe them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.catalog.base import CatalogBase
+from gateway.core.states import TransferState, settle_receipt
+
+
+@dataclass(frozen=True)
+class ReceiptMatch:
+    """What a partner's receipt did: the transfer it answers (None: no mail we sent to that partner), whether
+    it only repeated what the partner said before, or the contradiction it was recorded as."""
+
+    transfer_id: str | None
+    replay: bool = False
+    contradiction: str | None = None
+
+
+class ReceiptsRoom(CatalogBase):
+    async def record_receipt(
+        self, partner: str, original_message_id: str, outcome: str, detail: str, now: float
+    ) -> ReceiptMatch:
+        """A partner's verified MDN for one of our mails.
+
+        It counts only for a mail we sent to that same partner (`transfer_id` None otherwise: the caller sets it
+        aside). A mail's final receipt stands (`core.states.settle_receipt`): a replay changes nothing, a
+        different later answer is recorded as a contradiction beside the first and never replaces it. The
+        transfer's receipt becomes `failed` as soon as one mail failed at the partner, `confirmed` (or
+        `warning`) when every mail of it has a positive receipt.
+        """
+        async with self.db.transaction() as tx:
+            rows = await tx.fetchall(
+                """SELECT m.transfer_id, m.receipt, m.part FROM mails m JOIN transfers t ON t.id = m.transfer_id
+                   WHERE m.direction = 'out' AND m.mdn_id = ? AND t.partner = ?""",
+                (original_message_id, partner),
+            )
+            if not rows or rows[0][0] is None:
+                return ReceiptMatch(None)
+            transfer_id = str(rows[0][0])
+            kept, contradicts = settle_receipt(rows[0][1], outcome)
+            if contradicts:
+                note = (
+                    f"mail {rows[0][2]}: the partner said {kept}, a later receipt says {outcome}"
+                    f"{': ' + detail if detail else ''}"
+                )[:1000]
+                await tx.execute(
+                    "UPDATE transfers SET receipt_conflict = ?, receipt_at = ? WHERE id = ?",
+                    (note, now, transfer_id),
+                )
+                return ReceiptMatch(transfer_id, contradiction=note)
+            if kept == rows[0][1]:
+                return ReceiptMatch(transfer_id, replay=True)
+            await tx.execute(
+                "UPDATE mails SET receipt = ?, receipt_detail = ? WHERE direction = 'out' AND mdn_id = ?",
+                (outcome, detail[:1000] or None, original_message_id),
+            )
+            marks = await tx.fetchall(
+                "SELECT mdn_id, receipt, receipt_detail, part FROM mails WHERE direction = 'out' AND transfer_id = ?",
+                (transfer_id,),
+            )
+            by_id: dict[str, tuple[str | None, str | None, int]] = {}
+            for mdn_id, receipt, receipt_detail, part in marks:
+                by_id[str(mdn_id)] = (receipt, receipt_detail, int(part or 0))
+            failed = [(p, d) for r, d, p in by_id.values() if r in ("deleted", "deleted/error")]
+            warned = [(p, d) for r, d, p in by_id.values() if r == "displayed/warning"]
+            if failed:
+                part, why = min(failed)
+                state, text = "failed", f"mail {part} failed at partner: {why or 'no reason given'}"
+            elif all(r is not None for r, _, _ in by_id.values()):
+                state, text = (
+                    ("warning", "; ".join(sorted({d or "" for _, d in warned})))
+                    if warned
+                    else ("confirmed", "")
+                )
+            else:
+                state, text = "awaited", ""
+            await tx.execute(
+                "UPDATE transfers SET receipt = ?, receipt_detail = ?, receipt_at = ? WHERE id = ?",
+                (state, text[:1000] or None, now, transfer_id),
+            )
+            return ReceiptMatch(transfer_id)
+
+    async def flag_overdue_receipts(self, deadline: float, now: float) -> int:
+        """Sent transfers still without their receipts after `deadline` seconds become `overdue`."""
+        return await self.db.execute(
+            """UPDATE transfers SET receipt = 'overdue', receipt_detail = ? WHERE direction = 'out'
+               AND state = ? AND receipt = 'awaited' AND updated_at < ?""",
+            (
+                f"no receipt from the partner within {deadline / 3600:g} h",
+                TransferState.SENT.value,
+                now - deadline,
+            ),
+        )
+
+    async def queue_receipt_out(
+        self,
+        receipt_id: str,
+        partner: str,
+        to_addr: str,
+        original_message_id: str,
+        outcome: str,
+        detail: str,
+        now: float,
+        *,
+        sop_uids: list[str] | None = None,
+        wait_for_pacs: bool = False,
+        suppressed: bool = False,
+    ) -> None:
+        """Remember a receipt we owe (idempotent: the first outcome of a mail stands). A `suppressed` one (the
+        rate limit of refusals) is recorded and never sent."""
+        await self.db.execute(
+            f"""{self.db.dialect.insert_ignore} INTO receipts_out (id, partner, to_addr, original_message_id,
+                sop_uids, outcome, detail, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                receipt_id,
+                partner,
+                to_addr,
+                original_message_id,
+                " ".join(sop_uids or []),
+                outcome,
+                detail[:1000],
+                "suppressed" if suppressed else "waiting" if wait_for_pacs else "due",
+                now,
+                now,
+            ),
+        )
+
+    async def negative_receipts_since(self, partner: str, since: float) -> int:
+        """How many refusal receipts (deleted, deleted/error) to this partner were queued since then."""
+        row = await self.db.fetchone(
+            """SELECT COUNT(*) FROM receipts_out WHERE partner = ? AND outcome IN ('deleted', 'deleted/error')
+               AND state <> 'suppressed' AND created_at > ?""",
+            (partner, since),
+        )
+        return int(row[0]) if row else 0
+
+    async def receipts_out(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Receipts we owe, in these states."""
+        marks = ", ".join("?" for _ in states)
+        keys = (
+            "id",
+            "partner",
+            "to_addr",
+            "original_message_id",
+            "sop_uids",
+            "outcome",
+            "detail",
+            "state",
+            "created_at",
+        )
+        rows = await self.db.fetchall(
+            f"SELECT {', '.join(keys)} FROM receipts_out WHERE state IN ({marks}) ORDER BY created_at", states
+        )
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    async def set_receipt_out(
+        self, receipt_id: str, state: str, now: float, outcome: str = "", detail: str = ""
+    ) -> None:
+        """Move a receipt we owe on (and settle its outcome when it waited for the PACS)."""
+        if outcome:
+            await self.db.execute(
+                "UPDATE receipts_out SET state = ?, outcome = ?, detail = ?, updated_at = ? WHERE id = ?",
+                (state, outcome, detail[:1000], now, receipt_id),
+            )
+        else:
+            await self.db.execute(
+                "UPDATE receipts_out SET state = ?, updated_at = ? WHERE id = ?", (state, now, receipt_id)
+            )

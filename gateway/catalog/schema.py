@@ -1,0 +1,131 @@
+"""The catalog's schema: versioned migrations that only ever grow, and the table list derived from them."""
+
+from __future__ import annotations
+
+import re
+
+MIGRATIONS: list[list[str]] = [
+    # 1: the first schema
+    [
+        """CREATE TABLE studies (
+            study_uid VARCHAR(64) NOT NULL PRIMARY KEY,
+            first_seen DOUBLE NOT NULL,
+            last_received DOUBLE NOT NULL)""",
+        """CREATE TABLE series (
+            series_uid VARCHAR(64) NOT NULL PRIMARY KEY,
+            study_uid VARCHAR(64) NOT NULL,
+            modality VARCHAR(16),
+            series_number INTEGER)""",
+        """CREATE TABLE instances (
+            sop_uid VARCHAR(64) NOT NULL PRIMARY KEY,
+            series_uid VARCHAR(64) NOT NULL,
+            study_uid VARCHAR(64) NOT NULL,
+            sop_class_uid VARCHAR(64) NOT NULL,
+            transfer_syntax VARCHAR(64) NOT NULL,
+            path VARCHAR(512) NOT NULL,
+            size BIGINT NOT NULL,
+            sha256 CHAR(64) NOT NULL,
+            source VARCHAR(16) NOT NULL,
+            origin VARCHAR(64) NOT NULL,
+            route VARCHAR(64),
+            out_transfer VARCHAR(160),
+            in_transfer VARCHAR(160),
+            received_at DOUBLE NOT NULL)""",
+        "CREATE INDEX ix_instances_study ON instances (study_uid)",
+        "CREATE INDEX ix_instances_route ON instances (route, out_transfer)",
+        """CREATE TABLE transfers (
+            id VARCHAR(160) NOT NULL PRIMARY KEY,
+            direction VARCHAR(3) NOT NULL,
+            partner VARCHAR(64) NOT NULL,
+            study_uid VARCHAR(64),
+            state VARCHAR(16) NOT NULL,
+            parts_total INTEGER,
+            parts_done INTEGER NOT NULL DEFAULT 0,
+            instance_count INTEGER NOT NULL DEFAULT 0,
+            bytes BIGINT NOT NULL DEFAULT 0,
+            created_at DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL,
+            error TEXT)""",
+        "CREATE INDEX ix_transfers_state ON transfers (direction, state)",
+        """CREATE TABLE transfer_items (
+            transfer_id VARCHAR(160) NOT NULL,
+            sop_uid VARCHAR(64) NOT NULL,
+            PRIMARY KEY (transfer_id, sop_uid))""",
+        """CREATE TABLE mails (
+            id VARCHAR(190) NOT NULL PRIMARY KEY,
+            direction VARCHAR(3) NOT NULL,
+            transfer_id VARCHAR(160),
+            part INTEGER,
+            total INTEGER,
+            state VARCHAR(16) NOT NULL,
+            path VARCHAR(512),
+            size BIGINT NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt DOUBLE,
+            node VARCHAR(128),
+            created_at DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL,
+            error TEXT)""",
+        "CREATE INDEX ix_mails_transfer ON mails (transfer_id, part)",
+        "CREATE INDEX ix_mails_state ON mails (direction, state)",
+    ],
+    # 2: forwarding to the local PACS
+    [
+        """CREATE TABLE pacs_forwards (
+            sop_uid VARCHAR(64) NOT NULL,
+            pacs VARCHAR(64) NOT NULL,
+            state VARCHAR(16) NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt DOUBLE,
+            status INTEGER,
+            created_at DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL,
+            error TEXT,
+            PRIMARY KEY (sop_uid, pacs))""",
+        "CREATE INDEX ix_pacs_forwards_state ON pacs_forwards (state, next_attempt)",
+        # files of instances every PACS accepted are removed after storage.keep_days_after_pacs; the row stays
+        "ALTER TABLE instances ADD COLUMN purged_at DOUBLE",
+    ],
+    # 3: receipts (MDN) both ways, compression figures
+    [
+        # outbound mails: the Message-ID a partner's receipt names (the enclosed mail of message/partial
+        # fragments), and what the receipt said
+        "ALTER TABLE mails ADD COLUMN mdn_id VARCHAR(190)",
+        "ALTER TABLE mails ADD COLUMN receipt VARCHAR(24)",
+        "ALTER TABLE mails ADD COLUMN receipt_detail TEXT",
+        "CREATE INDEX ix_mails_mdn ON mails (mdn_id)",
+        # outbound transfers: awaited / confirmed / warning / failed / overdue / not-requested
+        "ALTER TABLE transfers ADD COLUMN receipt VARCHAR(24)",
+        "ALTER TABLE transfers ADD COLUMN receipt_detail TEXT",
+        "ALTER TABLE transfers ADD COLUMN receipt_at DOUBLE",
+        "ALTER TABLE transfers ADD COLUMN bytes_wire BIGINT",
+        # receipts we owe our partners: waiting (for the PACS) → queued (in the outbox) → sent
+        """CREATE TABLE receipts_out (
+            id VARCHAR(190) NOT NULL PRIMARY KEY,
+            partner VARCHAR(64) NOT NULL,
+            to_addr VARCHAR(254) NOT NULL,
+            original_message_id VARCHAR(250) NOT NULL,
+            sop_uids TEXT,
+            outcome VARCHAR(24) NOT NULL,
+            detail TEXT,
+            state VARCHAR(16) NOT NULL,
+            created_at DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL)""",
+        "CREATE INDEX ix_receipts_out_state ON receipts_out (state)",
+    ],
+    # 4: a receipt that contradicts the partner's first answer is kept beside it, never over it
+    [
+        "ALTER TABLE transfers ADD COLUMN receipt_conflict TEXT",
+    ],
+]
+
+
+# Every table of the schema, in the order the migrations create them: derived, never listed by hand, so that a
+# backup (and anything else that must cover every table) cannot forget a new one. `schema_version` is not here:
+# it is bookkeeping, recorded in a backup's manifest instead.
+TABLES: tuple[str, ...] = tuple(
+    name
+    for statements in MIGRATIONS
+    for sql in statements
+    for name in re.findall(r"^\s*CREATE TABLE (\w+)", sql)
+)
