@@ -49,6 +49,10 @@ class Outcome:
 
 NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
+# Stream each stored file as it is instead of reading it whole into memory (process-wide, set once; the gateway's
+# only SCU is this stage; tests/test_contracts.py checks pynetdicom still reads it)
+_config.STORE_SEND_CHUNKED_DATASET = True
+
 
 def requested_contexts(items: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """What to propose: per SOP class each stored transfer syntax on its own (the file goes as it is), and where
@@ -94,7 +98,6 @@ def send_batch(
     """One association, every item; blocking (run in a thread). Every step is bounded by the PACS's timeout:
     pynetdicom notices a peer's abort only when its timeout runs out."""
     timeout = pacs.timeout if timeout is None else timeout
-    _config.STORE_SEND_CHUNKED_DATASET = True  # stream the stored file as it is
     ae = AE(ae_title=pacs.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
