@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.core import mailformat, mdn
+from gateway.core import mailformat, mdn, mime
 from gateway.core.queue import QueueState
 from gateway.fragments import FragmentStore
 from gateway.spool import Item, Spool
@@ -98,7 +98,7 @@ class OperatorActions:
                 name, q, item = self._find(item_id)
                 raw = None
                 if name == "inbox" and item.content.exists():
-                    raw = item.content.read_bytes()[: mailformat.MAX_HEADER_BYTES + 4]  # headers: who to tell
+                    raw = item.content.read_bytes()[: mime.MAX_HEADER_BYTES + 4]  # headers: who to tell
                 return (
                     name,
                     q.move(

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.adapters.openpgp import OpenPgp
-from gateway.core import compress, dicomzip, mailformat, mdn, partial, pgpmime
+from gateway.core import compress, dicomzip, mailformat, mdn, mime, partial, pgpmime
 from gateway.core.inbound import Accepted, ReceiptIn, Refused, Sender, inspect_mail
 from gateway.core.smime import Identity
 from gateway.devtools import pki
@@ -131,7 +131,7 @@ def git_style_mail(tmp_path: Path, pki_dir: Path, dicom: bytes, part: int, total
         b"X-TELEMEDICINE-STUDYID: 1.2.3.4\r\n"
         b"X-TELEMEDICINE-SETID: gitset1\r\n"
         + f"X-TELEMEDICINE-SETPART: {part}\r\nX-TELEMEDICINE-SETTOTAL: {total}\r\n\r\n".encode()
-        + mailformat.b64_lines(dicom)
+        + mime.b64_lines(dicom)
     )
     home = plain_keyring(tmp_path, pki_dir, "gateway-a", "gateway-b")
     enc = gpg(
@@ -356,9 +356,7 @@ def test_fragments_reassemble_in_any_order(pki_dir, tmp_path):  # type: ignore[n
 def test_receipts_round_trip_signed(pki_dir, keyrings, outcome):  # type: ignore[no-untyped-def]
     a, b = keyrings
     report = mdn.build_report(sender=B, original_message_id="<t1.1@x>", outcome=outcome, detail="why not")
-    head = mailformat._header_lines(
-        mdn.outer_headers(B, A, "Disposition notification", "<r1@x>", time.time())
-    )
+    head = mime.header_lines(mdn.outer_headers(B, A, "Disposition notification", "<r1@x>", time.time()))
     me = identity(pki_dir, "gateway-a-smime")
     book = {B: Sender("gateway-b", (cert(pki_dir, "gateway-b-smime"),), b.own_fingerprint)}
     for raw in (

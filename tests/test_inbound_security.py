@@ -18,7 +18,7 @@ from cryptography import x509
 from gateway.adapters.pop3 import Pop3Cluster
 from gateway.adapters.smtp import SmtpCluster
 from gateway.config import load
-from gateway.core import mailformat, smime
+from gateway.core import mailformat, mime, smime
 from gateway.core.queue import QueueState
 from gateway.core.smime import Identity
 from gateway.devtools.studies import make_study
@@ -85,7 +85,7 @@ def test_hostile_mails_are_quarantined_and_the_poller_keeps_going(mail, make_gat
         header("unsigned"), dicom[:1], identity(pki_dir, "gateway-a-smime"), b_cert
     )
     outer_head = unsigned.split(b"\r\n\r\n", 1)[0]
-    submit(a.config, outer_head + b"\r\n\r\n" + mailformat.b64_lines(smime.encrypt(inner, [b_cert])))
+    submit(a.config, outer_head + b"\r\n\r\n" + mime.b64_lines(smime.encrypt(inner, [b_cert])))
     # 3. properly signed and encrypted, but the part is not DICOM
     submit(
         a.config,

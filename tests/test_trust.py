@@ -24,7 +24,7 @@ from cryptography import x509
 
 from gateway.adapters.smtp import SmtpCluster
 from gateway.config import load
-from gateway.core import mailformat, mdn, pgpmime
+from gateway.core import mailformat, mdn, mime, pgpmime
 from gateway.core.queue import QueueState
 from gateway.core.smime import Identity
 from gateway.devtools.process import GatewayProcess
@@ -66,7 +66,7 @@ def send_from(account: GatewayProcess, to: str, mails: list[bytes]) -> None:
 
 
 def heads(pairs: list[tuple[str, str]]) -> bytes:
-    return mailformat._header_lines(pairs)
+    return mime.header_lines(pairs)
 
 
 def receipt_mail(
@@ -167,7 +167,7 @@ def test_only_the_partners_signed_receipt_counts(mail, make_gateway, pki_dir, tm
 
 def fill(seed: int, size: int) -> bytes:
     """`size` bytes of base64 lines (what an encrypted mail body looks like)."""
-    return mailformat.b64_lines(secrets.token_bytes(size * 3 // 4 - 64) + seed.to_bytes(8, "big"))
+    return mime.b64_lines(secrets.token_bytes(size * 3 // 4 - 64) + seed.to_bytes(8, "big"))
 
 
 def junk_smime(sender: str, n: int, size: int) -> bytes:
@@ -441,9 +441,7 @@ def test_refusals_carry_no_exception_text_and_no_patient_data(mail, make_gateway
     for raw in receipts:
         entity = raw.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in raw else raw.split(b"\n\n", 1)[1]
         _, content = mailformat.unwrap_signed(
-            heads(
-                [(k, v) for k, v in mailformat._parse_head(raw).items() if k.lower().startswith("content-")]
-            )
+            heads([(k, v) for k, v in mime.parse_head(raw).items() if k.lower().startswith("content-")])
             + b"\r\n"
             + entity,
             [b_cert],

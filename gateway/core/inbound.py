@@ -20,7 +20,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from gateway.core import mailformat, mdn, pgpmime, smime
+from gateway.core import mailformat, mdn, mime, pgpmime, smime
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
 from gateway.core.smime import Identity
 
@@ -135,11 +135,11 @@ def _unwrap(
                 if not sender.pgp_fingerprint:
                     raise
         if pgp is not None and sender.pgp_fingerprint:
-            msg, sbody = mailformat._split_entity(entity)
+            msg, sbody = mime.split_entity(entity)
             boundary = msg.get_param("boundary")
             if isinstance(boundary, str):
-                content, sig_part = mailformat._signed_parts(sbody, boundary)
-                _, signature = mailformat._split_entity(sig_part)
+                content, sig_part = mime.signed_parts(sbody, boundary)
+                _, signature = mime.split_entity(sig_part)
                 try:
                     signer = pgp.verify_detached(content, signature)
                 except _PGP_ERRORS as exc:
@@ -153,10 +153,10 @@ def _unwrap(
 
 def _content_entity(raw: bytes) -> bytes:
     """The mail's body as a MIME entity: its Content-* headers and body (outer routing headers dropped)."""
-    msg, body = mailformat._split_entity(raw)
+    msg, body = mime.split_entity(raw)
     lines = [(k, str(v)) for k, v in msg.items() if k.lower().startswith("content-")]
     try:
-        return mailformat._header_lines(lines) + mailformat.CRLF + body
+        return mime.header_lines(lines) + mime.CRLF + body
     except mailformat.MailFormatError:
         raise Refused("content headers with line breaks", MALFORMED) from None
     except UnicodeEncodeError:

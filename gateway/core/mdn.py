@@ -22,14 +22,7 @@ import secrets
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from gateway.core.mailformat import (
-    CRLF,
-    MailFormatError,
-    _header,
-    _header_lines,
-    _parse_head,
-    message_id_or_empty,
-)
+from gateway.core.mime import CRLF, MailFormatError, header, header_lines, message_id_or_empty, parse_head
 from gateway.core.states import RECEIPT_OUTCOMES
 
 MODE = "automatic-action/MDN-sent-automatically"
@@ -77,7 +70,7 @@ def build_report(
         fields.append(("Error" if outcome in (ERROR, FAILED) else "Warning", detail))
     return b"".join(
         [
-            _header_lines(
+            header_lines(
                 [
                     (
                         "Content-Type",
@@ -91,7 +84,7 @@ def build_report(
             f"{human} {detail}".strip().encode("ascii", "replace") + CRLF,
             f"--{boundary}".encode() + CRLF,
             b"Content-Type: message/disposition-notification" + CRLF + CRLF,
-            _header_lines(fields),
+            header_lines(fields),
             f"--{boundary}--".encode() + CRLF,
         ]
     )
@@ -115,7 +108,7 @@ def outer_headers(
 def is_report(entity: bytes) -> bool:
     """True for a disposition-notification report entity."""
     try:
-        msg = _parse_head(entity)
+        msg = parse_head(entity)
     except MailFormatError:
         return False
     return (
@@ -165,5 +158,5 @@ def read_report(entity: bytes) -> Receipt:
 
 def original_subject(msg_headers: bytes) -> str:
     """Subject of an entity's headers (for the MDN's own subject line)."""
-    msg = _parse_head(msg_headers)
-    return (_header(msg, "Subject") or "").strip()[:200]
+    msg = parse_head(msg_headers)
+    return (header(msg, "Subject") or "").strip()[:200]

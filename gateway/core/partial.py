@@ -18,14 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from gateway.core.mailformat import (
+from gateway.core.mime import (
     CRLF,
     MAX_HEADER_BYTES,
     MailFormatError,
-    _end_of_head,
-    _header,
-    _header_lines,
-    _parse_head,
+    end_of_head,
+    header,
+    header_lines,
+    parse_head,
 )
 
 _ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -45,7 +45,7 @@ class Fragment:
 def is_partial(raw: bytes) -> bool:
     """True when the mail is a `message/partial` fragment (headers only are read)."""
     try:
-        msg = _parse_head(raw)
+        msg = parse_head(raw)
     except MailFormatError:
         return False
     return msg.get_content_type().lower() == "message/partial"
@@ -53,7 +53,7 @@ def is_partial(raw: bytes) -> bool:
 
 def read_fragment(raw: bytes) -> Fragment:
     """Identity of a fragment; `MailFormatError` when the parameters are missing or absurd."""
-    msg = _parse_head(raw)
+    msg = parse_head(raw)
     if msg.get_content_type().lower() != "message/partial":
         raise MailFormatError("not a message/partial fragment")
     frag_id = str(msg.get_param("id") or "")
@@ -78,7 +78,7 @@ def fragment(
     """
     if not _ID_RE.match(frag_id) or '"' in frag_id:
         raise ValueError("fragment id must be printable ASCII without quotes")
-    overhead = len(_header_lines(headers)) + len(subject) + 2 * len(frag_id) + 400
+    overhead = len(header_lines(headers)) + len(subject) + 2 * len(frag_id) + 400
     room = max_size - overhead
     if room < 4096:
         raise MailFormatError("max mail size too small for message/partial fragments")
@@ -105,7 +105,7 @@ def fragment(
         ]
         if not piece.endswith(b"\n"):
             piece += CRLF  # only the last piece can lack it; the mail's own last line break is restored so
-        out.append(_header_lines(own) + CRLF + piece)
+        out.append(header_lines(own) + CRLF + piece)
     return out
 
 
@@ -127,20 +127,20 @@ def reassemble_into(total: int, read: Callable[[int], bytes], out: BinaryIO) -> 
     if total < 1:
         raise MailFormatError("no fragments")
     first = read(1)
-    start = _end_of_head(first)
-    first_outer = _parse_head(first)
-    inner = _parse_head(first[start : start + MAX_HEADER_BYTES + 4])
+    start = end_of_head(first)
+    first_outer = parse_head(first)
+    inner = parse_head(first[start : start + MAX_HEADER_BYTES + 4])
     extra = [
         (name, str(value))
         for name, value in first_outer.items()
         if not name.lower().startswith(_NOT_FROM_OUTER) and inner.get(name) is None
     ]
     extra = [
-        (n, v) for n, v in extra if "\r" not in v and "\n" not in v and _header(first_outer, n) is not None
+        (n, v) for n, v in extra if "\r" not in v and "\n" not in v and header(first_outer, n) is not None
     ]
     written = 0
     if extra:
-        head = _header_lines(extra)
+        head = header_lines(extra)
         out.write(head)
         written += len(head)
     out.write(memoryview(first)[start:])
@@ -148,7 +148,7 @@ def reassemble_into(total: int, read: Callable[[int], bytes], out: BinaryIO) -> 
     del first
     for number in range(2, total + 1):
         data = read(number)
-        body = memoryview(data)[_end_of_head(data) :]
+        body = memoryview(data)[end_of_head(data) :]
         out.write(body)
         written += len(body)
     return written

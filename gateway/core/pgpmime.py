@@ -18,17 +18,16 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
-from gateway.core.mailformat import (
+from gateway.core.mailformat import MailHeader, outer_headers
+from gateway.core.mime import (
     CRLF,
     MailFormatError,
-    MailHeader,
-    _canonical,
-    _content_type,
-    _header_lines,
-    _parse_head,
-    _signed_parts,
-    _split_entity,
-    outer_headers,
+    canonical,
+    content_type,
+    header_lines,
+    parse_head,
+    signed_parts,
+    split_entity,
 )
 
 PROTOCOL = "application/pgp-encrypted"
@@ -36,7 +35,7 @@ PROTOCOL = "application/pgp-encrypted"
 
 def wrap_pgp(header: MailHeader, inner: bytes, encrypt: Callable[[bytes], bytes]) -> bytes:
     """The complete PGP/MIME mail around `inner` (a MIME entity with its own Content-Type)."""
-    return _header_lines(outer_headers(header)) + encrypted_entity(inner, encrypt)
+    return header_lines(outer_headers(header)) + encrypted_entity(inner, encrypt)
 
 
 def encrypted_entity(inner: bytes, encrypt: Callable[[bytes], bytes]) -> bytes:
@@ -45,7 +44,7 @@ def encrypted_entity(inner: bytes, encrypt: Callable[[bytes], bytes]) -> bytes:
     boundary = "pgp-" + secrets.token_hex(16)
     return b"".join(
         [
-            _header_lines(
+            header_lines(
                 [("Content-Type", f'multipart/encrypted; protocol="{PROTOCOL}"; boundary="{boundary}"')]
             ),
             CRLF,
@@ -67,11 +66,11 @@ def encrypted_entity(inner: bytes, encrypt: Callable[[bytes], bytes]) -> bytes:
 def is_pgp(raw: bytes) -> bool:
     """True when the (outer) entity is PGP/MIME encrypted."""
     try:
-        msg = _parse_head(raw)
+        msg = parse_head(raw)
     except MailFormatError:
         return False
     return (
-        _content_type(msg) == "multipart/encrypted"
+        content_type(msg) == "multipart/encrypted"
         and str(msg.get_param("protocol") or "").lower() == PROTOCOL
     )
 
@@ -82,43 +81,43 @@ def unwrap_pgp(
     verify: Callable[[bytes, bytes], str],
 ) -> tuple[str, bytes]:
     """Decrypt a PGP/MIME mail; (signer fingerprint, signed content). Unsigned content raises."""
-    msg, body = _split_entity(raw)
+    msg, body = split_entity(raw)
     if not is_pgp(raw):
-        raise MailFormatError(f"mail is not PGP/MIME encrypted (Content-Type {_content_type(msg)})")
+        raise MailFormatError(f"mail is not PGP/MIME encrypted (Content-Type {content_type(msg)})")
     boundary = msg.get_param("boundary")
     if not isinstance(boundary, str):
         raise MailFormatError("multipart/encrypted without boundary")
-    control, payload = _signed_parts(body, boundary)
-    control_msg, control_body = _split_entity(control)
-    if _content_type(control_msg) != PROTOCOL or b"Version: 1" not in control_body:
+    control, payload = signed_parts(body, boundary)
+    control_msg, control_body = split_entity(control)
+    if content_type(control_msg) != PROTOCOL or b"Version: 1" not in control_body:
         raise MailFormatError("PGP/MIME control part is not 'application/pgp-encrypted', 'Version: 1'")
-    _, armored = _split_entity(payload)
+    _, armored = split_entity(payload)
     if b"-----BEGIN PGP MESSAGE-----" not in armored:
         raise MailFormatError("PGP/MIME payload is not an armored OpenPGP message")
     entity, signer = decrypt(armored)
     if signer:
         return signer, entity
-    inner, inner_body = _split_entity(entity)
-    if _content_type(inner) == "multipart/signed" and str(inner.get_param("protocol") or "").lower() == (
+    inner, inner_body = split_entity(entity)
+    if content_type(inner) == "multipart/signed" and str(inner.get_param("protocol") or "").lower() == (
         "application/pgp-signature"
     ):
         inner_boundary = inner.get_param("boundary")
         if not isinstance(inner_boundary, str):
             raise MailFormatError("multipart/signed without boundary")
-        content, sig_part = _signed_parts(inner_body, inner_boundary)
-        _, signature = _split_entity(sig_part)
+        content, sig_part = signed_parts(inner_body, inner_boundary)
+        _, signature = split_entity(sig_part)
         return verify(content, signature), content
     raise MailFormatError("PGP/MIME mail is encrypted but not signed")
 
 
 def signed_entity(content: bytes, sign: Callable[[bytes], bytes]) -> bytes:
     """RFC 3156 §5 multipart/signed with a detached armored signature (for receipts that need no encryption)."""
-    content = _canonical(content)
-    signature = _canonical(sign(content))
+    content = canonical(content)
+    signature = canonical(sign(content))
     boundary = "pgpsig-" + secrets.token_hex(16)
     return b"".join(
         [
-            _header_lines(
+            header_lines(
                 [
                     (
                         "Content-Type",

@@ -18,7 +18,7 @@ import logging
 import time
 
 from gateway.config import Partner
-from gateway.core import mailformat, mdn, pgpmime
+from gateway.core import mailformat, mdn, mime, pgpmime
 from gateway.stages import TRANSIENT_ERRORS, wait_woken
 from gateway.stages.context import Stage, StageContext
 
@@ -48,7 +48,7 @@ class Receipts(Stage):
         now = time.time()
         mid = f"<mdn.{hashlib.sha256(original_message_id.encode()).hexdigest()[:24]}@{me.split('@', 1)[1]}>"
         subject = f"Disposition notification ({outcome})"
-        head = mailformat._header_lines(mdn.outer_headers(me, to, subject, mid, now))
+        head = mime.header_lines(mdn.outer_headers(me, to, subject, mid, now))
         if partner.format == "pgp":
             pgp = self.keys.pgp
             if pgp is None:

@@ -23,7 +23,7 @@ from cryptography import x509  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from gateway.core import mailformat as mf  # noqa: E402
+from gateway.core import mailformat as mf  # noqa: E402, mime
 from gateway.core import smime  # noqa: E402
 from gateway.devtools.pki import CA  # noqa: E402
 from gateway.devtools.studies import make_study  # noqa: E402
