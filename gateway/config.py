@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway import formats
 from gateway.errors import ConfigError
 
 T = TypeVar("T")
@@ -38,7 +39,6 @@ class Node:
         return f"{self.host}:{self.port}"
 
 
-FORMATS = ("smime", "pgp", "smime-zip")
 COMPRESSIONS = ("none", "deflate", "jpeg2000-lossless")
 SPLITS = ("sets", "partial")
 
@@ -50,7 +50,7 @@ class Partner:
     name: str
     addresses: tuple[str, ...]  # the first receives our mails; mails from any of them are the partner's
     ae_title: str
-    format: str = "smime"  # FORMATS
+    format: str = "smime"  # a registered mail format (gateway.formats)
     smime_cert: Path | None = None
     pgp_key: Path | None = None
     pgp_fingerprint: str = ""
@@ -434,7 +434,9 @@ def _partner(p: _Reader, file: Path) -> Partner:
                 raise p.fail("addresses", f"entry {a!r} is not a mail address")
     else:
         addresses = [p.get("address", str, check=_check_addr)]
-    fmt = p.get("format", str, "smime", check=lambda v: None if v in FORMATS else " or ".join(FORMATS))
+    fmt = p.get(
+        "format", str, "smime", check=lambda v: None if v in formats.names() else " or ".join(formats.names())
+    )
     smime_cert = p.path("smime_cert") if "smime_cert" in p.table else None
     pgp_key = p.path("pgp_key") if "pgp_key" in p.table else None
     fingerprint = p.get(
@@ -447,11 +449,12 @@ def _partner(p: _Reader, file: Path) -> Partner:
             else "40 hex digits (a v4 fingerprint)"
         ),
     )
-    if fmt in ("smime", "smime-zip") and smime_cert is None:
+    needs = formats.get(fmt).key
+    if needs == "smime" and smime_cert is None:
         raise p.fail("smime_cert", f"missing: partner {name!r} uses {fmt} and needs its S/MIME certificate")
-    if fmt == "pgp" and pgp_key is None:
+    if needs == "pgp" and pgp_key is None:
         raise p.fail(
-            "pgp_key", f"missing: partner {name!r} uses pgp and needs its OpenPGP public key (armored file)"
+            "pgp_key", f"missing: partner {name!r} uses {fmt} and needs its OpenPGP public key (armored file)"
         )
     size = p.get("max_mail_size", (str, int), 0)
     max_message = p.get("max_message_size", (str, int), "200MB")
@@ -756,9 +759,10 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
                 raise p.fail("addresses", f"{sorted(shared)[0]} already belongs to {other.name!r}")
         if partner.ae_title == ae_title:
             raise p.fail("ae_title", "must differ from gateway.ae_title")
-        if partner.format == "pgp" and pgp is None:
+        if formats.get(partner.format).key == "pgp" and pgp is None:
             raise p.fail(
-                "format", f"partner {partner.name!r} uses pgp: the [pgp] section (own key) is missing"
+                "format",
+                f"partner {partner.name!r} uses {partner.format}: the [pgp] section (own key) is missing",
             )
         partners.append(partner)
     root.done()

@@ -414,10 +414,14 @@ class Gateway(SharesContext):
         finally:
             metrics.detach(collector)
             self.scp.stop()
-            self.packager.close()
-            await self.catalog.close()
-            if self.keys.pgp is not None:
-                self.keys.pgp.close()
+            await self.close()
+
+    async def close(self) -> None:
+        """Give back what `create` took: the worker processes, the catalog connection, GnuPG's working home."""
+        self.packager.close()
+        await self.catalog.close()
+        if self.keys.pgp is not None:
+            self.keys.pgp.close()
 
 
 class _Stop(Exception):

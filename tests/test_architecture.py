@@ -176,3 +176,41 @@ def test_the_sql_finder_sees_sql(tmp_path: Path) -> None:
         'a = "SELECT id FROM mails WHERE x = ?"\nb = f"DELETE FROM {t}"\nc = "select the best"\n'
     )
     assert [s.rsplit(":", 1)[1] for s in _sql_strings(sample)] == ["1", "2"]
+
+
+def _private_uses(name: str, path: Path, known: set[str]) -> list[str]:
+    """`from gateway.x import _y` and `x._y` where `x` is a gateway module imported by this one."""
+    tree = ast.parse(path.read_text())
+    aliases: dict[str, str] = {}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gateway"):
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if full in known:
+                    aliases[a.asname or a.name] = full
+                elif a.name.startswith("_") and node.module != name:
+                    out.append(f"{name}: from {node.module} import {a.name}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in known:
+                    aliases[a.asname or a.name] = a.name
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            out.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
+    return out
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    modules = _modules()
+    known = set(modules)
+    found = []
+    for name, path in modules.items():
+        found += _private_uses(name, path, known)
+    assert found == []

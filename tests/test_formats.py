@@ -450,7 +450,7 @@ def test_address_book_checks_keys_at_start(pki_dir, tmp_path):  # type: ignore[n
         f'format = "pgp"\npgp_key = "{pki_dir / "gateway-b-pgp.pub.asc"}"\npgp_fingerprint = "{"AB" * 20}"': "key file holds",
         f'smime_cert = "{pki_dir / "gateway-b-pgp.pub.asc"}"': "not a PEM certificate",
         'smime_cert = "nowhere.pem"': "file not found",
-        'format = "zip"': "smime or pgp or smime-zip",
+        'format = "zip"': "smime or smime-zip or pgp",
     }
     for lines, problem in wrong.items():
         with pytest.raises(ConfigError) as err:

@@ -109,7 +109,7 @@ class SqliteDatabase(Database):
             self._conn = None
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """MySQL returns SUM/COUNT arithmetic as Decimal; SQLite returns int/float. Make both look alike."""
     if isinstance(value, decimal.Decimal):
         return int(value) if value == value.to_integral_value() else float(value)
@@ -170,7 +170,7 @@ class MysqlDatabase(Database):
 
                 async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
                     await cur.execute(sql.replace("?", "%s"), tuple(params))
-                    return [tuple(_plain(v) for v in r) for r in await cur.fetchall()]
+                    return [tuple(plain(v) for v in r) for r in await cur.fetchall()]
 
             try:
                 yield _Tx()

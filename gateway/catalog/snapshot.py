@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.catalog.base import CatalogBase
-from gateway.catalog.db import _plain
+from gateway.catalog.db import plain
 from gateway.catalog.schema import TABLES
 
 
@@ -23,7 +23,7 @@ def _write_rows(folder: Path, table: str, columns: list[str], rows: list[tuple[A
     with (folder / f"{table}.jsonl").open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(
-                json.dumps(dict(zip(columns, (_plain(v) for v in row), strict=True)), separators=(",", ":"))
+                json.dumps(dict(zip(columns, (plain(v) for v in row), strict=True)), separators=(",", ":"))
             )
             f.write("\n")
     return len(rows)

@@ -20,7 +20,8 @@ from typing import Protocol
 
 from cryptography import x509
 
-from gateway.core import mailformat, mdn, mime, pgpmime, smime
+from gateway import formats
+from gateway.core import mailformat, mdn, mime, smime
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
 from gateway.core.smime import Identity
 
@@ -96,59 +97,35 @@ class ReceiptIn:
     signed: bool
 
 
-_PGP_ERRORS: tuple[type[Exception], ...] = (ValueError,)
-
-
 def _unwrap(
     raw: bytes, outer: mailformat.OuterInfo, sender: Sender, me: Identity, pgp: PgpOps | None
 ) -> tuple[bytes, bool, bool]:
-    """(verified content, signed, encrypted). Raises for anything that is neither."""
-    ctype = outer.content_type
-    if ctype in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
-        if not sender.certs:
+    """(verified content, signed, encrypted), through the format whose envelope the mail has. A signed-only entity
+    (how receipts may come) is verified by each kind of key the partner has; anything else is neither."""
+    fmt = formats.for_content_type(outer.content_type)
+    if fmt is not None:
+        if not fmt.can_open(sender, pgp):
             raise Refused(
-                "S/MIME mail from a partner without an S/MIME certificate in the address book", SENDER_KEY
-            )
-        _, content = mailformat.unwrap_smime(raw, me, list(sender.certs))
-        return content, True, True
-    if ctype == "multipart/encrypted":
-        if pgp is None or not sender.pgp_fingerprint:
-            raise Refused(
-                "PGP/MIME mail from a partner without an OpenPGP key in the address book", SENDER_KEY
+                f"{fmt.envelope} mail from a partner without {fmt.key_label} in the address book", SENDER_KEY
             )
         try:
-            signer, content = pgpmime.unwrap_pgp(raw, pgp.decrypt_verify, pgp.verify_detached)
-        except mailformat.MailFormatError:
-            raise
-        except _PGP_ERRORS as exc:
+            return fmt.open(raw, sender, me, pgp), True, True
+        except formats.OpenFailed as exc:
             raise Refused(str(exc)) from None
-        if signer != sender.pgp_fingerprint:
-            raise Refused("signed by an OpenPGP key other than the partner's")
-        return content, True, True
     entity = _content_entity(raw)
-    if ctype == "multipart/signed":
-        if sender.certs:
-            try:
-                _, content = mailformat.unwrap_signed(entity, list(sender.certs))
-                return content, True, False
-            except (mailformat.MailFormatError, smime.SmimeError):
-                if not sender.pgp_fingerprint:
-                    raise
-        if pgp is not None and sender.pgp_fingerprint:
-            msg, sbody = mime.split_entity(entity)
-            boundary = msg.get_param("boundary")
-            if isinstance(boundary, str):
-                content, sig_part = mime.signed_parts(sbody, boundary)
-                _, signature = mime.split_entity(sig_part)
-                try:
-                    signer = pgp.verify_detached(content, signature)
-                except _PGP_ERRORS as exc:
-                    raise Refused(str(exc)) from None
-                if signer != sender.pgp_fingerprint:
-                    raise Refused("signed by an OpenPGP key other than the partner's")
-                return content, True, False
-        raise Refused("signed mail that no key of the partner verifies")
-    return entity, False, False
+    if outer.content_type != "multipart/signed":
+        return entity, False, False
+    failure: Exception = Refused("signed mail that no key of the partner verifies")
+    for envelope in formats.envelopes():
+        if not envelope.can_open(sender, pgp):
+            continue
+        try:
+            return envelope.open_signed(entity, sender, pgp), True, False
+        except formats.OpenFailed as exc:
+            failure = Refused(str(exc))
+        except (mailformat.MailFormatError, smime.SmimeError) as exc:
+            failure = exc
+    raise failure
 
 
 def _content_entity(raw: bytes) -> bytes:

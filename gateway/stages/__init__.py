@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +18,14 @@ from gateway.core.smime import Identity
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+RECEIPT = "mdn"  # the `kind` of an outbox item that carries a receipt (every other item carries a study)
+
+
+def is_receipt(meta: Mapping[str, object]) -> bool:
+    """Whether an outbox item carries a receipt (an MDN) rather than a study."""
+    return meta.get("kind") == RECEIPT
 
 
 async def wait_woken(event: asyncio.Event, timeout: float) -> None:

@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Protocol
 
-from gateway import untrusted
+from gateway import formats, untrusted
 from gateway.addressbook import load_address_book
 from gateway.catalog import InstanceRecord
 from gateway.config import Settings
@@ -68,13 +68,14 @@ def inspect_in_worker(mail: bytes | Path, settings: Settings) -> inbound.Accepte
     return inbound.inspect_mail(raw, identity, _SENDERS[key], None, settings.mail.max_unpacked_size)
 
 
-def _is_smime(raw: bytes) -> bool:
-    """True for an S/MIME encrypted mail (OpenPGP and anything else is opened in the gateway process)."""
+def _opens_in_worker(raw: bytes) -> bool:
+    """True when the mail's format is opened in a worker process (S/MIME: pure CPU); OpenPGP (GnuPG is a process
+    anyway) and anything unrecognised are opened in the gateway process."""
     try:
-        kind = mailformat.read_outer(raw).content_type.lower()
+        fmt = formats.for_content_type(mailformat.read_outer(raw).content_type)
     except mailformat.MailFormatError:
         return False
-    return kind.startswith(("application/pkcs7-mime", "application/x-pkcs7-mime"))
+    return fmt is not None and fmt.in_worker
 
 
 class Ingester(Stage):
@@ -273,7 +274,7 @@ class Ingester(Stage):
         """Decrypt, verify and check one mail (raises `inbound.Refused`): S/MIME in a worker process, so that
         decryption, base64 and hashing use the other core; OpenPGP in a thread (GnuPG is a process anyway).
         `path`, where the mail is on disk, lets the worker read it there."""
-        if self.workers is not None and _is_smime(raw):
+        if self.workers is not None and _opens_in_worker(raw):
             try:
                 return await asyncio.get_running_loop().run_in_executor(
                     self.workers.pool(), inspect_in_worker, path or raw, self.settings

@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -29,10 +28,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway import formats
 from gateway.adapters import smtp
 from gateway.children import exit_with
 from gateway.config import Partner
-from gateway.core import compress, dicomzip, mailformat, partial, pgpmime
+from gateway.core import compress, mailformat, partial
 from gateway.core.states import TransferState
 from gateway.logsetup import setup_logging
 from gateway.spool import Spool
@@ -82,32 +82,30 @@ class BuildJob:
     limit: int  # the partner's largest mail
     signer: tuple[Path, Path]  # our S/MIME certificate and key files (read by the worker, never sent to it)
     recipient_pem: bytes | None  # the partner's S/MIME certificate
+    pgp_fingerprint: str = ""  # the partner's OpenPGP key
 
 
-def _inner(header: mailformat.MailHeader, partner: Partner, parts: list[bytes]) -> bytes:
-    if partner.format == "smime-zip":
-        archive = dicomzip.build_zip(parts, deflate=partner.compression == "deflate")
-        return mailformat.build_inner_zip(header, archive)
-    return mailformat.build_inner(header, parts)
-
-
-def _wrap_smime(job: BuildJob, inner: bytes) -> bytes:
+def _seal_keys(job: BuildJob, pgp: formats.PgpSealer | None) -> formats.SealKeys:
+    """The keys the partner's format needs, loaded where the mail is built (certificates and keys are read from
+    their files in a worker process, never sent to it)."""
+    if formats.get(job.partner.format).key == "pgp":
+        return formats.SealKeys(pgp=pgp, fingerprint=job.pgp_fingerprint)
     if job.recipient_pem is None:
         raise mailformat.MailFormatError(f"partner {job.partner.name} has no S/MIME certificate")
-    recipient = x509.load_pem_x509_certificate(job.recipient_pem)
-    return mailformat.wrap_smime(job.header, inner, worker_identity(*job.signer), recipient)
+    return formats.SealKeys(
+        identity=worker_identity(*job.signer), recipient=x509.load_pem_x509_certificate(job.recipient_pem)
+    )
 
 
-def build_mail(
-    job: BuildJob, wrap: Callable[[mailformat.MailHeader, bytes], bytes] | None = None
-) -> list[tuple[str, str, int]]:
-    """Build one mail (and its fragments), write the queue items; [(item id, message id, size)].
-
-    Runs in a worker process (S/MIME) or a thread (`wrap` given: OpenPGP through the gateway's GnuPG)."""
+def build_mail(job: BuildJob, pgp: formats.PgpSealer | None = None) -> list[tuple[str, str, int]]:
+    """Build one mail (and its fragments) in the partner's format, write the queue items; [(item id, message id,
+    size)]. Runs in a worker process or, for a format that is not `in_worker` (OpenPGP: `pgp` given), a thread."""
     header, partner = job.header, job.partner
-    inner = _inner(header, partner, [p.read_bytes() for p in job.paths])
-    data = wrap(header, inner) if wrap is not None else _wrap_smime(job, inner)
-    del inner
+    fmt = formats.get(partner.format)
+    # the DICOM parts live only while the content is built, the content only while it is sealed
+    content = fmt.content(header, [p.read_bytes() for p in job.paths], partner.compression)
+    data = fmt.seal(header, content, _seal_keys(job, pgp))
+    del content
     if partner.split == "partial" and len(data) > job.limit:
         fixed = mailformat.outer_headers(header)[:4]  # From, To, Subject (replaced), Date
         pieces = partial.fragment(
@@ -165,10 +163,11 @@ class Packager(Stage):
 
     async def _compress(self, partner: Partner, paths: list[Path], work: Path) -> list[Path]:
         """Each instance compressed for this partner (into `work`), or the stored file when it passes unchanged."""
-        if partner.compression == "none" or (
-            partner.compression == "deflate" and partner.format == "smime-zip"
+        if (
+            partner.compression == "none"
+            or partner.compression in formats.get(partner.format).own_compression
         ):
-            return paths  # smime-zip + deflate: the archive itself is deflated
+            return paths  # e.g. smime-zip + deflate: the archive itself is deflated
         work.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         futures = [
@@ -198,7 +197,8 @@ class Packager(Stage):
         folder: Path,
         meta: dict[str, Any],
     ) -> BuildJob:
-        recipient = self.keys.book[partner.name].smime
+        entry = self.keys.book[partner.name]
+        recipient = entry.smime
         return BuildJob(
             header=header,
             partner=partner,
@@ -210,22 +210,14 @@ class Packager(Stage):
             recipient_pem=recipient.public_bytes(serialization.Encoding.PEM)
             if recipient is not None
             else None,
-        )
-
-    def _pgp_wrap(self, partner: Partner) -> Callable[[mailformat.MailHeader, bytes], bytes]:
-        pgp = self.keys.pgp
-        if pgp is None:
-            raise mailformat.MailFormatError("pgp partner but no [pgp] key configured")
-        fingerprint = self.keys.book[partner.name].pgp_fingerprint
-        return lambda header, inner: pgpmime.wrap_pgp(
-            header, inner, lambda data: pgp.sign_encrypt(data, fingerprint)
+            pgp_fingerprint=entry.pgp_fingerprint,
         )
 
     async def _build(self, job: BuildJob) -> list[tuple[str, str, int]]:
-        """Build one mail: S/MIME in a worker process (both cores: base64, hashing and AES hold the GIL), OpenPGP in
-        a thread (GnuPG is a process of its own anyway)."""
-        if job.partner.format == "pgp":
-            return await asyncio.to_thread(build_mail, job, self._pgp_wrap(job.partner))
+        """Build one mail: in a worker process (both cores: base64, hashing and AES hold the GIL), or in a thread for
+        a format that is not `in_worker` (OpenPGP: GnuPG is a process of its own anyway)."""
+        if not formats.get(job.partner.format).in_worker:
+            return await asyncio.to_thread(build_mail, job, self.keys.pgp)
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool(), build_mail, job)
         except BrokenProcessPool:
@@ -247,9 +239,7 @@ class Packager(Stage):
                 current.append(i)
                 total += size
             return [*plan, current] if current else plan
-        # a pgp mail carries base64 inside an armored (compressed) message: a few % more than S/MIME; a zip
-        # entry costs its header and its DICOMDIR record
-        grow = {"pgp": 1.04, "smime-zip": 1.01}.get(partner.format, 1.0)
+        grow = formats.get(partner.format).growth  # beyond S/MIME's own overhead, which the planner knows
         limit = int(self.settings.mail_size_for(partner) * factor)
         return mailformat.plan_mails([int(n * grow) + 1024 for n in sizes], limit)
 
@@ -338,8 +328,9 @@ class Packager(Stage):
         """Every mail of the plan; [(item id, message id, size, the message id receipts name)]."""
         total = len(plan)
         subject = self.settings.mail.subject
-        if partner.format == "smime-zip" and "DICOM-ZIP" not in subject:
-            subject = f"{subject} DICOM-ZIP"
+        tag = formats.get(partner.format).subject_tag
+        if tag and tag not in subject:
+            subject = f"{subject} {tag}"
         # one mail per core at a time (each in a worker process); more would only add memory (each mail in flight
         # holds a few copies of itself)
         slots = asyncio.Semaphore(max(2, WORKERS))

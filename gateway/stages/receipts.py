@@ -17,9 +17,10 @@ import hashlib
 import logging
 import time
 
+from gateway import formats
 from gateway.config import Partner
-from gateway.core import mailformat, mdn, mime, pgpmime
-from gateway.stages import TRANSIENT_ERRORS, wait_woken
+from gateway.core import mdn, mime
+from gateway.stages import RECEIPT, TRANSIENT_ERRORS, wait_woken
 from gateway.stages.context import Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ class Receipts(Stage):
         self._failures: dict[str, int] = {}  # receipt id → failed builds in a row
 
     def build(self, partner: Partner, to: str, original_message_id: str, outcome: str, detail: str) -> bytes:
-        """The MDN mail for one inbound mail, signed (and encrypted for PGP/MIME partners)."""
+        """The MDN mail for one inbound mail, sealed as the partner's format seals receipts (S/MIME: signed;
+        PGP/MIME: signed and encrypted)."""
         me = self.settings.mail.address
         report = mdn.build_report(
             sender=me, original_message_id=original_message_id, outcome=outcome, detail=detail
@@ -49,13 +51,12 @@ class Receipts(Stage):
         mid = f"<mdn.{hashlib.sha256(original_message_id.encode()).hexdigest()[:24]}@{me.split('@', 1)[1]}>"
         subject = f"Disposition notification ({outcome})"
         head = mime.header_lines(mdn.outer_headers(me, to, subject, mid, now))
-        if partner.format == "pgp":
-            pgp = self.keys.pgp
-            if pgp is None:
-                raise mailformat.MailFormatError("pgp partner but no [pgp] key configured")
-            fingerprint = self.keys.book[partner.name].pgp_fingerprint
-            return head + pgpmime.encrypted_entity(report, lambda d: pgp.sign_encrypt(d, fingerprint))
-        return head + mailformat.build_signed(report, self.keys.identity)
+        keys = formats.SealKeys(
+            identity=self.keys.identity,
+            pgp=self.keys.pgp,
+            fingerprint=self.keys.book[partner.name].pgp_fingerprint,
+        )
+        return head + formats.get(partner.format).seal_receipt(report, keys)
 
     async def settle_waiting(self) -> int:
         """Receipts waiting for the PACS: decide them once every forward has a final answer."""
@@ -136,7 +137,7 @@ class Receipts(Stage):
             str(r["detail"] or ""),
         )
         meta = {
-            "kind": "mdn",
+            "kind": RECEIPT,
             "partner": partner.name,
             "to": str(r["to_addr"]),
             "receipt": str(r["id"]),

@@ -21,7 +21,7 @@ from gateway.core.states import retry_delay
 from gateway.errors import RejectedError, TransientError
 from gateway.metrics import TRANSFER_LATENCY
 from gateway.spool import Item
-from gateway.stages import record, wait_woken
+from gateway.stages import is_receipt, record, wait_woken
 from gateway.stages.context import Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Sender(Stage):
 
     async def _hold(self, item: Item, reason: str) -> None:
         await asyncio.to_thread(self.outbox.move, item, QueueState.HOLD, reason=reason)
-        if item.meta.get("kind") == "mdn":
+        if is_receipt(item.meta):
             await record(
                 "fail", lambda: self.catalog.set_receipt_out(str(item.meta["receipt"]), "failed", time.time())
             )
@@ -63,7 +63,7 @@ class Sender(Stage):
             return
         ready = bool(meta.get("wire_ready"))  # checked when the mail was built
         data = await asyncio.to_thread(lambda: smtp_adapter.prepare(item.content.read_bytes(), ready))
-        is_receipt = meta.get("kind") == "mdn"
+        receipt = is_receipt(meta)
         try:
             node = await self.smtp.send(
                 self.settings.mail.address, str(meta.get("to") or partner.address), data
@@ -85,7 +85,7 @@ class Sender(Stage):
             await asyncio.to_thread(
                 self.outbox.move, item, QueueState.DEFERRED, next_attempt=now + delay, last_error=error[:1000]
             )
-            if is_receipt:
+            if receipt:
                 return
             await record(
                 "defer",
@@ -97,11 +97,11 @@ class Sender(Stage):
         # crash here: the server has the mail, the item is still active: it is sent again after restart and the
         # receiver drops the duplicate (same set id and part). At-least-once on the wire, exactly-once in storage.
         await asyncio.to_thread(self.outbox.move, item, QueueState.DONE, drop_content=True, node=str(node))
-        key = (str(node), "receipt" if is_receipt else "study")
+        key = (str(node), "receipt" if receipt else "study")
         self.sent_by_node[key] = self.sent_by_node.get(key, 0) + 1
         self.bytes_by_node[key] = self.bytes_by_node.get(key, 0) + len(data)
         self.bytes_sent += len(data)
-        if is_receipt:
+        if receipt:
             await record(
                 "sent", lambda: self.catalog.set_receipt_out(str(meta["receipt"]), "sent", time.time())
             )
@@ -126,47 +126,52 @@ class Sender(Stage):
             if str(waiting.meta.get("last_error", "")).startswith(ALL_NODES_FAILED):
                 self.outbox.update(waiting, next_attempt=0)
 
+    async def run_once(self) -> int:
+        """Send every mail that is due now (each sent, deferred or set aside); return how many were tried."""
+        due = await asyncio.to_thread(self.outbox.due, time.time())
+        self.progress.sender.beat(bool(due))
+        for item in due:
+            self.progress.sender.done()  # the one before, whatever came of it
+            try:
+                await self.send_one(item)
+            except Exception as exc:
+                log.exception("mail %s: unexpected error; set aside as corrupt", item.id)
+                current = self.outbox.find(item.id)
+                if current is not None and current.state is QueueState.ACTIVE:
+                    self.outbox.move(
+                        current,
+                        QueueState.CORRUPT,
+                        reason=f"internal error: {type(exc).__name__}",
+                        traceback=traceback.format_exc()[-4000:],
+                    )
+                    if is_receipt(item.meta):
+                        await record(
+                            "fail",
+                            functools.partial(
+                                self.catalog.set_receipt_out,
+                                str(item.meta.get("receipt")),
+                                "failed",
+                                time.time(),
+                            ),
+                        )
+                        continue
+                    await record(
+                        "fail",
+                        functools.partial(
+                            self.catalog.fail_mail,
+                            str(item.meta.get("message_id")),
+                            f"internal error: {type(exc).__name__}",
+                            time.time(),
+                        ),
+                    )
+        self.progress.sender.idle()
+        return len(due)
+
     async def run_forever(self) -> None:
         """Send due mails; sleep until woken or the next retry is due; never dies."""
         while True:
             try:
-                due = await asyncio.to_thread(self.outbox.due, time.time())
-                self.progress.sender.beat(bool(due))
-                for item in due:
-                    self.progress.sender.done()  # the one before, whatever came of it
-                    try:
-                        await self.send_one(item)
-                    except Exception as exc:
-                        log.exception("mail %s: unexpected error; set aside as corrupt", item.id)
-                        current = self.outbox.find(item.id)
-                        if current is not None and current.state is QueueState.ACTIVE:
-                            self.outbox.move(
-                                current,
-                                QueueState.CORRUPT,
-                                reason=f"internal error: {type(exc).__name__}",
-                                traceback=traceback.format_exc()[-4000:],
-                            )
-                            if item.meta.get("kind") == "mdn":
-                                await record(
-                                    "fail",
-                                    functools.partial(
-                                        self.catalog.set_receipt_out,
-                                        str(item.meta.get("receipt")),
-                                        "failed",
-                                        time.time(),
-                                    ),
-                                )
-                                continue
-                            await record(
-                                "fail",
-                                functools.partial(
-                                    self.catalog.fail_mail,
-                                    str(item.meta.get("message_id")),
-                                    f"internal error: {type(exc).__name__}",
-                                    time.time(),
-                                ),
-                            )
-                self.progress.sender.idle()
+                await self.run_once()
                 nxt = self.outbox.next_due()
             except Exception:
                 log.exception("sender loop error; retrying")

@@ -1,0 +1,211 @@
+"""The fast tier: two whole gateways in this process, through in-process mail nodes (`tests/fakemail.py`).
+
+Every stage runs as in production (the real adapters, S/MIME in worker processes, GnuPG for OpenPGP), one step at
+a time, so the tests say exactly what happened without waiting for anything: `send` queues a study at A, A
+packages and sends it, B fetches, ingests and answers with a receipt, A records the receipt. No root, no mail
+cluster; the real-peer tier (`test_e2e*.py`) covers the same path through Postfix and Dovecot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from pydicom import dcmread
+
+from gateway import cli, config, formats
+from gateway.core import mailformat, mime
+from gateway.core.mailformat import MailHeader
+from gateway.core.smime import Identity
+from gateway.core.states import TransferState
+from gateway.devtools.devenv import render_config
+from gateway.devtools.studies import make_study
+from gateway.formats import MailFormat, PartnerKeys, PgpOpener, SealKeys
+from gateway.service import Gateway
+from tests import fakemail
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def fake_mail(pki_dir: Path) -> Iterator[fakemail.FakeMail]:
+    yield from fakemail.running(pki_dir)
+
+
+def fast_settings(
+    tmp_path: Path, pki_dir: Path, fake: fakemail.FakeMail, name: str, partner: str, partner_extra: str = ""
+) -> config.Settings:
+    """A gateway on the fake mail nodes, with one partner; everything else as in the dev configuration."""
+    path = tmp_path / name / "gateway.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        render_config(
+            name=name,
+            ae_title=name.upper().replace("-", "_"),
+            port=free_port(),
+            d_root=tmp_path / name / "d",
+            e_root=tmp_path / name / "e",
+            pki_dir=pki_dir,
+            partners=[(partner, partner, "TO_" + partner.upper().replace("-", "_"))],
+            stability_delay=0,
+            smtp_nodes=fake.smtp_nodes,
+            pop3_nodes=fake.pop3_nodes,
+            min_free="1MB",
+            partner_extra={partner: partner_extra},
+        )
+    )
+    return config.load(path)
+
+
+class Pair:
+    """Gateway A and its partner B, driven one stage step at a time."""
+
+    def __init__(self, a: Gateway, b: Gateway) -> None:
+        self.a, self.b = a, b
+
+    async def send_study(self, folder: Path) -> None:
+        """What `dicom-mail-gateway send --to gateway-b FOLDER` does at A."""
+        assert await cli._send(self.a.settings, "gateway-b", [str(folder)]) == 0
+
+    async def a_sends(self) -> int:
+        for transfer in await self.a.catalog.transfers_in_state("out", TransferState.PENDING):
+            await self.a.packager.package(transfer)
+        return await self.a.sender.run_once()
+
+    async def b_receives_and_answers(self) -> int:
+        taken = await self.b.fetcher.poll_once()
+        await self.b.ingester.run_once()
+        await self.b.receipts.settle_waiting()
+        await self.b.receipts.queue_due()
+        await self.b.sender.run_once()
+        return taken
+
+    async def a_takes_the_receipt(self) -> int:
+        taken = await self.a.fetcher.poll_once()
+        await self.a.ingester.run_once()
+        return taken
+
+
+@pytest.fixture
+async def pair_factory(tmp_path: Path, pki_dir: Path, fake_mail: fakemail.FakeMail) -> AsyncIterator[object]:
+    made: list[Gateway] = []
+
+    async def make(partner_extra: str = "") -> Pair:
+        a = await Gateway.create(
+            fast_settings(tmp_path, pki_dir, fake_mail, "gateway-a", "gateway-b", partner_extra)
+        )
+        made.append(a)
+        b = await Gateway.create(
+            fast_settings(tmp_path, pki_dir, fake_mail, "gateway-b", "gateway-a", partner_extra)
+        )
+        made.append(b)
+        return Pair(a, b)
+
+    yield make
+    for gw in made:
+        await gw.close()
+
+
+class BoxedFormat(MailFormat):
+    """A fourth format, as a newcomer would add one: the S/MIME mail of `smime`, base64 once more inside an
+    `application/x-dmg-boxed` body. It has its own envelope (so inbound dispatch must find it by Content-Type),
+    reuses S/MIME for the cryptography and receipts, and is built in a thread (it is not importable by the
+    worker processes, which only know the formats of `gateway/formats/__init__.py`)."""
+
+    name: ClassVar[str] = "boxed"
+    key: ClassVar[str] = "smime"
+    key_label: ClassVar[str] = "an S/MIME certificate"
+    envelope: ClassVar[str] = "boxed S/MIME"
+    content_types: ClassVar[tuple[str, ...]] = ("application/x-dmg-boxed",)
+    growth: ClassVar[float] = 1.4  # base64 of base64
+    in_worker: ClassVar[bool] = False
+
+    def seal(self, header: MailHeader, content: bytes, keys: SealKeys) -> bytes:
+        mail = formats.get("smime").seal(header, content, keys)
+        head = mime.header_lines(
+            [
+                *mailformat.outer_headers(header),
+                ("Content-Type", "application/x-dmg-boxed"),
+                ("Content-Transfer-Encoding", "base64"),
+            ]
+        )
+        return bytes(mime.b64_lines(bytes(mail), prefix=head + mime.CRLF))
+
+    def seal_receipt(self, report: bytes, keys: SealKeys) -> bytes:
+        return formats.get("smime").seal_receipt(report, keys)
+
+    def can_open(self, partner: PartnerKeys, pgp: PgpOpener | None) -> bool:
+        return bool(partner.certs)
+
+    def open(self, raw: bytes, partner: PartnerKeys, me: Identity, pgp: PgpOpener | None) -> bytes:
+        _, body = mime.split_entity(raw)
+        return formats.get("smime").open(mime.decode_b64_strict(body), partner, me, pgp)
+
+    def open_signed(self, entity: bytes, partner: PartnerKeys, pgp: PgpOpener | None) -> bytes:
+        return formats.get("smime").open_signed(entity, partner, pgp)
+
+
+@pytest.fixture
+def boxed() -> Iterator[None]:
+    formats.register(
+        BoxedFormat()
+    )  # the one line of registration (an in-tree format lists its module instead)
+    yield
+    formats.unregister("boxed")
+
+
+def _datasets(paths: list[Path]) -> dict[str, bytes]:
+    out = {}
+    for p in paths:
+        ds = dcmread(p)
+        out[str(ds.SOPInstanceUID)] = ds.PixelData
+    return out
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fmt", ["smime", "smime-zip", "pgp", "boxed"])
+async def test_a_study_reaches_the_partner_and_the_receipt_comes_back(
+    fmt: str, boxed: None, pair_factory, tmp_path: Path, fake_mail: fakemail.FakeMail
+) -> None:  # type: ignore[no-untyped-def]
+    pair = await pair_factory(f'format = "{fmt}"')
+    study = make_study(tmp_path / "study", ct=3, mr=2, sc=1, size=64)
+    await pair.send_study(study[0].parent)
+
+    assert await pair.a_sends() >= 1
+    assert fake_mail.boxes.count("gateway-b@dicommail.test") >= 1
+    if fmt == "boxed":
+        _, raw = fake_mail.boxes.snapshot("gateway-b@dicommail.test")[0]
+        assert b"Content-Type: application/x-dmg-boxed" in raw  # the new format is what went on the wire
+    assert await pair.b_receives_and_answers() >= 1
+
+    stored_at_b = [pair.b.storage.root / p for p in await pair.b.catalog.instance_paths(purged=False)]
+    assert _datasets(stored_at_b) == _datasets(study)  # every instance, every pixel
+    assert fake_mail.boxes.count("gateway-a@dicommail.test") == 1  # B's receipt
+
+    assert await pair.a_takes_the_receipt() == 1
+    [transfer] = (await pair.a.catalog.status())["transfers"]
+    assert (transfer["state"], transfer["receipt"]) == ("sent", "confirmed"), transfer
+    [inbound] = (await pair.b.catalog.status())["transfers"]
+    assert (inbound["direction"], inbound["state"], inbound["instances"]) == ("in", "complete", len(study))
+    assert fake_mail.boxes.count("gateway-a@dicommail.test") == 0  # fetched and deleted
+    assert fake_mail.boxes.count("gateway-b@dicommail.test") == 0
+
+
+@pytest.mark.asyncio
+async def test_an_unknown_format_is_a_configuration_error_naming_the_registered_ones(
+    tmp_path: Path, pki_dir: Path, fake_mail: fakemail.FakeMail
+) -> None:
+    with pytest.raises(config.ConfigError) as refused:
+        fast_settings(tmp_path, pki_dir, fake_mail, "gateway-a", "gateway-b", 'format = "boxed"')
+    assert "format" in str(refused.value) and "smime or smime-zip or pgp" in str(refused.value)
+
+
+def test_registering_a_second_format_under_a_taken_name_is_refused(boxed: None) -> None:
+    class Impostor(BoxedFormat):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        formats.register(Impostor())
+    assert formats.names() == ("smime", "smime-zip", "pgp", "boxed")
+    assert formats.for_content_type("application/x-dmg-boxed") is formats.get("boxed")
