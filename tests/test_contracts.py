@@ -222,3 +222,28 @@ def test_a_chunked_c_store_from_the_forwarder_reaches_a_pynetdicom_scp(tmp_path:
         raw[140:144], "little"
     )  # preamble, DICM, (0002,0000) and the group it counts
     assert got == [raw[meta_end:]]  # the dataset as stored, byte for byte
+
+
+def test_a_pacs_rejection_is_reported_with_its_reason(tmp_path: Path) -> None:
+    """Judged by the A-ASSOCIATE-RJ PDU (pynetdicom's own flag can miss a quick rejection on a loaded machine)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from gateway.config import Pacs
+    from gateway.devtools.studies import make_study
+    from gateway.stages.forward import send_batch
+
+    [path] = make_study(tmp_path / "s", ct=1, mr=0, sc=0, size=16)
+    scp_ae = AE(ae_title="RIGHT")
+    scp_ae.require_called_aet = True
+    scp_ae.add_supported_context(CTImageStorage)
+    server = scp_ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        port = server.socket.getsockname()[1]  # type: ignore[union-attr]
+        item = {"sop_uid": "1.2.3", "sop_class_uid": CTImageStorage, "transfer_syntax": "1.2.840.10008.1.2.1"}
+        pacs = Pacs("p", "127.0.0.1", port, "WRONG", "GATEWAY", timeout=20)
+        [outcome] = send_batch(pacs, [{**item, "path": path.name}], path.parent)
+    finally:
+        server.shutdown()
+    assert outcome.status is None
+    assert outcome.error == "association rejected: Called AE title not recognised (permanent)"

@@ -11,6 +11,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.devtools.studies import make_study
+from tests import dicomscu
 from tests.conftest import GatewayProcess, storescu
 
 pytestmark = pytest.mark.slow
@@ -20,12 +21,12 @@ def echo(port: int, calling: str = "MODALITY", bind: str = "127.0.0.1") -> str:
     """C-ECHO with pynetdicom as SCU; returns 'ok', 'rejected' or 'aborted'."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="GATEWAY_C", bind_address=(bind, 0))
+    assoc, rj = dicomscu.associate(ae, port, "GATEWAY_C", bind=bind)
     if assoc.is_established:
         status = assoc.send_c_echo()
         assoc.release()
         return "ok" if status and status.Status == 0 else "failed"
-    return "rejected" if assoc.is_rejected else "aborted"
+    return "rejected" if rj is not None else "aborted"
 
 
 @pytest.fixture

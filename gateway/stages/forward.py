@@ -25,7 +25,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from gateway.catalog import Catalog
 from gateway.config import Pacs, Settings
@@ -92,6 +93,14 @@ def _describe(status: int | None, error: str | None) -> str:
     return error or f"PACS answered 0x{status:04X}"
 
 
+def _rejection(rj: A_ASSOCIATE_RJ | None = None) -> str:
+    """How a PACS's A-ASSOCIATE-RJ is reported. Judged by the PDU itself: pynetdicom 3.0 reports a rejection that
+    arrives before its requesting thread looks again (a loaded machine) as an abort, without a word."""
+    if rj is None:
+        return "rejected"
+    return f"rejected: {rj.reason_str} ({'permanent' if rj.result == 1 else 'transient'})"
+
+
 def send_batch(
     pacs: Pacs, items: list[dict[str, Any]], root: Path, timeout: float | None = None
 ) -> list[Outcome]:
@@ -111,9 +120,24 @@ def send_batch(
         if pacs.tls_cert is not None and pacs.tls_key is not None:
             ctx.load_cert_chain(str(pacs.tls_cert), str(pacs.tls_key))
         tls_args = (ctx, pacs.host)
-    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title, tls_args=tls_args)
+    rejected: list[A_ASSOCIATE_RJ] = []  # seen on pynetdicom's DUL thread: see _rejection
+
+    def on_pdu(event: evt.Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejected.append(event.pdu)
+
+    assoc = ae.associate(
+        pacs.host,
+        pacs.port,
+        ae_title=pacs.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)],
+    )
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted or unreachable"
+        if rejected or assoc.is_rejected:
+            why = _rejection(rejected[0] if rejected else None)
+        else:
+            why = "aborted or unreachable"
         return [Outcome(str(i["sop_uid"]), None, f"association {why}") for i in items]
     with contextlib.suppress(AttributeError, OSError):  # Nagle costs ~40 ms per small instance
         assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
