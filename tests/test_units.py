@@ -71,13 +71,13 @@ def test_example_configuration_is_valid_and_documents_every_key(tmp_path):  # ty
 
     from gateway import config
 
-    tree = ast.parse(Path(config.__file__).read_text())
+    trees = [ast.parse(p.read_text()) for p in Path(config.__file__).parent.glob("*.py")]
     keys = set(config.MonitoringSettings.__dataclass_fields__)
-    for node in ast.walk(tree):
+    for node in (n for tree in trees for n in ast.walk(tree)):
         if isinstance(node, ast.Call):
             f = node.func
             called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
-            if called in ("get", "path", "table_of", "_nodes", "_parse_size_key"):
+            if called in ("get", "path", "table_of", "nodes", "parse_size_key"):
                 keys |= {
                     a.value for a in node.args[:2] if isinstance(a, ast.Constant) and isinstance(a.value, str)
                 }
