@@ -48,6 +48,6 @@ def setup_logging(level: str) -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, ScrubLibraryRecords) for f in handler.filters):
             handler.addFilter(ScrubLibraryRecords())
-    from gateway.adapters.dicom_scp import quiet_pynetdicom
+    from gateway.adapters.dicom import quiet_pynetdicom
 
     quiet_pynetdicom()

@@ -111,7 +111,7 @@ def refusing_pacs(port: int, refuse_modality: str = "MR") -> Iterator[list[str]]
     from pynetdicom import AE, evt
     from pynetdicom.presentation import AllStoragePresentationContexts
 
-    from gateway.adapters.dicom_scp import ACCEPTED_TRANSFER_SYNTAXES
+    from gateway.adapters.dicom import ACCEPTED_TRANSFER_SYNTAXES
 
     received: list[str] = []
 
@@ -138,7 +138,7 @@ def aborting_pacs(port: int) -> Iterator[list[str]]:
     from pynetdicom import AE, evt
     from pynetdicom.presentation import AllStoragePresentationContexts
 
-    from gateway.adapters.dicom_scp import ACCEPTED_TRANSFER_SYNTAXES
+    from gateway.adapters.dicom import ACCEPTED_TRANSFER_SYNTAXES
 
     seen: list[str] = []
 

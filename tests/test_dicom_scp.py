@@ -16,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from gateway.adapters.dicom_scp import (
+from gateway.adapters.dicom import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
     DicomScp,

@@ -491,7 +491,7 @@ def test_headers_from_outside_are_unfolded_and_checked() -> None:
 def test_the_same_dataset_under_another_file_meta_is_the_same_instance(tmp_path: Path) -> None:
     """A modality's original file sent again by hand (`send`), wrapped by another toolkit: a duplicate, not a
     conflict. Another dataset under the same UID is still a conflict."""
-    from gateway.adapters.dicom_scp import file_meta
+    from gateway.adapters.dicom import file_meta
     from gateway.core.dicominfo import dataset_offset, read_info
     from gateway.devtools.studies import make_study
     from gateway.storage import Storage, StoreOutcome

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.adapters.dicom_scp import Received
+from gateway.adapters.dicom import Received
 from gateway.catalog import Catalog, InstanceRecord
 from gateway.core.dicominfo import InstanceInfo, read_info
 from gateway.storage import Storage, StoreOutcome, fsync_dir

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.adapters.dicom_scp import DicomListener, DicomScp, ServesDicomPort
+from gateway.adapters.dicom import DicomListener, DicomScp, ServesDicomPort
 from gateway.children import die_with_parent
 from gateway.config import Settings
 from gateway.stages.receive import DurableIntake, Intake, IntakeJournal
