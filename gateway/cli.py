@@ -174,58 +174,57 @@ def _ts(value: Any) -> str:
     return dt.datetime.fromtimestamp(float(value)).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-def _partners(settings: config.Settings) -> list[dict[str, Any]]:
-    """The address book with days until keys expire; a key problem shows instead of stopping `status`."""
-    from gateway.addressbook import load_address_book
-
-    try:
-        return load_address_book(settings).expiry()
-    except ConfigError as exc:
-        return [{"partner": "-", "format": "-", "compression": "-", "receipts": False, "problem": str(exc)}]
-
-
 async def _status(settings: config.Settings, as_json: bool) -> int:
-    from gateway.catalog import open_catalog
-    from gateway.fragments import FragmentStore
-    from gateway.storage import Storage
+    from gateway import monitoring, status
 
-    catalog = await open_catalog(settings.database_url)
-    try:
-        st = await catalog.status()
-    finally:
-        await catalog.close()
-    storage = Storage(settings.d_root)
-    conflicts = storage.conflicts
-    # same SOP Instance UID, different content: kept aside for an operator (file names are UIDs only)
-    st["conflicts"] = sorted(f.name for f in conflicts.glob("*.dcm")) if conflicts.exists() else []
-    st["partners"] = _partners(settings)
-    now = time.time()
-    st["fragments"] = [
-        g.describe(settings.mail.reassembly_deadline, now) for g in FragmentStore.of(storage).groups()
-    ]
+    view = await status.read(settings, live=monitoring.read_health(settings))
     if as_json:
-        print(json.dumps(st, indent=2, default=str))
+        print(json.dumps(view.as_json(), indent=2, default=str))
         return 0
-    print(f"gateway {settings.name} ({settings.ae_title}), catalog {settings.database_url.split('://')[0]}")
-    print("\npartners:")
-    for p in st["partners"]:
+    print(status_text(settings, view))
+    return 0
+
+
+def status_text(settings: config.Settings, view: Any) -> str:
+    """`status` for a terminal, from the read model (`gateway.status`)."""
+    now = view.at
+    st = view.catalog
+    out = [f"gateway {view.name} ({view.ae_title}), catalog {view.catalog_backend}"]
+    if view.catalog_problem:
+        out.append(f"  CATALOG: {view.catalog_problem}")
+    out.append("" if view.live else "\n(the gateway is not running, or has not reported for a while)")
+    out.append("partners:")
+    for p in view.partners:
         days = "never" if p.get("days_left") is None else f"{p['days_left']:.0f} d"
-        print(
+        out.append(
             f"  {p['partner']:<16} {p['format']:<9} {p['compression']:<17} receipts {'yes' if p['receipts'] else 'no':<3}"
             f"  keys expire in {days}" + (f"  SUSPENDED: {p['problem']}" if p.get("problem") else "")
         )
-    print("\ntransfers by state:")
-    for row in st["transfers_by_state"] or [{"direction": "-", "state": "none", "count": 0}]:
-        print(f"  {row['direction']:>3} {row['state']:<10} {row['count']:>6}")
-    print("\nrecent transfers (MB: DICOM bytes → bytes on the wire):")
-    print(
+    out.append("\nqueues:")
+    for q in view.queues.values():
+        out.append(
+            f"  {q.name:<7} {q.waiting:>5} waiting (oldest {q.oldest_age:.0f} s), {q.held} held, {q.corrupt} corrupt"
+        )
+    nodes = view.nodes()
+    if nodes:
+        out.append("\nmail nodes:")
+        for n in nodes:
+            state = f"FAILING: {str(n.get('last_error') or '')[:120]}" if n["failing"] else "ok"
+            out.append(
+                f"  {n['protocol']:<5} {n['node']:<22} {n.get('ok', 0):>6} ok {n.get('failed', 0):>5} failed  {state}"
+            )
+    out.append("\ntransfers by state:")
+    for row in st.get("transfers_by_state") or [{"direction": "-", "state": "none", "count": 0}]:
+        out.append(f"  {row['direction']:>3} {row['state']:<10} {row['count']:>6}")
+    out.append("\nrecent transfers (MB: DICOM bytes → bytes on the wire):")
+    out.append(
         f"  {'id':<32} {'dir':<3} {'partner':<14} {'state':<10} {'mails':>7} {'inst':>5} {'MB':>15}  "
         f"{'updated':<19}  receipt (out) / PACS (in)"
     )
-    for t in st["transfers"]:
+    for t in st.get("transfers", []):
         mails = f"{t['parts_done']}/{t['parts_total'] or '?'}"
         size = f"{t['bytes'] / 1e6:.1f}" + (f" → {t['bytes_wire'] / 1e6:.1f}" if t.get("bytes_wire") else "")
-        print(
+        out.append(
             f"  {t['id'][-32:]:<32} {t['direction']:<3} {t['partner'][:14]:<14} {t['state']:<10} {mails:>7} "
             f"{t['instances']:>5} {size:>15}  {_ts(t['updated_at']):<19}  {outcome_text(t)}"
             + (f"  ({t['error']})" if t["error"] else "")
@@ -237,24 +236,38 @@ async def _status(settings: config.Settings, as_json: bool) -> int:
                 else ""
             )
         )
-    if st["fragments"]:
-        print("\nmessage/partial groups being reassembled:")
-        for g in st["fragments"]:
-            print(
+    if view.fragments:
+        out.append("\nmessage/partial groups being reassembled:")
+        for g in view.fragments:
+            out.append(
                 f"  {g['key']}  {g['have']}/{g['total'] or '?'} fragments since {_ts(g['first_seen'])}"
                 + ("  OVERDUE" if g["overdue"] else "")
             )
-    if st["conflicts"]:
-        print(f"\nconflicts (same UID, other content, kept in {conflicts}): {len(st['conflicts'])}")
-        for name in st["conflicts"][:20]:
-            print(f"  {name}")
-    print("\nrecent studies:")
-    print(f"  {'study instance UID':<64} {'series':>6} {'inst':>5} {'MB':>8}  last received")
-    for s in st["studies"]:
-        print(
+    if view.held:
+        out.append(f"\nset aside ({len(view.held)}; see `queue`):")
+        for h in view.held[:20]:
+            out.append(f"  {h.queue:<6} {h.state:<7} {h.id}  {h.reason[:100]}")
+    if view.conflicts:
+        out.append(
+            f"\nconflicts (same UID, other content, kept in {settings.d_root}/conflicts): {len(view.conflicts)}"
+        )
+        out += [f"  {name}" for name in view.conflicts[:20]]
+    out.append("\nrecent studies:")
+    out.append(f"  {'study instance UID':<64} {'series':>6} {'inst':>5} {'MB':>8}  last received")
+    for s in st.get("studies", []):
+        out.append(
             f"  {s['study_uid']:<64} {s['series']:>6} {s['instances']:>5} {s['bytes'] / 1e6:>8.1f}  {_ts(s['last_received'])}"
         )
-    return 0
+    last = view.backup_last
+    out.append(
+        "\nlast backup: "
+        + (
+            "none yet"
+            if not last
+            else f"{'ok' if last.get('ok') else 'FAILED'} {_ts(last.get('at'))} {last.get('detail', '')}"
+        )
+    )
+    return "\n".join(out)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -18,14 +18,15 @@ import json
 import os
 import shutil
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
+from gateway import status
 from gateway.config import Settings
+from gateway.status import QueueView, Status
 
 OK, WARN, CRIT, UNKNOWN = 0, 1, 2, 3
 HEARTBEAT_STALE = 120.0
@@ -129,52 +130,40 @@ def _stages(health: dict[str, Any] | None) -> Service:
     )
 
 
-def _queue(settings: Settings, name: str, label: str, now: float) -> Service:
-    from gateway.core.queue import QueueState
-    from gateway.spool import Spool
-    from gateway.storage import Storage
-
-    storage = Storage(settings.d_root)
-    spool = Spool(storage.spool / name, storage.tmp)
-    if not spool.root.exists():
-        return Service(OK, f"DMG {label} queue", "empty (no queue yet)", (Metric("depth", 0),))
-    waiting = [
-        i for s in (QueueState.INCOMING, QueueState.ACTIVE, QueueState.DEFERRED) for i in spool.items(s)
-    ]
-    aside = len(spool.items(QueueState.HOLD)) + len(spool.items(QueueState.CORRUPT))
-    oldest = max((now - float(i.meta.get("created", now)) for i in waiting), default=0.0)
+def _queue(settings: Settings, q: QueueView, label: str) -> Service:
+    if not q.counts and not q.waiting:
+        return Service(OK, f"DMG {label} queue", "empty", (Metric("depth", 0),))
+    aside = q.held + q.corrupt
     m = settings.monitoring
     state = max(
-        _upper(len(waiting), m.queue_depth_warn, m.queue_depth_crit),
-        _upper(oldest, m.queue_age_warn, m.queue_age_crit),
+        _upper(q.waiting, m.queue_depth_warn, m.queue_depth_crit),
+        _upper(q.oldest_age, m.queue_age_warn, m.queue_age_crit),
     )
     if aside:
         state = max(state, WARN)
-    text = f"{len(waiting)} waiting, oldest {oldest:.0f} s, {aside} held or corrupt"
+    text = f"{q.waiting} waiting, oldest {q.oldest_age:.0f} s, {aside} held or corrupt"
     return Service(
         state,
         f"DMG {label} queue",
         text,
         (
-            Metric("depth", len(waiting), m.queue_depth_warn, m.queue_depth_crit),
-            Metric("oldest_age", round(oldest), m.queue_age_warn, m.queue_age_crit),
+            Metric("depth", q.waiting, m.queue_depth_warn, m.queue_depth_crit),
+            Metric("oldest_age", round(q.oldest_age), m.queue_age_warn, m.queue_age_crit),
             Metric("set_aside", aside),
         ),
     )
 
 
-def _nodes(health: dict[str, Any] | None, now: float) -> list[Service]:
+def _nodes(view: Status) -> list[Service]:
     out = []
-    for proto, nodes in sorted((health or {}).get("nodes", {}).items()):
-        for node, h in sorted(nodes.items()):
-            name = f"DMG Mail node {node} {proto.upper()}"
-            last_ok, err_at = h.get("last_ok"), h.get("last_error_at")
-            failing = err_at is not None and (last_ok is None or float(err_at) > float(last_ok))
-            ok_age = f"last success {now - float(last_ok):.0f} s ago" if last_ok else "no success yet"
-            if failing:
-                out.append(Service(CRIT, name, f"failing: {h.get('last_error', '')[:200]}; {ok_age}"))
-            else:
-                out.append(Service(OK, name, ok_age if last_ok else "not used yet"))
+    for n in view.nodes():
+        name = f"DMG Mail node {n['node']} {n['protocol'].upper()}"
+        last_ok = n.get("last_ok")
+        ok_age = f"last success {view.at - float(last_ok):.0f} s ago" if last_ok else "no success yet"
+        if n["failing"]:
+            out.append(Service(CRIT, name, f"failing: {str(n.get('last_error') or '')[:200]}; {ok_age}"))
+        else:
+            out.append(Service(OK, name, ok_age if last_ok else "not used yet"))
     return out
 
 
@@ -197,13 +186,10 @@ def _receipts(receipts: dict[str, int]) -> Service:
     )
 
 
-def _incomplete(settings: Settings, stuck_sets: int, now: float) -> Service:
+def _incomplete(settings: Settings, view: Status) -> Service:
     """Inbound sets and message/partial groups still incomplete after the reassembly deadline."""
-    from gateway.fragments import FragmentStore
-    from gateway.storage import Storage
-
-    storage = Storage(settings.d_root)
-    groups = FragmentStore.of(storage).overdue(settings.mail.reassembly_deadline, now)
+    stuck_sets = int(view.counts.get("stuck_in", 0))
+    groups = [g for g in view.fragments if g["overdue"]]
     hours = settings.mail.reassembly_deadline / 3600
     return Service(
         WARN if stuck_sets or groups else OK,
@@ -271,14 +257,12 @@ def _certificates(settings: Settings, now: float) -> list[Service]:
     return out
 
 
-def _backup(settings: Settings, now: float) -> Service:
-    from gateway import backup
-
-    last = backup.last_outcome(settings)
+def _backup(settings: Settings, view: Status) -> Service:
+    last = view.backup_last
     m = settings.monitoring
     if last is None:
         return Service(WARN, "DMG Backup", "no backup recorded yet")
-    age_h = (now - float(last.get("at", 0))) / 3600
+    age_h = (view.at - float(last.get("at", 0))) / 3600
     metric = (Metric("age_hours", round(age_h, 1), m.backup_age_warn_h, m.backup_age_crit_h),)
     if not last.get("ok"):
         return Service(
@@ -313,28 +297,13 @@ def _space(settings: Settings, label: str, path: Path, reserve: int, inode_reser
     return Service(state, f"DMG Free space {label}", text, tuple(metrics))
 
 
-def _quarantine(settings: Settings) -> Service:
-    from gateway.core.queue import QueueState
-    from gateway.spool import Spool
-    from gateway.storage import Storage
-
-    storage = Storage(settings.d_root)
-    inbox = Spool(storage.inbox, storage.tmp)
-    from gateway.fragments import FragmentStore
-    from gateway.untrusted import holdings
-
-    items = [
-        i for s in (QueueState.HOLD, QueueState.CORRUPT) if inbox.dirs[s].exists() for i in inbox.items(s)
-    ]
-    held = len(items)
-    outbox = Spool(storage.outbox, storage.tmp)
-    corrupt = sum(
-        len(q.items(QueueState.CORRUPT)) for q in (inbox, outbox) if q.dirs[QueueState.CORRUPT].exists()
-    )
-    conflicts = len(list(storage.conflicts.glob("*.dcm"))) if storage.conflicts.exists() else 0
-    untrusted = sum(h.size for h in holdings(inbox, FragmentStore.of(storage))) if inbox.root.exists() else 0
-    now = time.time()
-    dropped = sum(1 for i in items if float(i.meta.get("dropped_at", 0) or 0) > now - 86400)
+def _quarantine(settings: Settings, view: Status) -> Service:
+    held_in = [h for h in view.held if h.queue == "inbox"]
+    held = len(held_in)
+    corrupt = sum(1 for h in view.held if h.state == "corrupt")
+    conflicts = len(view.conflicts)
+    untrusted = view.untrusted_bytes
+    dropped = sum(1 for h in held_in if (h.dropped_at or 0) > view.at - 86400)
     quota = settings.mail.untrusted_quota
     text = (
         f"{held} inbound mails held, {conflicts} conflicting instances; unauthenticated content "
@@ -359,32 +328,22 @@ def _quarantine(settings: Settings) -> Service:
 
 
 async def collect(settings: Settings, now: float | None = None) -> list[Service]:
-    """Every service, from the files and the catalog (the gateway itself need not answer)."""
-    from gateway.catalog import open_catalog
-
-    now = now or time.time()
-    health = read_health(settings)
-    failed = recent = stuck_in = 0
-    forwards: dict[str, int] = {}
-    receipts: dict[str, int] = {}
-    catalog_problem = None
-    try:
-        catalog = await open_catalog(settings.database_url)
-        try:
-            counts = await catalog.monitoring_counts(now, settings.mail.reassembly_deadline)
-            recent, failed, stuck_in = counts["recent"], counts["failed"], counts["stuck_in"]
-            forwards, receipts = counts["forwards"], counts["receipts"]
-        finally:
-            await catalog.close()
-    except Exception as exc:
-        catalog_problem = f"catalog unreachable: {type(exc).__name__}"
-    services = [_reception(settings, health, now, recent)]
-    services += [_queue(settings, "outbox", "Outbound", now), _queue(settings, "inbox", "Inbound", now)]
-    services += _nodes(health, now)
-    services.append(_stages(health))
-    if catalog_problem:
-        services.append(Service(CRIT, "DMG Transfers failed", catalog_problem))
+    """Every service, judged from the status read model (`gateway.status`: the catalog, the files, and the
+    gateway's last `health.json`; the gateway itself need not answer)."""
+    # the address book is judged by the certificate and key services below, not read twice
+    view = await status.read(settings, live=read_health(settings), limit=1, now=now, partners=[])
+    counts = view.counts
+    services = [_reception(settings, view.live, view.at, int(counts.get("recent", 0)))]
+    services += [
+        _queue(settings, view.queues["outbox"], "Outbound"),
+        _queue(settings, view.queues["inbox"], "Inbound"),
+    ]
+    services += _nodes(view)
+    services.append(_stages(view.live))
+    if view.catalog_problem:
+        services.append(Service(CRIT, "DMG Transfers failed", view.catalog_problem))
     else:
+        failed = int(counts.get("failed", 0))
         services.append(
             Service(
                 WARN if failed else OK,
@@ -394,28 +353,30 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
             )
         )
     if settings.pacs:
-        refused, waiting = forwards.get("rejected", 0), forwards.get("pending", 0) + forwards.get("retry", 0)
-        services.append(
-            Service(
-                WARN if refused else OK,
-                "DMG PACS forwarding",
-                f"{forwards.get('accepted', 0)} accepted, {waiting} waiting, {refused} instances refused by the PACS",
-                (
-                    Metric("accepted", forwards.get("accepted", 0)),
-                    Metric("waiting", waiting),
-                    Metric("refused", refused),
-                ),
-            )
-        )
-    if not catalog_problem:
-        services.append(_receipts(receipts))
-    services.append(_incomplete(settings, stuck_in, now))
-    services += _certificates(settings, now)
-    services.append(_backup(settings, now))
+        services.append(_forwarding(dict(counts.get("forwards", {}))))
+    if not view.catalog_problem:
+        services.append(_receipts(dict(counts.get("receipts", {}))))
+    services.append(_incomplete(settings, view))
+    services += _certificates(settings, view.at)
+    services.append(_backup(settings, view))
     services.append(_space(settings, "D:", settings.d_root, settings.min_free, settings.min_free_inodes))
     services.append(_space(settings, "E:", settings.e_root, 0))
-    services.append(_quarantine(settings))
+    services.append(_quarantine(settings, view))
     return services
+
+
+def _forwarding(forwards: dict[str, int]) -> Service:
+    refused, waiting = forwards.get("rejected", 0), forwards.get("pending", 0) + forwards.get("retry", 0)
+    return Service(
+        WARN if refused else OK,
+        "DMG PACS forwarding",
+        f"{forwards.get('accepted', 0)} accepted, {waiting} waiting, {refused} instances refused by the PACS",
+        (
+            Metric("accepted", forwards.get("accepted", 0)),
+            Metric("waiting", waiting),
+            Metric("refused", refused),
+        ),
+    )
 
 
 def render(services: list[Service]) -> str:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from gateway import backup
+from gateway import status
 from gateway.metrics import REGISTRY
 from gateway.report import outcome_text
 
@@ -305,124 +305,141 @@ class WebApp:
         return f"{ds.get('PatientName', '')} ({ds.get('PatientID', '')})"
 
     async def page(self, request: web.Request) -> web.Response:
-        """The status page (server-rendered; its forms carry the CSRF token)."""
-        from gateway.core.queue import QueueState
-
+        """The status page (server-rendered from `gateway.status`; its forms carry the CSRF token)."""
         gw = self.gw
-        st = await gw.catalog.status(limit=30)
+        view = await status.read(
+            gw.settings, gw.catalog, live=gw.status(), limit=30, partners=gw.keys.book.expiry()
+        )
         studies = await self._studies()
         parts = [
             "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='10'>",
-            f"<title>{_e(gw.settings.name)} — DICOM mail gateway</title><style>",
+            f"<title>{_e(view.name)} — DICOM mail gateway</title><style>",
             "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}",
             "td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left}th{background:#eee}",
             ".bad{color:#b00}.ok{color:#070}img{margin:2px;border:1px solid #999}</style></head><body>",
-            f"<h1>{_e(gw.settings.name)} <small>AE {_e(gw.settings.ae_title)}, DICOM port {gw.scp.port}</small></h1>",
-            "<h2>Queues</h2><table><tr><th>queue</th>",
-            *[f"<th>{s.value}</th>" for s in QueueState],
-            "</tr>",
+            f"<h1>{_e(view.name)} <small>AE {_e(view.ae_title)}, DICOM port "
+            + (f"{gw.scp.port}" if gw.scp.listening else f"{gw.settings.dicom_port} (not listening)")
+            + "</small></h1>",
         ]
-        for name, spool in (("outbox", gw.outbox), ("inbox", gw.inbox)):
-            counts = spool.counts()
-            parts.append(
-                f"<tr><td>{name}</td>"
-                + "".join(f"<td>{counts.get(s.value, 0)}</td>" for s in QueueState)
-                + "</tr>"
-            )
-        parts.append(
-            "</table><h2>Mail nodes</h2><table><tr><th>node</th><th>protocol</th><th>ok</th><th>failed</th><th>last error</th></tr>"
-        )
-        for proto, pool in (
-            ("SMTP", gw.sender.smtp.pool),
-            (gw.settings.mail.protocol.upper(), gw.fetcher.mailbox.pool),
-        ):
-            for node, h in pool.health.items():
-                cls = "bad" if h.last_error_at and (not h.last_ok or h.last_error_at > h.last_ok) else "ok"
-                parts.append(
-                    f"<tr class='{cls}'><td>{_e(node)}</td><td>{proto}</td><td>{h.successes}</td><td>{h.failures}</td>"
-                    f"<td>{_e(h.last_error or '')}</td></tr>"
-                )
-        parts.append(
-            "</table><h2>Transfers</h2><table><tr><th>transfer</th><th>dir</th><th>partner</th><th>state</th>"
-            "<th>mails</th><th>instances</th><th>updated</th><th>receipt (out) / PACS (in)</th><th>reason</th></tr>"
-        )
-        for t in st["transfers"]:
-            troubled = t["receipt"] in ("failed", "warning", "overdue") or t.get("receipt_conflict")
-            troubled = troubled or any(f["state"] == "rejected" for f in t["pacs"])
-            cls = "bad" if t["state"] == "failed" or troubled else ""
-            parts.append(
-                f"<tr class='{cls}'><td>{_e(t['id'])}</td><td>{_e(t['direction'])}</td><td>{_e(t['partner'])}</td>"
-                f"<td>{_e(t['state'])}</td><td>{t['parts_done']}/{_e(t['parts_total'] or '?')}</td><td>{t['instances']}</td>"
-                f"<td>{_ts(t['updated_at'])}</td><td>{_e(outcome_text(t))}</td><td>{_e(t['error'] or '')}</td></tr>"
-            )
-        parts.append("</table><h2>Recent studies</h2>")
-        for s in studies:
-            patient = f" — {_e(s['patient'])}" if s.get("patient") else ""
-            parts.append(
-                f"<div class='study'><b>{_e(s['uid'])}</b>{patient}: {s['count']} instances, {len(s['series'])} series, "
-                f"from {_e(s['source'])}, {_ts(s['last'])}<br>"
-            )
-            for series_uid, modality, n, sop in s["series"]:
-                parts.append(
-                    f"<img class='thumb' src='/thumb/{_e(sop)}.png' width='96' height='96' alt='{_e(modality)} series, {n} images' "
-                    f"title='{_e(modality)} {_e(series_uid)}: {n}'>"
-                )
-            parts.append("</div>")
-        parts.append("<h2>Backups</h2><ul>")
-        last = backup.last_outcome(gw.settings)
-        if last:
-            state = "ok" if last.get("ok") else "failed"
-            parts.append(
-                f"<li class='{'ok' if last.get('ok') else 'bad'}'>last: {state} {_ts(last.get('at'))} {_e(last.get('detail'))}</li>"
-            )
-        root = backup.backup_root(gw.settings)
-        for folder in (
-            sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
-            if root.exists()
-            else []
-        ):
-            parts.append(f"<li>{_e(folder.name)}</li>")
-        parts.append(
-            "</ul><h2 id='quarantine'>Quarantine</h2><table><tr><th>mail</th><th>state</th><th>since</th><th>reason</th><th></th></tr>"
-        )
-        token = _e(self.csrf_token(request))
-
-        def form(action: str, iid: str, question: str, label: str) -> str:
-            return (
-                f"<form method='post' action='/queue/{action}/{iid}' style='display:inline' "
-                f"onsubmit=\"return confirm('{question}')\"><input type='hidden' name='csrf' value='{token}'>"
-                f"<button class='{label}'>{label}</button></form> "
-            )
-
-        for state in (QueueState.HOLD, QueueState.CORRUPT):
-            for spool in (gw.inbox, gw.outbox):
-                for item in spool.items(state):
-                    iid = _e(item.id)
-                    reason = str(item.meta.get("reason", ""))
-                    if item.meta.get("content_dropped"):
-                        reason += f" — bytes dropped: {item.meta['content_dropped']}"
-                    buttons = (
-                        ""
-                        if item.meta.get("content_dropped")
-                        else form("release", iid, "Check and process this mail again?", "retry")
-                    )
-                    parts.append(
-                        f"<tr><td>{iid}</td><td>{state.value}</td><td>{_ts(item.meta.get('state_since'))}</td>"
-                        f"<td>{_e(reason)}</td><td>{buttons}"
-                        + form("discard", iid, "Discard this mail for good?", "discard")
-                        + "</td></tr>"
-                    )
-        for g in gw.fragments.groups():
-            gid = _e(g.key)
-            what = f"fragments {g.have}/{g.total or '?'} from {g.sender}, {g.bytes} bytes"
-            parts.append(
-                f"<tr><td>{gid}</td><td>fragments</td><td>{_ts(g.first_seen)}</td>"
-                f"<td>{_e(what + (' — dropped: ' + g.dropped if g.dropped else ''))}</td><td>"
-                + form("discard", gid, "Discard this incomplete message for good?", "discard")
-                + "</td></tr>"
-            )
-        parts.append(f"</table><p><small>refreshed {_ts(time.time())}</small></p></body></html>")
+        if view.catalog_problem:
+            parts.append(f"<p class='bad'>{_e(view.catalog_problem)}</p>")
+        parts += _queues(view)
+        parts += _nodes(view)
+        parts += _transfers(view)
+        parts += _studies_html(studies)
+        parts += _backups(view)
+        parts += _set_aside(view, _e(self.csrf_token(request)))
+        parts.append(f"<p><small>refreshed {_ts(view.at)}</small></p></body></html>")
         return web.Response(text="".join(parts), content_type="text/html")
+
+
+def _queues(view: status.Status) -> list[str]:
+    from gateway.core.queue import QueueState
+
+    out = ["<h2>Queues</h2><table><tr><th>queue</th>", *[f"<th>{s.value}</th>" for s in QueueState], "</tr>"]
+    for q in view.queues.values():
+        cells = "".join(f"<td>{q.counts.get(s.value, 0)}</td>" for s in QueueState)
+        out.append(f"<tr><td>{q.name}</td>{cells}</tr>")
+    out.append("</table>")
+    return out
+
+
+def _nodes(view: status.Status) -> list[str]:
+    out = [
+        "<h2>Mail nodes</h2><table><tr><th>node</th><th>protocol</th><th>ok</th><th>failed</th><th>last error</th></tr>"
+    ]
+    for n in view.nodes():
+        out.append(
+            f"<tr class='{'bad' if n['failing'] else 'ok'}'><td>{_e(n['node'])}</td><td>{_e(n['protocol'].upper())}</td>"
+            f"<td>{n.get('ok', 0)}</td><td>{n.get('failed', 0)}</td><td>{_e(n.get('last_error') or '')}</td></tr>"
+        )
+    out.append("</table>")
+    return out
+
+
+def _transfers(view: status.Status) -> list[str]:
+    out = [
+        "<h2>Transfers</h2><table><tr><th>transfer</th><th>dir</th><th>partner</th><th>state</th>"
+        "<th>mails</th><th>instances</th><th>updated</th><th>receipt (out) / PACS (in)</th><th>reason</th></tr>"
+    ]
+    for t in view.catalog.get("transfers", []):
+        troubled = t["receipt"] in ("failed", "warning", "overdue") or t.get("receipt_conflict")
+        troubled = troubled or any(f["state"] == "rejected" for f in t["pacs"])
+        cls = "bad" if t["state"] == "failed" or troubled else ""
+        out.append(
+            f"<tr class='{cls}'><td>{_e(t['id'])}</td><td>{_e(t['direction'])}</td><td>{_e(t['partner'])}</td>"
+            f"<td>{_e(t['state'])}</td><td>{t['parts_done']}/{_e(t['parts_total'] or '?')}</td><td>{t['instances']}</td>"
+            f"<td>{_ts(t['updated_at'])}</td><td>{_e(outcome_text(t))}</td><td>{_e(t['error'] or '')}</td></tr>"
+        )
+    out.append("</table>")
+    return out
+
+
+def _studies_html(studies: list[dict[str, Any]]) -> list[str]:
+    out = ["<h2>Recent studies</h2>"]
+    for s in studies:
+        patient = f" — {_e(s['patient'])}" if s.get("patient") else ""
+        out.append(
+            f"<div class='study'><b>{_e(s['uid'])}</b>{patient}: {s['count']} instances, {len(s['series'])} series, "
+            f"from {_e(s['source'])}, {_ts(s['last'])}<br>"
+        )
+        for series_uid, modality, n, sop in s["series"]:
+            out.append(
+                f"<img class='thumb' src='/thumb/{_e(sop)}.png' width='96' height='96' alt='{_e(modality)} series, {n} images' "
+                f"title='{_e(modality)} {_e(series_uid)}: {n}'>"
+            )
+        out.append("</div>")
+    return out
+
+
+def _backups(view: status.Status) -> list[str]:
+    out = ["<h2>Backups</h2><ul>"]
+    last = view.backup_last
+    if last:
+        state = "ok" if last.get("ok") else "failed"
+        out.append(
+            f"<li class='{'ok' if last.get('ok') else 'bad'}'>last: {state} {_ts(last.get('at'))} {_e(last.get('detail'))}</li>"
+        )
+    out += [f"<li>{_e(name)}</li>" for name in view.backup_sets]
+    out.append("</ul>")
+    return out
+
+
+def _set_aside(view: status.Status, token: str) -> list[str]:
+    """Held and corrupt mails and fragment groups, each with its retry/discard form (CSRF token included)."""
+
+    def form(action: str, iid: str, question: str, label: str) -> str:
+        return (
+            f"<form method='post' action='/queue/{action}/{iid}' style='display:inline' "
+            f"onsubmit=\"return confirm('{question}')\"><input type='hidden' name='csrf' value='{token}'>"
+            f"<button class='{label}'>{label}</button></form> "
+        )
+
+    out = [
+        "<h2 id='quarantine'>Quarantine</h2><table><tr><th>mail</th><th>state</th><th>since</th><th>reason</th><th></th></tr>"
+    ]
+    for h in view.held:
+        iid = _e(h.id)
+        reason = h.reason + (f" — bytes dropped: {h.content_dropped}" if h.content_dropped else "")
+        retry = (
+            "" if h.content_dropped else form("release", iid, "Check and process this mail again?", "retry")
+        )
+        out.append(
+            f"<tr><td>{iid}</td><td>{h.state}</td><td>{_ts(h.since)}</td><td>{_e(reason)}</td><td>{retry}"
+            + form("discard", iid, "Discard this mail for good?", "discard")
+            + "</td></tr>"
+        )
+    for g in view.fragments:
+        gid = _e(g["key"])
+        what = f"fragments {g['have']}/{g['total'] or '?'} from {g['sender']}, {g['bytes']} bytes"
+        dropped = f" — dropped: {g['dropped']}" if g.get("dropped") else ""
+        out.append(
+            f"<tr><td>{gid}</td><td>fragments</td><td>{_ts(g['first_seen'])}</td><td>{_e(what + dropped)}</td><td>"
+            + form("discard", gid, "Discard this incomplete message for good?", "discard")
+            + "</td></tr>"
+        )
+    out.append("</table>")
+    return out
 
 
 def is_loopback(bind: str) -> bool:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pymysql
@@ -17,6 +16,9 @@ from gateway.devtools import pki
 from gateway.devtools.devenv import render_config
 from gateway.devtools.mailcluster import MailCluster
 from gateway.devtools.process import GatewayProcess
+from gateway.service import Gateway
+from tests import fakemail, fastgw
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CANARIES = (b"CANARYZQX", b"PATIENTJWV", b"PIDCANARY7731", b"19230417")
@@ -114,12 +116,6 @@ def second_mariadb_url() -> Iterator[str]:
     yield from _throwaway_mariadb()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 GATEWAYS_OF_TEST = pytest.StashKey[list[GatewayProcess]]()
 
 
@@ -203,3 +199,35 @@ def storescu(port: int, called_ae: str, folder: Path, *extra: str) -> subprocess
         env=env,
         timeout=300,
     )
+
+
+# ------------------------------------------------------------------------------------------ the fast tier
+@pytest.fixture
+def fake_mail(pki_dir: Path) -> Iterator[fakemail.FakeMail]:
+    yield from fakemail.running(pki_dir)
+
+
+@pytest.fixture
+async def pair_factory(tmp_path: Path, pki_dir: Path, fake_mail: fakemail.FakeMail) -> AsyncIterator[object]:
+    made: list[Gateway] = []
+
+    async def make(
+        partner_extra: str = "", web_extra: str = "", a_smtp: list[str] | None = None
+    ) -> fastgw.Pair:
+        a = await Gateway.create(
+            fastgw.fast_settings(
+                tmp_path, pki_dir, fake_mail, "gateway-a", "gateway-b", partner_extra, web_extra, a_smtp
+            )
+        )
+        made.append(a)
+        b = await Gateway.create(
+            fastgw.fast_settings(
+                tmp_path, pki_dir, fake_mail, "gateway-b", "gateway-a", partner_extra, web_extra
+            )
+        )
+        made.append(b)
+        return fastgw.Pair(a, b)
+
+    yield make
+    for gw in made:
+        await gw.close()

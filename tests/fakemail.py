@@ -26,7 +26,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SmtpServer
 
-from tests.conftest import free_port
+from tests.ports import free_port
 
 
 def _mailbox_of(address: str) -> str:
@@ -109,7 +109,8 @@ class FakeSmtp:
         self.controller.start()
 
     def stop(self) -> None:
-        self.controller.stop()
+        if self.controller.server is not None:  # already stopped by a test: the fixture stops it again
+            self.controller.stop()
 
 
 class FakePop3:

@@ -30,7 +30,7 @@ from aiosmtpd.controller import Controller
 
 from gateway.adapters import pop3, smtp
 from gateway.config import Node
-from tests.conftest import free_port
+from tests.ports import free_port
 
 # ------------------------------------------------------------------------------------------------ aiosmtplib
 

@@ -8,103 +8,20 @@ cluster; the real-peer tier (`test_e2e*.py`) covers the same path through Postfi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 from pydicom import dcmread
 
-from gateway import cli, config, formats
+from gateway import config, formats
 from gateway.core import mailformat, mime
 from gateway.core.mailformat import MailHeader
 from gateway.core.smime import Identity
-from gateway.core.states import TransferState
-from gateway.devtools.devenv import render_config
 from gateway.devtools.studies import make_study
 from gateway.formats import MailFormat, PartnerKeys, PgpOpener, SealKeys
-from gateway.service import Gateway
-from tests import fakemail
-from tests.conftest import free_port
-
-
-@pytest.fixture
-def fake_mail(pki_dir: Path) -> Iterator[fakemail.FakeMail]:
-    yield from fakemail.running(pki_dir)
-
-
-def fast_settings(
-    tmp_path: Path, pki_dir: Path, fake: fakemail.FakeMail, name: str, partner: str, partner_extra: str = ""
-) -> config.Settings:
-    """A gateway on the fake mail nodes, with one partner; everything else as in the dev configuration."""
-    path = tmp_path / name / "gateway.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        render_config(
-            name=name,
-            ae_title=name.upper().replace("-", "_"),
-            port=free_port(),
-            d_root=tmp_path / name / "d",
-            e_root=tmp_path / name / "e",
-            pki_dir=pki_dir,
-            partners=[(partner, partner, "TO_" + partner.upper().replace("-", "_"))],
-            stability_delay=0,
-            smtp_nodes=fake.smtp_nodes,
-            pop3_nodes=fake.pop3_nodes,
-            min_free="1MB",
-            partner_extra={partner: partner_extra},
-        )
-    )
-    return config.load(path)
-
-
-class Pair:
-    """Gateway A and its partner B, driven one stage step at a time."""
-
-    def __init__(self, a: Gateway, b: Gateway) -> None:
-        self.a, self.b = a, b
-
-    async def send_study(self, folder: Path) -> None:
-        """What `dicom-mail-gateway send --to gateway-b FOLDER` does at A."""
-        assert await cli._send(self.a.settings, "gateway-b", [str(folder)]) == 0
-
-    async def a_sends(self) -> int:
-        for transfer in await self.a.catalog.transfers_in_state("out", TransferState.PENDING):
-            await self.a.packager.package(transfer)
-        return await self.a.sender.run_once()
-
-    async def b_receives_and_answers(self) -> int:
-        taken = await self.b.fetcher.poll_once()
-        await self.b.ingester.run_once()
-        await self.b.receipts.settle_waiting()
-        await self.b.receipts.queue_due()
-        await self.b.sender.run_once()
-        return taken
-
-    async def a_takes_the_receipt(self) -> int:
-        taken = await self.a.fetcher.poll_once()
-        await self.a.ingester.run_once()
-        return taken
-
-
-@pytest.fixture
-async def pair_factory(tmp_path: Path, pki_dir: Path, fake_mail: fakemail.FakeMail) -> AsyncIterator[object]:
-    made: list[Gateway] = []
-
-    async def make(partner_extra: str = "") -> Pair:
-        a = await Gateway.create(
-            fast_settings(tmp_path, pki_dir, fake_mail, "gateway-a", "gateway-b", partner_extra)
-        )
-        made.append(a)
-        b = await Gateway.create(
-            fast_settings(tmp_path, pki_dir, fake_mail, "gateway-b", "gateway-a", partner_extra)
-        )
-        made.append(b)
-        return Pair(a, b)
-
-    yield make
-    for gw in made:
-        await gw.close()
+from tests import fakemail, fastgw
 
 
 class BoxedFormat(MailFormat):
@@ -197,7 +114,7 @@ async def test_an_unknown_format_is_a_configuration_error_naming_the_registered_
     tmp_path: Path, pki_dir: Path, fake_mail: fakemail.FakeMail
 ) -> None:
     with pytest.raises(config.ConfigError) as refused:
-        fast_settings(tmp_path, pki_dir, fake_mail, "gateway-a", "gateway-b", 'format = "boxed"')
+        fastgw.fast_settings(tmp_path, pki_dir, fake_mail, "gateway-a", "gateway-b", 'format = "boxed"')
     assert "format" in str(refused.value) and "smime or smime-zip or pgp" in str(refused.value)
 
 
