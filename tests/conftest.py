@@ -119,6 +119,18 @@ def second_mariadb_url() -> Iterator[str]:
 GATEWAYS_OF_TEST = pytest.StashKey[list[GatewayProcess]]()
 
 
+# The two tiers. A test that needs a real peer of ours (the Postfix + Dovecot cluster, a gateway process, which
+# talks to that cluster) is in the real-peer tier, derived from the fixtures it asks for, never marked by hand:
+# `pytest -m "not peers"` is the fast tier (no root, no mail cluster, seconds), `pytest -m peers` the rest.
+REAL_PEER_FIXTURES = frozenset({"cluster", "mail", "make_gateway"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_PEER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.peers)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     """A failed test shows the end of every gateway log it started and of the mail cluster's logs."""

@@ -220,7 +220,6 @@ async def test_each_set_is_also_copied_elsewhere(tmp_path, pki_dir):  # type: ig
     ).read_bytes()
 
 
-@pytest.mark.slow
 def test_a_restored_gateway_starts_and_finishes_the_work_it_owed(mail, make_gateway, tmp_path):  # type: ignore[no-untyped-def]
     """B has stored a study from A while its PACS is down: the forwards are pending and the receipt to A waits for
     the PACS. B's catalog is lost. `restore SET --database-url NEW --config-to DIR` (as an operator types it)

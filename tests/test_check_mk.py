@@ -7,7 +7,6 @@ import json
 import re
 import time
 
-import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -17,8 +16,6 @@ from gateway.devtools.studies import make_study
 from gateway.fragments import FragmentStore
 from gateway.storage import Storage
 from tests.conftest import CANARIES, storescu, wait_for
-
-pytestmark = pytest.mark.slow
 
 METRIC = r"[A-Za-z_][A-Za-z0-9_]*=-?[0-9.]+(?:;-?[0-9.:]*){0,4}"
 LINE = re.compile(

@@ -83,7 +83,6 @@ def _base_image() -> str:
     return name
 
 
-@pytest.mark.slow
 def test_the_container_image_runs_the_gateway_as_documented(mail, make_gateway, pki_dir, tmp_path):  # type: ignore[no-untyped-def]
     """The Dockerfile, built with podman on a Debian bookworm base: root-owned bind mounts for D: and E: become
     the gateway user's, the gateway runs as uid 10001 (never root), GnuPG is there, and the containerised gateway

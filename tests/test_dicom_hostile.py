@@ -14,8 +14,6 @@ from gateway.devtools.studies import make_study
 from tests import dicomscu
 from tests.conftest import GatewayProcess, storescu
 
-pytestmark = pytest.mark.slow
-
 
 def echo(port: int, calling: str = "MODALITY", bind: str = "127.0.0.1") -> str:
     """C-ECHO with pynetdicom as SCU; returns 'ok', 'rejected' or 'aborted'."""

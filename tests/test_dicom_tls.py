@@ -6,12 +6,8 @@ import json
 import socket
 import subprocess
 
-import pytest
-
 from gateway.devtools.studies import make_study
 from tests.conftest import free_port, storescu
-
-pytestmark = pytest.mark.slow
 
 
 def test_storescu_over_tls_with_a_client_certificate(make_gateway, pki_dir, tmp_path):  # type: ignore[no-untyped-def]

@@ -19,8 +19,6 @@ from gateway.storage import free_inodes
 from tests.conftest import storescu, wait_for
 from tests.test_e2e import assert_delivered_identically
 
-pytestmark = pytest.mark.slow
-
 
 def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
     """A real tmpfs mounted at `mnt` for one test."""

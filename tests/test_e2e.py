@@ -10,15 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from gateway.config import load
 from gateway.core.dicominfo import dataset_offset, read_info
 from gateway.devtools.studies import make_study
 from gateway.storage import Storage
 from tests.conftest import CANARIES, GatewayProcess, storescu, wait_for
-
-pytestmark = pytest.mark.slow
 
 
 def status(gw: GatewayProcess) -> dict:  # type: ignore[type-arg]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 
 from gateway.adapters.smtp import SmtpCluster
 from gateway.config import load
@@ -24,8 +23,6 @@ from gateway.devtools.studies import make_ct_study, make_study
 from gateway.tls import mail_client_context
 from tests.conftest import GatewayProcess, storescu, wait_for
 from tests.test_e2e import assert_no_canaries, stored_at, transfers
-
-pytestmark = pytest.mark.slow
 
 FORMATS = ("smime", "pgp", "smime-zip")
 COMPRESSIONS = {"none": "none", "deflate": "deflate", "j2k": "jpeg2000-lossless"}

@@ -6,7 +6,6 @@ import ipaddress
 import subprocess
 import time
 
-import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -15,8 +14,6 @@ from gateway.devtools.studies import make_study
 from tests.conftest import free_port, storescu, wait_for
 from tests.faults import FakeSmtp, silent_listener
 from tests.test_e2e import assert_delivered_identically, transfers
-
-pytestmark = pytest.mark.slow
 
 
 def test_hung_rogue_and_421_nodes_are_skipped_and_tls_never_falls_back(mail, make_gateway, pki_dir, tmp_path):  # type: ignore[no-untyped-def]

@@ -27,8 +27,6 @@ from gateway.spool import Spool
 from gateway.tls import mail_client_context
 from tests.conftest import CANARIES, GatewayProcess, wait_for
 
-pytestmark = pytest.mark.slow
-
 
 def identity(pki_dir: Path, stem: str) -> Identity:
     return Identity.load((pki_dir / f"{stem}.pem").read_bytes(), (pki_dir / f"{stem}.key").read_bytes())

@@ -24,8 +24,6 @@ from tests.conftest import WEB_PASSWORD, free_port, storescu, wait_for
 from tests.faults import aborting_pacs, refusing_pacs
 from tests.syntaxes import make_syntax_study, send_each
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[tuple[int, int]]:

@@ -17,8 +17,6 @@ import pytest
 from gateway.devtools.studies import make_study
 from tests.conftest import GatewayProcess, free_port, storescu, wait_for
 
-pytestmark = pytest.mark.slow
-
 
 def receivers_of(gw: GatewayProcess) -> list[int]:
     """PIDs of the gateway's receiver processes (its processes running gateway.stages.receivers)."""

@@ -37,7 +37,6 @@ from gateway.untrusted import holdings
 from tests.conftest import CANARIES, storescu, wait_for
 from tests.test_disk_full import tmpfs
 
-pytestmark = pytest.mark.slow
 DOMAIN = "dicommail.test"
 
 

@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
-import pytest
 from PIL import Image
 
 from gateway.adapters.smtp import SmtpCluster
@@ -25,7 +24,6 @@ from gateway.spool import Spool
 from gateway.tls import mail_client_context
 from tests.conftest import CANARIES, WEB_PASSWORD, free_port, storescu, wait_for
 
-pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".dev" / "artifacts"
 
 
