@@ -9,8 +9,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from gateway.devtools.devenv import render_config
 from gateway.devtools.studies import make_study
 from tests.conftest import free_port, storescu, wait_for
