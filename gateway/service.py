@@ -75,6 +75,7 @@ class LoopWatch:
         self.max_block_at = 0.0  # when it happened (epoch seconds), to compare with the log
         self.max_block_parts = {"running": 0.0, "waiting_for_cpu": 0.0, "waiting_for_io": 0.0, "other": 0.0}
         self.blocks_over_100ms = 0
+        self.ticks = 0  # measurements taken (tests wait for the next one instead of sleeping)
         self.max_gc_pause = 0.0  # the longest garbage collection (it holds the interpreter lock throughout)
         self._gc_started = 0.0
         gc.callbacks.append(self._on_gc)
@@ -120,6 +121,7 @@ class LoopWatch:
                 self.blocks_over_100ms += 1
                 if late > 1.0:
                     log.warning("the event loop was blocked for %.1f s", late)
+            self.ticks += 1
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.devtools.studies import make_study
 from tests import dicomscu
-from tests.conftest import GatewayProcess, storescu
+from tests.conftest import GatewayProcess, storescu, wait_for
 
 
 def echo(port: int, calling: str = "MODALITY", bind: str = "127.0.0.1") -> str:
@@ -95,9 +95,6 @@ def test_abandoned_associations_are_dropped(gw):  # type: ignore[no-untyped-def]
     closed_after = time.monotonic() - start
     silent.close()
     assert received == b"", "the server should close a connection that never says anything"
-    deadline = time.monotonic() + 15
-    while assoc.is_established and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not assoc.is_established, "the idle association was never dropped"
+    wait_for(lambda: not assoc.is_established, 15, 0.1, "the idle association to be dropped")
     assert closed_after < 15
     assert echo(gw.port) == "ok"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 from gateway.config import load
@@ -106,8 +105,9 @@ def test_sigkill_after_acknowledgement_loses_nothing_and_sends_once(
     assert not transfers(a, "out", "sent"), "killed too late: the study was already sent"
     a.start()
     wait_for(lambda: transfers(b, "in", "complete"), 180, 1, "the study to arrive after the restart")
-    time.sleep(3)  # give a duplicate the chance to show up
-    assert len(transfers(a, "out", "sent")) == 1
+    # nothing left that could still become a duplicate: A's outbox has nothing waiting, and A made one transfer
+    wait_for(lambda: status(a)["queues"]["outbox"]["waiting"] == 0, 60, 0.5, "A's outbox to be empty")
+    assert [t["state"] for t in status(a)["transfers"] if t["direction"] == "out"] == ["sent"]
     inbound = status(b)
     assert len([t for t in inbound["transfers"] if t["direction"] == "in"]) == 1
     assert sum(s["instances"] for s in inbound["studies"]) == len(sources)

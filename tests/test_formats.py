@@ -27,6 +27,7 @@ from gateway.core.smime import Identity
 from gateway.devtools import pki
 from gateway.devtools.studies import make_study
 from gateway.errors import ConfigError
+from tests.conftest import wait_for
 
 A, B = "gateway-a@dicommail.test", "gateway-b@dicommail.test"
 
@@ -217,7 +218,7 @@ def test_a_restart_retires_the_keyring_a_killed_gateway_left(pki_dir, tmp_path):
         ["gpg", "--homedir", home, "--batch", "--decrypt"], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
     try:
-        time.sleep(0.2)
+        wait_for(lambda: stuck.pid in gnupg_pids(), 10, 0.05, "the stuck gpg to start")
         left = {pid for pid, argv in gnupg_pids().items() if home.encode() in argv} - before
         assert stuck.pid in left and len(left) >= 2, left  # the agent and the stuck gpg
         new = OpenPgp.rebuild(root, sec, pub)  # what the next start does; the old object is never closed

@@ -7,9 +7,9 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -93,11 +93,19 @@ def _state(pid: int) -> str:
         return "Z"
 
 
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
 def test_journals_of_a_crash_are_indexed_at_start(gw, tmp_path):  # type: ignore[no-untyped-def]
     make_study(tmp_path / "s", ct=4, mr=0, sc=0, size=32)
     assert storescu(gw.port, "TO_B", tmp_path / "s").returncode == 0
     gw.kill()  # SIGKILL right after the acknowledgements: the catalog may not have them yet
-    time.sleep(0.5)
+    wait_for(lambda: _refused(gw.port), 15, 0.1, "the killed gateway's receivers to let go of the DICOM port")
     gw.start()
     wait_for(lambda: indexed(gw) == 4, 30, 0.5, "the journaled instances in the catalog after the restart")
 

@@ -159,10 +159,13 @@ async def test_status_page_in_a_real_browser(mail, make_gateway, pki_dir, tmp_pa
         text = str(await browser.evaluate("document.body.innerText"))
         assert "Quarantine" in text and "address book" in text and "Mail nodes" in text
         assert await browser.evaluate("document.querySelectorAll('img.thumb').length") == 3  # one per series
-        await asyncio.sleep(1)
-        loaded = await browser.evaluate(
-            "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
-        )
+        for _ in range(100):  # until the browser has loaded every thumbnail (or given up on one)
+            loaded = await browser.evaluate(
+                "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+            )
+            if loaded or await browser.evaluate("Array.from(document.images).every(i => i.complete)"):
+                break
+            await asyncio.sleep(0.1)
         assert loaded is True, "every thumbnail loads"
         shot = await browser.call("Page.captureScreenshot", format="png")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
