@@ -170,7 +170,7 @@ class Gateway(SharesContext):
             else Pop3Cluster(settings.mail, tls)
         )
         ctx = StageContext(settings, storage, catalog, keys, outbox, inbox, fragments)
-        intake = Intake(storage, catalog, ctx.wakes.router)
+        intake = Intake(storage, catalog, ctx.wakes.router, ctx.progress)
         await intake.recover()
         gw = cls(
             ctx=ctx,

@@ -561,3 +561,69 @@ def test_thumbnails_decode_12_bit_jpeg_stay_square_and_never_log_an_error(tmp_pa
     assert set(np.asarray(images["broken"]).ravel().tolist()) == {96}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.levelname for r in caplog.records if "no thumbnail" in r.getMessage()] == ["INFO"]
+
+
+# ------------------------------------------------------------------------------------------ errors by kind
+def test_errors_are_classified_once_by_kind() -> None:
+    import sqlite3
+
+    from gateway.errors import MailNodeError, QuarantineError, RejectedError
+    from gateway.stages import Kind, kind_of
+
+    assert kind_of(MailNodeError("n", "down")) is Kind.TRANSIENT
+    assert kind_of(OSError(28, "No space left on device")) is Kind.TRANSIENT
+    assert kind_of(sqlite3.OperationalError("database is locked")) is Kind.TRANSIENT
+    assert kind_of(RejectedError("550")) is Kind.PERMANENT and kind_of(QuarantineError("x")) is Kind.PERMANENT
+    assert kind_of(KeyError("x")) is Kind.BUG and kind_of(TypeError("x")) is Kind.BUG
+
+
+def test_a_loop_backs_off_on_transient_errors_and_stops_on_a_repeated_bug() -> None:
+    from gateway.stages import LoopGuard
+    from gateway.stages.context import Progress
+
+    progress = Progress()
+    guard = LoopGuard("router", progress, base=1.0, cap=8.0)
+    assert [guard.failed(OSError("catalog away")) for _ in range(5)] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    guard.ok()
+    delays = [guard.failed(TypeError("a bug")) for _ in range(LoopGuard.MAX_BUGS)]
+    assert delays[:-1] == [1.0, 2.0, 4.0, 8.0] and delays[-1] is None  # stops instead of retrying forever
+    assert "halted by a bug: TypeError" in progress.stalled(time.time(), 600)["router"]
+
+
+async def test_a_stage_whose_turn_keeps_failing_with_a_bug_stops_and_says_so(tmp_path, pki_dir) -> None:  # type: ignore[no-untyped-def]
+    """The router's loop, on a catalog that raises a bug every turn: it ends (bounded) and reports why."""
+    import asyncio
+
+    from gateway.addressbook import AddressBook, Keys
+    from gateway.catalog import open_catalog
+    from gateway.fragments import FragmentStore
+    from gateway.spool import Spool
+    from gateway.stages.context import StageContext
+    from gateway.stages.route import Router
+    from gateway.storage import Storage
+
+    settings = config.load(write_cfg(tmp_path, pki_dir))
+    storage = Storage(settings.d_root)
+    storage.prepare()
+    catalog = await open_catalog(settings.database_url)
+    try:
+        ctx = StageContext(
+            settings,
+            storage,
+            catalog,
+            Keys(None, AddressBook([]), None),  # type: ignore[arg-type]
+            Spool(storage.outbox, storage.tmp),
+            Spool(storage.inbox, storage.tmp),
+            FragmentStore.of(storage),
+        )
+        router = Router(ctx)
+        router.guard.base = router.guard.cap = 0.001
+
+        async def broken(quiet_since: float) -> list[tuple[str, str]]:
+            raise TypeError("a bug in a query")
+
+        catalog.stable_routes = broken  # type: ignore[method-assign]
+        await asyncio.wait_for(router.run_forever(), 30)  # returns: it does not retry a bug forever
+        assert "halted by a bug: TypeError" in ctx.progress.stalled(time.time(), 600)["router"]
+    finally:
+        await catalog.close()

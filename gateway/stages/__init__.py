@@ -8,12 +8,17 @@ import logging
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
+from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pymysql
 
 from gateway.core.smime import Identity
+from gateway.errors import PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from gateway.stages.context import Progress
 
 T = TypeVar("T")
 
@@ -26,6 +31,68 @@ RECEIPT = "mdn"  # the `kind` of an outbox item that carries a receipt (every ot
 def is_receipt(meta: Mapping[str, object]) -> bool:
     """Whether an outbox item carries a receipt (an MDN) rather than a study."""
     return meta.get("kind") == RECEIPT
+
+
+class Kind(StrEnum):
+    """What an error means for the loop that caught it (`kind_of`)."""
+
+    TRANSIENT = "transient"  # the database, the disk or a peer is away for a moment: retry with backoff
+    PERMANENT = "permanent"  # retrying cannot help: the item it concerns is set aside with the reason
+    BUG = "bug"  # nothing we expected: set aside with the traceback, and an alert
+
+
+def kind_of(exc: BaseException) -> Kind:
+    """The one classification of errors (the tree in `gateway.errors`, plus what the database and the OS raise
+    when they are away for a moment)."""
+    if isinstance(exc, (TransientError, *TRANSIENT_ERRORS)):
+        return Kind.TRANSIENT
+    if isinstance(exc, PermanentError):
+        return Kind.PERMANENT
+    return Kind.BUG
+
+
+class LoopGuard:
+    """What a stage's loop does when one of its turns fails (an item's own failure is set aside by the stage).
+
+    Transient: log a warning and wait, doubling from `base` up to `cap`. Anything else at this level is a bug (a
+    permanent error should have been handled with its item): log the traceback and back off the same way; after
+    `MAX_BUGS` in a row the loop stops instead of retrying a bug forever, and the stage is reported halted
+    (`Progress.halted`: /healthz answers 503, check_mk's "DMG Pipeline stages" goes CRIT) until the gateway is
+    restarted. A turn that succeeds resets the count.
+    """
+
+    MAX_BUGS = 5
+
+    def __init__(
+        self, stage: str, progress: Progress | None = None, base: float = 1.0, cap: float = 60.0
+    ) -> None:
+        self.stage = stage
+        self.progress = progress
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+        self.bugs = 0
+
+    def ok(self) -> None:
+        self.failures = self.bugs = 0
+
+    def failed(self, exc: BaseException) -> float | None:
+        """Seconds to wait before the next turn, or None: stop the loop (the stage is reported halted)."""
+        self.failures += 1
+        delay = min(self.cap, self.base * 2 ** min(self.failures - 1, 20))
+        if kind_of(exc) is Kind.TRANSIENT:
+            self.bugs = 0
+            log.warning("%s: %s: %s; next try in %.0f s", self.stage, type(exc).__name__, exc, delay)
+            return delay
+        self.bugs += 1
+        log.error("%s: unexpected %s (%d in a row)", self.stage, type(exc).__name__, self.bugs, exc_info=exc)
+        if self.bugs < self.MAX_BUGS:
+            return delay
+        reason = f"halted by a bug: {type(exc).__name__} {self.bugs} times in a row (traceback in the log)"
+        log.critical("%s %s; restart the gateway once it is fixed", self.stage, reason)
+        if self.progress is not None:
+            self.progress.halted[self.stage] = reason
+        return None
 
 
 async def wait_woken(event: asyncio.Event, timeout: float) -> None:

@@ -74,11 +74,14 @@ class Progress:
     sender: StageProgress = field(default_factory=StageProgress)
     forwarder: StageProgress = field(default_factory=StageProgress)
     receipts: StageProgress = field(default_factory=StageProgress)
+    halted: dict[str, str] = field(default_factory=dict)  # stage loop → why a bug stopped it (see LoopGuard)
 
     def stalled(self, now: float, after: float) -> dict[str, str]:
-        """Stage name → why it is stuck, for every stuck stage."""
-        found = {f.name: getattr(self, f.name).stalled(now, after) for f in fields(self)}
-        return {name: why for name, why in found.items() if why}
+        """Stage name → why it is stuck, for every stuck or halted stage."""
+        found = {
+            f.name: getattr(self, f.name).stalled(now, after) for f in fields(self) if f.name != "halted"
+        }
+        return {**{name: why for name, why in found.items() if why}, **self.halted}
 
 
 @dataclass(frozen=True)
@@ -142,4 +145,7 @@ class Stage(SharesContext):
     """Base of the pipeline stages."""
 
     def __init__(self, ctx: StageContext) -> None:
+        from gateway.stages import LoopGuard
+
         self.ctx = ctx
+        self.guard = LoopGuard(type(self).__name__.lower(), ctx.progress)  # its loop's errors: see LoopGuard

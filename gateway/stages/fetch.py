@@ -218,9 +218,11 @@ class Fetcher(Stage):
             taken = 0
             try:
                 taken = await self.poll_once()
-            except TransientError as exc:
+                self.guard.ok()
+            except TransientError as exc:  # every node failed: the next poll tries them again
                 log.warning("mailbox poll failed: %s", exc)
-            except Exception:
-                log.exception("mailbox poll failed")
+            except Exception as exc:
+                if self.guard.failed(exc) is None:
+                    return
             if taken < MAX_MAILS_PER_POLL:
                 await asyncio.sleep(self.settings.mail.poll_interval)

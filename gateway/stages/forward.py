@@ -293,8 +293,12 @@ class Forwarder(Stage):
         while True:
             try:
                 tried = await self.run_once()
-            except Exception:
-                log.exception("forwarding failed; retrying")
+                self.guard.ok()
+            except Exception as exc:
+                delay = self.guard.failed(exc)
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)
                 tried = 0
             if not tried:
                 await wait_woken(self.wakes.forwarder, 5)

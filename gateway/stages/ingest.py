@@ -437,6 +437,10 @@ class Ingester(Stage):
         while True:
             try:
                 await self.run_once()
-            except Exception:
-                log.exception("ingest loop error; retrying")
+                self.guard.ok()
+            except Exception as exc:
+                delay = self.guard.failed(exc)
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)
             await wait_woken(self.wakes.ingest, 5)

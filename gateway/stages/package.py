@@ -436,6 +436,10 @@ class Packager(Stage):
                         )
                 else:
                     self.progress.packager.idle()
-            except Exception:
-                log.exception("packager loop error; retrying")
+                self.guard.ok()
+            except Exception as exc:
+                delay = self.guard.failed(exc)
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)
             await wait_woken(self.wakes.packager, 5)

@@ -160,6 +160,10 @@ class Receipts(Stage):
                 )
                 if flagged:
                     log.warning("%d sent transfers have no receipt from their partner yet (overdue)", flagged)
-            except Exception:
-                log.exception("receipts loop error; retrying")
+                self.guard.ok()
+            except Exception as exc:
+                delay = self.guard.failed(exc)
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)
             await wait_woken(self.wakes.receipts, 5)

@@ -27,6 +27,8 @@ from typing import Any
 from gateway.adapters.dicom import Received
 from gateway.catalog import Catalog, InstanceRecord
 from gateway.core.dicominfo import InstanceInfo, read_info
+from gateway.stages import LoopGuard
+from gateway.stages.context import Progress
 from gateway.storage import Storage, StoreOutcome, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -154,7 +156,10 @@ class DurableIntake:
 class Intake:
     """The indexing half of receiving, on the main process's event loop."""
 
-    def __init__(self, storage: Storage, catalog: Catalog, wake_router: asyncio.Event) -> None:
+    def __init__(
+        self, storage: Storage, catalog: Catalog, wake_router: asyncio.Event, progress: Progress | None = None
+    ) -> None:
+        self.guard = LoopGuard("index", progress)
         self.storage = storage
         self.catalog = catalog
         self.wake_router = wake_router
@@ -212,10 +217,13 @@ class Intake:
             while True:
                 try:
                     await self.catalog.record_instances([record for _, record in batch])
+                    self.guard.ok()
                     break
-                except Exception:
-                    log.exception("catalog indexing failed; retrying in 2 s")
-                    await asyncio.sleep(2)
+                except Exception as exc:  # the batch is in the receivers' journals: nothing is lost meanwhile
+                    delay = self.guard.failed(exc)
+                    if delay is None:
+                        return
+                    await asyncio.sleep(delay)
             counts: dict[str, int] = {}
             for receiver, _ in batch:
                 counts[receiver] = counts.get(receiver, 0) + 1

@@ -49,6 +49,9 @@ class Router(Stage):
             await wait_woken(self.wakes.router, tick)
             try:
                 await self.run_once(time.time())
-            except Exception:
-                log.exception("routing failed; retrying")
-                await asyncio.sleep(2)
+                self.guard.ok()
+            except Exception as exc:
+                delay = self.guard.failed(exc)
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)

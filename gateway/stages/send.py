@@ -173,9 +173,12 @@ class Sender(Stage):
             try:
                 await self.run_once()
                 nxt = self.outbox.next_due()
-            except Exception:
-                log.exception("sender loop error; retrying")
-                nxt = time.time() + 5
+                self.guard.ok()
+            except Exception as exc:
+                delay = self.guard.failed(exc)
+                if delay is None:
+                    return
+                nxt = time.time() + delay
             if self.outbox.due(time.time(), limit=1):
                 continue
             timeout = 30.0 if nxt is None else max(0.05, min(30.0, nxt - time.time()))
