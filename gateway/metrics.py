@@ -61,10 +61,7 @@ class GatewayCollector:
         c = CounterMetricFamily(
             "dmg_mail_node_failures", "Failed attempts per mail node", labels=["protocol", "node"]
         )
-        for proto, pool in (
-            ("smtp", gw.sender.smtp.pool),
-            (gw.settings.mail.protocol, gw.fetcher.mailbox.pool),
-        ):
+        for proto, pool in gw.mail_pools().items():
             for node, h in pool.health.items():
                 c.add_metric([proto, str(node)], h.failures)
         yield c

@@ -25,11 +25,13 @@ from typing import Any
 
 from gateway import backup, metrics, monitoring
 from gateway.adapters.imap import ImapCluster
+from gateway.adapters.mailbox import Mailbox
 from gateway.adapters.pop3 import Pop3Cluster
 from gateway.adapters.smtp import SmtpCluster
 from gateway.addressbook import load_keys
 from gateway.catalog import open_catalog
-from gateway.config import Settings
+from gateway.config import Node, Settings
+from gateway.core.nodepool import NodePool
 from gateway.core.queue import QueueState
 from gateway.core.states import MailState
 from gateway.fragments import FragmentStore
@@ -164,10 +166,8 @@ class Gateway(SharesContext):
         inbox.prepare()
         fragments = FragmentStore.of(storage, settings.max_inbound_message)
         fragments.prepare()
-        mailbox: Pop3Cluster | ImapCluster = (
-            ImapCluster(settings.mail, tls)
-            if settings.mail.protocol == "imap"
-            else Pop3Cluster(settings.mail, tls)
+        mailbox: Mailbox = (ImapCluster if settings.mail.protocol == "imap" else Pop3Cluster)(
+            settings.mail, tls
         )
         ctx = StageContext(settings, storage, catalog, keys, outbox, inbox, fragments)
         intake = Intake(storage, catalog, ctx.wakes.router, ctx.progress)
@@ -325,13 +325,14 @@ class Gateway(SharesContext):
                 log.exception("could not publish health")
             await asyncio.sleep(5)
 
+    def mail_pools(self) -> dict[str, NodePool[Node]]:
+        """Protocol → the pool of mail nodes it uses (their health: status, check_mk, /metrics)."""
+        return {"smtp": self.sender.smtp.pool, self.settings.mail.protocol: self.fetcher.mailbox.pool}
+
     def status(self) -> dict[str, Any]:
         """Live counters (no patient data)."""
         nodes = {}
-        for name, pool in (
-            ("smtp", self.sender.smtp.pool),
-            (self.settings.mail.protocol, self.fetcher.mailbox.pool),
-        ):
+        for name, pool in self.mail_pools().items():
             nodes[name] = {
                 str(n): {
                     "ok": h.successes,

@@ -17,6 +17,7 @@ import ssl
 
 import aioimaplib
 
+from gateway.adapters import mailbox
 from gateway.adapters.failover import first_working
 from gateway.config import MailSettings, Node
 from gateway.core.nodepool import NodePool
@@ -28,7 +29,7 @@ class ImapError(Exception):
     """The server answered NO/BAD."""
 
 
-class MailError(ImapError):
+class MailError(ImapError, mailbox.MailError):
     """The server refused this one mail; the session goes on with the next."""
 
 

@@ -15,6 +15,7 @@ import poplib
 import ssl
 from typing import cast
 
+from gateway.adapters import mailbox
 from gateway.adapters.failover import first_working
 from gateway.config import MailSettings, Node
 from gateway.core.nodepool import NodePool
@@ -27,7 +28,7 @@ _MAX_PREALLOC = 64 << 20  # a buffer sized from LIST is never larger (a mail lar
 MAX_RETR_BYTES = 1 << 30  # no mail of ours comes near; a server that never ends its answer is cut off here
 
 
-class MailError(Exception):
+class MailError(mailbox.MailError):
     """The server refused this one mail (-ERR); the session is still in step and the next mail can be read."""
 
 

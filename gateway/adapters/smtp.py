@@ -17,9 +17,10 @@ import aiosmtplib
 import aiosmtplib.protocol
 import aiosmtplib.smtp
 
+from gateway.adapters.failover import first_working
 from gateway.config import MailSettings, Node
 from gateway.core.nodepool import NodePool
-from gateway.errors import MailNodeError, RejectedError, TransientError
+from gateway.errors import MailNodeError, RejectedError
 
 log = logging.getLogger(__name__)
 
@@ -218,21 +219,9 @@ class SmtpCluster:
 
     async def send(self, sender: str, recipient: str, data: bytes) -> Node:
         """Deliver to the first node that takes it; return that node. Raises RejectedError or TransientError."""
-        problems: list[str] = []
-        for node in self.pool.order(time.time()):
-            try:
-                await self._send_via(node, sender, recipient, data)
-            except Exception as exc:
-                err = _classify(node, exc)
-                if isinstance(err, RejectedError):
-                    self.pool.ok(node, time.time())  # the node works; it refuses this message
-                    raise err from None
-                self.pool.failed(node, time.time(), err.problem)
-                log.warning("SMTP node %s failed: %s", node, err.problem)
-                problems.append(str(err))
-                continue
-            self.pool.ok(node, time.time())
-            return node
-        raise TransientError(
-            "all SMTP nodes failed: " + " | ".join(problems)
-        )  # see stages/send.ALL_NODES_FAILED
+
+        async def via(node: Node) -> None:
+            await self._send_via(node, sender, recipient, data)
+
+        node, _ = await first_working(self.pool, "SMTP", via, (Exception,), _classify)
+        return node  # all failed: see stages/send.ALL_NODES_FAILED

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.adapters import imap, pop3
-from gateway.adapters.imap import ImapCluster
-from gateway.adapters.pop3 import Pop3Cluster
+from gateway.adapters import mailbox
+from gateway.adapters.mailbox import Mailbox
 from gateway.core import inbound
 from gateway.core.queue import QueueState
 from gateway.core.states import MailState
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_MAILS_PER_POLL = 200
 MAX_TRIES = 3  # a mail that broke the session this often stays on the server, reported
-_MAIL_ERRORS = (pop3.MailError, imap.MailError)
+_MAIL_ERRORS = (mailbox.MailError,)
 
 
 class FetchFailures:
@@ -84,7 +83,7 @@ class FetchFailures:
 class Fetcher(Stage):
     """Moves mails from the mailbox into the inbox spool."""
 
-    def __init__(self, ctx: StageContext, mailbox: Pop3Cluster | ImapCluster) -> None:
+    def __init__(self, ctx: StageContext, mailbox: Mailbox) -> None:
         super().__init__(ctx)
         self.mailbox = mailbox
         self.per_node: dict[str, int] = {}
