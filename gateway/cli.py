@@ -4,6 +4,9 @@ dicom-mail-gateway run    -c gateway.toml                 run the gateway
 dicom-mail-gateway send   -c gateway.toml --to PARTNER PATH...   enqueue DICOM files or folders by hand
 dicom-mail-gateway status -c gateway.toml [--json]        studies and transfers by state
 dicom-mail-gateway dev                                    dev certs + local mail cluster + loopback partner, then run
+
+
+Size: one function per command, each with its output.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class _Progress:
 
 
 async def _send(settings: config.Settings, partner: str, paths: list[str]) -> int:
+    """Size: `send` as a user sees it: collect, store, index and queue, with the messages for each outcome in order."""
     from gateway.catalog import InstanceRecord, open_catalog
     from gateway.core.dicominfo import NotDicomError, read_info
     from gateway.storage import DiskFullError, Storage, StoreOutcome
@@ -186,7 +190,10 @@ async def _status(settings: config.Settings, as_json: bool) -> int:
 
 
 def status_text(settings: config.Settings, view: Any) -> str:
-    """`status` for a terminal, from the read model (`gateway.status`)."""
+    """`status` for a terminal, from the read model (`gateway.status`).
+
+    Size: terminal output, one section after another.
+    """
     now = view.at
     st = view.catalog
     out = [f"gateway {view.name} ({view.ae_title}), catalog {view.catalog_backend}"]
@@ -276,6 +283,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _queue(settings: config.Settings, action: str, item_id: str | None, as_json: bool) -> int:
+    """Size: the `queue` command's listing and actions, with their output."""
     from gateway.catalog import open_catalog
     from gateway.core.queue import QueueState
     from gateway.fragments import FragmentStore

@@ -214,3 +214,22 @@ def test_no_module_uses_another_modules_private_names() -> None:
     for name, path in modules.items():
         found += _private_uses(name, path, known)
     assert found == []
+
+
+MODULE_LINES, FUNCTION_LINES = 450, 60
+
+
+def test_no_big_room_without_a_reason() -> None:
+    """No module over ~400 lines and no function over 60 without a `Size:` reason in its docstring."""
+    unexplained = []
+    for name, path in _modules().items():
+        source = path.read_text()
+        tree = ast.parse(source)
+        if len(source.splitlines()) > MODULE_LINES and "Size:" not in (ast.get_docstring(tree) or ""):
+            unexplained.append(f"{name}: {len(source.splitlines())} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > FUNCTION_LINES and "Size:" not in (ast.get_docstring(node) or ""):
+                    unexplained.append(f"{name}.{node.name}: {length} lines")
+    assert unexplained == []

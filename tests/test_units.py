@@ -434,7 +434,7 @@ async def test_loop_watch_takes_a_block_apart() -> None:
     taken apart into parts that add up to the window measured. Only bounds that hold on a loaded machine."""
     import asyncio
 
-    from gateway.service import LoopWatch
+    from gateway.loopwatch import LoopWatch
 
     async def ticks_past(n: int) -> None:  # the watch's next measurement, bounded
         for _ in range(1000):

@@ -30,6 +30,9 @@ class ReceiptsRoom(CatalogBase):
         different later answer is recorded as a contradiction beside the first and never replaces it. The
         transfer's receipt becomes `failed` as soon as one mail failed at the partner, `confirmed` (or
         `warning`) when every mail of it has a positive receipt.
+
+
+        Size: one transaction holds every case of the receipt table (new, replayed, contradicting), in the order `core.states.settle_receipt` decides them.
         """
         async with self.db.transaction() as tx:
             rows = await tx.fetchall(

@@ -9,7 +9,10 @@ from gateway.catalog.base import CatalogBase
 
 class ReportingRoom(CatalogBase):
     async def status(self, limit: int = 50) -> dict[str, Any]:
-        """Counts and the most recent transfers and studies, for `status` (no patient data is stored at all)."""
+        """Counts and the most recent transfers and studies, for `status` (no patient data is stored at all).
+
+        Size: one read of everything the status shows, on one connection; each query is a few lines.
+        """
         counts = await self.db.fetchall(
             "SELECT direction, state, COUNT(*) FROM transfers GROUP BY direction, state"
         )

@@ -51,6 +51,9 @@ def render_config(
 
     `partner_extra` adds TOML lines to a partner's table (format, compression, …); a partner with
     `format = "pgp"` gets its OpenPGP key from the dev PKI.
+
+
+    Size: a configuration template, one key per line.
     """
     smtp = smtp_nodes or [f"{node_ip(n)}:25" for n in range(1, NODE_COUNT + 1)]
     pop3 = pop3_nodes or [f"{node_ip(n)}:995" for n in range(1, NODE_COUNT + 1)]

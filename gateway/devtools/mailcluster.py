@@ -7,6 +7,9 @@ mailboxes. Single nodes can be taken down and brought back.
     python -m gateway.devtools.mailcluster down --dir DIR
 
 It needs root (ports 25/995, the mail user) and installs Postfix and Dovecot with apt if they are missing.
+
+
+Size: a development tool: the cluster's configuration files are written here in full.
 """
 
 from __future__ import annotations
@@ -153,6 +156,7 @@ class MailCluster:
 
     # ---------------------------------------------------------------- configuration
     def _write_postfix(self, ca: Path, cert: pki.Issued, state: dict) -> None:
+        """Size: Postfix's configuration, written as the files read."""
         pf = self.pf
         for d in ("conf", "queue", "data", "log"):
             (pf / d).mkdir(parents=True, exist_ok=True)
@@ -244,6 +248,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         (pf / "conf" / "master.cf").write_text(master)
 
     def _write_dovecot(self, ca: Path, cert: pki.Issued, state: dict) -> None:
+        """Size: Dovecot's configuration, written as the file reads."""
         dv = self.dv
         for d in ("run", "state", "log"):
             (dv / d).mkdir(parents=True, exist_ok=True)

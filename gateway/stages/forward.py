@@ -105,7 +105,10 @@ def send_batch(
     pacs: Pacs, items: list[dict[str, Any]], root: Path, timeout: float | None = None
 ) -> list[Outcome]:
     """One association, every item; blocking (run in a thread). Every step is bounded by the PACS's timeout:
-    pynetdicom notices a peer's abort only when its timeout runs out."""
+    pynetdicom notices a peer's abort only when its timeout runs out.
+
+    Size: one association from start to end, every step bounded by the PACS's timeout.
+    """
     timeout = pacs.timeout if timeout is None else timeout
     ae = AE(ae_title=pacs.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -227,7 +230,10 @@ class Forwarder(Stage):
             self.progress.forwarder.idle()
 
     async def _try_due(self, now: float | None) -> int:
-        """Try every due forward once; return how many were tried."""
+        """Try every due forward once; return how many were tried.
+
+        Size: one round of due forwards with each outcome recorded where it happens.
+        """
         due = await self.catalog.due_forwards(now or time.time())
         self.progress.forwarder.beat(bool(due))
         by_pacs: dict[str, list[dict[str, Any]]] = defaultdict(list)

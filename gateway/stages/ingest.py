@@ -292,7 +292,10 @@ class Ingester(Stage):
         )
 
     async def ingest(self, item: Item) -> None:
-        """Ingest or quarantine one queued mail."""
+        """Ingest or quarantine one queued mail.
+
+        Size: one mail's whole path (open, store, index, finish) with its crash points in order; split, the order would no longer be visible.
+        """
         mail_id = item.id
         if await self.catalog.mail_state(mail_id) in _FINISHED:
             # the catalog recorded the outcome before a crash; only the disk move was missing

@@ -244,7 +244,10 @@ class Packager(Stage):
         return mailformat.plan_mails([int(n * grow) + 1024 for n in sizes], limit)
 
     async def package(self, transfer: dict[str, object]) -> None:
-        """Build and record all mails of one transfer (or fail it with the reason)."""
+        """Build and record all mails of one transfer (or fail it with the reason).
+
+        Size: one transfer's whole path (compress, plan, build, record, release) with its crash points in order.
+        """
         tid = str(transfer["id"])
         partner = self.settings.partner_by_name(str(transfer["partner"]))
         now = time.time()

@@ -246,7 +246,10 @@ class ReceiverPool(ServesDicomPort):
 
 # -------------------------------------------------------------------- inside a receiver process
 def receiver_main(spec: dict[str, Any]) -> int:
-    """A receiver process: associations arrive as descriptors on the control socket until it closes."""
+    """A receiver process: associations arrive as descriptors on the control socket until it closes.
+
+    Size: a receiver process's main: set-up, serving and shutdown in the order they happen.
+    """
     import ipaddress
 
     from gateway.logsetup import setup_logging

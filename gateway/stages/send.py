@@ -52,7 +52,10 @@ class Sender(Stage):
         await record("fail", lambda: self.catalog.fail_mail(item.meta["message_id"], reason, time.time()))
 
     async def send_one(self, item: Item) -> None:
-        """Try one mail once and record the outcome."""
+        """Try one mail once and record the outcome.
+
+        Size: one mail's send with every outcome (sent, deferred, rejected) recorded where it happens.
+        """
         meta = item.meta
         attempts = int(meta.get("attempts", 0)) + 1
         # crash while active: start-up puts the item back (it may be sent twice; the receiver drops the copy)
