@@ -22,12 +22,15 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import config
 from gateway.errors import ConfigError, VolumeInUseError
 from gateway.logsetup import setup_logging
 from gateway.report import outcome_text
+
+if TYPE_CHECKING:  # the commands import what they use when they run: `--help` stays quick
+    from gateway.status import Status
 
 log = logging.getLogger("gateway")
 
@@ -181,7 +184,9 @@ def _ts(value: Any) -> str:
 async def _status(settings: config.Settings, as_json: bool) -> int:
     from gateway import monitoring, status
 
-    view = await status.read(settings, live=monitoring.read_health(settings))
+    health = monitoring.read_health(settings)
+    # a stopped gateway's last report is history, not the present: `status` shows it as not running
+    view = await status.read(settings, live=health if monitoring.is_fresh(health, time.time()) else None)
     if as_json:
         print(json.dumps(view.as_json(), indent=2, default=str))
         return 0
@@ -189,7 +194,7 @@ async def _status(settings: config.Settings, as_json: bool) -> int:
     return 0
 
 
-def status_text(settings: config.Settings, view: Any) -> str:
+def status_text(settings: config.Settings, view: Status) -> str:
     """`status` for a terminal, from the read model (`gateway.status`).
 
     Size: terminal output, one section after another.

@@ -89,6 +89,11 @@ def write_health(settings: Settings, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def is_fresh(health: dict[str, Any] | None, now: float) -> bool:
+    """Whether a health document is the running gateway's present (its heartbeat is recent)."""
+    return health is not None and now - float(health.get("heartbeat", 0)) <= HEARTBEAT_STALE
+
+
 def read_health(settings: Settings) -> dict[str, Any] | None:
     try:
         return dict(json.loads(health_path(settings).read_text()))
@@ -109,7 +114,7 @@ def _reception(settings: Settings, health: dict[str, Any] | None, now: float, in
         return Service(
             CRIT, "DMG DICOM reception", f"nothing listens on {host}:{settings.dicom_port}", metrics
         )
-    if health is None or now - float(health.get("heartbeat", 0)) > HEARTBEAT_STALE:
+    if not is_fresh(health, now):
         return Service(CRIT, "DMG DICOM reception", "the gateway's heartbeat is missing or stale", metrics)
     return Service(OK, "DMG DICOM reception", f"accepting on {host}:{settings.dicom_port}", metrics)
 

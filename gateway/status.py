@@ -10,6 +10,7 @@ anything (that is each renderer). No patient data: UIDs, counts, partners' names
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -178,8 +179,6 @@ async def read(
     """Read the whole status once. `catalog`: the running gateway's (the web page); None opens one for this read.
     `live`: the running gateway's `Gateway.status()` (the web page) or its last `health.json` (CLI, check_mk).
     `partners`: the running gateway's address book; None reads it from the configuration."""
-    import asyncio
-
     from gateway.catalog import open_catalog
 
     status = Status(

@@ -307,9 +307,8 @@ class WebApp:
     async def page(self, request: web.Request) -> web.Response:
         """The status page (server-rendered from `gateway.status`; its forms carry the CSRF token)."""
         gw = self.gw
-        view = await status.read(
-            gw.settings, gw.catalog, live=gw.status(), limit=30, partners=gw.keys.book.expiry()
-        )
+        live = gw.status()  # its address book is in it already: not read twice
+        view = await status.read(gw.settings, gw.catalog, live=live, limit=30, partners=live["partners"])
         studies = await self._studies()
         parts = [
             "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='10'>",

@@ -184,7 +184,7 @@ async def test_fragments_are_reassembled_in_any_order(
 
 @pytest.mark.asyncio
 async def test_a_dead_smtp_node_is_failed_over_and_a_study_waits_while_all_are_down(
-    pair_factory, tmp_path: Path, fake_mail: fakemail.FakeMail, pki_dir: Path
+    pair_factory, tmp_path: Path, fake_mail: fakemail.FakeMail
 ) -> None:  # type: ignore[no-untyped-def]
     dead = f"127.0.0.1:{free_port()}"  # configured, but nothing answers there
     pair = await pair_factory(a_smtp=[dead, *fake_mail.smtp_nodes])

@@ -94,6 +94,14 @@ class LoopGuard:
             self.progress.halted[self.stage] = reason
         return None
 
+    async def pause(self, exc: BaseException) -> bool:
+        """`failed`, then wait that long: True to go on with the next turn, False when the loop must stop."""
+        delay = self.failed(exc)
+        if delay is None:
+            return False
+        await asyncio.sleep(delay)
+        return True
+
 
 async def wait_woken(event: asyncio.Event, timeout: float) -> None:
     """Sleep until another stage sets `event` or `timeout` passes; then clear it."""

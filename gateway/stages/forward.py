@@ -301,10 +301,8 @@ class Forwarder(Stage):
                 tried = await self.run_once()
                 self.guard.ok()
             except Exception as exc:
-                delay = self.guard.failed(exc)
-                if delay is None:
+                if not await self.guard.pause(exc):
                     return
-                await asyncio.sleep(delay)
                 tried = 0
             if not tried:
                 await wait_woken(self.wakes.forwarder, 5)

@@ -442,8 +442,6 @@ class Ingester(Stage):
                 await self.run_once()
                 self.guard.ok()
             except Exception as exc:
-                delay = self.guard.failed(exc)
-                if delay is None:
+                if not await self.guard.pause(exc):
                     return
-                await asyncio.sleep(delay)
             await wait_woken(self.wakes.ingest, 5)

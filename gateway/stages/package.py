@@ -441,8 +441,6 @@ class Packager(Stage):
                     self.progress.packager.idle()
                 self.guard.ok()
             except Exception as exc:
-                delay = self.guard.failed(exc)
-                if delay is None:
+                if not await self.guard.pause(exc):
                     return
-                await asyncio.sleep(delay)
             await wait_woken(self.wakes.packager, 5)

@@ -162,8 +162,6 @@ class Receipts(Stage):
                     log.warning("%d sent transfers have no receipt from their partner yet (overdue)", flagged)
                 self.guard.ok()
             except Exception as exc:
-                delay = self.guard.failed(exc)
-                if delay is None:
+                if not await self.guard.pause(exc):
                     return
-                await asyncio.sleep(delay)
             await wait_woken(self.wakes.receipts, 5)

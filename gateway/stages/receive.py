@@ -220,10 +220,8 @@ class Intake:
                     self.guard.ok()
                     break
                 except Exception as exc:  # the batch is in the receivers' journals: nothing is lost meanwhile
-                    delay = self.guard.failed(exc)
-                    if delay is None:
+                    if not await self.guard.pause(exc):
                         return
-                    await asyncio.sleep(delay)
             counts: dict[str, int] = {}
             for receiver, _ in batch:
                 counts[receiver] = counts.get(receiver, 0) + 1

@@ -6,7 +6,6 @@ study is complete ("stable", as Orthanc calls it) and groups its routed instance
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -51,7 +50,5 @@ class Router(Stage):
                 await self.run_once(time.time())
                 self.guard.ok()
             except Exception as exc:
-                delay = self.guard.failed(exc)
-                if delay is None:
+                if not await self.guard.pause(exc):
                     return
-                await asyncio.sleep(delay)
