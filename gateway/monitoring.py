@@ -174,19 +174,21 @@ def _nodes(view: Status) -> list[Service]:
 
 def _receipts(receipts: dict[str, int]) -> Service:
     """Partners' receipts (MDN) for the last 7 days: a failure at a partner or a receipt contradicting an earlier
-    one (forged, replayed, or a partner that changed its mind) is CRIT; a receipt with a warning (the partner
-    stored the study, its PACS refused some of it or did not answer) or a missing receipt is WARN."""
+    one (forged, replayed, or a partner that changed its mind), or a receipt whose digests show that the partner
+    holds other contents than we sent, is CRIT; a receipt with a warning (the partner stored the study, its PACS
+    refused or did not commit some of it, or did not answer) or a missing receipt is WARN."""
     failed, overdue = receipts.get("failed", 0), receipts.get("overdue", 0)
     contradicted, warning = receipts.get("contradicted", 0), receipts.get("warning", 0)
+    differs = receipts.get("differs", 0)
     return Service(
-        CRIT if failed or contradicted else WARN if overdue or warning else OK,
+        CRIT if failed or contradicted or differs else WARN if overdue or warning else OK,
         "DMG Receipts",
         f"{receipts.get('confirmed', 0)} confirmed, {warning} with a warning, {receipts.get('awaited', 0)} "
         f"awaited, {overdue} overdue, {failed} failed at the partner, {contradicted} contradicted by a later "
-        "receipt (7 days)",
+        f"receipt, {differs} with contents that differ from what was sent (7 days)",
         tuple(
             Metric(k, receipts.get(k, 0))
-            for k in ("confirmed", "warning", "awaited", "overdue", "failed", "contradicted")
+            for k in ("confirmed", "warning", "awaited", "overdue", "failed", "contradicted", "differs")
         ),
     )
 
@@ -371,11 +373,15 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
 
 
 def _forwarding(forwards: dict[str, int]) -> Service:
-    refused, waiting = forwards.get("rejected", 0), forwards.get("pending", 0) + forwards.get("retry", 0)
+    """Forwards to the local PACS by state; "stored" ones wait for the PACS's storage commitment, refusals
+    include instances the PACS did not commit."""
+    refused = forwards.get("rejected", 0)
+    waiting = forwards.get("pending", 0) + forwards.get("retry", 0) + forwards.get("stored", 0)
     return Service(
         WARN if refused else OK,
         "DMG PACS forwarding",
-        f"{forwards.get('accepted', 0)} accepted, {waiting} waiting, {refused} instances refused by the PACS",
+        f"{forwards.get('accepted', 0)} accepted, {waiting} waiting, {refused} instances refused or not "
+        "committed by the PACS",
         (
             Metric("accepted", forwards.get("accepted", 0)),
             Metric("waiting", waiting),

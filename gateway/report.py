@@ -1,7 +1,8 @@
 """What a transfer's outcome is, in words: the one wording `status`, the web page and check_mk share.
 
-An outbound transfer's outcome is the partner's receipt; an inbound one's is what each local PACS did with its
-instances (accepted, refused with the reason, still being tried).
+An outbound transfer's outcome is the partner's receipt and what it proves (contents verified or not, what the
+partner's PACS committed); an inbound one's is what each local PACS did with its instances (committed, accepted,
+refused with the reason, still being tried).
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ RECEIPT_TEXT = {
     "overdue": "no receipt yet (overdue)",
     "not-requested": "no receipts from this partner",
 }
-PACS_TEXT = {"accepted": "accepted", "rejected": "REFUSED", "retry": "being retried", "pending": "waiting"}
+PACS_TEXT = {
+    "accepted": "accepted",
+    "committed": "committed",
+    "stored": "stored, awaiting commitment",
+    "rejected": "REFUSED",
+    "not-committed": "NOT COMMITTED",
+    "retry": "being retried",
+    "pending": "waiting",
+}
+PROOF_TEXT = {"verified": ", contents verified", "not-verified": " (not verified)"}
 
 
 def receipt_text(t: dict[str, Any]) -> str:
@@ -26,6 +36,16 @@ def receipt_text(t: dict[str, Any]) -> str:
         return "-"
     text = RECEIPT_TEXT.get(str(receipt), str(receipt))
     text = f"{text}: {t['receipt_detail']}" if t.get("receipt_detail") else text
+    proof = t.get("proof")
+    if proof == "differs":
+        text += f", {t.get('proof_detail') or 'contents differ'}"
+    elif proof:
+        text += PROOF_TEXT.get(str(proof), f" ({proof})")
+    pacs_said = [c for c in t.get("chain") or () if "PACS" in c or "stored" in c]
+    if pacs_said:
+        text += "; " + "; ".join(pacs_said)
+        if t.get("not_committed"):
+            text += ": " + ", ".join(t["not_committed"][:10]) + (" …" if len(t["not_committed"]) > 10 else "")
     return f"{text} (CONTRADICTED: {t['receipt_conflict']})" if t.get("receipt_conflict") else text
 
 
@@ -34,7 +54,7 @@ def pacs_text(t: dict[str, Any]) -> str:
     by_pacs: dict[str, list[str]] = {}
     for f in t.get("pacs") or ():
         words = f"{f['count']} {PACS_TEXT.get(str(f['state']), str(f['state']))}"
-        if f["state"] in ("rejected", "retry") and f.get("error"):
+        if f["state"] in ("rejected", "not-committed", "retry") and f.get("error"):
             words += f" ({f['error']})"
         by_pacs.setdefault(str(f["pacs"]), []).append(words)
     return "; ".join(f"PACS {name}: {', '.join(parts)}" for name, parts in by_pacs.items()) or "-"

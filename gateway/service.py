@@ -113,6 +113,7 @@ class Gateway(SharesContext):
             receipts=Receipts(ctx),
         )
         gw.ingester.workers = gw.packager
+        gw.scp.on_report = ctx.wakes.forwarder.set  # a PACS's commitment report came to our DICOM port
         await gw.recover()
         return gw
 

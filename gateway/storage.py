@@ -9,6 +9,7 @@ Layout below `d_root`:
     spool/outbox-staging/<transfer>/                      a set being built (moved into outbox when complete)
     spool/inbox/<state>/<mail-key>/                       fetched mails; hold = quarantined, with the reason
     spool/intake/journal-<receiver>.jsonl                 received-instance journals, one per receiver process (stages/receive.py)
+    spool/commitments/<transaction>.<ns>.<pid>.json       PACS storage commitment reports, saved before they are answered
     tmp/                                                  temp files, same filesystem so rename is atomic
     catalog.sqlite                                        the embedded catalog (default database)
     state/gateway.lock                                    held (flock) by the one gateway running on this volume
@@ -201,6 +202,7 @@ class Storage:
         self.outbox_staging = self.spool / "outbox-staging"
         self.inbox = self.spool / "inbox"
         self.intake = self.spool / "intake"
+        self.commitments = self.spool / "commitments"  # storage commitment reports not yet applied
         self.tmp = d_root / "tmp"
         self.state = d_root / "state"
         self._lock = threading.Lock()

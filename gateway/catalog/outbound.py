@@ -109,17 +109,32 @@ class OutboundRoom(InstancesRoom):
         mdn_ids: list[str] | None = None,
         receipts: bool = False,
         bytes_wire: int | None = None,
+        proofs: dict[str, tuple[str, dict[str, str]]] | None = None,
     ) -> None:
         """Record the built mails (id, part, total, path, size) and mark the transfer packaged, atomically.
 
-        `mdn_ids` (one per mail) are the Message-IDs receipts will name; `receipts` says whether they are awaited.
+        `mdn_ids` (one per mail) are the Message-IDs receipts will name; `receipts` says whether they are awaited;
+        `proofs` holds, per such Message-ID, what its receipt must prove: the content's digest and each
+        instance's SHA-256 as it went into the mail.
         """
+        proofs = proofs or {}
         async with self.db.transaction() as tx:
             await tx.execute("DELETE FROM mails WHERE transfer_id = ? AND direction = 'out'", (transfer_id,))
+            await tx.execute("DELETE FROM out_items WHERE transfer_id = ?", (transfer_id,))
+            rows = [
+                (transfer_id, sop, mdn_id, sha) for mdn_id, (_, d) in proofs.items() for sop, sha in d.items()
+            ]
+            for i in range(0, len(rows), 200):  # a few statements for a study of thousands
+                chunk = rows[i : i + 200]
+                await tx.execute(
+                    "INSERT INTO out_items (transfer_id, sop_uid, mdn_id, sha256) VALUES "
+                    + ", ".join("(?, ?, ?, ?)" for _ in chunk),
+                    tuple(v for row in chunk for v in row),
+                )
             for n, (mail_id, part, total, path, size) in enumerate(mails):
                 await tx.execute(
                     """INSERT INTO mails (id, direction, transfer_id, part, total, state, path, size, created_at,
-                       updated_at, mdn_id) VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       updated_at, mdn_id, content_mic) VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     (
                         mail_id,
                         transfer_id,
@@ -131,6 +146,7 @@ class OutboundRoom(InstancesRoom):
                         now,
                         now,
                         mdn_ids[n] if mdn_ids else mail_id,
+                        proofs[mdn_ids[n]][0] if mdn_ids and mdn_ids[n] in proofs else None,
                     ),
                 )
             await tx.execute(

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.catalog.base import CatalogBase
+from gateway.core.mdn import Receipt
+from gateway.core.proof import DIFFERS, NOT_VERIFIED, VERIFIED, judge
 from gateway.core.states import TransferState, settle_receipt
 
 
@@ -20,23 +22,24 @@ class ReceiptMatch:
 
 
 class ReceiptsRoom(CatalogBase):
-    async def record_receipt(
-        self, partner: str, original_message_id: str, outcome: str, detail: str, now: float
-    ) -> ReceiptMatch:
+    async def record_receipt(self, partner: str, receipt: Receipt, now: float) -> ReceiptMatch:
         """A partner's verified MDN for one of our mails.
 
         It counts only for a mail we sent to that same partner (`transfer_id` None otherwise: the caller sets it
         aside). A mail's final receipt stands (`core.states.settle_receipt`): a replay changes nothing, a
         different later answer is recorded as a contradiction beside the first and never replaces it. The
         transfer's receipt becomes `failed` as soon as one mail failed at the partner, `confirmed` (or
-        `warning`) when every mail of it has a positive receipt.
+        `warning`) when every mail of it has a positive receipt. What the receipt proves about the mail's
+        content (`core.proof.judge`) is recorded with it, per mail and per instance.
 
 
         Size: one transaction holds every case of the receipt table (new, replayed, contradicting), in the order `core.states.settle_receipt` decides them.
         """
+        original_message_id, outcome, detail = receipt.original_message_id, receipt.outcome, receipt.detail
         async with self.db.transaction() as tx:
             rows = await tx.fetchall(
-                """SELECT m.transfer_id, m.receipt, m.part FROM mails m JOIN transfers t ON t.id = m.transfer_id
+                """SELECT m.transfer_id, m.receipt, m.part, m.content_mic FROM mails m
+                   JOIN transfers t ON t.id = m.transfer_id
                    WHERE m.direction = 'out' AND m.mdn_id = ? AND t.partner = ?""",
                 (original_message_id, partner),
             )
@@ -56,6 +59,7 @@ class ReceiptsRoom(CatalogBase):
                 return ReceiptMatch(transfer_id, contradiction=note)
             if kept == rows[0][1]:
                 return ReceiptMatch(transfer_id, replay=True)
+            await self._record_proof(tx, transfer_id, rows[0][3], receipt)
             await tx.execute(
                 "UPDATE mails SET receipt = ?, receipt_detail = ? WHERE direction = 'out' AND mdn_id = ?",
                 (outcome, detail[:1000] or None, original_message_id),
@@ -65,8 +69,8 @@ class ReceiptsRoom(CatalogBase):
                 (transfer_id,),
             )
             by_id: dict[str, tuple[str | None, str | None, int]] = {}
-            for mdn_id, receipt, receipt_detail, part in marks:
-                by_id[str(mdn_id)] = (receipt, receipt_detail, int(part or 0))
+            for mdn_id, said, receipt_detail, part in marks:
+                by_id[str(mdn_id)] = (said, receipt_detail, int(part or 0))
             failed = [(p, d) for r, d, p in by_id.values() if r in ("deleted", "deleted/error")]
             warned = [(p, d) for r, d, p in by_id.values() if r == "displayed/warning"]
             if failed:
@@ -85,6 +89,56 @@ class ReceiptsRoom(CatalogBase):
                 (state, text[:1000] or None, now, transfer_id),
             )
             return ReceiptMatch(transfer_id)
+
+    async def _record_proof(self, tx: Any, transfer_id: str, sent_mic: str | None, receipt: Receipt) -> None:
+        """What the receipt proves about its mail (per instance and for the mail), and the transfer's proof so
+        far: `differs` as soon as one mail differs, else `not-verified` as soon as one is, else `verified`."""
+        mdn_id = receipt.original_message_id
+        sent = {
+            str(sop): str(sha)
+            for sop, sha in await tx.fetchall(
+                "SELECT sop_uid, sha256 FROM out_items WHERE transfer_id = ? AND mdn_id = ?",
+                (transfer_id, mdn_id),
+            )
+        }
+        verdict = judge(sent_mic, sent, receipt)
+        for sop, (sha, pacs, reason) in verdict.instances.items():
+            await tx.execute(
+                """UPDATE out_items SET partner_sha256 = ?, partner_pacs = ?, partner_reason = ?
+                   WHERE transfer_id = ? AND sop_uid = ?""",
+                (sha, pacs, reason[:1000] or None, transfer_id, sop),
+            )
+        await tx.execute(
+            "UPDATE mails SET proof = ?, proof_detail = ? WHERE direction = 'out' AND mdn_id = ?",
+            (verdict.proof, verdict.detail[:1000] or None, mdn_id),
+        )
+        proofs = {
+            str(p)
+            for (p,) in await tx.fetchall(
+                "SELECT proof FROM mails WHERE direction = 'out' AND transfer_id = ? AND proof IS NOT NULL",
+                (transfer_id,),
+            )
+        }
+        overall = next(p for p in (DIFFERS, NOT_VERIFIED, VERIFIED) if p in proofs)
+        differing = await tx.fetchall(
+            """SELECT sop_uid FROM out_items WHERE transfer_id = ? AND partner_pacs IS NOT NULL
+               AND (partner_sha256 IS NULL OR partner_sha256 <> sha256) ORDER BY sop_uid""",
+            (transfer_id,),
+        )
+        text = ""
+        if overall == DIFFERS:
+            uids = [str(r[0]) for r in differing]
+            text = f"contents differ: {len(uids)} instances" + (f": {' '.join(uids[:20])}" if uids else "")
+            if len(uids) > 20:
+                text += " …"
+            if not uids:
+                text = "contents differ: the mail's digest differs"
+        elif overall == NOT_VERIFIED:
+            text = verdict.detail if verdict.proof == NOT_VERIFIED else "a receipt without digests"
+        await tx.execute(
+            "UPDATE transfers SET proof = ?, proof_detail = ? WHERE id = ?",
+            (overall, text[:1000] or None, transfer_id),
+        )
 
     async def flag_overdue_receipts(self, deadline: float, now: float) -> int:
         """Sent transfers still without their receipts after `deadline` seconds become `overdue`."""
@@ -111,12 +165,15 @@ class ReceiptsRoom(CatalogBase):
         sop_uids: list[str] | None = None,
         wait_for_pacs: bool = False,
         suppressed: bool = False,
+        content_mic: str = "",
     ) -> None:
         """Remember a receipt we owe (idempotent: the first outcome of a mail stands). A `suppressed` one (the
-        rate limit of refusals) is recorded and never sent."""
+        rate limit of refusals) is recorded and never sent. `sop_uids` are the instances the mail carried and
+        `content_mic` the digest of its signed content: the receipt proves both."""
         await self.db.execute(
             f"""{self.db.dialect.insert_ignore} INTO receipts_out (id, partner, to_addr, original_message_id,
-                sop_uids, outcome, detail, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                sop_uids, outcome, detail, state, created_at, updated_at, content_mic)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 receipt_id,
                 partner,
@@ -128,6 +185,7 @@ class ReceiptsRoom(CatalogBase):
                 "suppressed" if suppressed else "waiting" if wait_for_pacs else "due",
                 now,
                 now,
+                content_mic or None,
             ),
         )
 
@@ -153,6 +211,7 @@ class ReceiptsRoom(CatalogBase):
             "detail",
             "state",
             "created_at",
+            "content_mic",
         )
         rows = await self.db.fetchall(
             f"SELECT {', '.join(keys)} FROM receipts_out WHERE state IN ({marks}) ORDER BY created_at", states

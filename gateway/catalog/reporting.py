@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from gateway.catalog.base import CatalogBase
+from gateway.core.proof import chain
+
+# A forward's state as the views name it: with storage commitment, "accepted" is "committed" and a refusal after
+# the C-STORE succeeded is "not-committed"
+FORWARD_STATE = """(CASE WHEN f.commitment = 'committed' AND f.state = 'accepted' THEN 'committed'
+    WHEN f.commitment = 'failed' AND f.state = 'rejected' THEN 'not-committed' ELSE f.state END)"""
 
 
 class ReportingRoom(CatalogBase):
@@ -21,7 +28,8 @@ class ReportingRoom(CatalogBase):
         )
         transfers = await self.db.fetchall(
             """SELECT id, direction, partner, study_uid, state, parts_done, parts_total, instance_count, bytes,
-                      created_at, updated_at, error, receipt, receipt_detail, bytes_wire, receipt_conflict
+                      created_at, updated_at, error, receipt, receipt_detail, bytes_wire, receipt_conflict,
+                      proof, proof_detail
                FROM transfers ORDER BY updated_at DESC LIMIT ?""",
             (limit,),
         )
@@ -33,7 +41,7 @@ class ReportingRoom(CatalogBase):
             (limit,),
         )
         forwards = await self.db.fetchall(
-            "SELECT pacs, state, COUNT(*) FROM pacs_forwards GROUP BY pacs, state"
+            f"SELECT f.pacs, {FORWARD_STATE}, COUNT(*) FROM pacs_forwards f GROUP BY f.pacs, {FORWARD_STATE}"
         )
         tkeys = (
             "id",
@@ -52,6 +60,8 @@ class ReportingRoom(CatalogBase):
             "receipt_detail",
             "bytes_wire",
             "receipt_conflict",
+            "proof",
+            "proof_detail",
         )
         receipts = await self.db.fetchall(
             "SELECT state, outcome, COUNT(*) FROM receipts_out GROUP BY state, outcome"
@@ -63,9 +73,9 @@ class ReportingRoom(CatalogBase):
         if inbound:
             marks = ", ".join("?" for _ in inbound)
             for tid, pacs, state, count, error in await self.db.fetchall(
-                f"""SELECT i.in_transfer, f.pacs, f.state, COUNT(*), MAX(f.error) FROM pacs_forwards f
+                f"""SELECT i.in_transfer, f.pacs, {FORWARD_STATE}, COUNT(*), MAX(f.error) FROM pacs_forwards f
                     JOIN instances i ON i.sop_uid = f.sop_uid WHERE i.in_transfer IN ({marks})
-                    GROUP BY i.in_transfer, f.pacs, f.state ORDER BY f.pacs, f.state""",
+                    GROUP BY i.in_transfer, f.pacs, {FORWARD_STATE} ORDER BY f.pacs, {FORWARD_STATE}""",
                 inbound,
             ):
                 per_transfer.setdefault(str(tid), []).append(
@@ -73,6 +83,7 @@ class ReportingRoom(CatalogBase):
                 )
         for t in listed:
             t["pacs"] = per_transfer.get(str(t["id"]), [])
+        await self._partner_chain(listed)
         return {
             "transfers_by_state": [{"direction": d, "state": s, "count": int(c)} for d, s, c in counts],
             "mails_by_state": [{"direction": d, "state": s, "count": int(c)} for d, s, c in mails],
@@ -81,6 +92,45 @@ class ReportingRoom(CatalogBase):
             "pacs_forwards": [{"pacs": p, "state": st, "count": int(c)} for p, st, c in forwards],
             "receipts_out": [{"state": st, "outcome": o, "count": int(c)} for st, o, c in receipts],
         }
+
+    async def _partner_chain(self, listed: list[dict[str, Any]]) -> None:
+        """Sent transfers: what the partner's receipts said of each instance (`partner_pacs`: state → count, the
+        reasons, and the instances that are not committed), and the chain as it reads (`core.proof.chain`)."""
+        outbound = [str(t["id"]) for t in listed if t["direction"] == "out"]
+        states: dict[str, Counter[str]] = {}
+        missing: dict[str, list[str]] = {}
+        pending: dict[str, int] = {}
+        proofs: dict[str, Counter[str]] = {}
+        for i in range(0, len(outbound), 200):
+            chunk = outbound[i : i + 200]
+            marks = ", ".join("?" for _ in chunk)
+            for tid, pacs, sop, reason in await self.db.fetchall(
+                f"""SELECT transfer_id, partner_pacs, sop_uid, partner_reason FROM out_items
+                    WHERE transfer_id IN ({marks}) AND partner_pacs IS NOT NULL ORDER BY sop_uid""",
+                tuple(chunk),
+            ):
+                states.setdefault(str(tid), Counter())[str(pacs)] += 1
+                if pacs not in ("committed", "stored", "none"):
+                    missing.setdefault(str(tid), []).append(
+                        f"{sop} ({pacs}{': ' + reason if reason else ''})"
+                    )
+            for tid, p, n in await self.db.fetchall(
+                f"""SELECT transfer_id, COALESCE(proof, ''), COUNT(*) FROM mails WHERE direction = 'out'
+                    AND transfer_id IN ({marks}) GROUP BY transfer_id, COALESCE(proof, '')""",
+                tuple(chunk),
+            ):
+                if p:
+                    proofs.setdefault(str(tid), Counter())[str(p)] += int(n)
+                else:
+                    pending[str(tid)] = int(n)
+        for t in listed:
+            tid = str(t["id"])
+            if t["direction"] != "out" or tid not in proofs:
+                continue
+            content, pacs_said = chain(proofs[tid], states.get(tid, Counter()), pending.get(tid, 0))
+            t["partner_pacs"] = dict(states.get(tid, {}))
+            t["chain"] = [s for s in (content, pacs_said) if s]
+            t["not_committed"] = missing.get(tid, [])[:50]
 
     async def recent_studies(self, limit: int = 10) -> list[dict[str, Any]]:
         """The latest studies with their series (uid, modality, count, one SOP Instance UID for a thumbnail)."""
@@ -126,6 +176,10 @@ class ReportingRoom(CatalogBase):
                 (week,),
             )
         }
+        receipts["differs"] = await count(
+            "SELECT COUNT(*) FROM transfers WHERE direction = 'out' AND proof = 'differs' AND updated_at > ?",
+            week,
+        )
         receipts["contradicted"] = await count(
             "SELECT COUNT(*) FROM transfers WHERE direction = 'out' AND receipt_conflict IS NOT NULL "
             "AND receipt_at > ?",

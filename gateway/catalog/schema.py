@@ -117,6 +117,32 @@ MIGRATIONS: list[list[str]] = [
     [
         "ALTER TABLE transfers ADD COLUMN receipt_conflict TEXT",
     ],
+    # 5: proof of delivery. Outbound: the digest of each mail's signed content and of each instance as it went
+    # into a mail, and what the partner's receipt proved about them. Inbound: the digest of what we received
+    # (for our receipt) and storage commitment by the local PACS.
+    [
+        "ALTER TABLE mails ADD COLUMN content_mic VARCHAR(64)",
+        "ALTER TABLE mails ADD COLUMN proof VARCHAR(16)",
+        "ALTER TABLE mails ADD COLUMN proof_detail TEXT",
+        "ALTER TABLE transfers ADD COLUMN proof VARCHAR(16)",
+        "ALTER TABLE transfers ADD COLUMN proof_detail TEXT",
+        """CREATE TABLE out_items (
+            transfer_id VARCHAR(160) NOT NULL,
+            sop_uid VARCHAR(64) NOT NULL,
+            mdn_id VARCHAR(190) NOT NULL,
+            sha256 CHAR(64) NOT NULL,
+            partner_sha256 CHAR(64),
+            partner_pacs VARCHAR(16),
+            partner_reason TEXT,
+            PRIMARY KEY (transfer_id, sop_uid))""",
+        "CREATE INDEX ix_out_items_mdn ON out_items (mdn_id)",
+        "ALTER TABLE receipts_out ADD COLUMN content_mic VARCHAR(64)",
+        # NULL: a PACS without commitment; due → requested (commit_txn) → committed | failed
+        "ALTER TABLE pacs_forwards ADD COLUMN commitment VARCHAR(16)",
+        "ALTER TABLE pacs_forwards ADD COLUMN commit_txn VARCHAR(64)",
+        "ALTER TABLE pacs_forwards ADD COLUMN commit_requested DOUBLE",
+        "CREATE INDEX ix_pacs_forwards_commit ON pacs_forwards (commit_txn)",
+    ],
 ]
 
 

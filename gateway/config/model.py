@@ -108,6 +108,10 @@ class Pacs:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    storage_commitment: bool = False  # ask it to commit what it stored (N-ACTION); only then "accepted"
+    commitment_timeout: float = 600.0  # how long a requested commitment may take before it is asked again
+    commitment_batch: int = 500  # instances per N-ACTION (Orthanc slows down quadratically beyond that)
+    commitment_hold: float = 10.0  # how long the association waits for a report on itself
 
 
 @dataclass(frozen=True)

@@ -331,6 +331,15 @@ def pacs_section(root: Reader, ae_title: str) -> tuple[Pacs, ...]:
             tls_ca=pr.path("tls_ca") if "tls_ca" in entry else None,
             tls_cert=pr.path("tls_cert") if "tls_cert" in entry else None,
             tls_key=pr.path("tls_key") if "tls_key" in entry else None,
+            storage_commitment=pr.get("storage_commitment", bool, False),
+            commitment_timeout=float(pr.get("commitment_timeout", (int, float), 600, check=check_positive)),
+            commitment_batch=pr.get(
+                "commitment_batch",
+                int,
+                500,
+                check=lambda v: None if 1 <= v <= 10000 else "must be 1 to 10000",
+            ),
+            commitment_hold=float(pr.get("commitment_hold", (int, float), 10, check=check_positive)),
         )
         if (node.tls_cert is None) != (node.tls_key is None) or (node.tls_cert and not node.tls_ca):
             raise pr.fail(

@@ -86,6 +86,7 @@ class Accepted:
     total: int
     study_uid: str | None
     parts: list[tuple[InstanceInfo, bytes]]
+    mic: str = ""  # the digest of the signed content, for the receipt (`mdn.content_mic`)
 
 
 @dataclass(frozen=True)
@@ -187,4 +188,6 @@ def inspect_mail(
     total = 1 if opened.total is None else opened.total
     if not 1 <= part <= total:
         raise Refused(f"set part {part} of {total} is impossible", INCONSISTENT, True)
-    return Accepted(sender.name, f"{sender.name}:{set_id}", part, total, opened.study_uid, parts)
+    return Accepted(
+        sender.name, f"{sender.name}:{set_id}", part, total, opened.study_uid, parts, mdn.content_mic(content)
+    )

@@ -24,10 +24,11 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
+from gateway.adapters.dicom import commitment
 from gateway.catalog import Catalog
 from gateway.config import Pacs, Settings
 from gateway.stages import wait_woken
@@ -222,12 +223,126 @@ class Forwarder(Stage):
         super().__init__(ctx)
         self.accepted = 0
         self.rejected = 0
+        self.box = commitment.ReportBox(ctx.storage.commitments)
 
     async def run_once(self, now: float | None = None) -> int:
         try:
-            return await self._try_due(now)
+            tried = await self._try_due(now)
+            return tried + await self.commit_round(now)
         finally:
             self.progress.forwarder.idle()
+
+    # ------------------------------------------------------------------------------- storage commitment
+    async def commit_round(self, now: float | None = None) -> int:
+        """Apply the PACS's saved reports, ask again where a report is overdue, and ask each PACS with storage
+        commitment to commit what it stored (in batches of `commitment_batch`); how many moved."""
+        moved = await self.apply_reports()
+        for pacs in self.settings.pacs:
+            if not pacs.storage_commitment:
+                continue
+            t = now or time.time()
+            late = await self.catalog.commitments_asked(pacs.name, before=t - pacs.commitment_timeout)
+            if late:
+                overdue = f"no storage commitment report within {pacs.commitment_timeout:g} s"
+                moved += await self._commit_failed(pacs, late, overdue, ask_again=True)
+            due = await self.catalog.commitments_due(pacs.name, t, pacs.commitment_batch)
+            if not due:
+                continue
+            txn = str(generate_uid())
+            sops = [sop for sop, _, _ in due]
+            # recorded before the request goes out, so that a report arriving at once finds its transaction
+            await self.catalog.record_commitment(sops, pacs.name, "stored", "requested", time.time(), txn=txn)
+            why = await asyncio.to_thread(
+                commitment.request,
+                pacs,
+                txn,
+                [(sop_class, sop) for sop, sop_class, _ in due],
+                self.box,
+                pacs.commitment_hold,
+            )
+            if why is not None:
+                log.warning(
+                    "PACS %s: storage commitment of %d instances not requested: %s", pacs.name, len(due), why
+                )
+                moved += await self._commit_failed(pacs, [(sop, n) for sop, _, n in due], why, ask_again=True)
+            else:
+                log.info("PACS %s: asked to commit %d instances (transaction %s)", pacs.name, len(due), txn)
+            moved += await self.apply_reports()
+        return moved
+
+    async def apply_reports(self) -> int:
+        """Every saved storage commitment report into the catalog: committed instances are accepted, failed ones
+        and those the report leaves out are retried or, after `max_attempts`, recorded as not committed."""
+        moved = 0
+        for path, report in await asyncio.to_thread(self.box.pending):
+            pacs_nodes = [
+                p for p in self.settings.pacs if p.storage_commitment and p.ae_title == report.calling_ae
+            ]
+            for pacs in pacs_nodes:
+                asked = dict(await self.catalog.commitments_asked(pacs.name, txn=report.transaction_uid))
+                if not asked:
+                    continue
+                committed = [sop for sop in report.committed if sop in asked]
+                if committed:
+                    await self.catalog.record_commitment(
+                        committed, pacs.name, "accepted", "committed", time.time()
+                    )
+                    self.accepted += len(committed)
+                failed = dict(report.failed)
+                for reason in sorted(set(failed.values())):
+                    sops = [(sop, asked[sop]) for sop, r in failed.items() if r == reason and sop in asked]
+                    moved += await self._commit_failed(pacs, sops, f"not committed by the PACS: {reason}")
+                said = set(report.committed) | set(failed)
+                left_out = [(sop, n) for sop, n in asked.items() if sop not in said]
+                if left_out:
+                    moved += await self._commit_failed(
+                        pacs, left_out, "missing from the PACS's commitment report"
+                    )
+                moved += len(committed)
+                log.info(
+                    "PACS %s: transaction %s: %d committed, %d failed, %d left out",
+                    pacs.name,
+                    report.transaction_uid,
+                    len(committed),
+                    len(failed),
+                    len(left_out),
+                )
+            if not pacs_nodes:
+                log.warning(
+                    "a storage commitment report from %r, which is no PACS we ask: ignored", report.calling_ae
+                )
+            await asyncio.to_thread(self.box.done, path)
+        if moved:
+            self.wakes.receipts.set()  # receipts wait for the commitment
+        return moved
+
+    async def _commit_failed(
+        self, pacs: Pacs, sops: list[tuple[str, int]], why: str, *, ask_again: bool = False
+    ) -> int:
+        """Instances the PACS did not commit: stored again (or, `ask_again`, only asked again) after a back-off,
+        until `max_attempts`; then recorded as not committed, with why."""
+        t = time.time()
+        final = [sop for sop, n in sops if n + 1 >= pacs.max_attempts]
+        again = [sop for sop, n in sops if n + 1 < pacs.max_attempts]
+        if final:
+            await self.catalog.record_commitment(
+                final, pacs.name, "rejected", "failed", t, attempts_added=1, error=why
+            )
+            self.rejected += len(final)
+            log.error("PACS %s: %d instances not committed (%s): reported", pacs.name, len(final), why)
+        if again:
+            delay = pacs.retry_base * 2 ** (min(n for _, n in sops))
+            await self.catalog.record_commitment(
+                again,
+                pacs.name,
+                "stored" if ask_again else "retry",
+                "due" if ask_again else None,
+                t,
+                attempts_added=1,
+                next_attempt=t + delay,
+                error=why,
+            )
+        return len(sops)
 
     async def _try_due(self, now: float | None) -> int:
         """Try every due forward once; return how many were tried.
@@ -259,10 +374,10 @@ class Forwarder(Stage):
                 attempts = attempts_of[o.sop_uid]
                 t = time.time()
                 if o.status in ACCEPTED:
-                    await self.catalog.record_forward(
-                        o.sop_uid, name, "accepted", attempts, t, status=o.status
-                    )
-                    self.accepted += 1
+                    # with storage commitment, a C-STORE success is only "stored": the PACS commits it or not
+                    state = "stored" if pacs.storage_commitment else "accepted"
+                    await self.catalog.record_forward(o.sop_uid, name, state, attempts, t, status=o.status)
+                    self.accepted += state == "accepted"
                     continue
                 error = _describe(o.status, o.error)
                 if attempts >= pacs.max_attempts:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
-import pickle
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -24,17 +22,16 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Protocol
 
-from gateway import formats, untrusted
-from gateway.addressbook import load_address_book
+from gateway import untrusted
 from gateway.catalog import InstanceRecord
-from gateway.config import Settings
 from gateway.core import inbound, mailformat, mdn, partial
 from gateway.core.queue import QueueState
 from gateway.core.states import MailState
 from gateway.fragments import GroupDropped
 from gateway.spool import Item
-from gateway.stages import record, wait_woken, worker_identity
+from gateway.stages import record, wait_woken
 from gateway.stages.context import Stage, StageContext
+from gateway.stages.workers import inspect_in_worker, opens_in_worker
 from gateway.storage import StoreOutcome
 
 log = logging.getLogger(__name__)
@@ -50,32 +47,6 @@ class Workers(Protocol):
     def pool(self) -> ProcessPoolExecutor: ...
 
     def close(self) -> None: ...
-
-
-_SENDERS: dict[bytes, dict[str, inbound.Sender]] = {}
-
-
-def inspect_in_worker(mail: bytes | Path, settings: Settings) -> inbound.Accepted | inbound.ReceiptIn:
-    """`inbound.inspect_mail` in a worker process: our identity and the address book are loaded there (once per
-    configuration), because certificates and keys cannot be sent between processes. Given a path, the worker
-    reads the mail itself, so that it does not travel through a pipe (and the gateway's interpreter lock)."""
-    raw = mail.read_bytes() if isinstance(mail, Path) else mail
-    key = hashlib.sha256(pickle.dumps(settings)).digest()
-    if key not in _SENDERS:
-        _SENDERS.clear()
-        _SENDERS[key] = load_address_book(settings).senders()
-    identity = worker_identity(settings.smime_cert, settings.smime_key)
-    return inbound.inspect_mail(raw, identity, _SENDERS[key], None, settings.mail.max_unpacked_size)
-
-
-def _opens_in_worker(raw: bytes) -> bool:
-    """True when the mail's format is opened in a worker process (S/MIME: pure CPU); OpenPGP (GnuPG is a process
-    anyway) and anything unrecognised are opened in the gateway process."""
-    try:
-        fmt = formats.for_content_type(mailformat.read_outer(raw).content_type)
-    except mailformat.MailFormatError:
-        return False
-    return fmt is not None and fmt.in_worker
 
 
 class Ingester(Stage):
@@ -141,7 +112,13 @@ class Ingester(Stage):
         self.quota_drops += len(dropped)
 
     async def _owe_receipt(
-        self, mail_id: str, raw: bytes, outcome: str, detail: str, sop_uids: list[str] | None = None
+        self,
+        mail_id: str,
+        raw: bytes,
+        outcome: str,
+        detail: str,
+        sop_uids: list[str] | None = None,
+        mic: str = "",
     ) -> None:
         """Remember the receipt this mail asked for (only to a partner's own address, never to strangers).
         Refusals to one partner beyond `mail.negative_receipts_per_hour` are recorded as suppressed, not sent."""
@@ -176,6 +153,7 @@ class Ingester(Stage):
                 sop_uids=sop_uids,
                 wait_for_pacs=wait,
                 suppressed=suppress,
+                content_mic=mic,
             ),
         )
         if suppress:
@@ -230,9 +208,7 @@ class Ingester(Stage):
             return
         match = await record(
             "receipt",
-            lambda: self.catalog.record_receipt(
-                got.partner, r.original_message_id, r.outcome, r.detail, time.time()
-            ),
+            lambda: self.catalog.record_receipt(got.partner, r, time.time()),
         )
         if match.transfer_id is None:
             await self.quarantine(
@@ -274,7 +250,7 @@ class Ingester(Stage):
         """Decrypt, verify and check one mail (raises `inbound.Refused`): S/MIME in a worker process, so that
         decryption, base64 and hashing use the other core; OpenPGP in a thread (GnuPG is a process anyway).
         `path`, where the mail is on disk, lets the worker read it there."""
-        if self.workers is not None and _opens_in_worker(raw):
+        if self.workers is not None and opens_in_worker(raw):
             try:
                 return await asyncio.get_running_loop().run_in_executor(
                     self.workers.pool(), inspect_in_worker, path or raw, self.settings
@@ -329,7 +305,7 @@ class Ingester(Stage):
             await asyncio.to_thread(
                 self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="duplicate"
             )
-            await self._owe_receipt(mail_id, raw, mdn.OK, "already received")
+            await self._owe_receipt(mail_id, raw, mdn.OK, "already received", mic=accepted.mic)
             log.info(
                 "mail %s: set %s part %d already ingested (re-delivery)",
                 mail_id,
@@ -384,7 +360,9 @@ class Ingester(Stage):
         )
         # crash here: the catalog says ingested, the item is still active: on restart it is recognised and finished
         await asyncio.to_thread(self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="ingested")
-        await self._owe_receipt(mail_id, raw, mdn.OK, "", [r.info.sop_instance_uid for r in records])
+        await self._owe_receipt(
+            mail_id, raw, mdn.OK, "", [info.sop_instance_uid for info, _ in accepted.parts], accepted.mic
+        )
         self.ingested += 1
         log.info(
             "mail %s: set %s part %d/%d ingested, %d instances",

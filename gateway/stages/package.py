@@ -21,115 +21,25 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway import formats
-from gateway.adapters import smtp
-from gateway.children import exit_with
 from gateway.config import Partner
-from gateway.core import compress, mailformat, partial
+from gateway.core import compress, mailformat
 from gateway.core.states import TransferState
-from gateway.logsetup import setup_logging
-from gateway.spool import Spool
-from gateway.stages import wait_woken, worker_identity
+from gateway.stages import wait_woken
 from gateway.stages.context import Stage, StageContext
+from gateway.stages.workers import WORKERS, BuildJob, Built, TooLarge, build_mail, start_worker
 
 log = logging.getLogger(__name__)
-
-
-def item_id(transfer_id: str, part: int) -> str:
-    """The outbox queue item of one mail."""
-    return f"{transfer_id}.{part:05d}"
 
 
 def message_id(transfer_id: str, part: int, sender: str) -> str:
     """Stable per transfer and part, so a re-sent mail is recognisable as the same one."""
     return f"<{transfer_id}.{part}@{sender.split('@', 1)[1]}>"
-
-
-WORKERS = max(1, os.cpu_count() or 1)  # worker processes: one per core
-
-
-def _start_worker(gateway_pid: int) -> None:
-    """A worker process ends with the gateway (see `gateway.children`) and yields the cores to the event loop and
-    the DICOM receivers, whose latency others wait on: a modality for its C-STORE response, a mail server for the
-    next command. Bulk work can wait a moment."""
-    exit_with(gateway_pid)
-    os.nice(5)
-    setup_logging(
-        logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    )  # scrubbed, like the gateway's
-
-
-class _TooLarge(Exception):
-    """A built mail came out above the size limit: plan again with a smaller capacity."""
-
-
-@dataclass(frozen=True)
-class BuildJob:
-    """Everything needed to build one mail and write its queue item(s), picklable for a worker process."""
-
-    header: mailformat.MailHeader
-    partner: Partner
-    paths: tuple[Path, ...]
-    folder: Path
-    meta: dict[str, Any]
-    limit: int  # the partner's largest mail
-    signer: tuple[Path, Path]  # our S/MIME certificate and key files (read by the worker, never sent to it)
-    recipient_pem: bytes | None  # the partner's S/MIME certificate
-    pgp_fingerprint: str = ""  # the partner's OpenPGP key
-
-
-def _seal_keys(job: BuildJob, pgp: formats.PgpSealer | None) -> formats.SealKeys:
-    """The keys the partner's format needs, loaded where the mail is built (certificates and keys are read from
-    their files in a worker process, never sent to it)."""
-    if formats.get(job.partner.format).key == "pgp":
-        return formats.SealKeys(pgp=pgp, fingerprint=job.pgp_fingerprint)
-    if job.recipient_pem is None:
-        raise mailformat.MailFormatError(f"partner {job.partner.name} has no S/MIME certificate")
-    return formats.SealKeys(
-        identity=worker_identity(*job.signer), recipient=x509.load_pem_x509_certificate(job.recipient_pem)
-    )
-
-
-def build_mail(job: BuildJob, pgp: formats.PgpSealer | None = None) -> list[tuple[str, str, int]]:
-    """Build one mail (and its fragments) in the partner's format, write the queue items; [(item id, message id,
-    size)]. Runs in a worker process or, for a format that is not `in_worker` (OpenPGP: `pgp` given), a thread."""
-    header, partner = job.header, job.partner
-    fmt = formats.get(partner.format)
-    # the DICOM parts live only while the content is built, the content only while it is sealed
-    content = fmt.content(header, [p.read_bytes() for p in job.paths], partner.compression)
-    data = fmt.seal(header, content, _seal_keys(job, pgp))
-    del content
-    if partner.split == "partial" and len(data) > job.limit:
-        fixed = mailformat.outer_headers(header)[:4]  # From, To, Subject (replaced), Date
-        pieces = partial.fragment(
-            data,
-            job.limit,
-            header.message_id.strip("<>"),
-            [h for h in fixed if h[0] != "Subject"],
-            header.subject,
-        )
-        out = []
-        for n, piece in enumerate(pieces, start=1):
-            iid = f"{item_id(header.set_id, header.part)}.f{n:04d}"
-            mid = f"<{n}.{header.message_id.strip('<>')}>"
-            # crash after this write: the transfer is still pending; packaging starts over
-            meta = {**job.meta, "message_id": mid, "fragment": n, "wire_ready": smtp.wire_ready(piece)}
-            Spool.prepare_item(job.folder, iid, piece, meta)
-            out.append((iid, mid, len(piece)))
-        return out
-    if len(data) > job.limit:
-        raise _TooLarge(f"built mail has {len(data)} bytes, above {job.limit}")
-    # crash after this write: the transfer is still pending; packaging starts over and rebuilds the folder
-    meta = {**job.meta, "wire_ready": smtp.wire_ready(data)}  # here, so the sender need not scan it
-    Spool.prepare_item(job.folder, item_id(header.set_id, header.part), data, meta)
-    return [(item_id(header.set_id, header.part), header.message_id, len(data))]
 
 
 class Packager(Stage):
@@ -146,7 +56,7 @@ class Packager(Stage):
             self._pool = ProcessPoolExecutor(
                 max_workers=WORKERS,
                 mp_context=multiprocessing.get_context("forkserver"),
-                initializer=_start_worker,
+                initializer=start_worker,
                 initargs=(os.getpid(),),
             )
         return self._pool
@@ -196,6 +106,7 @@ class Packager(Stage):
         paths: list[Path],
         folder: Path,
         meta: dict[str, Any],
+        sops: list[str],
     ) -> BuildJob:
         entry = self.keys.book[partner.name]
         recipient = entry.smime
@@ -211,9 +122,10 @@ class Packager(Stage):
             if recipient is not None
             else None,
             pgp_fingerprint=entry.pgp_fingerprint,
+            sops=tuple(sops),
         )
 
-    async def _build(self, job: BuildJob) -> list[tuple[str, str, int]]:
+    async def _build(self, job: BuildJob) -> Built:
         """Build one mail: in a worker process (both cores: base64, hashing and AES hold the GIL), or in a thread for
         a format that is not `in_worker` (OpenPGP: GnuPG is a process of its own anyway)."""
         if not formats.get(job.partner.format).in_worker:
@@ -276,14 +188,16 @@ class Packager(Stage):
         for factor in (1.0, 0.8, 0.6, 0.4):
             try:
                 plan = self._plan(partner, sizes, factor)
-                built = await self._build_all(tid, transfer, partner, plan, paths, folder)
+                built = await self._build_all(
+                    tid, transfer, partner, plan, paths, [sop for sop, _, _ in instances], folder
+                )
                 break
             except mailformat.MailFormatError as exc:
                 log.error("transfer %s failed: %s", tid, exc)
                 await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, str(exc))
                 shutil.rmtree(folder, ignore_errors=True)
                 return
-            except _TooLarge as exc:
+            except TooLarge as exc:
                 log.warning("transfer %s: %s; planning smaller mails", tid, exc)
                 for item_dir in folder.iterdir():
                     if item_dir.name != "work":
@@ -294,16 +208,18 @@ class Packager(Stage):
             shutil.rmtree(folder, ignore_errors=True)
             return
         shutil.rmtree(folder / "work", ignore_errors=True)
+        items = [(iid, mid, size, mdn_id) for mdn_id, b in built for iid, mid, size in b.items]
         await self.catalog.add_out_mails(
             tid,
             [
-                (mid, n, len(built), f"spool/outbox/{iid}", size)
-                for n, (iid, mid, size, _) in enumerate(built, 1)
+                (mid, n, len(items), f"spool/outbox/{iid}", size)
+                for n, (iid, mid, size, _) in enumerate(items, 1)
             ],
             time.time(),
-            mdn_ids=[mdn_id for _, _, _, mdn_id in built],
+            mdn_ids=[mdn_id for _, _, _, mdn_id in items],
             receipts=partner.receipts,
-            bytes_wire=sum(size for _, _, size, _ in built),
+            bytes_wire=sum(size for _, _, size, _ in items),
+            proofs={mdn_id: (b.mic, b.digests) for mdn_id, b in built},
         )
         # crash here: the set is recorded but still staged; start-up moves it into the outbox (release_staged)
         await asyncio.to_thread(self.release, tid)
@@ -326,9 +242,10 @@ class Packager(Stage):
         partner: Partner,
         plan: list[list[int]],
         paths: list[Path],
+        sops: list[str],
         folder: Path,
-    ) -> list[tuple[str, str, int, str]]:
-        """Every mail of the plan; [(item id, message id, size, the message id receipts name)]."""
+    ) -> list[tuple[str, Built]]:
+        """Every mail of the plan: [(the message id receipts name, what was built)]."""
         total = len(plan)
         subject = self.settings.mail.subject
         tag = formats.get(partner.format).subject_tag
@@ -338,7 +255,7 @@ class Packager(Stage):
         # holds a few copies of itself)
         slots = asyncio.Semaphore(max(2, WORKERS))
 
-        async def build(part: int, indexes: list[int]) -> list[tuple[str, str, int, str]]:
+        async def build(part: int, indexes: list[int]) -> tuple[str, Built]:
             header = mailformat.MailHeader(
                 sender=self.settings.mail.address,
                 recipient=partner.address,
@@ -360,10 +277,12 @@ class Packager(Stage):
                 "attempts": 0,
             }
             async with slots:
-                items = await self._build(
-                    self._job(header, partner, [paths[i] for i in indexes], folder, meta)
+                built = await self._build(
+                    self._job(
+                        header, partner, [paths[i] for i in indexes], folder, meta, [sops[i] for i in indexes]
+                    )
                 )
-            return [(iid, mid, size, header.message_id) for iid, mid, size in items]
+            return header.message_id, built
 
         # every build finishes before an error is raised: no thread may still write into `folder` afterwards
         results = await asyncio.gather(
@@ -372,7 +291,7 @@ class Packager(Stage):
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return [entry for r in results if not isinstance(r, BaseException) for entry in r]
+        return [r for r in results if not isinstance(r, BaseException)]
 
     def release(self, tid: str) -> None:
         """Move a completely built and recorded set from staging into the outbox queue."""

@@ -19,9 +19,10 @@ import time
 
 from gateway import formats
 from gateway.config import Partner
-from gateway.core import mdn, mime
+from gateway.core import mdn, mime, proof
 from gateway.stages import RECEIPT, TRANSIENT_ERRORS, wait_woken
 from gateway.stages.context import Stage, StageContext
+from gateway.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,25 @@ def receipt_item_id(receipt_id: str) -> str:
     return "mdn-" + hashlib.sha256(receipt_id.encode()).hexdigest()[:32]
 
 
+def pacs_state(forwards: list[tuple[str, str, str | None, str | None]], configured: int) -> tuple[str, str]:
+    """The worst of what the PACS did with one instance (`mdn.PACS_STATES`), and its reason: committed (storage
+    commitment), stored (C-STORE success from a PACS without commitment), pending, not-committed, refused."""
+    if not configured:
+        return "none", ""
+    states = []
+    for _, state, commitment, error in forwards:
+        if state == "accepted":
+            states.append(("committed" if commitment == "committed" else "stored", ""))
+        elif state == "rejected":
+            states.append(("not-committed" if commitment == "failed" else "refused", error or ""))
+        else:
+            states.append(("pending", error or "no final answer yet"))
+    if len(forwards) < configured:
+        states.append(("pending", "not yet sent to every PACS"))
+    worst = proof.worst(s for s, _ in states)
+    return worst, next(r for s, r in states if s == worst)
+
+
 class Receipts(Stage):
     """Settles, builds and queues owed receipts; flags overdue awaited ones."""
 
@@ -40,12 +60,26 @@ class Receipts(Stage):
         super().__init__(ctx)
         self._failures: dict[str, int] = {}  # receipt id → failed builds in a row
 
-    def build(self, partner: Partner, to: str, original_message_id: str, outcome: str, detail: str) -> bytes:
+    def build(
+        self,
+        partner: Partner,
+        to: str,
+        original_message_id: str,
+        outcome: str,
+        detail: str,
+        mic: str | None = None,
+        stored: list[mdn.Stored] | None = None,
+    ) -> bytes:
         """The MDN mail for one inbound mail, sealed as the partner's format seals receipts (S/MIME: signed;
-        PGP/MIME: signed and encrypted)."""
+        PGP/MIME: signed and encrypted); with the proof of content where the mail was stored."""
         me = self.settings.mail.address
         report = mdn.build_report(
-            sender=me, original_message_id=original_message_id, outcome=outcome, detail=detail
+            sender=me,
+            original_message_id=original_message_id,
+            outcome=outcome,
+            detail=detail,
+            mic=mic,
+            stored=stored,
         )
         now = time.time()
         mid = f"<mdn.{hashlib.sha256(original_message_id.encode()).hexdigest()[:24]}@{me.split('@', 1)[1]}>"
@@ -58,22 +92,46 @@ class Receipts(Stage):
         )
         return head + formats.get(partner.format).seal_receipt(report, keys)
 
+    async def stored(self, sops: list[str]) -> list[mdn.Stored]:
+        """What we hold of each instance a mail carried, as the receipt reports it: the SHA-256 of the file on D:
+        read now (not the digest recorded when it was stored: the receipt proves what is there), and the worst
+        of what the PACS did with it (`pacs_state`)."""
+        facts = await self.catalog.receipt_facts(sops)
+        root = self.storage.root
+
+        def digest(path: str | None) -> str | None:
+            if path is None:
+                return None
+            try:
+                return sha256_file(root / path)
+            except FileNotFoundError:
+                return None
+
+        digests = await asyncio.to_thread(lambda: {sop: digest(facts[sop][0]) for sop in sops})
+        out = []
+        for sop in sops:
+            state, reason = pacs_state(facts[sop][1], len(self.settings.pacs))
+            out.append(mdn.Stored(sop, digests[sop], state, reason))
+        return out
+
     async def settle_waiting(self) -> int:
         """Receipts waiting for the PACS: decide them once every forward has a final answer."""
         settled = 0
         for r in await self.catalog.receipts_out(("waiting",)):
             sops = str(r["sop_uids"] or "").split()
-            outcomes = await self.catalog.forward_outcomes(sops)
-            states: dict[str, list[str]] = {sop: [] for sop in sops}
-            for sop, state, _, _ in outcomes:
-                states.setdefault(sop, []).append(state)
+            facts = await self.catalog.receipt_facts(sops)
             final = ("accepted", "rejected")
-            rejected = [sop for sop in sops if "rejected" in states[sop]]
+            rejected = [sop for sop in sops if any(f[1] == "rejected" for f in facts[sop][1])]
+            uncommitted = [sop for sop in rejected if any(f[2] == "failed" for f in facts[sop][1])]
             waiting = [
                 sop
                 for sop in sops
                 if sop not in rejected
-                and (len(states[sop]) < len(self.settings.pacs) or any(st not in final for st in states[sop]))
+                and facts[sop][1]  # none at all: not stored from this mail (a conflict kept aside)
+                and (
+                    len(facts[sop][1]) < len(self.settings.pacs)
+                    or any(f[1] not in final for f in facts[sop][1])
+                )
             ]
             overdue = time.time() - float(str(r["created_at"])) >= self.settings.mail.receipt_pacs_deadline
             if waiting and not overdue:
@@ -82,13 +140,21 @@ class Receipts(Stage):
                 # a PACS that refused, or one that has not answered within the deadline: the partner learns it now
                 # rather than never; the instances are stored here either way
                 said = []
-                if rejected:
-                    said.append(f"the PACS refused {len(rejected)} of {len(sops)} instances")
+                if len(rejected) > len(uncommitted):
+                    said.append(
+                        f"the PACS refused {len(rejected) - len(uncommitted)} of {len(sops)} instances"
+                    )
+                if uncommitted:
+                    said.append(f"the PACS did not commit {len(uncommitted)} of {len(sops)} instances")
                 if waiting:
                     said.append(f"the PACS has not yet answered for {len(waiting)} of {len(sops)} instances")
                 outcome, detail = mdn.WARNING, "stored; " + "; ".join(said)
             else:
-                outcome, detail = mdn.OK, "stored and accepted by the PACS"
+                committing = any(p.storage_commitment for p in self.settings.pacs)
+                outcome, detail = (
+                    mdn.OK,
+                    f"stored and {'committed' if committing else 'accepted'} by the PACS",
+                )
             await self.catalog.set_receipt_out(str(r["id"]), "due", time.time(), outcome, detail)
             settled += 1
         return settled
@@ -128,13 +194,18 @@ class Receipts(Stage):
         if partner is None:
             await self.catalog.set_receipt_out(str(r["id"]), "dropped", time.time())
             return 0
+        outcome = str(r["outcome"])
+        sops = str(r["sop_uids"] or "").split()
+        stored = await self.stored(sops) if sops and outcome in (mdn.OK, mdn.WARNING) else None
         data = await asyncio.to_thread(
             self.build,
             partner,
             str(r["to_addr"]),
             str(r["original_message_id"]),
-            str(r["outcome"]),
+            outcome,
             str(r["detail"] or ""),
+            str(r["content_mic"] or "") or None,
+            stored,
         )
         meta = {
             "kind": RECEIPT,

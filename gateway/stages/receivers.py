@@ -29,11 +29,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.adapters.dicom import DicomListener, DicomScp, ServesDicomPort
+from gateway.adapters.dicom.commitment import ReportBox
 from gateway.children import die_with_parent
 from gateway.config import Settings
 from gateway.stages.receive import DurableIntake, Intake, IntakeJournal
@@ -42,6 +44,26 @@ from gateway.storage import Storage
 log = logging.getLogger(__name__)
 
 _ASSOCIATION, _ASSOCIATION_TLS, _INDEXED = b"A", b"T", b"I"  # T: from the TLS port, the receiver does the TLS
+
+
+def report_peers(settings: Settings) -> dict[str, tuple[list[str], str]]:
+    """The PACS that may report storage commitment to our DICOM port: their AE title → (their addresses, the AE
+    title we call them with, which they call us by)."""
+    out: dict[str, tuple[list[str], str]] = {}
+    for p in settings.pacs:
+        if p.storage_commitment:
+            ips = set(out.get(p.ae_title, ([], ""))[0]) | set(addresses(p.host))
+            out[p.ae_title] = (sorted(ips), p.calling_ae)
+    return out
+
+
+def addresses(host: str) -> list[str]:
+    """Every address a host name stands for (a PACS's reports come from one of them)."""
+    try:
+        return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
+    except OSError:
+        log.warning("PACS host %s does not resolve: its storage commitment reports will be refused", host)
+        return []
 
 
 @dataclass
@@ -76,6 +98,7 @@ class ReceiverPool(ServesDicomPort):
         self._by_key: dict[str, _Receiver] = {}
         self._cond = threading.Condition()
         self._stopping = False
+        self.on_report: Callable[[], None] = lambda: None  # a storage commitment report was saved
         intake.on_indexed = self._tell_indexed
 
     # ---------------------------------------------------------------- the listening socket (main process)
@@ -148,6 +171,7 @@ class ReceiverPool(ServesDicomPort):
             "allowed_networks": [str(n) for n in s.allowed_networks],
             "timeout": s.dicom_timeout,
             "journal": str(journal),
+            "report_peers": report_peers(s),
             "control_fd": control_child.fileno(),
             "events_fd": events_child.fileno(),
             "log_level": s.log_level,
@@ -208,6 +232,8 @@ class ReceiverPool(ServesDicomPort):
                 receiver.active = max(0, receiver.active - 1)
         elif kind == "refused":
             self.refused += 1
+        elif kind == "commitment":
+            self.on_report()
         else:
             self.intake.reported(receiver.key, event)
 
@@ -270,6 +296,7 @@ def receiver_main(spec: dict[str, Any]) -> int:
     storage = Storage(Path(spec["d_root"]), int(spec["min_free"]), int(spec["min_free_inodes"]))
     journal = IntakeJournal(Path(spec["journal"]))
     durable = DurableIntake(storage, dict(spec["routes"]), journal, emit)
+    peers = {ae: (frozenset(ips), str(called)) for ae, (ips, called) in dict(spec["report_peers"]).items()}
     scp = DicomScp(
         str(spec["ae_title"]),
         set(spec["routes"]),
@@ -281,6 +308,9 @@ def receiver_main(spec: dict[str, Any]) -> int:
         float(spec["timeout"]),
         on_refused=lambda: emit({"t": "refused"}),
         on_ended=lambda: emit({"t": "ended"}),
+        report_peers=peers,
+        report_box=ReportBox(storage.commitments),
+        on_report=lambda: emit({"t": "commitment"}),
     )
     tls = None
     if spec.get("tls"):

@@ -56,6 +56,7 @@ from gateway.adapters.dicom.codec import (
     parse_command,
     response_command,
 )
+from gateway.adapters.dicom.commitment import MAX_REPORT
 from gateway.core.dicominfo import NotDicomError
 
 if TYPE_CHECKING:
@@ -146,6 +147,18 @@ class _Store:
             self.path.unlink(missing_ok=True)
 
 
+@dataclass
+class _Report:
+    """One N-EVENT-REPORT in progress: its command and its dataset, held in memory (bounded by MAX_REPORT)."""
+
+    context_id: int
+    message_id: int
+    sop_class: str
+    sop_instance: str
+    event_type: int
+    data: bytearray = field(default_factory=bytearray)
+
+
 class Association:
     """One association on one socket, in its own thread."""
 
@@ -158,6 +171,7 @@ class Association:
         self.calling = self.called = ""
         self.command = bytearray()
         self.store: _Store | None = None
+        self.report: _Report | None = None  # an N-EVENT-REPORT whose dataset is arriving
         self.slot = False  # counts towards the association limit
 
     # ---- low level
@@ -315,7 +329,7 @@ class Association:
                 self._data_fragment(context_id, fragment, last=bool(control & 0x02))
 
     def _command_fragment(self, context_id: int, fragment: bytes, last: bool) -> None:
-        if self.store is not None:
+        if self.store is not None or self.report is not None:
             raise ProtocolError("a command fragment in the middle of a dataset", 0x02)
         self.command += fragment
         if len(self.command) > 64 * 1024:
@@ -330,8 +344,23 @@ class Association:
         if command_field == 0x0030 and not has_data:  # C-ECHO-RQ
             self.sock.sendall(p_data(context_id, response_command(0x8030, message_id, VERIFICATION, 0, "")))
             return
+        if command_field == 0x0100 and has_data:  # N-EVENT-REPORT-RQ: a PACS's storage commitment report
+            if not self.scp.is_report_peer(self.calling, self.peer):
+                raise ProtocolError(
+                    "N-EVENT-REPORT from a peer that is no PACS we asked for commitment", 0x02
+                )
+            self.report = _Report(
+                context_id,
+                message_id,
+                command_ui(cmd, 0x0002),
+                command_ui(cmd, 0x1000),
+                command_us(cmd, 0x1002),
+            )
+            return
         if command_field != 0x0001 or not has_data:
             raise ProtocolError(f"DIMSE command 0x{command_field:04X} is not offered here", 0x02)
+        if not self.scp.may_store(self.calling, self.called, self.peer):
+            raise ProtocolError("C-STORE from a peer admitted for commitment reports only", 0x02)
         sop_class, sop_instance = command_ui(cmd, 0x0002), command_ui(cmd, 0x1000)
         try:
             fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.scp.temp_dir)
@@ -346,6 +375,9 @@ class Association:
             self._write_failed(exc)
 
     def _data_fragment(self, context_id: int, fragment: bytes, last: bool) -> None:
+        if self.report is not None:
+            self._report_fragment(context_id, fragment, last)
+            return
         store = self.store
         if store is None or store.context_id != context_id:
             raise ProtocolError("a dataset fragment without its C-STORE command", 0x02)
@@ -385,6 +417,25 @@ class Association:
             )
         rsp = response_command(0x8001, store.message_id, store.sop_class, status, store.sop_instance)
         self.sock.sendall(p_data(store.context_id, rsp))
+
+    def _report_fragment(self, context_id: int, fragment: bytes, last: bool) -> None:
+        report = self.report
+        assert report is not None
+        if report.context_id != context_id:
+            raise ProtocolError("a dataset fragment on another presentation context", 0x02)
+        report.data += fragment
+        if len(report.data) > MAX_REPORT:
+            raise ProtocolError("N-EVENT-REPORT dataset too large", 0x06)
+        if not last:
+            return
+        self.report = None
+        status = self.scp.handle_report(
+            self.calling, self.peer, bytes(report.data), self.contexts[context_id][1], report.event_type
+        )
+        rsp = response_command(
+            0x8100, report.message_id, report.sop_class, status, report.sop_instance, report.event_type
+        )
+        self.sock.sendall(p_data(context_id, rsp))
 
     def _discard_store(self) -> None:
         store, self.store = self.store, None

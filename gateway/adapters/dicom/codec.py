@@ -90,9 +90,14 @@ def _uid_value(uid: str) -> bytes:
 
 
 def response_command(
-    command_field: int, message_id: int, sop_class: str, status: int, sop_instance: str
+    command_field: int,
+    message_id: int,
+    sop_class: str,
+    status: int,
+    sop_instance: str,
+    event_type: int | None = None,
 ) -> bytes:
-    """A C-STORE-RSP / C-ECHO-RSP command set (no dataset follows)."""
+    """A C-STORE-RSP / C-ECHO-RSP / N-EVENT-REPORT-RSP command set (no dataset follows)."""
     body = _element(0x0002, _uid_value(sop_class))
     body += _element(0x0100, struct.pack("<H", command_field))
     body += _element(0x0120, struct.pack("<H", message_id))
@@ -100,6 +105,8 @@ def response_command(
     body += _element(0x0900, struct.pack("<H", status))
     if sop_instance:
         body += _element(0x1000, _uid_value(sop_instance))
+    if event_type is not None:
+        body += _element(0x1002, struct.pack("<H", event_type))
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 

@@ -27,6 +27,12 @@ from gateway.adapters.dicom.codec import (
     STATUS_SUCCESS,
     VERIFICATION,
 )
+from gateway.adapters.dicom.commitment import (
+    STORAGE_COMMITMENT,
+    ReportBox,
+    parse_report,
+    read_report_dataset,
+)
 from gateway.core.dicominfo import NotDicomError
 
 log = logging.getLogger(__name__)
@@ -122,8 +128,15 @@ class DicomScp(ServesDicomPort):
         maximum_associations: int = 32,
         on_refused: Callable[[], None] = lambda: None,
         on_ended: Callable[[], None] = lambda: None,
+        report_peers: dict[str, tuple[frozenset[str], str]] | None = None,
+        report_box: ReportBox | None = None,
+        on_report: Callable[[], None] = lambda: None,
     ) -> None:
         self.ae_title = ae_title
+        # PACS we ask for storage commitment: AE title → (their addresses, the AE title they call us by)
+        self.report_peers = report_peers or {}
+        self.report_box = report_box
+        self.on_report = on_report
         self.allowed_calling_ae = set(allowed_calling_ae)
         self.allowed_networks = allowed_networks
         self.accepted_called = {ae_title, *routes}
@@ -138,6 +151,11 @@ class DicomScp(ServesDicomPort):
             for cx in AllStoragePresentationContexts
         ]
         self.supported_contexts.append(build_context(VERIFICATION, DEFAULT_TRANSFER_SYNTAXES))
+        if self.report_peers:
+            # the PACS sends its N-EVENT-REPORT as the SCP of Storage Commitment: accept that role
+            commitment = build_context(STORAGE_COMMITMENT, DEFAULT_TRANSFER_SYNTAXES)
+            commitment.scu_role = commitment.scp_role = True
+            self.supported_contexts.append(commitment)
         self.listener = DicomListener(bind)
         self._lock = threading.Condition()
         self._active = 0  # established associations (the limit)
@@ -146,8 +164,25 @@ class DicomScp(ServesDicomPort):
         self.on_refused = on_refused  # told of every refused C-STORE (counted by the main process)
         self.on_ended = on_ended  # told when an association's connection is closed
 
+    def is_report_peer(self, calling: str, peer: str) -> bool:
+        """A PACS we ask for storage commitment, calling from one of its addresses."""
+        known = self.report_peers.get(calling)
+        return known is not None and peer in known[0]
+
+    def may_store(self, calling: str, called: str, peer: str) -> bool:
+        """Whether this peer may send C-STORE (the access policy; a report peer alone may not)."""
+        return self._policy_refusal(calling, called, peer) is None
+
     def refusal(self, calling: str, called: str, peer: str) -> tuple[tuple[int, int, int], str] | None:
-        """Why an association request must be rejected (A-ASSOCIATE-RJ result, source, reason), if it must."""
+        """Why an association request must be rejected (A-ASSOCIATE-RJ result, source, reason), if it must. A
+        PACS we asked for storage commitment may associate to report, by the AE title we call it with."""
+        if self.is_report_peer(calling, peer) and called == self.report_peers[calling][1]:
+            return None
+        return self._policy_refusal(calling, called, peer)
+
+    def _policy_refusal(
+        self, calling: str, called: str, peer: str
+    ) -> tuple[tuple[int, int, int], str] | None:
         if self.allowed_networks:
             try:
                 ip = ipaddress.ip_address(peer)
@@ -184,6 +219,31 @@ class DicomScp(ServesDicomPort):
         except Exception as exc:
             received.temp_path.unlink(missing_ok=True)
             return self.refuse(exc)
+        return STATUS_SUCCESS
+
+    def handle_report(
+        self, calling: str, peer: str, data: bytes, transfer_syntax: str, event_type: int
+    ) -> int:
+        """A PACS's storage commitment report: saved durably before it is answered (N-EVENT-REPORT status)."""
+        if self.report_box is None:
+            return 0x0110
+        try:
+            report = parse_report(read_report_dataset(data, transfer_syntax), calling)
+            self.report_box.save(report)
+        except OSError as exc:
+            log.error("storage commitment report from %s not saved: %s", calling, exc.strerror or exc)
+            return 0x0110
+        except Exception as exc:  # a malformed dataset, whatever pydicom makes of it
+            log.warning("storage commitment report from %s unreadable: %s", calling, type(exc).__name__)
+            return 0x0115
+        log.info(
+            "storage commitment report from %s (event %d): %d committed, %d failed",
+            calling,
+            event_type,
+            len(report.committed),
+            len(report.failed),
+        )
+        self.on_report()
         return STATUS_SUCCESS
 
     def refuse(self, exc: BaseException) -> int:

@@ -1,0 +1,153 @@
+"""What runs in the gateway's worker processes (one per core; pure CPU, so the event loop never waits on it):
+building one mail of a set for packaging (stage 3) and opening one S/MIME mail for ingest (stage 6). Each takes a
+picklable job and hands back small results and file names; certificates and keys are read from their files in the
+worker, never sent to it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from gateway import formats
+from gateway.adapters import smtp
+from gateway.addressbook import load_address_book
+from gateway.children import exit_with
+from gateway.config import Partner, Settings
+from gateway.core import inbound, mailformat, mdn, partial
+from gateway.logsetup import setup_logging
+from gateway.spool import Spool
+from gateway.stages import worker_identity
+
+
+def item_id(transfer_id: str, part: int) -> str:
+    """The outbox queue item of one mail."""
+    return f"{transfer_id}.{part:05d}"
+
+
+WORKERS = max(1, os.cpu_count() or 1)  # worker processes: one per core
+
+
+def start_worker(gateway_pid: int) -> None:
+    """A worker process ends with the gateway (see `gateway.children`) and yields the cores to the event loop and
+    the DICOM receivers, whose latency others wait on: a modality for its C-STORE response, a mail server for the
+    next command. Bulk work can wait a moment."""
+    exit_with(gateway_pid)
+    os.nice(5)
+    setup_logging(
+        logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    )  # scrubbed, like the gateway's
+
+
+class TooLarge(Exception):
+    """A built mail came out above the size limit: plan again with a smaller capacity."""
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """Everything needed to build one mail and write its queue item(s), picklable for a worker process."""
+
+    header: mailformat.MailHeader
+    partner: Partner
+    paths: tuple[Path, ...]
+    folder: Path
+    meta: dict[str, Any]
+    limit: int  # the partner's largest mail
+    signer: tuple[Path, Path]  # our S/MIME certificate and key files (read by the worker, never sent to it)
+    recipient_pem: bytes | None  # the partner's S/MIME certificate
+    pgp_fingerprint: str = ""  # the partner's OpenPGP key
+    sops: tuple[str, ...] = ()  # the SOP Instance UID of each path
+
+
+@dataclass(frozen=True)
+class Built:
+    """One built mail: its queue items [(item id, message id, size)] (several for message/partial fragments),
+    the digest of its signed content (`mdn.content_mic`) and the SHA-256 of each instance as it went in."""
+
+    items: list[tuple[str, str, int]]
+    mic: str
+    digests: dict[str, str]
+
+
+def _seal_keys(job: BuildJob, pgp: formats.PgpSealer | None) -> formats.SealKeys:
+    """The keys the partner's format needs, loaded where the mail is built (certificates and keys are read from
+    their files in a worker process, never sent to it)."""
+    if formats.get(job.partner.format).key == "pgp":
+        return formats.SealKeys(pgp=pgp, fingerprint=job.pgp_fingerprint)
+    if job.recipient_pem is None:
+        raise mailformat.MailFormatError(f"partner {job.partner.name} has no S/MIME certificate")
+    return formats.SealKeys(
+        identity=worker_identity(*job.signer), recipient=x509.load_pem_x509_certificate(job.recipient_pem)
+    )
+
+
+def build_mail(job: BuildJob, pgp: formats.PgpSealer | None = None) -> Built:
+    """Build one mail (and its fragments) in the partner's format, write the queue items, and keep what its
+    receipt must prove (the content's digest, each instance's SHA-256). Runs in a worker process or, for a format
+    that is not `in_worker` (OpenPGP: `pgp` given), a thread."""
+    header, partner = job.header, job.partner
+    fmt = formats.get(partner.format)
+    # the DICOM parts live only while the content is built, the content only while it is sealed
+    parts = [p.read_bytes() for p in job.paths]
+    digests = {sop: hashlib.sha256(data).hexdigest() for sop, data in zip(job.sops, parts, strict=False)}
+    content = fmt.content(header, parts, partner.compression)
+    del parts
+    mic = mdn.content_mic(content)
+    data = fmt.seal(header, content, _seal_keys(job, pgp))
+    del content
+    if partner.split == "partial" and len(data) > job.limit:
+        fixed = mailformat.outer_headers(header)[:4]  # From, To, Subject (replaced), Date
+        pieces = partial.fragment(
+            data,
+            job.limit,
+            header.message_id.strip("<>"),
+            [h for h in fixed if h[0] != "Subject"],
+            header.subject,
+        )
+        out = []
+        for n, piece in enumerate(pieces, start=1):
+            iid = f"{item_id(header.set_id, header.part)}.f{n:04d}"
+            mid = f"<{n}.{header.message_id.strip('<>')}>"
+            # crash after this write: the transfer is still pending; packaging starts over
+            meta = {**job.meta, "message_id": mid, "fragment": n, "wire_ready": smtp.wire_ready(piece)}
+            Spool.prepare_item(job.folder, iid, piece, meta)
+            out.append((iid, mid, len(piece)))
+        return Built(out, mic, digests)
+    if len(data) > job.limit:
+        raise TooLarge(f"built mail has {len(data)} bytes, above {job.limit}")
+    # crash after this write: the transfer is still pending; packaging starts over and rebuilds the folder
+    meta = {**job.meta, "wire_ready": smtp.wire_ready(data)}  # here, so the sender need not scan it
+    Spool.prepare_item(job.folder, item_id(header.set_id, header.part), data, meta)
+    return Built([(item_id(header.set_id, header.part), header.message_id, len(data))], mic, digests)
+
+
+_SENDERS: dict[bytes, dict[str, inbound.Sender]] = {}
+
+
+def inspect_in_worker(mail: bytes | Path, settings: Settings) -> inbound.Accepted | inbound.ReceiptIn:
+    """`inbound.inspect_mail` in a worker process: our identity and the address book are loaded there (once per
+    configuration), because certificates and keys cannot be sent between processes. Given a path, the worker
+    reads the mail itself, so that it does not travel through a pipe (and the gateway's interpreter lock)."""
+    raw = mail.read_bytes() if isinstance(mail, Path) else mail
+    key = hashlib.sha256(pickle.dumps(settings)).digest()
+    if key not in _SENDERS:
+        _SENDERS.clear()
+        _SENDERS[key] = load_address_book(settings).senders()
+    identity = worker_identity(settings.smime_cert, settings.smime_key)
+    return inbound.inspect_mail(raw, identity, _SENDERS[key], None, settings.mail.max_unpacked_size)
+
+
+def opens_in_worker(raw: bytes) -> bool:
+    """True when the mail's format is opened in a worker process (S/MIME: pure CPU); OpenPGP (GnuPG is a process
+    anyway) and anything unrecognised are opened in the gateway process."""
+    try:
+        fmt = formats.for_content_type(mailformat.read_outer(raw).content_type)
+    except mailformat.MailFormatError:
+        return False
+    return fmt is not None and fmt.in_worker
