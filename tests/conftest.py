@@ -224,7 +224,7 @@ async def pair_factory(tmp_path: Path, pki_dir: Path, fake_mail: fakemail.FakeMa
     made: list[Gateway] = []
 
     async def make(
-        partner_extra: str = "", web_extra: str = "", a_smtp: list[str] | None = None
+        partner_extra: str = "", web_extra: str = "", a_smtp: list[str] | None = None, b_tail: str = ""
     ) -> fastgw.Pair:
         a = await Gateway.create(
             fastgw.fast_settings(
@@ -234,7 +234,7 @@ async def pair_factory(tmp_path: Path, pki_dir: Path, fake_mail: fakemail.FakeMa
         made.append(a)
         b = await Gateway.create(
             fastgw.fast_settings(
-                tmp_path, pki_dir, fake_mail, "gateway-b", "gateway-a", partner_extra, web_extra
+                tmp_path, pki_dir, fake_mail, "gateway-b", "gateway-a", partner_extra, web_extra, tail=b_tail
             )
         )
         made.append(b)

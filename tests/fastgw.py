@@ -22,6 +22,7 @@ def fast_settings(
     partner_extra: str = "",
     web_extra: str = "",
     smtp_nodes: list[str] | None = None,
+    tail: str = "",
 ) -> config.Settings:
     """A gateway on the fake mail nodes, with one partner; everything else as in the dev configuration."""
     path = tmp_path / name / "gateway.toml"
@@ -41,6 +42,7 @@ def fast_settings(
             min_free="1MB",
             partner_extra={partner: partner_extra},
             web_extra=web_extra,
+            tail=tail,
         )
     )
     return config.load(path)

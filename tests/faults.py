@@ -155,3 +155,75 @@ def aborting_pacs(port: int) -> Iterator[list[str]]:
         yield seen
     finally:
         server.shutdown()
+
+
+@contextlib.contextmanager
+def committing_pacs(port: int, lose_modality: str = "") -> Iterator[dict[str, list[str]]]:
+    """A PACS that reports storage commitment on the same association, as dcm4chee and others do while it is open
+    (Orthanc never does): it answers the N-ACTION, then sends the N-EVENT-REPORT on that association. Instances of
+    `lose_modality` are answered C-STORE Success and then lost, so its report lists them as failed (0x0112)."""
+    import threading
+
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    from gateway.adapters.dicom import ACCEPTED_TRANSFER_SYNTAXES
+    from gateway.adapters.dicom.commitment import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+
+    seen: dict[str, list[str]] = {"stored": [], "reported": []}
+    asked: dict[int, Dataset] = {}
+
+    def on_store(event: evt.Event) -> int:
+        if event.dataset.get("Modality") != lose_modality:
+            seen["stored"].append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    def on_action(event: evt.Event) -> tuple[int, None]:
+        asked[id(event.assoc)] = event.action_information
+        return 0x0000, None
+
+    def report(assoc: object, request: Dataset) -> None:
+        ds = Dataset()
+        ds.TransactionUID = request.TransactionUID
+        ok, failed = [], []
+        for ref in request.ReferencedSOPSequence:
+            item = Dataset()
+            item.ReferencedSOPClassUID = ref.ReferencedSOPClassUID
+            item.ReferencedSOPInstanceUID = ref.ReferencedSOPInstanceUID
+            if str(ref.ReferencedSOPInstanceUID) in seen["stored"]:
+                ok.append(item)
+            else:
+                item.FailureReason = 0x0112
+                failed.append(item)
+        ds.ReferencedSOPSequence = ok
+        if failed:
+            ds.FailedSOPSequence = failed
+        assoc.send_n_event_report(  # type: ignore[attr-defined]
+            ds, 2 if failed else 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+        )
+        seen["reported"].append(str(request.TransactionUID))
+
+    def on_sent(event: evt.Event) -> None:
+        # once the N-ACTION-RSP is out, the report follows on the same association
+        if type(event.message).__name__ == "N_ACTION_RSP" and id(event.assoc) in asked:
+            request = asked.pop(id(event.assoc))
+            threading.Thread(target=report, args=(event.assoc, request), daemon=True).start()
+
+    ae = AE(ae_title="COMMITTER")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    ae.add_supported_context(STORAGE_COMMITMENT)
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[
+            (evt.EVT_C_STORE, on_store),
+            (evt.EVT_N_ACTION, on_action),
+            (evt.EVT_DIMSE_SENT, on_sent),
+        ],
+    )
+    try:
+        yield seen
+    finally:
+        server.shutdown()

@@ -103,6 +103,11 @@ async def test_a_study_reaches_the_partner_and_the_receipt_comes_back(
     assert await pair.a_takes_the_receipt() == 1
     [transfer] = (await pair.a.catalog.status())["transfers"]
     assert (transfer["state"], transfer["receipt"]) == ("sent", "confirmed"), transfer
+    # the receipt proves what B received (the digest of the signed content) and holds (every instance's bytes)
+    assert (transfer["proof"], transfer["chain"]) == (
+        "verified",
+        ["contents verified", "stored at partner (no PACS)"],
+    )
     [inbound] = (await pair.b.catalog.status())["transfers"]
     assert (inbound["direction"], inbound["state"], inbound["instances"]) == ("in", "complete", len(study))
     assert fake_mail.boxes.count("gateway-a@dicommail.test") == 0  # fetched and deleted

@@ -319,26 +319,28 @@ class Forwarder(Stage):
     async def _commit_failed(
         self, pacs: Pacs, sops: list[tuple[str, int]], why: str, *, ask_again: bool = False
     ) -> int:
-        """Instances the PACS did not commit: stored again (or, `ask_again`, only asked again) after a back-off,
-        until `max_attempts`; then recorded as not committed, with why."""
+        """Instances the PACS did not commit: stored again (a failure in its report: the next C-STORE is the next
+        attempt) or only asked again (`ask_again`: no report, or the request failed; each request counts as an
+        attempt) after a back-off, until `max_attempts`; then recorded as not committed, with why."""
         t = time.time()
-        final = [sop for sop, n in sops if n + 1 >= pacs.max_attempts]
-        again = [sop for sop, n in sops if n + 1 < pacs.max_attempts]
+        added = 1 if ask_again else 0
+        final = [sop for sop, n in sops if n + added >= pacs.max_attempts]
+        again = [sop for sop, n in sops if n + added < pacs.max_attempts]
         if final:
             await self.catalog.record_commitment(
-                final, pacs.name, "rejected", "failed", t, attempts_added=1, error=why
+                final, pacs.name, "rejected", "failed", t, attempts_added=added, error=why
             )
             self.rejected += len(final)
             log.error("PACS %s: %d instances not committed (%s): reported", pacs.name, len(final), why)
         if again:
-            delay = pacs.retry_base * 2 ** (min(n for _, n in sops))
+            delay = pacs.retry_base * 2 ** (min(n for _, n in sops) - 1 + added)
             await self.catalog.record_commitment(
                 again,
                 pacs.name,
                 "stored" if ask_again else "retry",
                 "due" if ask_again else None,
                 t,
-                attempts_added=1,
+                attempts_added=added,
                 next_attempt=t + delay,
                 error=why,
             )
