@@ -363,7 +363,8 @@ def _transfers(view: status.Status) -> list[str]:
     ]
     for t in view.catalog.get("transfers", []):
         troubled = t["receipt"] in ("failed", "warning", "overdue") or t.get("receipt_conflict")
-        troubled = troubled or any(f["state"] == "rejected" for f in t["pacs"])
+        troubled = troubled or t.get("proof") == "differs" or bool(t.get("not_committed"))
+        troubled = troubled or any(f["state"] in ("rejected", "not-committed") for f in t["pacs"])
         cls = "bad" if t["state"] == "failed" or troubled else ""
         out.append(
             f"<tr class='{cls}'><td>{_e(t['id'])}</td><td>{_e(t['direction'])}</td><td>{_e(t['partner'])}</td>"
