@@ -160,3 +160,94 @@ def test_a_silent_peer_is_dropped_and_others_are_served_meanwhile(scp):  # type:
         except (ConnectionResetError, TimeoutError):
             closed.set()
         assert closed.is_set(), "the silent connection was not dropped after the timeout"
+
+
+def _report(txn: str, committed: list[str], failed: list[str]) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.TransactionUID = txn
+    refs = []
+    for uid in committed + failed:
+        ref = pydicom.Dataset()
+        ref.ReferencedSOPClassUID = CTImageStorage
+        ref.ReferencedSOPInstanceUID = uid
+        if uid in failed:
+            ref.FailureReason = 0x0112
+        refs.append(ref)
+    ds.ReferencedSOPSequence = [r for r in refs if "FailureReason" not in r]
+    ds.FailedSOPSequence = [r for r in refs if "FailureReason" in r]
+    return ds
+
+
+def _reporter(calling: str) -> tuple[AE, list[object]]:
+    """A PACS opening a new association to report storage commitment, as Orthanc does (SCP role proposed)."""
+    from pynetdicom import build_role
+
+    from gateway.adapters.dicom.commitment import STORAGE_COMMITMENT
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(STORAGE_COMMITMENT)
+    ae.add_requested_context(CTImageStorage)
+    return ae, [build_role(STORAGE_COMMITMENT, scp_role=True)]
+
+
+def test_only_the_pacs_we_ask_may_report_storage_commitment_and_it_may_only_report(tmp_path):  # type: ignore[no-untyped-def]
+    """A report is saved (durably, before it is answered) only from the PACS configured for commitment, by its AE
+    title and address; that PACS cannot store through the door reports use, and a modality cannot report."""
+    from gateway.adapters.dicom.commitment import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, ReportBox
+
+    box = ReportBox(tmp_path / "commitments")
+    collector = Collector(tmp_path)
+    told: list[int] = []
+    server = DicomScp(
+        "GW",
+        {"TO_B"},
+        ("127.0.0.1", 0),
+        tmp_path / "tmp",
+        collector,
+        allowed_calling_ae=("MODALITY",),
+        timeout=5,
+        report_peers={"PACS": (frozenset({"127.0.0.1"}), "GW_SCU")},
+        report_box=box,
+        on_report=lambda: told.append(1),
+    )
+    server.start()
+    try:
+        ae, roles = _reporter("PACS")
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="GW_SCU", ext_neg=roles)
+        assert assoc.is_established
+        status, _ = assoc.send_n_event_report(
+            _report("1.2.3.9", ["1.2.3.1"], ["1.2.3.2"]), 2, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+        )
+        assert status.Status == 0
+        assoc.release()
+        [(_, saved)] = box.pending()
+        assert (saved.transaction_uid, saved.committed, saved.failed, saved.calling_ae) == (
+            "1.2.3.9",
+            ("1.2.3.1",),
+            (("1.2.3.2", "0x0112 no such object instance"),),
+            "PACS",
+        )
+        assert told == [1]
+
+        # the PACS's door is for reports only: a C-STORE through it ends the association, nothing is stored
+        (f,) = make_study(tmp_path / "s", ct=1, mr=0, sc=0, size=16)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="GW_SCU", ext_neg=roles)
+        assert assoc.is_established
+        rsp = assoc.send_c_store(pydicom.dcmread(f))
+        assert not rsp or "Status" not in rsp
+        assert collector.received == []
+
+        # a modality may store, not report; a stranger may not even associate
+        ae, roles = _reporter("MODALITY")
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="TO_B", ext_neg=roles)
+        assert assoc.is_established
+        status, _ = assoc.send_n_event_report(
+            _report("1.2.3.10", ["1.2.3.1"], []), 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+        )
+        assert not status or "Status" not in status
+        ae, roles = _reporter("STRANGER")
+        stranger, rj = dicomscu.associate(ae, server.port, "GW_SCU")
+        assert not stranger.is_established and dicomscu.rejection(rj) == (1, 1, 3)
+        assert [r.transaction_uid for _, r in box.pending()] == ["1.2.3.9"]
+    finally:
+        server.stop()

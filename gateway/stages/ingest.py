@@ -305,7 +305,8 @@ class Ingester(Stage):
             await asyncio.to_thread(
                 self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="duplicate"
             )
-            await self._owe_receipt(mail_id, raw, mdn.OK, "already received", mic=accepted.mic)
+            carried = [info.sop_instance_uid for info, _ in accepted.parts]
+            await self._owe_receipt(mail_id, raw, mdn.OK, "already received", carried, accepted.mic)
             log.info(
                 "mail %s: set %s part %d already ingested (re-delivery)",
                 mail_id,
