@@ -9,17 +9,29 @@ instance list never passes as proof.
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import cli, monitoring, status
 from gateway.core import mdn
 from gateway.devtools.studies import make_study
 from gateway.stages import RECEIPT
 from gateway.stages.receipts import receipt_item_id
+from gateway.web import WebApp
+
+PASSWORD = "fast-tier-operator"
+
+
+@pytest.fixture(autouse=True)
+def web_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DMG_WEB_PASSWORD", PASSWORD)
 
 
 async def _b_stores(pair, tmp_path: Path) -> list[Path]:  # type: ignore[no-untyped-def]
@@ -35,6 +47,17 @@ async def _b_answers(pair) -> None:  # type: ignore[no-untyped-def]
     await pair.b.receipts.queue_due()
     await pair.b.sender.run_once()
     assert await pair.a_takes_the_receipt() == 1
+
+
+async def _page(gw) -> str:  # type: ignore[no-untyped-def]
+    """The web page as the logged-in operator sees it."""
+    client = TestClient(TestServer(WebApp(gw).app))
+    await client.start_server()
+    try:
+        auth = base64.b64encode(f"operator:{PASSWORD}".encode()).decode()
+        return html.unescape(await (await client.get("/", headers={"Authorization": "Basic " + auth})).text())
+    finally:
+        await client.close()
 
 
 async def _a_view(pair):  # type: ignore[no-untyped-def]
@@ -68,6 +91,9 @@ async def test_an_instance_garbled_at_the_partner_shows_as_contents_differ_and_c
     assert transfer["proof_detail"] == f"contents differ: 1 instances: {victim}"
     assert f"confirmed by partner, contents differ: 1 instances: {victim}" in text
     assert receipts.state == monitoring.CRIT and "1 with contents that differ" in receipts.text
+    page = await _page(pair.a)
+    row = re.search(rf"<tr class='([^']*)'><td>{transfer['id']}</td>.*?</tr>", page)
+    assert row and row.group(1) == "bad" and f"contents differ: 1 instances: {victim}" in row.group(0)
 
 
 @pytest.mark.asyncio
