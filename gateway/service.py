@@ -45,6 +45,7 @@ from gateway.stages.receive import Intake
 from gateway.stages.receivers import ReceiverPool
 from gateway.stages.route import Router
 from gateway.stages.send import Sender
+from gateway.stages.webindex import WebIndexer
 from gateway.storage import Storage, hold_volume
 from gateway.tls import mail_client_context
 from gateway.web import WebApp
@@ -68,6 +69,7 @@ class Gateway(SharesContext):
     ingester: Ingester
     forwarder: Forwarder
     receipts: Receipts
+    webindex: WebIndexer
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     storage_report: dict[str, int] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -98,7 +100,7 @@ class Gateway(SharesContext):
             settings.mail, tls
         )
         ctx = StageContext(settings, storage, catalog, keys, outbox, inbox, fragments)
-        intake = Intake(storage, catalog, ctx.wakes.router, ctx.progress)
+        intake = Intake(storage, catalog, ctx.wakes.router, ctx.progress, ctx.wakes.webindex)
         await intake.recover()
         gw = cls(
             ctx=ctx,
@@ -111,6 +113,7 @@ class Gateway(SharesContext):
             ingester=Ingester(ctx),
             forwarder=Forwarder(ctx),
             receipts=Receipts(ctx),
+            webindex=WebIndexer(ctx),
         )
         gw.ingester.workers = gw.packager
         gw.scp.on_report = ctx.wakes.forwarder.set  # a PACS's commitment report came to our DICOM port
@@ -319,6 +322,7 @@ class Gateway(SharesContext):
                     tg.create_task(self.probe_nodes(), name="probe-nodes"),
                     tg.create_task(self.forwarder.run_forever(), name="forward"),
                     tg.create_task(self.receipts.run_forever(), name="receipts"),
+                    tg.create_task(self.webindex.run_forever(), name="webindex"),
                     tg.create_task(self.loop_watch.run_forever(), name="loop-watch"),
                 ]
                 tg.create_task(self.reconcile_storage(), name="storage-check")  # runs once

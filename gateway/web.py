@@ -19,7 +19,6 @@ import asyncio
 import base64
 import hmac
 import html
-import io
 import ipaddress
 import logging
 import os
@@ -27,13 +26,14 @@ import secrets
 import ssl
 import time
 import urllib.parse
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import generate_latest
 
 from gateway import status
+from gateway.dicomweb import DicomWeb
+from gateway.imaging import thumbnail_png
 from gateway.metrics import REGISTRY
 from gateway.report import outcome_text
 
@@ -54,36 +54,6 @@ def _ts(value: object) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(value))) if value else "-"  # type: ignore[arg-type]
 
 
-def thumbnail_png(path: str, size: int = 128) -> bytes:
-    """A square PNG of the first frame (Pillow), the image centred on black so that a tall or wide one stays inside
-    its box; a grey square, with one INFO line, when the pixel data cannot be decoded here."""
-    import numpy as np
-    import pydicom
-    from PIL import Image
-
-    try:
-        ds = pydicom.dcmread(path)
-        arr = ds.pixel_array
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-            arr = arr[0]
-        arr = arr.astype("float64")
-        lo, hi = float(np.percentile(arr, 1)), float(np.percentile(arr, 99))
-        arr = np.clip((arr - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype("uint8")
-        if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-            arr = 255 - arr
-        image = Image.fromarray(arr)
-        image = image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode)
-        image.thumbnail((size, size))
-        canvas = Image.new(image.mode, (size, size))
-        canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
-    except Exception as exc:  # any decoder's failure: the page shows a placeholder, never an error
-        log.info("no thumbnail for %s: %s", Path(path).stem, type(exc).__name__)
-        canvas = Image.new("L", (size, size), 96)
-    out = io.BytesIO()
-    canvas.save(out, format="PNG")
-    return out.getvalue()
-
-
 class WebApp:
     """The aiohttp application of one gateway."""
 
@@ -101,6 +71,7 @@ class WebApp:
                 web.get("/metrics", self.metrics),
                 web.get("/thumb/{sop}.png", self.thumb),
                 web.post("/queue/{action}/{item}", self.queue_action),
+                *DicomWeb(gw).routes(),
             ]
         )
         self.runner: web.AppRunner | None = None

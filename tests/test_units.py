@@ -535,7 +535,7 @@ def test_thumbnails_decode_12_bit_jpeg_stay_square_and_never_log_an_error(tmp_pa
     import pydicom
     from PIL import Image
 
-    from gateway.web import thumbnail_png
+    from gateway.imaging import thumbnail_png
 
     src = make_study(tmp_path / "s", ct=1, mr=0, sc=0, size=64)[0]
     jpeg12 = tmp_path / "jpeg12.dcm"

@@ -3,8 +3,8 @@
 Both backends run the same SQL (see `db.py`). Schema creation and upgrades are automatic and versioned (`schema.py`:
 the `schema_version` table holds the last applied migration; `MIGRATIONS` only ever grows). The catalog is built
 from rooms, one per concern, each a mixin over the shared database handle (`base.py`): instances, outbound,
-receipts, inbound, forwards, reporting (the read model for status, the web page and check_mk) and snapshot (backup
-and restore). All SQL of the gateway lives in this package.
+receipts, inbound, forwards, reporting (the read model for status, the web page and check_mk), snapshot (backup
+and restore) and the DICOMweb index. All SQL of the gateway lives in this package.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from gateway.catalog.receipts import ReceiptMatch, ReceiptsRoom
 from gateway.catalog.reporting import ReportingRoom
 from gateway.catalog.schema import MIGRATIONS, TABLES
 from gateway.catalog.snapshot import SnapshotRoom
+from gateway.catalog.webindex import WebIndexRoom
 
 __all__ = ["MIGRATIONS", "TABLES", "Catalog", "InstanceRecord", "ReceiptMatch", "open_catalog"]
 
 
-class Catalog(OutboundRoom, ReceiptsRoom, InboundRoom, ForwardsRoom, ReportingRoom, SnapshotRoom):
+class Catalog(
+    OutboundRoom, ReceiptsRoom, InboundRoom, ForwardsRoom, ReportingRoom, SnapshotRoom, WebIndexRoom
+):
     """Typed operations over the catalog tables."""
 
     async def migrate(self) -> int:

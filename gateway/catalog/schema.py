@@ -143,6 +143,36 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE pacs_forwards ADD COLUMN commit_requested DOUBLE",
         "CREATE INDEX ix_pacs_forwards_commit ON pacs_forwards (commit_txn)",
     ],
+    # 6: the DICOMweb index: what QIDO-RS matches and returns, read from each stored instance's header in the
+    # background (`stages.webindex`). The one place the catalog holds patient data (names, IDs, birth dates): it
+    # leaves it only through the authorised DICOMweb API and the viewer, never into logs, metrics or monitoring.
+    [
+        """CREATE TABLE web_index (
+            sop_uid VARCHAR(64) NOT NULL PRIMARY KEY,
+            study_uid VARCHAR(64) NOT NULL,
+            series_uid VARCHAR(64) NOT NULL,
+            sop_class_uid VARCHAR(64),
+            instance_number INTEGER,
+            rows_ INTEGER,
+            columns_ INTEGER,
+            frames INTEGER,
+            modality VARCHAR(16),
+            series_number INTEGER,
+            series_description VARCHAR(64),
+            body_part VARCHAR(16),
+            study_date VARCHAR(8),
+            study_time VARCHAR(16),
+            accession_number VARCHAR(16),
+            referring_physician VARCHAR(324),
+            study_description VARCHAR(64),
+            study_id VARCHAR(16),
+            patient_name VARCHAR(324),
+            patient_id VARCHAR(64),
+            patient_birth_date VARCHAR(8),
+            patient_sex VARCHAR(16),
+            indexed_at DOUBLE NOT NULL)""",
+        "CREATE INDEX ix_web_index_study ON web_index (study_uid, series_uid)",
+    ],
 ]
 
 

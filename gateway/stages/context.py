@@ -31,6 +31,7 @@ class Wakes:
     ingest: asyncio.Event = field(default_factory=asyncio.Event)
     forwarder: asyncio.Event = field(default_factory=asyncio.Event)
     receipts: asyncio.Event = field(default_factory=asyncio.Event)
+    webindex: asyncio.Event = field(default_factory=asyncio.Event)
 
     def all(self) -> tuple[asyncio.Event, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))

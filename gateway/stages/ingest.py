@@ -342,6 +342,7 @@ class Ingester(Stage):
                 )
             )
         await self.catalog.record_instances(records)
+        self.wakes.webindex.set()
         if self.settings.pacs:
             # before the mail counts as ingested, so a crash here re-ingests and queues them again (idempotent)
             await self.catalog.queue_forwards(

@@ -157,12 +157,18 @@ class Intake:
     """The indexing half of receiving, on the main process's event loop."""
 
     def __init__(
-        self, storage: Storage, catalog: Catalog, wake_router: asyncio.Event, progress: Progress | None = None
+        self,
+        storage: Storage,
+        catalog: Catalog,
+        wake_router: asyncio.Event,
+        progress: Progress | None = None,
+        wake_index: asyncio.Event | None = None,
     ) -> None:
         self.guard = LoopGuard("index", progress)
         self.storage = storage
         self.catalog = catalog
         self.wake_router = wake_router
+        self.wake_index = wake_index or asyncio.Event()  # the DICOMweb index reads new headers
         self.queue: asyncio.Queue[tuple[str, InstanceRecord]] = asyncio.Queue()
         # told after each committed batch: receiver key → how many of its records are now indexed
         self.on_indexed: Callable[[dict[str, int]], None] = lambda counts: None
@@ -227,6 +233,7 @@ class Intake:
                 counts[receiver] = counts.get(receiver, 0) + 1
             self.on_indexed(counts)
             self.wake_router.set()
+            self.wake_index.set()
 
     def stats(self) -> dict[str, Any]:
         """Counters for status output."""

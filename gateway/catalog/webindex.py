@@ -1,0 +1,81 @@
+"""The DICOMweb index: what QIDO-RS matches on and WADO-RS finds files by (schema migration 6).
+
+Rows are filled in the background from each stored instance's header (`stages.webindex`); a query reads the rows
+of the instances that are stored and kept (not purged), joined with where each file is and where it came from
+or went (the `direction` and `partner` extensions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.catalog.base import CatalogBase
+
+WEB_COLUMNS = (
+    "sop_uid",
+    "study_uid",
+    "series_uid",
+    "sop_class_uid",
+    "instance_number",
+    "rows_",
+    "columns_",
+    "frames",
+    "modality",
+    "series_number",
+    "series_description",
+    "body_part",
+    "study_date",
+    "study_time",
+    "accession_number",
+    "referring_physician",
+    "study_description",
+    "study_id",
+    "patient_name",
+    "patient_id",
+    "patient_birth_date",
+    "patient_sex",
+)
+FILE_COLUMNS = ("path", "transfer_syntax", "size", "source", "origin", "route")
+
+
+class WebIndexRoom(CatalogBase):
+    async def unindexed(self, limit: int = 200) -> list[dict[str, str]]:
+        """Kept instances not yet in the DICOMweb index: their UIDs and file."""
+        rows = await self.db.fetchall(
+            """SELECT i.sop_uid, i.study_uid, i.series_uid, i.sop_class_uid, i.path FROM instances i
+               LEFT JOIN web_index w ON w.sop_uid = i.sop_uid
+               WHERE w.sop_uid IS NULL AND i.purged_at IS NULL ORDER BY i.received_at LIMIT ?""",
+            (limit,),
+        )
+        keys = ("sop_uid", "study_uid", "series_uid", "sop_class_uid", "path")
+        return [dict(zip(keys, (str(v) for v in r), strict=True)) for r in rows]
+
+    async def add_to_web_index(self, rows: list[dict[str, Any]], now: float) -> None:
+        """Index these instances (idempotent: a row already there stays)."""
+        cols = (*WEB_COLUMNS, "indexed_at")
+        marks = ", ".join("?" for _ in cols)
+        async with self.db.transaction() as tx:
+            for row in rows:
+                await tx.execute(
+                    f"{self.db.dialect.insert_ignore} INTO web_index ({', '.join(cols)}) VALUES ({marks})",
+                    (*(row.get(c) for c in WEB_COLUMNS), now),
+                )
+
+    async def web_rows(
+        self, *, study_uid: str | None = None, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Indexed, kept instances (all, or of one study, series or instance), with their file and provenance, in
+        study, series and instance order."""
+        where, args = ["i.purged_at IS NULL"], []
+        for column, value in (("study_uid", study_uid), ("series_uid", series_uid), ("sop_uid", sop_uid)):
+            if value is not None:
+                where.append(f"w.{column} = ?")
+                args.append(value)
+        keys = (*WEB_COLUMNS, *FILE_COLUMNS)
+        rows = await self.db.fetchall(
+            f"""SELECT {", ".join("w." + c for c in WEB_COLUMNS)}, {", ".join("i." + c for c in FILE_COLUMNS)}
+                FROM web_index w JOIN instances i ON i.sop_uid = w.sop_uid WHERE {" AND ".join(where)}
+                ORDER BY w.study_uid, w.series_number, w.series_uid, w.instance_number, w.sop_uid""",
+            tuple(args),
+        )
+        return [dict(zip(keys, r, strict=True)) for r in rows]

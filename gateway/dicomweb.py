@@ -1,0 +1,407 @@
+"""DICOMweb (PS3.18) on the web port, under `/dicomweb`: QIDO-RS, WADO-RS and WADO-URI, served from the catalog's
+DICOMweb index (`catalog.webindex`) and the files on D:.
+
+- QIDO-RS: `/studies`, `/series`, `/instances`, and the same below a study or series, with the matching of
+  `core.qido` (single values, `*`/`?`, date and time ranges, UID lists, `includefield`, `limit`, `offset`,
+  `fuzzymatching`) and two extensions: `direction=received|sent` and `partner=NAME`.
+- WADO-RS: a study, series or instance as `multipart/related; type="application/dicom"`, streamed file by file
+  from disk (memory holds one chunk, whatever the study's size), as stored with `transfer-syntax=*` (what
+  dicomweb-client and OHIF ask for) or converted to Explicit VR Little Endian where a client asks for that;
+  `metadata` as DICOM JSON with BulkDataURIs; `frames` (native, or as stored with `transfer-syntax=*`);
+  `rendered` (JPEG or PNG, `window`, `viewport`, `quality`) for instances and frames; `thumbnail`; `bulkdata`.
+- WADO-URI: `/dicomweb/wado?requestType=WADO&studyUID=…&seriesUID=…&objectUID=…[&contentType=…]`.
+
+Access: the web port's login (session or HTTP basic auth; `gateway.web`), like every page. Only what the catalog
+holds as stored is served (quarantined mails never reach it; conflicts kept aside are not served). UIDs are
+checked before any lookup (400), unknown ones are 404, and files are found only through the catalog, never by a
+name from the request. The web port keeps no access log, so no query string (a `PatientName=` search) is logged.
+Decoding and rendering run in threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from pydicom.uid import ExplicitVRLittleEndian
+
+from gateway import imaging
+from gateway.core import qido
+
+if TYPE_CHECKING:
+    from gateway.service import Gateway
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/dicomweb"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+CHUNK = 1 << 20
+DICOM_JSON = "application/dicom+json"
+
+
+def _uid(request: web.Request, key: str) -> str:
+    value = request.match_info[key]
+    if len(value) > 64 or not _UID.match(value):
+        raise web.HTTPBadRequest(text=f"{key}: not a UID")
+    return value
+
+
+def _frames(text: str) -> list[int]:
+    try:
+        numbers = [int(f) for f in text.split(",")]
+    except ValueError:
+        raise web.HTTPBadRequest(text="frame numbers: a comma-separated list of numbers") from None
+    if not numbers or len(numbers) > 10000 or any(n < 1 for n in numbers):
+        raise web.HTTPBadRequest(text="frame numbers: 1 or more")
+    return numbers
+
+
+def _accept_syntax(request: web.Request, kind: str) -> str | None:
+    """The transfer syntax the client asks for with `kind` (None: not said, the default applies)."""
+    for item in request.headers.get("Accept", "").split(","):
+        params = dict(
+            (k.strip().lower(), v.strip().strip('"'))
+            for k, _, v in (p.partition("=") for p in item.split(";")[1:])
+        )
+        if params.get("type", "").lower() == kind or item.strip().lower().startswith(kind):
+            return params.get("transfer-syntax")
+    return None
+
+
+class DicomWeb:
+    """The DICOMweb routes of one gateway."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def routes(self) -> list[web.RouteDef]:
+        p = f"{PREFIX}/studies/{{study}}"
+        s = f"{p}/series/{{series}}"
+        i = f"{s}/instances/{{sop}}"
+        return [
+            web.get(f"{PREFIX}/studies", self.search(qido.STUDY)),
+            web.get(f"{PREFIX}/series", self.search(qido.SERIES)),
+            web.get(f"{PREFIX}/instances", self.search(qido.INSTANCE)),
+            web.get(f"{p}/series", self.search(qido.SERIES)),
+            web.get(f"{p}/instances", self.search(qido.INSTANCE)),
+            web.get(f"{s}/instances", self.search(qido.INSTANCE)),
+            web.get(p, self.retrieve),
+            web.get(s, self.retrieve),
+            web.get(i, self.retrieve),
+            web.get(f"{p}/metadata", self.metadata),
+            web.get(f"{s}/metadata", self.metadata),
+            web.get(f"{i}/metadata", self.metadata),
+            web.get(f"{i}/frames/{{frames}}", self.frames),
+            web.get(f"{i}/rendered", self.rendered),
+            web.get(f"{i}/frames/{{frames}}/rendered", self.rendered),
+            web.get(f"{p}/thumbnail", self.thumbnail),
+            web.get(f"{s}/thumbnail", self.thumbnail),
+            web.get(f"{i}/thumbnail", self.thumbnail),
+            web.get(f"{i}/frames/{{frames}}/thumbnail", self.thumbnail),
+            web.get(f"{i}/bulkdata/{{tag}}", self.bulkdata),
+            web.get(f"{PREFIX}/wado", self.wado_uri),
+        ]
+
+    # ------------------------------------------------------------------------------------------ finding
+    async def _rows(self, request: web.Request) -> list[dict[str, Any]]:
+        """The kept instances a path names (404 when there are none)."""
+        keys = {"study": "study_uid", "series": "series_uid", "sop": "sop_uid"}
+        found = {keys[k]: _uid(request, k) for k in keys if k in request.match_info}
+        rows = await self.gw.catalog.web_rows(**found)
+        if not rows:
+            raise web.HTTPNotFound(text="no such study, series or instance")
+        return rows
+
+    def _path(self, row: dict[str, Any]) -> Path:
+        return self.gw.storage.root / str(row["path"])
+
+    def _base(self, request: web.Request) -> str:
+        return f"{request.scheme}://{request.host}{PREFIX}"
+
+    # ------------------------------------------------------------------------------------------ QIDO-RS
+    def search(self, level: str) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            fixed = {}
+            if "study" in request.match_info:
+                fixed["StudyInstanceUID"] = _uid(request, "study")
+            if "series" in request.match_info:
+                fixed["SeriesInstanceUID"] = _uid(request, "series")
+            try:
+                query = qido.parse(level, list(request.query.items()), fixed)
+            except qido.QueryError as exc:
+                return web.Response(status=400, text=str(exc))
+            rows = await self.gw.catalog.web_rows(
+                study_uid=fixed.get("StudyInstanceUID"), series_uid=fixed.get("SeriesInstanceUID")
+            )
+            results = [r for r in _aggregate(rows, level, query.extensions) if query.matches(r)]
+            page = results[query.offset : query.offset + query.limit]
+            base = self._base(request)
+            body = [qido.to_json(r, query.include, _retrieve_url(base, level, r)) for r in page]
+            headers = {}
+            if len(results) > query.offset + query.limit:
+                headers["Warning"] = '299 dicom-mail-gateway "There are more results than the limit"'
+            if not body:
+                return web.Response(status=204, headers=headers)
+            return web.Response(text=json.dumps(body), content_type=DICOM_JSON, headers=headers)
+
+        return handler
+
+    # ------------------------------------------------------------------------------------------ WADO-RS
+    async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        """The named instances as multipart/related application/dicom, one file after another from disk."""
+        rows = await self._rows(request)
+        wanted = _accept_syntax(request, "application/dicom")
+        if wanted not in (None, "*", ExplicitVRLittleEndian) and any(
+            str(r["transfer_syntax"]) != wanted for r in rows
+        ):
+            raise web.HTTPNotAcceptable(text=f"instances are not available in {wanted[:64]}")
+        convert = wanted in (None, ExplicitVRLittleEndian)
+        boundary = secrets.token_hex(16)
+        response = web.StreamResponse(
+            headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+        )
+        await response.prepare(request)
+        for row in rows:
+            await response.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+            path = self._path(row)
+            if convert and str(row["transfer_syntax"]) != ExplicitVRLittleEndian:
+                await response.write(await asyncio.to_thread(_as_explicit, path))
+            else:
+                async for chunk in _chunks(path):
+                    await response.write(chunk)
+            await response.write(b"\r\n")
+        await response.write(f"--{boundary}--\r\n".encode())
+        await response.write_eof()
+        return response
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        rows = await self._rows(request)
+        base = self._base(request)
+
+        def build() -> list[dict[str, Any]]:
+            out = []
+            for r in rows:
+                uri = f"{base}/studies/{r['study_uid']}/series/{r['series_uid']}/instances/{r['sop_uid']}/bulkdata"
+                out.append(imaging.metadata(self._path(r), uri))
+            return out
+
+        return web.Response(text=json.dumps(await asyncio.to_thread(build)), content_type=DICOM_JSON)
+
+    async def frames(self, request: web.Request) -> web.Response:
+        [row] = await self._rows(request)
+        numbers = _frames(request.match_info["frames"])
+        wanted = _accept_syntax(request, "application/octet-stream")
+        keep = wanted == "*" or wanted == str(row["transfer_syntax"])
+        try:
+            frames, syntax = await asyncio.to_thread(imaging.raw_frames, self._path(row), numbers, keep)
+        except imaging.FrameError as exc:
+            return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
+        boundary = secrets.token_hex(16)
+        kind = "application/octet-stream"
+        parts = [
+            f"--{boundary}\r\nContent-Type: {kind}; transfer-syntax={syntax}\r\n\r\n".encode() + f + b"\r\n"
+            for f in frames
+        ]
+        return web.Response(
+            body=b"".join(parts) + f"--{boundary}--\r\n".encode(),
+            headers={"Content-Type": f'multipart/related; type="{kind}"; boundary={boundary}'},
+        )
+
+    async def rendered(self, request: web.Request) -> web.Response:
+        [row] = await self._rows(request)
+        frame = _frames(request.match_info.get("frames", "1"))[0]
+        return await self._render(request, row, frame, _viewport(request.query.get("viewport")))
+
+    async def thumbnail(self, request: web.Request) -> web.Response:
+        rows = await self._rows(request)
+        row = rows[len(rows) // 2]  # the middle image of a study or series
+        frame = _frames(request.match_info.get("frames", "1"))[0]
+        return await self._render(request, row, frame, _viewport(request.query.get("viewport")) or (128, 128))
+
+    async def _render(
+        self, request: web.Request, row: dict[str, Any], frame: int, viewport: tuple[int, int] | None
+    ) -> web.Response:
+        media = "image/png" if "image/png" in request.headers.get("Accept", "") else "image/jpeg"
+        try:
+            quality = int(request.query.get("quality", "90"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="quality: a number from 1 to 100") from None
+        window = _window(request.query.get("window"))
+        try:
+            image = await asyncio.to_thread(
+                imaging.render, self._path(row), frame, window, viewport, media, quality
+            )
+        except imaging.FrameError as exc:
+            return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
+        return web.Response(body=image, content_type=media)
+
+    async def bulkdata(self, request: web.Request) -> web.Response:
+        [row] = await self._rows(request)
+        try:
+            tag = int(request.match_info["tag"], 16)
+        except ValueError:
+            raise web.HTTPBadRequest(text="tag: 8 hex digits") from None
+        try:
+            value = await asyncio.to_thread(imaging.bulk_value, self._path(row), tag)
+        except KeyError:
+            raise web.HTTPNotFound(text="no such bulk data") from None
+        boundary = secrets.token_hex(16)
+        body = (
+            f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+            + value
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        return web.Response(
+            body=body,
+            headers={
+                "Content-Type": f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+            },
+        )
+
+    # ------------------------------------------------------------------------------------------ WADO-URI
+    async def wado_uri(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        if q.get("requestType") != "WADO":
+            raise web.HTTPBadRequest(text="requestType must be WADO")
+        ids = {}
+        for key, name in (("studyUID", "study"), ("seriesUID", "series"), ("objectUID", "sop")):
+            value = q.get(key, "")
+            if len(value) > 64 or not _UID.match(value):
+                raise web.HTTPBadRequest(text=f"{key}: not a UID")
+            ids[name] = value
+        rows = await self.gw.catalog.web_rows(
+            study_uid=ids["study"], series_uid=ids["series"], sop_uid=ids["sop"]
+        )
+        if not rows:
+            raise web.HTTPNotFound(text="no such instance")
+        content_type = q.get("contentType", "image/jpeg")
+        if content_type == "application/dicom":
+            response = web.StreamResponse(headers={"Content-Type": "application/dicom"})
+            await response.prepare(request)
+            async for chunk in _chunks(self._path(rows[0])):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        if content_type not in ("image/jpeg", "image/png"):
+            raise web.HTTPNotAcceptable(text="contentType: application/dicom, image/jpeg or image/png")
+        frame = int(q.get("frameNumber", "1")) if q.get("frameNumber", "1").isdigit() else 1
+        window = None
+        if q.get("windowCenter") and q.get("windowWidth"):
+            window = _window(f"{q['windowCenter']},{q['windowWidth']}")
+        try:
+            image = await asyncio.to_thread(
+                imaging.render, self._path(rows[0]), frame, window, None, content_type, 90
+            )
+        except imaging.FrameError as exc:
+            return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
+        return web.Response(body=image, content_type=content_type)
+
+
+async def _chunks(path: Path) -> AsyncIterator[bytes]:
+    """The file in chunks, each read in a thread: memory holds one chunk, whatever the file's size."""
+    f = await asyncio.to_thread(path.open, "rb")
+    try:
+        while data := await asyncio.to_thread(f.read, CHUNK):
+            yield data
+    finally:
+        f.close()
+
+
+def _as_explicit(path: Path) -> bytes:
+    """A stored instance converted to Explicit VR Little Endian (decompressed), as a Part 10 file."""
+    import io
+
+    from gateway.stages.forward import as_native
+
+    ds = as_native(path)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _viewport(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        w, h = (int(v) for v in text.split(",")[:2])
+    except ValueError:
+        raise web.HTTPBadRequest(text="viewport: width,height") from None
+    if not (1 <= w <= 4096 and 1 <= h <= 4096):
+        raise web.HTTPBadRequest(text="viewport: 1 to 4096 pixels")
+    return w, h
+
+
+def _window(text: str | None) -> imaging.Window | None:
+    if not text:
+        return None
+    try:
+        center, width = (float(v) for v in text.split(",")[:2])
+    except ValueError:
+        raise web.HTTPBadRequest(text="window: center,width[,function]") from None
+    if width <= 0:
+        raise web.HTTPBadRequest(text="window: width must be positive")
+    return imaging.Window(center, width)
+
+
+def _aggregate(rows: list[dict[str, Any]], level: str, ext: dict[str, str] | Any) -> list[dict[str, Any]]:
+    """Index rows (one per instance, in study/series order) as QIDO results of `level`: study and series rows
+    carry their counts and the study its modalities; the `direction` and `partner` extensions filter first."""
+    direction, partner = ext.get("direction"), ext.get("partner")
+    kept = []
+    for r in rows:
+        received = r["source"] == "mail"
+        if direction == "received" and not received:
+            continue
+        if direction == "sent" and not r["route"]:
+            continue
+        if partner and partner not in (r["origin"] if received else None, r["route"]):
+            continue
+        kept.append(r)
+    studies: dict[str, dict[str, Any]] = {}
+    series: dict[str, dict[str, Any]] = {}
+    for r in kept:
+        st = studies.setdefault(
+            str(r["study_uid"]), {**r, "_series": set(), "_modalities": set(), "instance_count": 0}
+        )
+        st["_series"].add(r["series_uid"])
+        if r["modality"]:
+            st["_modalities"].add(str(r["modality"]))
+        st["instance_count"] += 1
+        se = series.setdefault(str(r["series_uid"]), {**r, "series_instance_count": 0})
+        se["series_instance_count"] += 1
+    for st in studies.values():
+        st["series_count"] = len(st.pop("_series"))
+        st["modalities"] = "\\".join(sorted(st.pop("_modalities")))
+    if level == qido.STUDY:
+        return list(studies.values())
+    study_of = {k: {c: v for c, v in st.items() if c in _STUDY_COLUMNS} for k, st in studies.items()}
+    if level == qido.SERIES:
+        return [{**se, **study_of[str(se["study_uid"])]} for se in series.values()]
+    return [
+        {
+            **r,
+            **study_of[str(r["study_uid"])],
+            "series_instance_count": series[str(r["series_uid"])]["series_instance_count"],
+        }
+        for r in kept
+    ]
+
+
+_STUDY_COLUMNS = {"modalities", "series_count", "instance_count"}
+
+
+def _retrieve_url(base: str, level: str, r: dict[str, Any]) -> str:
+    url = f"{base}/studies/{r['study_uid']}"
+    if level in (qido.SERIES, qido.INSTANCE):
+        url += f"/series/{r['series_uid']}"
+    if level == qido.INSTANCE:
+        url += f"/instances/{r['sop_uid']}"
+    return url

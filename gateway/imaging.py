@@ -1,0 +1,170 @@
+"""Pixels for people: frames decoded from a stored instance, and rendered images (JPEG or PNG) with a window, a
+viewport and a quality, as WADO-RS `rendered`, thumbnails and WADO-URI give them. Decoding is CPU work: callers
+run these in a thread (or a worker process), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+
+log = logging.getLogger(__name__)
+
+
+class FrameError(ValueError):
+    """A frame number that the instance does not have, or pixel data that cannot be decoded here."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """A VOI window: centre and width (PS3.3 C.11.2.1.2), linear."""
+
+    center: float
+    width: float
+
+
+def frame_count(ds: Dataset) -> int:
+    return max(1, int(getattr(ds, "NumberOfFrames", 1) or 1))
+
+
+def check_frames(ds: Dataset, numbers: list[int]) -> None:
+    n = frame_count(ds)
+    bad = [f for f in numbers if not 1 <= f <= n]
+    if bad or "PixelData" not in ds:
+        raise FrameError(f"frame {bad[0] if bad else 1} is not in this instance ({n} frames)")
+
+
+def raw_frames(path: Path, numbers: list[int], keep_compressed: bool) -> tuple[list[bytes], str]:
+    """The frames' bytes and their transfer syntax: as stored where that is kept (uncompressed data, or compressed
+    with `keep_compressed`), else decoded to little-endian native pixels."""
+    ds = pydicom.dcmread(path)
+    check_frames(ds, numbers)
+    syntax = pydicom.uid.UID(str(ds.file_meta.TransferSyntaxUID))
+    if syntax.is_compressed and keep_compressed:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=frame_count(ds)))
+        return [frames[f - 1] for f in numbers], str(syntax)
+    if not syntax.is_compressed and syntax.is_little_endian:
+        size = len(ds.PixelData) // frame_count(ds)
+        return [bytes(ds.PixelData[(f - 1) * size : f * size]) for f in numbers], "1.2.840.10008.1.2.1"
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # no decoder for this syntax, or broken data
+        raise FrameError(f"the pixel data cannot be decoded here ({type(exc).__name__})") from None
+    if frame_count(ds) == 1:
+        pixels = pixels[np.newaxis]
+    native = pixels.astype(pixels.dtype.newbyteorder("<"))
+    return [native[f - 1].tobytes() for f in numbers], "1.2.840.10008.1.2.1"
+
+
+def _default_window(ds: Dataset, values: np.ndarray) -> Window:
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is not None and width is not None:
+        c = center[0] if isinstance(center, pydicom.multival.MultiValue) else center
+        w = width[0] if isinstance(width, pydicom.multival.MultiValue) else width
+        if float(w) > 0:
+            return Window(float(c), float(w))
+    lo, hi = float(np.percentile(values, 0.5)), float(np.percentile(values, 99.5))
+    return Window((lo + hi) / 2, max(hi - lo, 1.0))
+
+
+def render(
+    path: Path,
+    frame: int = 1,
+    window: Window | None = None,
+    viewport: tuple[int, int] | None = None,
+    media_type: str = "image/jpeg",
+    quality: int = 90,
+) -> bytes:
+    """One frame as an 8-bit image: modality rescale, the window (the dataset's own, else the 0.5–99.5 %
+    percentiles), MONOCHROME1 inverted, scaled to fit `viewport` keeping its aspect ratio."""
+    ds = pydicom.dcmread(path)
+    check_frames(ds, [frame])
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise FrameError(f"the pixel data cannot be decoded here ({type(exc).__name__})") from None
+    if frame_count(ds) > 1:
+        pixels = pixels[frame - 1]
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        if photometric.startswith("YBR"):
+            pixels = pydicom.pixels.convert_color_space(pixels, photometric, "RGB")
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype("uint8"), "RGB")
+    else:
+        values = pixels.astype("float64") * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
+            getattr(ds, "RescaleIntercept", 0) or 0
+        )
+        w = window or _default_window(ds, values)
+        lo = w.center - 0.5 - (w.width - 1) / 2
+        scaled = np.clip((values - lo) / max(w.width - 1, 1.0) * 255.0, 0, 255).astype("uint8")
+        if photometric == "MONOCHROME1":
+            scaled = 255 - scaled
+        image = Image.fromarray(scaled, "L")
+    if viewport is not None:
+        image.thumbnail(viewport)
+    out = io.BytesIO()
+    if media_type == "image/png":
+        image.save(out, format="PNG")
+    else:
+        image.save(out, format="JPEG", quality=max(1, min(100, quality)))
+    return out.getvalue()
+
+
+def metadata(path: Path, bulk_uri: str) -> dict[str, Any]:
+    """The instance as DICOM JSON without its bulk data: large binary values (pixel data among them) are named by
+    a BulkDataURI under `bulk_uri` (`…/bulkdata/<tag>`)."""
+    ds = pydicom.dcmread(path, defer_size=1024)
+
+    def bulk(element: Any) -> str:
+        return f"{bulk_uri}/{element.tag:08X}"
+
+    out: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=bulk)
+    meta = ds.file_meta
+    out["00020010"] = {"vr": "UI", "Value": [str(meta.TransferSyntaxUID)]}
+    return dict(sorted(out.items()))
+
+
+def thumbnail_png(path: str, size: int = 128) -> bytes:
+    """A square PNG of the first frame (Pillow), the image centred on black so that a tall or wide one stays inside
+    its box; a grey square, with one INFO line, when the pixel data cannot be decoded here."""
+    try:
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            arr = arr[0]
+        arr = arr.astype("float64")
+        lo, hi = float(np.percentile(arr, 1)), float(np.percentile(arr, 99))
+        arr = np.clip((arr - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype("uint8")
+        if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+            arr = 255 - arr
+        image = Image.fromarray(arr)
+        image = image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode)
+        image.thumbnail((size, size))
+        canvas = Image.new(image.mode, (size, size))
+        canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    except Exception as exc:  # any decoder's failure: the page shows a placeholder, never an error
+        log.info("no thumbnail for %s: %s", Path(path).stem, type(exc).__name__)
+        canvas = Image.new("L", (size, size), 96)
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+def bulk_value(path: Path, tag: int) -> bytes:
+    """The raw value of one top-level binary element (for a BulkDataURI); KeyError when it is not there."""
+    ds = pydicom.dcmread(path)
+    if tag not in ds:
+        raise KeyError(tag)
+    value = ds[tag].value
+    if isinstance(value, bytes):
+        return value
+    raise KeyError(tag)

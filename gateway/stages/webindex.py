@@ -1,0 +1,92 @@
+"""The DICOMweb index (for QIDO-RS and the viewer): each stored instance's header attributes, read in the
+background, off the acknowledgement path: receiving and ingesting never wait for it, and a query sees an instance
+a moment after it is stored. An unreadable header is indexed by the UIDs the catalog already has."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.stages import wait_woken
+from gateway.stages.context import Stage
+
+log = logging.getLogger(__name__)
+
+# index column → (DICOM keyword, longest value kept: the column's size)
+HEADER = {
+    "sop_class_uid": ("SOPClassUID", 64),
+    "instance_number": ("InstanceNumber", 0),
+    "rows_": ("Rows", 0),
+    "columns_": ("Columns", 0),
+    "frames": ("NumberOfFrames", 0),
+    "modality": ("Modality", 16),
+    "series_number": ("SeriesNumber", 0),
+    "series_description": ("SeriesDescription", 64),
+    "body_part": ("BodyPartExamined", 16),
+    "study_date": ("StudyDate", 8),
+    "study_time": ("StudyTime", 16),
+    "accession_number": ("AccessionNumber", 16),
+    "referring_physician": ("ReferringPhysicianName", 324),
+    "study_description": ("StudyDescription", 64),
+    "study_id": ("StudyID", 16),
+    "patient_name": ("PatientName", 324),
+    "patient_id": ("PatientID", 64),
+    "patient_birth_date": ("PatientBirthDate", 8),
+    "patient_sex": ("PatientSex", 16),
+}
+
+
+def read_header(path: Path, known: dict[str, str]) -> dict[str, Any]:
+    """The index row of one stored file (the catalog's UIDs where the header cannot be read)."""
+    import pydicom
+
+    row: dict[str, Any] = {k: known[k] for k in ("sop_uid", "study_uid", "series_uid", "sop_class_uid")}
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # whatever pydicom makes of a file it cannot read: the UIDs still index it
+        log.info("DICOMweb index: header of %s unreadable (%s)", known["sop_uid"], type(exc).__name__)
+        return row
+    for column, (keyword, size) in HEADER.items():
+        try:
+            value = ds.get(keyword)
+        except Exception:  # a malformed value: left empty
+            value = None
+        if value is None or value == "":
+            continue
+        if size:
+            row[column] = str(value)[:size]
+        else:
+            with contextlib.suppress(TypeError, ValueError):
+                row[column] = int(value)
+    return row
+
+
+class WebIndexer(Stage):
+    """Fills the DICOMweb index as instances are stored."""
+
+    async def run_once(self) -> int:
+        """Index one batch of instances not yet indexed; how many."""
+        batch = await self.catalog.unindexed(200)
+        if not batch:
+            return 0
+        root = self.storage.root
+        rows = await asyncio.to_thread(lambda: [read_header(root / b["path"], b) for b in batch])
+        await self.catalog.add_to_web_index(rows, time.time())
+        return len(rows)
+
+    async def run_forever(self) -> None:
+        """Index as instances arrive; never dies."""
+        while True:
+            try:
+                done = await self.run_once()
+                self.guard.ok()
+            except Exception as exc:
+                if not await self.guard.pause(exc):
+                    return
+                done = 0
+            if not done:
+                await wait_woken(self.wakes.webindex, 5)

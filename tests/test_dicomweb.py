@@ -1,0 +1,149 @@
+"""DICOMweb on the web port, tested with the real `dicomweb-client` against a whole gateway (B, after a study
+arrived from A by mail): QIDO-RS at every level with PS3.18 matching, WADO-RS retrieval (datasets identical to what
+is stored), metadata, frames equal to the decoded pixels, rendered images of the right size and not blank,
+thumbnails, WADO-URI; bad input (malformed UIDs 400, unknown 404, unauthenticated 401); and the canary patient
+name in no log line or error body."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from aiohttp import web
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+
+from gateway.devtools.studies import make_study
+from gateway.web import WebApp
+from tests.ports import free_port
+
+PASSWORD = "dicomweb-operator"
+
+
+@pytest.fixture(autouse=True)
+def web_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DMG_WEB_PASSWORD", PASSWORD)
+
+
+@pytest.fixture
+async def served(pair_factory, tmp_path: Path) -> AsyncIterator[tuple[str, list[Path], object]]:  # type: ignore[no-untyped-def]
+    """B holds a study that came by mail and serves its web port on loopback."""
+    pair = await pair_factory()
+    study = make_study(tmp_path / "study", ct=3, mr=2, sc=0, size=64)
+    await pair.send_study(study[0].parent)
+    assert await pair.a_sends() >= 1
+    assert await pair.b_receives_and_answers() >= 1
+    assert await pair.b.webindex.run_once() == len(study)
+    port = free_port()
+    runner = web.AppRunner(WebApp(pair.b).app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/dicomweb", study, pair.b
+    finally:
+        await runner.cleanup()
+
+
+def _client(url: str) -> DICOMwebClient:
+    session = requests.Session()
+    session.auth = ("operator", PASSWORD)
+    return DICOMwebClient(url, session=session)
+
+
+@pytest.mark.asyncio
+async def test_qido_and_wado_with_dicomweb_client(served, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    url, study, _ = served
+    sent = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, study)}
+    first = next(iter(sent.values()))
+    study_uid, name = str(first.StudyInstanceUID), str(first.PatientName)
+    caplog.set_level(logging.DEBUG)
+
+    def run() -> None:
+        c = _client(url)
+        [s] = c.search_for_studies()
+        assert s["0020000D"]["Value"] == [study_uid]
+        assert s["00100010"]["Value"] == [{"Alphabetic": name}]
+        assert sorted(s["00080061"]["Value"]) == ["CT", "MR"]
+        assert (s["00201206"]["Value"], s["00201208"]["Value"]) == ([2], [5])
+        # matching: wildcards, exact values, UID lists, date ranges, the extensions, limit and offset
+        assert len(c.search_for_studies(search_filters={"PatientName": name[:3] + "*"})) == 1
+        assert c.search_for_studies(search_filters={"PatientName": "Nobody*"}) == []
+        assert len(c.search_for_studies(search_filters={"StudyInstanceUID": f"1.2.3,{study_uid}"})) == 1
+        date = str(first.get("StudyDate", ""))
+        if date:
+            assert len(c.search_for_studies(search_filters={"StudyDate": f"{date}-"})) == 1
+            assert c.search_for_studies(search_filters={"StudyDate": "-19000101"}) == []
+        assert (
+            len(c.search_for_studies(search_filters={"direction": "received", "partner": "gateway-a"})) == 1
+        )
+        assert c.search_for_studies(search_filters={"direction": "sent"}) == []
+        series = c.search_for_series(study_uid)
+        assert sorted(s["00080060"]["Value"][0] for s in series) == ["CT", "MR"]
+        assert len(c.search_for_series(search_filters={"Modality": "MR"})) == 1
+        instances = c.search_for_instances(study_uid)
+        assert {i["00080018"]["Value"][0] for i in instances} == set(sent)
+        assert len(c.search_for_instances(study_uid, limit=2, offset=1)) == 2
+        # WADO-RS: what comes back is what is stored, byte for byte in its dataset
+        for uid, ds in sent.items():
+            got = c.retrieve_instance(study_uid, str(ds.SeriesInstanceUID), uid)
+            assert got.PixelData == ds.PixelData and got.PatientName == ds.PatientName
+        whole = c.retrieve_study(study_uid)
+        assert {str(d.SOPInstanceUID) for d in whole} == set(sent)
+        meta = c.retrieve_study_metadata(study_uid)
+        assert len(meta) == len(sent) and all("BulkDataURI" in m["7FE00010"] for m in meta)
+        ct = next(d for d in sent.values() if d.Modality == "CT")
+        frames = c.retrieve_instance_frames(study_uid, str(ct.SeriesInstanceUID), str(ct.SOPInstanceUID), [1])
+        assert frames[0] == ct.pixel_array.astype(ct.pixel_array.dtype.newbyteorder("<")).tobytes()
+        jpeg = c.retrieve_instance_rendered(
+            study_uid,
+            str(ct.SeriesInstanceUID),
+            str(ct.SOPInstanceUID),
+            media_types=("image/jpeg",),
+            params={"viewport": "32,32"},
+        )
+        image = Image.open(io.BytesIO(jpeg))
+        assert image.size == (32, 32) and np.asarray(image).std() > 5  # the right size, not blank
+
+    await asyncio.to_thread(run)
+    assert not [r for r in caplog.records if name in r.getMessage()]
+
+
+@pytest.mark.asyncio
+async def test_bad_requests_are_refused_without_echoing_them(served) -> None:  # type: ignore[no-untyped-def]
+    url, study, _ = served
+    ds = pydicom.dcmread(study[0])
+    s = requests.Session()
+    s.auth = ("operator", PASSWORD)
+
+    def run() -> None:
+        assert requests.get(f"{url}/studies", timeout=10).status_code == 401
+        assert s.get(f"{url}/studies/1.2.3.4", timeout=10).status_code == 404
+        for bad in ("..%2F..%2Fcatalog.sqlite", "1.2.a", "1" * 70):
+            r = s.get(f"{url}/studies/{bad}/metadata", timeout=10)
+            assert r.status_code in (400, 404) and b"catalog" not in r.content
+        r = s.get(f"{url}/studies", params={"PatientName": "X", "StudyDate": "yesterday"}, timeout=10)
+        assert r.status_code == 400 and "yesterday" not in r.text
+        uri = f"{url}/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}&seriesUID={ds.SeriesInstanceUID}"
+        assert (
+            s.get(f"{uri}&objectUID={ds.SOPInstanceUID}&contentType=application/dicom", timeout=10).content[
+                128:132
+            ]
+            == b"DICM"
+        )
+        png = s.get(f"{uri}&objectUID={ds.SOPInstanceUID}&contentType=image/png", timeout=10)
+        assert png.headers["Content-Type"] == "image/png"
+        thumb = s.get(f"{url}/studies/{ds.StudyInstanceUID}/thumbnail", timeout=10)
+        assert Image.open(io.BytesIO(thumb.content)).size[0] <= 128
+        frames = (
+            f"{url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        )
+        assert s.get(f"{frames}/frames/99", timeout=10).status_code == 404
+
+    await asyncio.to_thread(run)
