@@ -16,16 +16,11 @@ are not shown unless `web.show_patient_data`. Release and discard go through `ga
 from __future__ import annotations
 
 import asyncio
-import base64
-import hmac
 import html
 import ipaddress
 import logging
-import os
-import secrets
 import ssl
 import time
-import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -36,14 +31,12 @@ from gateway.dicomweb import DicomWeb
 from gateway.imaging import thumbnail_png
 from gateway.metrics import REGISTRY
 from gateway.report import outcome_text
+from gateway.webauth import WebAuth
 
 if TYPE_CHECKING:
     from gateway.service import Gateway
 
 log = logging.getLogger(__name__)
-
-SESSION_COOKIE = "dmg_session"
-SESSION_SECONDS = 12 * 3600.0
 
 
 def _e(value: object) -> str:
@@ -60,13 +53,14 @@ class WebApp:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.settings = gw.settings.web
-        self.app = web.Application(middlewares=[self._auth])
+        self.auth = WebAuth(self.settings, gw.settings.name)
+        self.app = web.Application(middlewares=[self.auth.middleware], client_max_size=1024**2)
         self.app.add_routes(
             [
                 web.get("/", self.page),
-                web.get("/login", self.login_page),
-                web.post("/login", self.login),
-                web.post("/logout", self.logout),
+                web.get("/login", self.auth.login_page),
+                web.post("/login", self.auth.login),
+                web.post("/logout", self.auth.logout),
                 web.get("/healthz", self.healthz),
                 web.get("/metrics", self.metrics),
                 web.get("/thumb/{sop}.png", self.thumb),
@@ -75,126 +69,6 @@ class WebApp:
             ]
         )
         self.runner: web.AppRunner | None = None
-        self.sessions: dict[str, tuple[str, float]] = {}  # session id → (CSRF token, expiry)
-        self.basic_csrf = secrets.token_urlsafe(32)  # the token for basic-auth users (scripts; no cookie)
-
-    def _password(self) -> str:
-        return os.environ.get(self.settings.password_env, "")
-
-    def _session(self, request: web.Request) -> tuple[str, float] | None:
-        sid = request.cookies.get(SESSION_COOKIE, "")
-        found = self.sessions.get(sid)
-        if found is None or found[1] < time.time():
-            self.sessions.pop(sid, None)
-            return None
-        return found
-
-    def _basic_ok(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        password = self._password()
-        if not header.startswith("Basic ") or not password:
-            return False
-        try:
-            user, _, given = base64.b64decode(header[6:]).decode().partition(":")
-        except ValueError:
-            return False
-        return user == "operator" and hmac.compare_digest(given.encode(), password.encode())
-
-    def csrf_token(self, request: web.Request) -> str:
-        """The token every form of this request's page carries."""
-        found = self._session(request)
-        return found[0] if found else self.basic_csrf
-
-    def _same_origin(self, request: web.Request) -> bool:
-        """The browser's Origin (or Referer) names this host; a request without either (a script) passes here
-        and is still held to the token."""
-        origin = request.headers.get("Origin") or request.headers.get("Referer")
-        if not origin:
-            return True
-        if origin == "null":
-            return False
-        return urllib.parse.urlsplit(origin).netloc == request.host
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        open_paths = {"/healthz", "/login"}
-        if (
-            self.settings.requires_login
-            and request.path not in open_paths
-            and self._session(request) is None
-            and not self._basic_ok(request)
-        ):
-            if request.method == "GET" and request.path == "/":
-                raise web.HTTPSeeOther("/login")
-            return web.Response(
-                status=401,
-                text="login required",
-                headers={"WWW-Authenticate": 'Basic realm="dicom-mail-gateway"'},
-            )
-        if request.method == "POST" and request.path != "/login":
-            form = await request.post()
-            if not self._same_origin(request) or not hmac.compare_digest(
-                str(form.get("csrf", "")), self.csrf_token(request)
-            ):
-                log.warning(
-                    "web: refused a %s to %s without a valid CSRF token or origin",
-                    request.method,
-                    request.path,
-                )
-                return web.Response(status=403, text="cross-site request refused")
-        response: web.StreamResponse = await handler(request)
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
-
-    async def login_page(self, request: web.Request, problem: str = "") -> web.Response:
-        return web.Response(
-            status=401 if problem else 200,
-            content_type="text/html",
-            text=(
-                "<!doctype html><html><head><meta charset='utf-8'><title>Login — DICOM mail gateway</title></head>"
-                f"<body><h1>{_e(self.gw.settings.name)}</h1><p class='bad'>{_e(problem)}</p>"
-                "<form method='post' action='/login'><label>user <input name='user' value='operator'></label> "
-                "<label>password <input name='password' type='password' autofocus></label> "
-                "<button>log in</button></form></body></html>"
-            ),
-        )
-
-    async def login(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
-        password = self._password()
-        ok = (
-            bool(password)
-            and str(form.get("user", "")) == "operator"
-            and hmac.compare_digest(str(form.get("password", "")).encode(), password.encode())
-        )
-        if not ok or not self._same_origin(request):
-            log.warning("web: failed login from %s", request.remote)
-            await asyncio.sleep(1)  # a password guesser gets one try a second per connection
-            return await self.login_page(request, "wrong user or password")
-        sid = secrets.token_urlsafe(32)
-        now = time.time()
-        self.sessions = {k: v for k, v in self.sessions.items() if v[1] > now}
-        self.sessions[sid] = (secrets.token_urlsafe(32), now + SESSION_SECONDS)
-        log.info("web: operator logged in from %s", request.remote)
-        response = web.HTTPSeeOther("/")
-        response.set_cookie(
-            SESSION_COOKIE,
-            sid,
-            max_age=int(SESSION_SECONDS),
-            httponly=True,
-            samesite="Strict",
-            secure=self.settings.tls_cert is not None,
-            path="/",
-        )
-        raise response
-
-    async def logout(self, request: web.Request) -> web.StreamResponse:
-        self.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
-        response = web.HTTPSeeOther("/login")
-        response.del_cookie(SESSION_COOKIE, path="/")
-        raise response
 
     async def start(self) -> None:
         """Listen on the configured address (TLS when configured)."""
@@ -206,7 +80,7 @@ class WebApp:
             ctx.load_cert_chain(str(self.settings.tls_cert), str(self.settings.tls_key))
         site = web.TCPSite(self.runner, self.settings.bind, self.settings.port, ssl_context=ctx)
         await site.start()
-        if self.settings.requires_login and not self._password():
+        if self.settings.requires_login and not self.auth.password():
             log.warning(
                 "web page: %s is empty, so nobody can log in (only /healthz answers); set it to the operator's password",
                 self.settings.password_env,
@@ -298,7 +172,7 @@ class WebApp:
         parts += _transfers(view)
         parts += _studies_html(studies)
         parts += _backups(view)
-        parts += _set_aside(view, _e(self.csrf_token(request)))
+        parts += _set_aside(view, _e(self.auth.csrf_token(request)))
         parts.append(f"<p><small>refreshed {_ts(view.at)}</small></p></body></html>")
         return web.Response(text="".join(parts), content_type="text/html")
 

@@ -172,6 +172,11 @@ class WebSettings:
     tls_key: Path | None = None
     password_env: str = "DMG_WEB_PASSWORD"
     anonymous_on_loopback: bool = False  # opt-out: no login when bound to loopback (a single-user machine)
+    token_env: str = (
+        "DMG_WEB_TOKENS"  # environment variable with bearer tokens for API clients (comma-separated)
+    )
+    cors_origins: tuple[str, ...] = ()  # other origins whose pages may use DICOMweb (e.g. an OHIF elsewhere)
+    stow_max_size: int = 4 * 1024**3  # the largest STOW-RS request body
 
     @property
     def requires_tls(self) -> bool:

@@ -294,6 +294,20 @@ def web_section(root: Reader) -> WebSettings:
         tls_key=w.path("tls_key") if "tls_key" in w.table else None,
         password_env=w.get("password_env", str, "DMG_WEB_PASSWORD"),
         anonymous_on_loopback=w.get("anonymous_on_loopback", bool, False),
+        token_env=w.get("token_env", str, "DMG_WEB_TOKENS"),
+        cors_origins=tuple(
+            w.get(
+                "cors_origins",
+                list,
+                [],
+                check=lambda v: (
+                    None
+                    if all(isinstance(o, str) and o.startswith(("http://", "https://")) for o in v)
+                    else 'a list of origins such as "https://viewer.example"'
+                ),
+            )
+        ),
+        stow_max_size=parse_size_key(w, "stow_max_size", "4GB"),
     )
     if web.requires_tls and web.port and (web.tls_cert is None or web.tls_key is None):
         raise w.fail(
