@@ -149,7 +149,7 @@ class DicomWeb:
                 headers["Warning"] = '299 dicom-mail-gateway "There are more results than the limit"'
             if not body:
                 return web.Response(status=204, headers=headers)
-            return web.Response(text=json.dumps(body), content_type=DICOM_JSON, headers=headers)
+            return web.Response(body=json.dumps(body).encode(), content_type=DICOM_JSON, headers=headers)
 
         return handler
 
@@ -192,7 +192,7 @@ class DicomWeb:
                 out.append(imaging.metadata(self._path(r), uri))
             return out
 
-        return web.Response(text=json.dumps(await asyncio.to_thread(build)), content_type=DICOM_JSON)
+        return web.Response(body=json.dumps(await asyncio.to_thread(build)).encode(), content_type=DICOM_JSON)
 
     async def frames(self, request: web.Request) -> web.Response:
         [row] = await self._rows(request)

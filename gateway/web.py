@@ -31,6 +31,7 @@ from gateway.dicomweb import DicomWeb
 from gateway.imaging import thumbnail_png
 from gateway.metrics import REGISTRY
 from gateway.report import outcome_text
+from gateway.stow import Stow
 from gateway.webauth import WebAuth
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class WebApp:
                 web.get("/thumb/{sop}.png", self.thumb),
                 web.post("/queue/{action}/{item}", self.queue_action),
                 *DicomWeb(gw).routes(),
+                *Stow(gw).routes(),
             ]
         )
         self.runner: web.AppRunner | None = None

@@ -32,10 +32,17 @@ def web_password(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DMG_WEB_PASSWORD", PASSWORD)
 
 
+TOKEN = "api-token-for-a-viewer-0123456789"
+OHIF = "https://ohif.example"
+
+
 @pytest.fixture
-async def served(pair_factory, tmp_path: Path) -> AsyncIterator[tuple[str, list[Path], object]]:  # type: ignore[no-untyped-def]
+async def served(
+    pair_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[str, list[Path], object]]:  # type: ignore[no-untyped-def]
     """B holds a study that came by mail and serves its web port on loopback."""
-    pair = await pair_factory()
+    monkeypatch.setenv("DMG_WEB_TOKENS", TOKEN)
+    pair = await pair_factory(web_extra=f'stow_max_size = "300KB"\ncors_origins = ["{OHIF}"]')
     study = make_study(tmp_path / "study", ct=3, mr=2, sc=0, size=64)
     await pair.send_study(study[0].parent)
     assert await pair.a_sends() >= 1
@@ -147,3 +154,78 @@ async def test_bad_requests_are_refused_without_echoing_them(served) -> None:  #
         assert s.get(f"{frames}/frames/99", timeout=10).status_code == 404
 
     await asyncio.to_thread(run)
+
+
+def _multipart(parts: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "stow-test-boundary"
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n" for ctype, data in parts
+    )
+    return (
+        body + f"--{boundary}--\r\n".encode(),
+        f'multipart/related; type="application/dicom"; boundary={boundary}',
+    )
+
+
+@pytest.mark.asyncio
+async def test_stow_rs_is_a_second_intake_with_the_same_guarantees(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """dicomweb-client stores a new study (durable and indexed before the 200, then found by QIDO and routed where
+    the URL's AE title says); a body that is not DICOM, of another study or too large is refused, nothing stored;
+    a bearer token works for API clients and a configured other origin gets CORS."""
+    url, _, gw = served
+    new = make_study(tmp_path / "new", ct=2, mr=0, sc=0, size=32)
+    datasets = [pydicom.dcmread(p) for p in new]
+    study_uid = str(datasets[0].StudyInstanceUID)
+    before = {str(r[0]) for r in await gw.catalog.db.fetchall("SELECT sop_uid FROM instances")}
+
+    def run() -> None:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {TOKEN}"
+        c = DICOMwebClient(f"{url}/aets/TO_GATEWAY_A", session=session)
+        result = c.store_instances(datasets)
+        assert len(result.ReferencedSOPSequence) == 2 and "FailedSOPSequence" not in result
+        # refusals: not DICOM, another study than the URL names, too large (nothing of it stored)
+        body, ctype = _multipart([("application/dicom", b"not a dicom file")])
+        r = session.post(f"{url}/studies", data=body, headers={"Content-Type": ctype}, timeout=10)
+        assert r.status_code == 409 and r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+        body, ctype = _multipart([("application/dicom", new[0].read_bytes())])
+        r = session.post(f"{url}/studies/1.2.3.4", data=body, headers={"Content-Type": ctype}, timeout=10)
+        assert r.status_code == 409
+        big = make_study(tmp_path / "big", ct=1, mr=0, sc=0, size=512)
+        body, ctype = _multipart([("application/dicom", big[0].read_bytes())])
+        r = session.post(f"{url}/studies", data=body, headers={"Content-Type": ctype}, timeout=10)
+        assert r.status_code == 413
+        assert (
+            requests.post(
+                f"{url}/studies", data=body, headers={"Content-Type": ctype}, timeout=10
+            ).status_code
+            == 401
+        )
+        wrong = requests.get(
+            f"{url}/studies", headers={"Authorization": "Bearer wrong-token-0123456789"}, timeout=10
+        )
+        assert wrong.status_code == 401
+        # CORS: the configured origin may, another may not
+        pre = requests.options(
+            f"{url}/studies", headers={"Origin": OHIF, "Access-Control-Request-Method": "GET"}, timeout=10
+        )
+        assert pre.headers.get("Access-Control-Allow-Origin") == OHIF
+        got = session.get(f"{url}/studies", headers={"Origin": OHIF}, timeout=10)
+        assert got.headers.get("Access-Control-Allow-Origin") == OHIF
+        other = session.get(f"{url}/studies", headers={"Origin": "https://evil.example"}, timeout=10)
+        assert "Access-Control-Allow-Origin" not in other.headers
+
+    await asyncio.to_thread(run)
+    rows = {
+        str(r[0]): r[1]
+        for r in await gw.catalog.db.fetchall("SELECT sop_uid, route FROM instances")
+        if str(r[0]) not in before
+    }
+    assert rows == {
+        str(d.SOPInstanceUID): "gateway-a" for d in datasets
+    }  # indexed, routed to the AE's partner
+    assert await gw.webindex.run_once() == 2
+    found = await asyncio.to_thread(
+        lambda: _client(url).search_for_studies(search_filters={"StudyInstanceUID": study_uid})
+    )
+    assert len(found) == 1
