@@ -229,3 +229,75 @@ async def test_stow_rs_is_a_second_intake_with_the_same_guarantees(served, tmp_p
         lambda: _client(url).search_for_studies(search_filters={"StudyInstanceUID": study_uid})
     )
     assert len(found) == 1
+
+
+@pytest.mark.asyncio
+async def test_qido_and_metadata_agree_with_orthancs_dicomweb_plugin(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same study in a real Orthanc with its DICOMweb plugin and in the gateway: QIDO results and metadata
+    agree, attribute for attribute, normalised only for bulk-data URIs and what one side leaves out."""
+    from gateway.devtools import orthanc as orthanc_peer
+    from tests.conftest import storescu
+
+    url, study, _ = served
+    peer = orthanc_peer.start(
+        tmp_path / "orthanc",
+        {"Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"], "DicomWeb": {"Enable": True}},
+    )
+    try:
+        assert storescu(peer.dicom_port, "ORTHANC", study[0].parent).returncode == 0
+        theirs = DICOMwebClient(f"http://127.0.0.1:{peer.http_port}/dicom-web")
+        ours = _client(url)
+        study_uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+
+        compared: set[str] = set()
+
+        def compare() -> list[str]:
+            problems = []
+            for level, a, b in [
+                ("studies", ours.search_for_studies(), theirs.search_for_studies()),
+                ("series", ours.search_for_series(study_uid), theirs.search_for_series(study_uid)),
+                ("instances", ours.search_for_instances(study_uid), theirs.search_for_instances(study_uid)),
+            ]:
+                key = {"studies": "0020000D", "series": "0020000E", "instances": "00080018"}[level]
+                mine = {r[key]["Value"][0]: r for r in a}
+                for r in b:
+                    m = mine.get(r[key]["Value"][0])
+                    if m is None:
+                        problems.append(f"{level}: {r[key]} missing")
+                        continue
+                    for tag in sorted(set(m) & set(r) - {"00081190"}):  # retrieve URLs name each server
+                        compared.add(f"{level}:{tag}")
+                        if _value(m[tag]) != _value(r[tag]):
+                            problems.append(f"{level} {tag}: ours {m[tag]} theirs {r[tag]}")
+            mine = {m["00080018"]["Value"][0]: m for m in ours.retrieve_study_metadata(study_uid)}
+            for t in theirs.retrieve_study_metadata(study_uid):
+                m = mine[t["00080018"]["Value"][0]]
+                for tag in sorted(set(m) | set(t)):
+                    if tag.startswith("0002") or tag in ("7FE00010",):
+                        continue  # file meta (Orthanc leaves it out) and pixel data (a BulkDataURI on each side)
+                    compared.add(f"metadata:{tag}")
+                    if _value(m.get(tag, {})) != _value(t.get(tag, {})):
+                        problems.append(f"metadata {tag}: ours {m.get(tag)} theirs {t.get(tag)}")
+            return problems
+
+        assert await asyncio.to_thread(compare) == []
+        # the comparison covered what matters: names, IDs, dates, counts, the whole header
+        assert {"studies:00100010", "studies:00100020", "studies:00080020", "studies:00201208"} <= compared
+        assert {"series:00080060", "instances:00080016", "metadata:00280010"} <= compared
+        assert (
+            len([c for c in compared if c.startswith("metadata:")]) >= 20
+        )  # every element of the test header
+    finally:
+        peer.stop()
+
+
+def _value(element: dict) -> object:  # type: ignore[type-arg]
+    """An element's value as both sides should agree on it (empty and absent are the same; numbers as numbers)."""
+    if "BulkDataURI" in element or "InlineBinary" in element:
+        return "binary"
+    value = element.get("Value")
+    if not value:
+        return None
+    if element.get("vr") == "SQ":
+        return [{k: _value(v) for k, v in item.items()} for item in value]
+    return [float(v) if isinstance(v, int | float) else v for v in value]
