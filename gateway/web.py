@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import ssl
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from gateway.service import Gateway
 
 log = logging.getLogger(__name__)
+
+VIEWER = Path(__file__).parent / "viewer"
+VIEWER_FILES = {"index.html": "text/html", "viewer.js": "text/javascript", "viewer.css": "text/css"}
 
 
 def _e(value: object) -> str:
@@ -66,11 +70,25 @@ class WebApp:
                 web.get("/metrics", self.metrics),
                 web.get("/thumb/{sop}.png", self.thumb),
                 web.post("/queue/{action}/{item}", self.queue_action),
+                web.get("/viewer", self.viewer_redirect),
+                web.get("/viewer/", self.viewer_file),
+                web.get("/viewer/{name}", self.viewer_file),
                 *DicomWeb(gw).routes(),
                 *Stow(gw).routes(),
             ]
         )
         self.runner: web.AppRunner | None = None
+
+    async def viewer_redirect(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/viewer/")
+
+    async def viewer_file(self, request: web.Request) -> web.StreamResponse:
+        """The viewer's static files (shipped in the package; only these names are served)."""
+        name = request.match_info.get("name", "index.html")
+        if name not in VIEWER_FILES:
+            raise web.HTTPNotFound()
+        data = await asyncio.to_thread((VIEWER / name).read_bytes)
+        return web.Response(body=data, content_type=VIEWER_FILES[name])
 
     async def start(self) -> None:
         """Listen on the configured address (TLS when configured)."""
@@ -227,7 +245,8 @@ def _studies_html(studies: list[dict[str, Any]]) -> list[str]:
     for s in studies:
         patient = f" — {_e(s['patient'])}" if s.get("patient") else ""
         out.append(
-            f"<div class='study'><b>{_e(s['uid'])}</b>{patient}: {s['count']} instances, {len(s['series'])} series, "
+            f"<div class='study'><a href='/viewer/#study={_e(s['uid'])}'><b>{_e(s['uid'])}</b></a>{patient}: "
+            f"{s['count']} instances, {len(s['series'])} series, "
             f"from {_e(s['source'])}, {_ts(s['last'])}<br>"
         )
         for series_uid, modality, n, sop in s["series"]:
