@@ -6,14 +6,11 @@ import asyncio
 import base64
 import io
 import json
-import shutil
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import aiohttp
 from PIL import Image
 
 from gateway.adapters.smtp import SmtpCluster
@@ -22,6 +19,7 @@ from gateway.core.queue import QueueState
 from gateway.devtools.studies import make_study
 from gateway.spool import Spool
 from gateway.tls import mail_client_context
+from tests.browser import Browser
 from tests.conftest import CANARIES, WEB_PASSWORD, free_port, storescu, wait_for
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".dev" / "artifacts"
@@ -39,77 +37,6 @@ def get(url: str, auth: str | None = None) -> tuple[int, bytes]:
 
 
 OPERATOR = f"operator:{WEB_PASSWORD}"
-
-
-class Browser:
-    """Headless Chromium driven over the DevTools protocol."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.profile = tempfile.mkdtemp(prefix="dmg-chromium-")
-        self.proc = subprocess.Popen(
-            [
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={self.profile}",
-                f"--remote-debugging-port={self.port}",
-                "--window-size=1280,1600",
-                "about:blank",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.next_id = 0
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-    async def connect(self) -> None:
-        def targets() -> list[dict]:  # type: ignore[type-arg]
-            try:
-                return [
-                    t
-                    for t in json.loads(get(f"http://127.0.0.1:{self.port}/json/list")[1])
-                    if t["type"] == "page"
-                ]
-            except OSError:
-                return []
-
-        page = (await asyncio.to_thread(wait_for, targets, 30, 0.2, "Chromium's DevTools endpoint"))[0]
-        self.session = aiohttp.ClientSession()
-        self.ws = await self.session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
-
-    async def call(self, method: str, **params: object) -> dict:  # type: ignore[type-arg]
-        self.next_id += 1
-        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
-        while True:
-            msg = await asyncio.wait_for(self.ws.receive_json(), 30)
-            if msg.get("id") == self.next_id:
-                return msg.get("result", {})  # type: ignore[no-any-return]
-
-    async def evaluate(self, expression: str) -> object:
-        result = await self.call(
-            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
-        )
-        return result["result"].get("value")
-
-    async def goto(self, url: str) -> None:
-        await self.call("Page.enable")
-        await self.call("Page.navigate", url=url)
-        for _ in range(100):
-            if await self.evaluate("document.readyState") == "complete":
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError("the page never finished loading")
 
 
 async def test_status_page_in_a_real_browser(mail, make_gateway, pki_dir, tmp_path):  # type: ignore[no-untyped-def]
@@ -197,7 +124,6 @@ async def test_status_page_in_a_real_browser(mail, make_gateway, pki_dir, tmp_pa
 
 def test_off_loopback_the_page_needs_tls_and_a_login(mail, make_gateway, pki_dir, monkeypatch):  # type: ignore[no-untyped-def]
     import ssl
-    import subprocess
     import sys
 
     web_port = free_port()
