@@ -316,7 +316,7 @@ async def test_every_stored_transfer_syntax_displays(served, tmp_path: Path) -> 
 
     def run() -> None:
         c = _client(url)
-        for stem, ds in datasets.items():
+        for stem in datasets:
             body, ctype = _multipart([("application/dicom", study[stem].read_bytes())])
             r = c._session.post(f"{url}/studies", data=body, headers={"Content-Type": ctype}, timeout=30)
             assert r.status_code == 200, (stem, r.text)
