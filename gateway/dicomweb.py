@@ -33,6 +33,7 @@ from aiohttp import web
 from pydicom.uid import ExplicitVRLittleEndian
 
 from gateway import imaging
+from gateway.access import AccessEvents
 from gateway.core import qido
 
 if TYPE_CHECKING:
@@ -80,6 +81,25 @@ class DicomWeb:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+        self.events = AccessEvents(gw.settings.d_root / "state" / "access")
+
+    async def _record(
+        self,
+        request: web.Request,
+        kind: str,
+        rows: list[dict[str, Any]],
+        query: dict[str, str] | None = None,
+    ) -> None:
+        """One access event (`gateway.access`): who, from where, which studies, how many instances."""
+        await asyncio.to_thread(
+            self.events.record,
+            kind,
+            str(request.get("user", "anonymous")),
+            str(request.remote or ""),
+            (str(r["study_uid"]) for r in rows),
+            len(rows),
+            query,
+        )
 
     def routes(self) -> list[web.RouteDef]:
         p = f"{PREFIX}/studies/{{study}}"
@@ -142,6 +162,7 @@ class DicomWeb:
             )
             results = [r for r in _aggregate(rows, level, query.extensions) if query.matches(r)]
             page = results[query.offset : query.offset + query.limit]
+            await self._record(request, "query", page, {"level": level, **dict(request.query)})
             base = self._base(request)
             body = [qido.to_json(r, query.include, _retrieve_url(base, level, r)) for r in page]
             headers = {}
@@ -163,6 +184,7 @@ class DicomWeb:
         ):
             raise web.HTTPNotAcceptable(text=f"instances are not available in {wanted[:64]}")
         convert = wanted in (None, ExplicitVRLittleEndian)
+        await self._record(request, "retrieve", rows)
         boundary = secrets.token_hex(16)
         response = web.StreamResponse(
             headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
@@ -192,6 +214,7 @@ class DicomWeb:
                 out.append(imaging.metadata(self._path(r), uri))
             return out
 
+        await self._record(request, "metadata", rows)
         return web.Response(body=json.dumps(await asyncio.to_thread(build)).encode(), content_type=DICOM_JSON)
 
     async def frames(self, request: web.Request) -> web.Response:
@@ -203,6 +226,7 @@ class DicomWeb:
             frames, syntax = await asyncio.to_thread(imaging.raw_frames, self._path(row), numbers, keep)
         except imaging.FrameError as exc:
             return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
+        await self._record(request, "view", [row])
         boundary = secrets.token_hex(16)
         kind = "application/octet-stream"
         parts = [
@@ -240,6 +264,7 @@ class DicomWeb:
             )
         except imaging.FrameError as exc:
             return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
+        await self._record(request, "view", [row])
         return web.Response(body=image, content_type=media)
 
     async def bulkdata(self, request: web.Request) -> web.Response:
@@ -252,6 +277,7 @@ class DicomWeb:
             value = await asyncio.to_thread(imaging.bulk_value, self._path(row), tag)
         except KeyError:
             raise web.HTTPNotFound(text="no such bulk data") from None
+        await self._record(request, "view", [row])
         boundary = secrets.token_hex(16)
         body = (
             f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
@@ -282,6 +308,7 @@ class DicomWeb:
         if not rows:
             raise web.HTTPNotFound(text="no such instance")
         content_type = q.get("contentType", "image/jpeg")
+        await self._record(request, "retrieve" if content_type == "application/dicom" else "view", rows)
         if content_type == "application/dicom":
             response = web.StreamResponse(headers={"Content-Type": "application/dicom"})
             await response.prepare(request)

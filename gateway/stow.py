@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
+from gateway.access import AccessEvents
 from gateway.catalog import InstanceRecord
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
 from gateway.storage import StoreOutcome
@@ -44,6 +45,7 @@ class Stow:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+        self.events = AccessEvents(gw.settings.d_root / "state" / "access")
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -102,6 +104,14 @@ class Stow:
         if failed:
             body["00081198"] = {"vr": "SQ", "Value": [_failed(i, reason) for i, reason in failed]}
         status = 200 if not failed else 409 if not stored else 202
+        await asyncio.to_thread(
+            self.events.record,
+            "store",
+            str(request.get("user", "anonymous")),
+            str(request.remote or ""),
+            (i.study_uid for i in stored),
+            len(stored),
+        )
         log.info("STOW-RS: %d instances stored, %d refused", len(stored), len(failed))
         return web.Response(
             status=status, body=json.dumps(body).encode(), content_type="application/dicom+json"

@@ -20,6 +20,7 @@ from aiohttp import web
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
+from gateway.access import AccessEvents
 from gateway.devtools.studies import make_study
 from gateway.web import WebApp
 from tests.ports import free_port
@@ -66,7 +67,7 @@ def _client(url: str) -> DICOMwebClient:
 
 @pytest.mark.asyncio
 async def test_qido_and_wado_with_dicomweb_client(served, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
-    url, study, _ = served
+    url, study, gw = served
     sent = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, study)}
     first = next(iter(sent.values()))
     study_uid, name = str(first.StudyInstanceUID), str(first.PatientName)
@@ -120,6 +121,14 @@ async def test_qido_and_wado_with_dicomweb_client(served, caplog: pytest.LogCapt
 
     await asyncio.to_thread(run)
     assert not [r for r in caplog.records if name in r.getMessage()]
+    # every access is an event for the audit trail, kept apart (0600) and never in the operational log
+    folder = gw.settings.d_root / "state" / "access"
+    events = [e for f in sorted(folder.glob("*.jsonl")) for e in AccessEvents(folder).read(f.stem)]
+    assert {e["kind"] for e in events} == {"query", "retrieve", "metadata", "view"}
+    assert all(e["user"] == "operator" and e["remote"] == "127.0.0.1" for e in events)
+    searched = [e for e in events if e["kind"] == "query" and "PatientName" in e.get("query", {})]
+    assert searched and searched[0]["studies"] == [study_uid]
+    assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in folder.glob("*.jsonl"))
 
 
 @pytest.mark.asyncio
