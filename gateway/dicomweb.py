@@ -168,6 +168,8 @@ class DicomWeb:
             headers = {}
             if len(results) > query.offset + query.limit:
                 headers["Warning"] = '299 dicom-mail-gateway "There are more results than the limit"'
+            elif query.not_included:
+                headers["Warning"] = '299 dicom-mail-gateway "The following includefields were not supported"'
             if not body:
                 return web.Response(status=204, headers=headers)
             return web.Response(body=json.dumps(body).encode(), content_type=DICOM_JSON, headers=headers)

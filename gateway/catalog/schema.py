@@ -160,6 +160,8 @@ MIGRATIONS: list[list[str]] = [
             series_number INTEGER,
             series_description VARCHAR(64),
             body_part VARCHAR(16),
+            series_date VARCHAR(8),
+            series_time VARCHAR(16),
             study_date VARCHAR(8),
             study_time VARCHAR(16),
             accession_number VARCHAR(16),

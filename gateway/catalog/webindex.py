@@ -24,6 +24,8 @@ WEB_COLUMNS = (
     "series_number",
     "series_description",
     "body_part",
+    "series_date",
+    "series_time",
     "study_date",
     "study_time",
     "accession_number",

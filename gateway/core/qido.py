@@ -43,6 +43,8 @@ ATTRS: tuple[Attr, ...] = (
     Attr("StudyID", "00200010", "SH", STUDY, "study_id"),
     Attr("NumberOfStudyRelatedSeries", "00201206", "IS", STUDY, "series_count"),
     Attr("NumberOfStudyRelatedInstances", "00201208", "IS", STUDY, "instance_count"),
+    Attr("SeriesDate", "00080021", "DA", SERIES, "series_date"),
+    Attr("SeriesTime", "00080031", "TM", SERIES, "series_time"),
     Attr("Modality", "00080060", "CS", SERIES, "modality"),
     Attr("SeriesDescription", "0008103E", "LO", SERIES, "series_description"),
     Attr("BodyPartExamined", "00180015", "CS", SERIES, "body_part"),
@@ -140,6 +142,7 @@ class Query:
     limit: int
     offset: int
     extensions: Mapping[str, str] = field(default_factory=dict)
+    not_included: tuple[str, ...] = ()  # includefield names we do not index
 
     def matches(self, row: Mapping[str, Any]) -> bool:
         return all(m(row.get(m.attr.column)) for m in self.matchers)
@@ -183,6 +186,7 @@ def parse(level: str, params: Sequence[tuple[str, str]], fixed: Mapping[str, str
     include_all = False
     limit, offset = MAX_LIMIT, 0
     extensions: dict[str, str] = {}
+    ignored: list[str] = []
     for key, value in params:
         if key == "fuzzymatching":
             continue
@@ -194,8 +198,10 @@ def parse(level: str, params: Sequence[tuple[str, str]], fixed: Mapping[str, str
             for name in value.split(","):
                 if name == "all":
                     include_all = True
-                elif name:
+                elif name in BY_KEYWORD or name.upper() in BY_TAG:
                     include.append(_attr(name))
+                elif name:
+                    ignored.append(name[:64])  # not in our index: left out, said in a Warning header
         elif key in EXTENSIONS:
             if key == "direction" and value not in ("received", "sent"):
                 raise QueryError("direction: received or sent")
@@ -220,7 +226,7 @@ def parse(level: str, params: Sequence[tuple[str, str]], fixed: Mapping[str, str
     for a in include:
         if LEVELS.index(a.level) <= order or a.keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
             seen.setdefault(a.keyword, a)
-    return Query(level, tuple(matchers), tuple(seen.values()), limit, offset, extensions)
+    return Query(level, tuple(matchers), tuple(seen.values()), limit, offset, extensions, tuple(ignored))
 
 
 def _int(key: str, value: str, lo: int, hi: int) -> int:

@@ -27,6 +27,8 @@ HEADER = {
     "series_number": ("SeriesNumber", 0),
     "series_description": ("SeriesDescription", 64),
     "body_part": ("BodyPartExamined", 16),
+    "series_date": ("SeriesDate", 8),
+    "series_time": ("SeriesTime", 16),
     "study_date": ("StudyDate", 8),
     "study_time": ("StudyTime", 16),
     "accession_number": ("AccessionNumber", 16),
