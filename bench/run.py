@@ -9,6 +9,8 @@ Ingest: DCMTK `storescu` (one, then four parallel associations, TCP_NODELAY on e
 Packaging: the study signed and encrypted as the gateway's package stage does it (S/MIME mails of 20 MB, written
   durably to the outbox; and PGP/MIME) vs `openssl cms -sign | openssl cms -encrypt -stream` and
   `gpg --sign --encrypt` over the same bytes; wire bytes ÷ DICOM bytes for each compression mode.
+DICOMweb: the gateway's DICOMweb beside Orthanc's DICOMweb plugin on the same 300-slice CT series (bench/dicomweb.py):
+  QIDO latency, metadata, frames and rendered frames per second (1 and 6 in parallel), first image, memory.
 End to end: storescu → gateway A → the real mail cluster → gateway B, last C-STORE at A to the last instance stored
   at B, beside each stage's span (from the two catalogs); peak RSS of both gateways. Memory: the same with a ~2 GB
   study. Every gateway run reports its worst event-loop delay (health.json), the largest goes in the table.
@@ -524,11 +526,90 @@ def bench_e2e(base: Path, folder: Path, total: int, label: str) -> dict[str, flo
     }
 
 
+def bench_dicomweb(base: Path, repeat: int, slices: int = 300) -> dict[str, float]:
+    """The gateway's DICOMweb and Orthanc's plugin on the same series (see bench/dicomweb.py)."""
+    import json as _json
+
+    import pydicom
+
+    from bench import dicomweb as dw
+
+    folder = base / "dicomweb-ct"
+    make_ct_study(folder, count=slices, size=512, seed=3)
+    first = pydicom.dcmread(sorted(folder.iterdir())[0])
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    dw.env_with_password()
+    work = base / "dicomweb-ours"
+    work.mkdir()
+    port, web_port = free_port(), free_port()
+    cfg = work / "gateway.toml"
+    cfg.write_text(
+        render_config(
+            name="gateway-a",
+            ae_title="BENCH",
+            port=port,
+            d_root=work / "d",
+            e_root=work / "e",
+            pki_dir=ROOT / "certs" / "dev",
+            partners=[],
+            stability_delay=3600,
+            poll_interval=3600,
+            web_port=web_port,
+        )
+    )
+    gw = GatewayProcess("bench-dicomweb", cfg, port, work / "gateway.log", work / "d")
+    gw.start()
+    try:
+        send(port, "BENCH", folder)
+        ours = dw.Server(f"http://127.0.0.1:{web_port}/dicomweb", ("operator", dw.PASSWORD))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # the DICOMweb index fills in the background
+            found = ours.get(f"/studies/{study}/series/{series}/instances")
+            if found and len(_json.loads(found)) == slices:
+                break
+            time.sleep(0.5)
+        sops = [
+            i["00080018"]["Value"][0]
+            for i in _json.loads(ours.get(f"/studies/{study}/series/{series}/instances"))
+        ]
+        mine = dw.figures(ours, study, series, sops, repeat)
+        assert gw.proc is not None
+        before, _ = dw.rss_mb(gw.proc.pid)
+        ours.get(f"/studies/{study}", 'multipart/related; type="application/dicom"; transfer-syntax=*')
+        _, peak = dw.rss_mb(gw.proc.pid)
+        mine["stream_study_peak_rss_mb"] = peak
+        mine["stream_study_rss_before_mb"] = before
+    finally:
+        gw.stop()
+    peer = orthanc.start(
+        base / "dicomweb-orthanc",
+        {"Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"], "DicomWeb": {"Enable": True}},
+    )
+    try:
+        send(peer.dicom_port, "ORTHANC", folder)
+        theirs_server = dw.Server(f"http://127.0.0.1:{peer.http_port}/dicom-web", None)
+        theirs = dw.figures(theirs_server, study, series, sops, repeat)
+    finally:
+        peer.stop()
+    ratios = dw.compare({k: v for k, v in mine.items() if "rss" not in k}, theirs)
+    dw.print_table(mine, theirs, ratios)
+    print(
+        f"  streaming the whole study ({sum(p.stat().st_size for p in folder.iterdir()) / 1e6:.0f} MB): gateway RSS "
+        f"{mine['stream_study_rss_before_mb']:.0f} MB before, peak {mine['stream_study_peak_rss_mb']:.0f} MB"
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    return (
+        {f"dicomweb_ours_{k}": v for k, v in mine.items()}
+        | {f"dicomweb_orthanc_{k}": v for k, v in theirs.items()}
+        | {f"dicomweb_ratio_{k}": v for k, v in ratios.items()}
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", default="ingest,package,e2e,memory", help="comma-separated cases")
+    ap.add_argument("--only", default="ingest,package,e2e,memory,dicomweb", help="comma-separated cases")
     ap.add_argument("--big-images", type=int, default=3900, help="slices of the ~2 GB study (memory case)")
     a = ap.parse_args(argv)
     cases = set(a.only.split(","))
@@ -568,6 +649,8 @@ def run_cases(a: argparse.Namespace, cases: set[str], base: Path) -> int:
             results |= bench_package(base, folder, total, a.repeat)
         if "e2e" in cases:
             results |= bench_e2e(base, folder, total, "study")
+        if "dicomweb" in cases:
+            results |= bench_dicomweb(base, a.repeat)
         if "memory" in cases:
             big = base / "big"
             make_ct_study(big, count=a.big_images, size=512, seed=2)

@@ -132,9 +132,13 @@ class DicomWeb:
     # ------------------------------------------------------------------------------------------ finding
     async def _rows(self, request: web.Request) -> list[dict[str, Any]]:
         """The kept instances a path names (404 when there are none)."""
-        keys = {"study": "study_uid", "series": "series_uid", "sop": "sop_uid"}
-        found = {keys[k]: _uid(request, k) for k in keys if k in request.match_info}
-        rows = await self.gw.catalog.web_rows(**found)
+
+        def uid(key: str) -> str | None:
+            return _uid(request, key) if key in request.match_info else None
+
+        rows = await self.gw.catalog.web_rows(
+            study_uid=uid("study"), series_uid=uid("series"), sop_uid=uid("sop")
+        )
         if not rows:
             raise web.HTTPNotFound(text="no such study, series or instance")
         return rows
@@ -157,10 +161,8 @@ class DicomWeb:
                 query = qido.parse(level, list(request.query.items()), fixed)
             except qido.QueryError as exc:
                 return web.Response(status=400, text=str(exc))
-            rows = await self.gw.catalog.web_rows(
-                study_uid=fixed.get("StudyInstanceUID"), series_uid=fixed.get("SeriesInstanceUID")
-            )
-            results = [r for r in _aggregate(rows, level, query.extensions) if query.matches(r)]
+            rows = await self._candidates(level, query, fixed)
+            results = [r for r in rows if query.matches(r)]
             page = results[query.offset : query.offset + query.limit]
             await self._record(request, "query", page, {"level": level, **dict(request.query)})
             base = self._base(request)
@@ -175,6 +177,36 @@ class DicomWeb:
             return web.Response(body=json.dumps(body).encode(), content_type=DICOM_JSON, headers=headers)
 
         return handler
+
+    async def _candidates(self, level: str, query: qido.Query, fixed: dict[str, str]) -> list[dict[str, Any]]:
+        """The rows a query is matched against, aggregated in the database: one per study (with its counts and
+        modalities), per series (with its study's attributes) or per instance (with both), narrowed by the
+        path's UIDs, a StudyInstanceUID list and the direction/partner extensions."""
+        catalog = self.gw.catalog
+        studies: tuple[str, ...] = ()
+        for m in query.matchers:
+            if m.attr.keyword == "StudyInstanceUID" and m.kind == "uids":
+                studies = m.values
+        scope: dict[str, Any] = {
+            "study_uid": fixed.get("StudyInstanceUID"),
+            "studies": studies,
+            "direction": query.extensions.get("direction"),
+            "partner": query.extensions.get("partner"),
+        }
+        study_rows = await catalog.web_groups(qido.STUDY, **scope)
+        if level == qido.STUDY:
+            return study_rows
+        by_study = {str(r["study_uid"]): r for r in study_rows}
+        series_rows = await catalog.web_groups(
+            qido.SERIES, series_uid=fixed.get("SeriesInstanceUID"), **scope
+        )
+        if level == qido.SERIES:
+            return [{**se, **by_study[str(se["study_uid"])]} for se in series_rows]
+        by_series = {str(r["series_uid"]): r for r in series_rows}
+        rows = await catalog.web_rows(series_uid=fixed.get("SeriesInstanceUID"), **scope)
+        return [
+            {**r, **by_study[str(r["study_uid"])], **by_series[str(r["series_uid"])], **_own(r)} for r in rows
+        ]
 
     # ------------------------------------------------------------------------------------------ WADO-RS
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
@@ -380,51 +412,9 @@ def _window(text: str | None) -> imaging.Window | None:
     return imaging.Window(center, width)
 
 
-def _aggregate(rows: list[dict[str, Any]], level: str, ext: dict[str, str] | Any) -> list[dict[str, Any]]:
-    """Index rows (one per instance, in study/series order) as QIDO results of `level`: study and series rows
-    carry their counts and the study its modalities; the `direction` and `partner` extensions filter first."""
-    direction, partner = ext.get("direction"), ext.get("partner")
-    kept = []
-    for r in rows:
-        received = r["source"] == "mail"
-        if direction == "received" and not received:
-            continue
-        if direction == "sent" and not r["route"]:
-            continue
-        if partner and partner not in (r["origin"] if received else None, r["route"]):
-            continue
-        kept.append(r)
-    studies: dict[str, dict[str, Any]] = {}
-    series: dict[str, dict[str, Any]] = {}
-    for r in kept:
-        st = studies.setdefault(
-            str(r["study_uid"]), {**r, "_series": set(), "_modalities": set(), "instance_count": 0}
-        )
-        st["_series"].add(r["series_uid"])
-        if r["modality"]:
-            st["_modalities"].add(str(r["modality"]))
-        st["instance_count"] += 1
-        se = series.setdefault(str(r["series_uid"]), {**r, "series_instance_count": 0})
-        se["series_instance_count"] += 1
-    for st in studies.values():
-        st["series_count"] = len(st.pop("_series"))
-        st["modalities"] = "\\".join(sorted(st.pop("_modalities")))
-    if level == qido.STUDY:
-        return list(studies.values())
-    study_of = {k: {c: v for c, v in st.items() if c in _STUDY_COLUMNS} for k, st in studies.items()}
-    if level == qido.SERIES:
-        return [{**se, **study_of[str(se["study_uid"])]} for se in series.values()]
-    return [
-        {
-            **r,
-            **study_of[str(r["study_uid"])],
-            "series_instance_count": series[str(r["series_uid"])]["series_instance_count"],
-        }
-        for r in kept
-    ]
-
-
-_STUDY_COLUMNS = {"modalities", "series_count", "instance_count"}
+def _own(row: dict[str, Any]) -> dict[str, Any]:
+    """An instance row's own values (they win over its series' and study's aggregates when merged)."""
+    return {k: v for k, v in row.items() if k not in ("instance_count",)}
 
 
 def _retrieve_url(base: str, level: str, r: dict[str, Any]) -> str:

@@ -38,6 +38,55 @@ WEB_COLUMNS = (
     "patient_sex",
 )
 FILE_COLUMNS = ("path", "transfer_syntax", "size", "source", "origin", "route")
+STUDY_ATTRS = (
+    "study_uid",
+    "study_date",
+    "study_time",
+    "accession_number",
+    "referring_physician",
+    "study_description",
+    "study_id",
+    "patient_name",
+    "patient_id",
+    "patient_birth_date",
+    "patient_sex",
+)
+SERIES_ATTRS = (
+    "series_uid",
+    "modality",
+    "series_number",
+    "series_description",
+    "body_part",
+    "series_date",
+    "series_time",
+)
+
+
+def _where(
+    study_uid: str | None,
+    series_uid: str | None,
+    sop_uid: str | None,
+    studies: tuple[str, ...],
+    direction: str | None,
+    partner: str | None,
+) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause shared by the index's queries: kept instances, the UIDs asked, the provenance asked."""
+    where, args = ["i.purged_at IS NULL"], []
+    for column, value in (("study_uid", study_uid), ("series_uid", series_uid), ("sop_uid", sop_uid)):
+        if value is not None:
+            where.append(f"w.{column} = ?")
+            args.append(value)
+    if studies:
+        where.append(f"w.study_uid IN ({', '.join('?' for _ in studies)})")
+        args += studies
+    if direction == "received":
+        where.append("i.source = 'mail'")
+    elif direction == "sent":
+        where.append("i.route IS NOT NULL")
+    if partner:
+        where.append("((i.source = 'mail' AND i.origin = ?) OR i.route = ?)")
+        args += [partner, partner]
+    return " AND ".join(where), tuple(args)
 
 
 class WebIndexRoom(CatalogBase):
@@ -64,20 +113,62 @@ class WebIndexRoom(CatalogBase):
                 )
 
     async def web_rows(
-        self, *, study_uid: str | None = None, series_uid: str | None = None, sop_uid: str | None = None
+        self,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+        studies: tuple[str, ...] = (),
+        direction: str | None = None,
+        partner: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Indexed, kept instances (all, or of one study, series or instance), with their file and provenance, in
-        study, series and instance order."""
-        where, args = ["i.purged_at IS NULL"], []
-        for column, value in (("study_uid", study_uid), ("series_uid", series_uid), ("sop_uid", sop_uid)):
-            if value is not None:
-                where.append(f"w.{column} = ?")
-                args.append(value)
+        """Indexed, kept instances (all, or of one study, series or instance, or of these `studies`; received from
+        or sent to a partner), with their file and provenance, in study, series and instance order."""
+        where, args = _where(study_uid, series_uid, sop_uid, studies, direction, partner)
         keys = (*WEB_COLUMNS, *FILE_COLUMNS)
         rows = await self.db.fetchall(
             f"""SELECT {", ".join("w." + c for c in WEB_COLUMNS)}, {", ".join("i." + c for c in FILE_COLUMNS)}
-                FROM web_index w JOIN instances i ON i.sop_uid = w.sop_uid WHERE {" AND ".join(where)}
+                FROM web_index w JOIN instances i ON i.sop_uid = w.sop_uid WHERE {where}
                 ORDER BY w.study_uid, w.series_number, w.series_uid, w.instance_number, w.sop_uid""",
-            tuple(args),
+            args,
         )
         return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    async def web_groups(
+        self,
+        level: str,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        studies: tuple[str, ...] = (),
+        direction: str | None = None,
+        partner: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """One row per study (`level` "study") or series ("series") of the kept, indexed instances, aggregated in
+        the database: the study's (or series') attributes, its instance count and, per study, its series count
+        and modalities (backslash-separated): a study-level query reads one row per study, not per instance."""
+        where, args = _where(study_uid, series_uid, None, studies, direction, partner)
+        group = "w.study_uid" if level == "study" else "w.series_uid"
+        columns = [
+            c for c in WEB_COLUMNS if c in (STUDY_ATTRS if level == "study" else STUDY_ATTRS + SERIES_ATTRS)
+        ]
+        own = group.split(".")[1]
+        picked = ", ".join(f"MAX(w.{c})" for c in columns if c != own)
+        rows = await self.db.fetchall(
+            f"""SELECT {group}, {picked}, COUNT(*), COUNT(DISTINCT w.series_uid),
+                       GROUP_CONCAT(DISTINCT w.modality)
+                FROM web_index w JOIN instances i ON i.sop_uid = w.sop_uid WHERE {where}
+                GROUP BY {group} ORDER BY MAX(w.study_uid), MIN(w.series_number), {group}""",
+            args,
+        )
+        keys = [own, *(c for c in columns if c != own)]
+        out = []
+        for r in rows:
+            row = dict(zip(keys, r[: len(keys)], strict=True))
+            count, series, modalities = r[len(keys) :]
+            row["instance_count" if level == "study" else "series_instance_count"] = int(count)
+            if level == "study":
+                row["series_count"] = int(series)
+                row["modalities"] = "\\".join(sorted(m for m in str(modalities or "").split(",") if m))
+            out.append(row)
+        return out
