@@ -147,7 +147,7 @@ class DicomWeb:
         return self.gw.storage.root / str(row["path"])
 
     def _base(self, request: web.Request) -> str:
-        return f"{request.scheme}://{request.host}{PREFIX}"
+        return base_url(request)
 
     # ------------------------------------------------------------------------------------------ QIDO-RS
     def search(self, level: str) -> Any:
@@ -410,6 +410,21 @@ def _window(text: str | None) -> imaging.Window | None:
     if width <= 0:
         raise web.HTTPBadRequest(text="window: width must be positive")
     return imaging.Window(center, width)
+
+
+def base_url(request: web.Request) -> str:
+    """The DICOMweb base URL clients reach us by, for Retrieve and BulkData URIs: a reverse proxy's
+    X-Forwarded-Host/-Proto, else the Host header, with our port added when the client left it out
+    (dicomweb-client sends `Host: 127.0.0.1` for any port)."""
+    forwarded = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    scheme = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
+    host = forwarded or request.headers.get("Host", "") or "localhost"
+    if not forwarded and not re.search(r":\d+$", host):
+        sock = request.transport.get_extra_info("sockname") if request.transport else None
+        port = int(sock[1]) if sock else 0
+        if port and port != {"http": 80, "https": 443}.get(scheme):
+            host = f"{host}:{port}"
+    return f"{scheme}://{host}{PREFIX}"
 
 
 def _own(row: dict[str, Any]) -> dict[str, Any]:

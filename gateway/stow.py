@@ -28,6 +28,7 @@ from aiohttp import BodyPartReader, web
 from gateway.access import AccessEvents
 from gateway.catalog import InstanceRecord
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, read_info
+from gateway.dicomweb import base_url
 from gateway.storage import StoreOutcome
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class Stow:
             for t in temps:
                 if t is not None:
                     t.unlink(missing_ok=True)
-        base = f"{request.scheme}://{request.host}{PREFIX}"
+        base = base_url(request)
         body: dict[str, Any] = {}
         if study:
             body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{study}"]}

@@ -106,6 +106,10 @@ async def test_qido_and_wado_with_dicomweb_client(served, caplog: pytest.LogCapt
         assert {str(d.SOPInstanceUID) for d in whole} == set(sent)
         meta = c.retrieve_study_metadata(study_uid)
         assert len(meta) == len(sent) and all("BulkDataURI" in m["7FE00010"] for m in meta)
+        # a BulkDataURI resolves to the element's bytes
+        m = meta[0]
+        bulk = c.retrieve_bulkdata(m["7FE00010"]["BulkDataURI"])
+        assert bulk[0] == sent[m["00080018"]["Value"][0]].PixelData
         ct = next(d for d in sent.values() if d.Modality == "CT")
         frames = c.retrieve_instance_frames(study_uid, str(ct.SeriesInstanceUID), str(ct.SOPInstanceUID), [1])
         assert frames[0] == ct.pixel_array.astype(ct.pixel_array.dtype.newbyteorder("<")).tobytes()
@@ -121,6 +125,10 @@ async def test_qido_and_wado_with_dicomweb_client(served, caplog: pytest.LogCapt
 
     await asyncio.to_thread(run)
     assert not [r for r in caplog.records if name in r.getMessage()]
+    metrics = await asyncio.to_thread(
+        lambda: requests.get(f"{url.rsplit('/', 1)[0]}/metrics", auth=("operator", PASSWORD), timeout=10).text
+    )
+    assert name not in metrics and str(first.PatientID) not in metrics
     # every access is an event for the audit trail, kept apart (0600) and never in the operational log
     folder = gw.settings.d_root / "state" / "access"
     events = [e for f in sorted(folder.glob("*.jsonl")) for e in AccessEvents(folder).read(f.stem)]
