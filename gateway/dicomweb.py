@@ -26,6 +26,7 @@ import logging
 import re
 import secrets
 from collections.abc import AsyncIterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,14 +43,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "/dicomweb"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 CHUNK = 1 << 20
 DICOM_JSON = "application/dicom+json"
 
 
 def _uid(request: web.Request, key: str) -> str:
     value = request.match_info[key]
-    if len(value) > 64 or not _UID.match(value):
+    if len(value) > 64 or not UID_RE.match(value):
         raise web.HTTPBadRequest(text=f"{key}: not a UID")
     return value
 
@@ -83,7 +84,7 @@ class DicomWeb:
         self.gw = gw
         self.events = AccessEvents(gw.settings.d_root / "state" / "access")
 
-    async def _record(
+    async def record(
         self,
         request: web.Request,
         kind: str,
@@ -126,8 +127,16 @@ class DicomWeb:
             web.get(f"{i}/thumbnail", self.thumbnail),
             web.get(f"{i}/frames/{{frames}}/thumbnail", self.thumbnail),
             web.get(f"{i}/bulkdata/{{tag}}", self.bulkdata),
-            web.get(f"{PREFIX}/wado", self.wado_uri),
         ]
+
+    async def in_worker(self, fn: Any, *args: Any) -> Any:
+        """Decoding and rendering in the gateway's worker processes (both cores, not the event loop's interpreter
+        lock); in a thread when they are unavailable."""
+        try:
+            pool = self.gw.packager.pool()
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except (BrokenProcessPool, RuntimeError):
+            return await asyncio.to_thread(fn, *args)
 
     # ------------------------------------------------------------------------------------------ finding
     async def _rows(self, request: web.Request) -> list[dict[str, Any]]:
@@ -143,7 +152,7 @@ class DicomWeb:
             raise web.HTTPNotFound(text="no such study, series or instance")
         return rows
 
-    def _path(self, row: dict[str, Any]) -> Path:
+    def path_of(self, row: dict[str, Any]) -> Path:
         return self.gw.storage.root / str(row["path"])
 
     def _base(self, request: web.Request) -> str:
@@ -164,7 +173,7 @@ class DicomWeb:
             rows = await self._candidates(level, query, fixed)
             results = [r for r in rows if query.matches(r)]
             page = results[query.offset : query.offset + query.limit]
-            await self._record(request, "query", page, {"level": level, **dict(request.query)})
+            await self.record(request, "query", page, {"level": level, **dict(request.query)})
             base = self._base(request)
             body = [qido.to_json(r, query.include, _retrieve_url(base, level, r)) for r in page]
             headers = {}
@@ -218,7 +227,7 @@ class DicomWeb:
         ):
             raise web.HTTPNotAcceptable(text=f"instances are not available in {wanted[:64]}")
         convert = wanted in (None, ExplicitVRLittleEndian)
-        await self._record(request, "retrieve", rows)
+        await self.record(request, "retrieve", rows)
         boundary = secrets.token_hex(16)
         response = web.StreamResponse(
             headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
@@ -226,11 +235,11 @@ class DicomWeb:
         await response.prepare(request)
         for row in rows:
             await response.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-            path = self._path(row)
+            path = self.path_of(row)
             if convert and str(row["transfer_syntax"]) != ExplicitVRLittleEndian:
                 await response.write(await asyncio.to_thread(_as_explicit, path))
             else:
-                async for chunk in _chunks(path):
+                async for chunk in chunks(path):
                     await response.write(chunk)
             await response.write(b"\r\n")
         await response.write(f"--{boundary}--\r\n".encode())
@@ -238,18 +247,22 @@ class DicomWeb:
         return response
 
     async def metadata(self, request: web.Request) -> web.Response:
+        """DICOM JSON of every instance named, from the cache the index fills (made now where it is missing)."""
         rows = await self._rows(request)
-        base = self._base(request)
+        cache = self.gw.storage.root / "state" / "webmeta"
 
-        def build() -> list[dict[str, Any]]:
-            out = []
-            for r in rows:
-                uri = f"{base}/studies/{r['study_uid']}/series/{r['series_uid']}/instances/{r['sop_uid']}/bulkdata"
-                out.append(imaging.metadata(self._path(r), uri))
-            return out
+        def build() -> bytes:
+            parts = [
+                imaging.metadata_cached(
+                    self.path_of(r), cache, (str(r["study_uid"]), str(r["series_uid"]), str(r["sop_uid"]))
+                )
+                for r in rows
+            ]
+            return b"[" + b",".join(parts) + b"]"
 
-        await self._record(request, "metadata", rows)
-        return web.Response(body=json.dumps(await asyncio.to_thread(build)).encode(), content_type=DICOM_JSON)
+        body = (await asyncio.to_thread(build)).replace(imaging.BASE.encode(), self._base(request).encode())
+        await self.record(request, "metadata", rows)
+        return web.Response(body=body, content_type=DICOM_JSON)
 
     async def frames(self, request: web.Request) -> web.Response:
         [row] = await self._rows(request)
@@ -257,10 +270,10 @@ class DicomWeb:
         wanted = _accept_syntax(request, "application/octet-stream")
         keep = wanted == "*" or wanted == str(row["transfer_syntax"])
         try:
-            frames, syntax = await asyncio.to_thread(imaging.raw_frames, self._path(row), numbers, keep)
+            frames, syntax = await asyncio.to_thread(imaging.raw_frames, self.path_of(row), numbers, keep)
         except imaging.FrameError as exc:
             return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
-        await self._record(request, "view", [row])
+        await self.record(request, "view", [row])
         boundary = secrets.token_hex(16)
         kind = "application/octet-stream"
         parts = [
@@ -291,14 +304,14 @@ class DicomWeb:
             quality = int(request.query.get("quality", "90"))
         except ValueError:
             raise web.HTTPBadRequest(text="quality: a number from 1 to 100") from None
-        window = _window(request.query.get("window"))
+        window = window_param(request.query.get("window"))
         try:
-            image = await asyncio.to_thread(
-                imaging.render, self._path(row), frame, window, viewport, media, quality
+            image = await self.in_worker(
+                imaging.render, self.path_of(row), frame, window, viewport, media, quality
             )
         except imaging.FrameError as exc:
             return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
-        await self._record(request, "view", [row])
+        await self.record(request, "view", [row])
         return web.Response(body=image, content_type=media)
 
     async def bulkdata(self, request: web.Request) -> web.Response:
@@ -308,10 +321,10 @@ class DicomWeb:
         except ValueError:
             raise web.HTTPBadRequest(text="tag: 8 hex digits") from None
         try:
-            value = await asyncio.to_thread(imaging.bulk_value, self._path(row), tag)
+            value = await asyncio.to_thread(imaging.bulk_value, self.path_of(row), tag)
         except KeyError:
             raise web.HTTPNotFound(text="no such bulk data") from None
-        await self._record(request, "view", [row])
+        await self.record(request, "view", [row])
         boundary = secrets.token_hex(16)
         body = (
             f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
@@ -325,47 +338,8 @@ class DicomWeb:
             },
         )
 
-    # ------------------------------------------------------------------------------------------ WADO-URI
-    async def wado_uri(self, request: web.Request) -> web.StreamResponse:
-        q = request.query
-        if q.get("requestType") != "WADO":
-            raise web.HTTPBadRequest(text="requestType must be WADO")
-        ids = {}
-        for key, name in (("studyUID", "study"), ("seriesUID", "series"), ("objectUID", "sop")):
-            value = q.get(key, "")
-            if len(value) > 64 or not _UID.match(value):
-                raise web.HTTPBadRequest(text=f"{key}: not a UID")
-            ids[name] = value
-        rows = await self.gw.catalog.web_rows(
-            study_uid=ids["study"], series_uid=ids["series"], sop_uid=ids["sop"]
-        )
-        if not rows:
-            raise web.HTTPNotFound(text="no such instance")
-        content_type = q.get("contentType", "image/jpeg")
-        await self._record(request, "retrieve" if content_type == "application/dicom" else "view", rows)
-        if content_type == "application/dicom":
-            response = web.StreamResponse(headers={"Content-Type": "application/dicom"})
-            await response.prepare(request)
-            async for chunk in _chunks(self._path(rows[0])):
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-        if content_type not in ("image/jpeg", "image/png"):
-            raise web.HTTPNotAcceptable(text="contentType: application/dicom, image/jpeg or image/png")
-        frame = int(q.get("frameNumber", "1")) if q.get("frameNumber", "1").isdigit() else 1
-        window = None
-        if q.get("windowCenter") and q.get("windowWidth"):
-            window = _window(f"{q['windowCenter']},{q['windowWidth']}")
-        try:
-            image = await asyncio.to_thread(
-                imaging.render, self._path(rows[0]), frame, window, None, content_type, 90
-            )
-        except imaging.FrameError as exc:
-            return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
-        return web.Response(body=image, content_type=content_type)
 
-
-async def _chunks(path: Path) -> AsyncIterator[bytes]:
+async def chunks(path: Path) -> AsyncIterator[bytes]:
     """The file in chunks, each read in a thread: memory holds one chunk, whatever the file's size."""
     f = await asyncio.to_thread(path.open, "rb")
     try:
@@ -400,7 +374,7 @@ def _viewport(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def _window(text: str | None) -> imaging.Window | None:
+def window_param(text: str | None) -> imaging.Window | None:
     if not text:
         return None
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def _default_window(ds: Dataset, values: np.ndarray) -> Window:
         w = width[0] if isinstance(width, pydicom.multival.MultiValue) else width
         if float(w) > 0:
             return Window(float(c), float(w))
-    lo, hi = float(np.percentile(values, 0.5)), float(np.percentile(values, 99.5))
+    lo, hi = float(values.min()), float(values.max())  # as the viewer does it (cheap: no sort)
     return Window((lo + hi) / 2, max(hi - lo, 1.0))
 
 
@@ -84,8 +85,8 @@ def render(
     media_type: str = "image/jpeg",
     quality: int = 90,
 ) -> bytes:
-    """One frame as an 8-bit image: modality rescale, the window (the dataset's own, else the 0.5–99.5 %
-    percentiles), MONOCHROME1 inverted, scaled to fit `viewport` keeping its aspect ratio."""
+    """One frame as an 8-bit image: modality rescale, the window (the dataset's own, else the frame's full
+    range, as the viewer's default), MONOCHROME1 inverted, scaled to fit `viewport` keeping its aspect ratio."""
     ds = pydicom.dcmread(path)
     check_frames(ds, [frame])
     try:
@@ -117,6 +118,31 @@ def render(
     else:
         image.save(out, format="JPEG", quality=max(1, min(100, quality)))
     return out.getvalue()
+
+
+BASE = "@@DICOMWEB@@"  # stands for the DICOMweb base URL in cached metadata (`metadata_cached`)
+
+
+def metadata_cached(path: Path, cache: Path, ids: tuple[str, str, str]) -> bytes:
+    """An instance's DICOM JSON as bytes with `BASE` in its BulkDataURIs, from the cache the index fills
+    (`cache/<SOP Instance UID>.json`), or made now and put there (instances never change under their UID)."""
+    study, series, sop = ids
+    target = cache / f"{sop}.json"
+    try:
+        return target.read_bytes()
+    except FileNotFoundError:
+        pass
+    import json
+
+    data = json.dumps(
+        metadata(path, f"{BASE}/studies/{study}/series/{series}/instances/{sop}/bulkdata"),
+        separators=(",", ":"),
+    ).encode()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{sop}.{os.getpid()}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, target)  # a cache: no fsync, a lost file is made again
+    return data
 
 
 def metadata(path: Path, bulk_uri: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from gateway.imaging import thumbnail_png
 from gateway.metrics import REGISTRY
 from gateway.report import outcome_text
 from gateway.stow import Stow
+from gateway.wadouri import WadoUri
 from gateway.webauth import WebAuth
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class WebApp:
         self.gw = gw
         self.settings = gw.settings.web
         self.auth = WebAuth(self.settings, gw.settings.name)
+        self.dicomweb = DicomWeb(gw)
         self.app = web.Application(middlewares=[self.auth.middleware], client_max_size=1024**2)
         self.app.add_routes(
             [
@@ -73,7 +75,8 @@ class WebApp:
                 web.get("/viewer", self.viewer_redirect),
                 web.get("/viewer/", self.viewer_file),
                 web.get("/viewer/{name}", self.viewer_file),
-                *DicomWeb(gw).routes(),
+                *self.dicomweb.routes(),
+                *WadoUri(self.dicomweb).routes(),
                 *Stow(gw).routes(),
             ]
         )

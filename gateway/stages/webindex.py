@@ -1,6 +1,8 @@
 """The DICOMweb index (for QIDO-RS and the viewer): each stored instance's header attributes, read in the
 background, off the acknowledgement path: receiving and ingesting never wait for it, and a query sees an instance
-a moment after it is stored. An unreadable header is indexed by the UIDs the catalog already has."""
+a moment after it is stored. An unreadable header is indexed by the UIDs the catalog already has. The instance's
+DICOMweb metadata (DICOM JSON) is made here too, into `D:/state/webmeta/`, so that a series' metadata is read,
+not built, when a viewer asks."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway import imaging
 from gateway.stages import wait_woken
 from gateway.stages.context import Stage
 
@@ -76,7 +79,19 @@ class WebIndexer(Stage):
         if not batch:
             return 0
         root = self.storage.root
-        rows = await asyncio.to_thread(lambda: [read_header(root / b["path"], b) for b in batch])
+        cache = root / "state" / "webmeta"
+
+        def index(b: dict[str, str]) -> dict[str, Any]:
+            row = read_header(root / b["path"], b)
+            try:  # DICOMweb metadata made once here, not at every request (`imaging.metadata_cached`)
+                imaging.metadata_cached(
+                    root / b["path"], cache, (b["study_uid"], b["series_uid"], b["sop_uid"])
+                )
+            except Exception as exc:  # an unreadable header: the request makes it (or says why)
+                log.info("DICOMweb metadata of %s not cached (%s)", b["sop_uid"], type(exc).__name__)
+            return row
+
+        rows = await asyncio.to_thread(lambda: [index(b) for b in batch])
         await self.catalog.add_to_web_index(rows, time.time())
         return len(rows)
 
