@@ -83,6 +83,9 @@ class DicomWeb:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.events = AccessEvents(gw.settings.d_root / "state" / "access")
+        # instance rows by SOP Instance UID: a stored instance never changes under its UID; a purged one's file is
+        # gone, which the request then reports (404), and the entry ages out
+        self._instances: dict[str, dict[str, Any]] = {}
 
     async def record(
         self,
@@ -91,9 +94,9 @@ class DicomWeb:
         rows: list[dict[str, Any]],
         query: dict[str, str] | None = None,
     ) -> None:
-        """One access event (`gateway.access`): who, from where, which studies, how many instances."""
-        await asyncio.to_thread(
-            self.events.record,
+        """One access event (`gateway.access`): who, from where, which studies, how many instances. One small
+        O_APPEND write, made here: a hop to a thread would cost more than the write."""
+        self.events.record(
             kind,
             str(request.get("user", "anonymous")),
             str(request.remote or ""),
