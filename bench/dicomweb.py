@@ -41,6 +41,17 @@ class Server:
         r.raise_for_status()
         return r.content
 
+    def stream(self, path: str, accept: str) -> int:
+        """GET a large response in chunks (the client holds one at a time); how many bytes came."""
+        s = requests.Session()
+        s.auth = self.auth
+        total = 0
+        with s.get(self.base + path, headers={"Accept": accept}, timeout=1800, stream=True) as r:
+            r.raise_for_status()
+            for chunk in r.iter_content(1 << 20):
+                total += len(chunk)
+        return total
+
 
 def _median(fn: Callable[[], float], repeat: int) -> float:
     return statistics.median(fn() for _ in range(repeat))

@@ -526,8 +526,9 @@ def bench_e2e(base: Path, folder: Path, total: int, label: str) -> dict[str, flo
     }
 
 
-def bench_dicomweb(base: Path, repeat: int, slices: int = 300) -> dict[str, float]:
-    """The gateway's DICOMweb and Orthanc's plugin on the same series (see bench/dicomweb.py)."""
+def bench_dicomweb(base: Path, repeat: int, slices: int = 300, big_images: int = 0) -> dict[str, float]:
+    """The gateway's DICOMweb and Orthanc's plugin on the same series (see bench/dicomweb.py); with `big_images`,
+    also the gateway's memory while it streams a study of that many slices (3900: ~2 GB) over WADO-RS."""
     import json as _json
 
     import pydicom
@@ -579,6 +580,8 @@ def bench_dicomweb(base: Path, repeat: int, slices: int = 300) -> dict[str, floa
         _, peak = dw.rss_mb(gw.proc.pid)
         mine["stream_study_peak_rss_mb"] = peak
         mine["stream_study_rss_before_mb"] = before
+        if big_images:
+            mine |= _stream_big(base, port, ours, gw, big_images)
     finally:
         gw.stop()
     peer = orthanc.start(
@@ -603,6 +606,40 @@ def bench_dicomweb(base: Path, repeat: int, slices: int = 300) -> dict[str, floa
         | {f"dicomweb_orthanc_{k}": v for k, v in theirs.items()}
         | {f"dicomweb_ratio_{k}": v for k, v in ratios.items()}
     )
+
+
+def _stream_big(base: Path, port: int, ours: Any, gw: GatewayProcess, images: int) -> dict[str, float]:
+    """Store a big study in the running gateway, then stream it whole (WADO-RS) and read its peak RSS."""
+    import json as _json
+
+    import pydicom
+
+    from bench import dicomweb as dw
+
+    big = base / "dicomweb-big"
+    make_ct_study(big, count=images, size=512, seed=4)
+    size = sum(p.stat().st_size for p in big.iterdir())
+    first = pydicom.dcmread(sorted(big.iterdir())[0])
+    study = str(first.StudyInstanceUID)
+    send(port, "BENCH", big)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        found = ours.get(f"/studies?StudyInstanceUID={study}")
+        if found and _json.loads(found)[0]["00201208"]["Value"][0] == images:
+            break
+        time.sleep(1)
+    shutil.rmtree(big, ignore_errors=True)
+    assert gw.proc is not None
+    before, _ = dw.rss_mb(gw.proc.pid)
+    start = time.perf_counter()
+    got = ours.stream(f"/studies/{study}", 'multipart/related; type="application/dicom"; transfer-syntax=*')
+    elapsed = time.perf_counter() - start
+    _, peak = dw.rss_mb(gw.proc.pid)
+    print(
+        f"  streaming a {size / 1e9:.2f} GB study: {got / 1e9:.2f} GB in {elapsed:.1f} s; gateway RSS "
+        f"{before:.0f} MB before, peak {peak:.0f} MB"
+    )
+    return {"stream_big_gb": size / 1e9, "stream_big_s": elapsed, "stream_big_peak_rss_mb": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -650,7 +687,7 @@ def run_cases(a: argparse.Namespace, cases: set[str], base: Path) -> int:
         if "e2e" in cases:
             results |= bench_e2e(base, folder, total, "study")
         if "dicomweb" in cases:
-            results |= bench_dicomweb(base, a.repeat)
+            results |= bench_dicomweb(base, a.repeat, big_images=a.big_images if "memory" in cases else 0)
         if "memory" in cases:
             big = base / "big"
             make_ct_study(big, count=a.big_images, size=512, seed=2)
