@@ -627,3 +627,16 @@ async def test_a_stage_whose_turn_keeps_failing_with_a_bug_stops_and_says_so(tmp
         assert "halted by a bug: TypeError" in ctx.progress.stalled(time.time(), 600)["router"]
     finally:
         await catalog.close()
+
+
+def test_the_dicomweb_index_columns_are_the_schemas() -> None:
+    """The index's columns are derived from the QIDO attributes (`core.qido.INDEXED`); the migration that made the
+    table is history and cannot follow them, so this says when the two part."""
+    import re
+
+    from gateway.catalog.schema import MIGRATIONS
+    from gateway.catalog.webindex import WEB_COLUMNS
+
+    [table] = [sql for m in MIGRATIONS for sql in m if "CREATE TABLE web_index" in sql]
+    columns = set(re.findall(r"^\s+(\w+) (?:VARCHAR|INTEGER|DOUBLE)", table, re.M))
+    assert columns == set(WEB_COLUMNS) | {"indexed_at"}

@@ -10,56 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.catalog.base import CatalogBase
+from gateway.core import qido
 
-WEB_COLUMNS = (
-    "sop_uid",
-    "study_uid",
-    "series_uid",
-    "sop_class_uid",
-    "instance_number",
-    "rows_",
-    "columns_",
-    "frames",
-    "modality",
-    "series_number",
-    "series_description",
-    "body_part",
-    "series_date",
-    "series_time",
-    "study_date",
-    "study_time",
-    "accession_number",
-    "referring_physician",
-    "study_description",
-    "study_id",
-    "patient_name",
-    "patient_id",
-    "patient_birth_date",
-    "patient_sex",
-)
+# the index's columns, derived from the attributes QIDO answers on (`core.qido.INDEXED`), never listed by hand
+WEB_COLUMNS: tuple[str, ...] = tuple(a.column for a in qido.INDEXED)
 FILE_COLUMNS = ("path", "transfer_syntax", "size", "source", "origin", "route")
-STUDY_ATTRS = (
-    "study_uid",
-    "study_date",
-    "study_time",
-    "accession_number",
-    "referring_physician",
-    "study_description",
-    "study_id",
-    "patient_name",
-    "patient_id",
-    "patient_birth_date",
-    "patient_sex",
-)
-SERIES_ATTRS = (
-    "series_uid",
-    "modality",
-    "series_number",
-    "series_description",
-    "body_part",
-    "series_date",
-    "series_time",
-)
+STUDY_ATTRS = tuple(a.column for a in qido.INDEXED if a.level == qido.STUDY)
+SERIES_ATTRS = tuple(a.column for a in qido.INDEXED if a.level == qido.SERIES)
 
 
 def _where(

@@ -26,33 +26,34 @@ class Attr:
     vr: str
     level: str
     column: str  # in the index (`catalog.webindex`), or a computed one
+    size: int = 0  # the longest text the index keeps (its column's size); 0: a number
 
 
 ATTRS: tuple[Attr, ...] = (
-    Attr("StudyDate", "00080020", "DA", STUDY, "study_date"),
-    Attr("StudyTime", "00080030", "TM", STUDY, "study_time"),
-    Attr("AccessionNumber", "00080050", "SH", STUDY, "accession_number"),
+    Attr("StudyDate", "00080020", "DA", STUDY, "study_date", 8),
+    Attr("StudyTime", "00080030", "TM", STUDY, "study_time", 16),
+    Attr("AccessionNumber", "00080050", "SH", STUDY, "accession_number", 16),
     Attr("ModalitiesInStudy", "00080061", "CS", STUDY, "modalities"),
-    Attr("ReferringPhysicianName", "00080090", "PN", STUDY, "referring_physician"),
-    Attr("StudyDescription", "00081030", "LO", STUDY, "study_description"),
-    Attr("PatientName", "00100010", "PN", STUDY, "patient_name"),
-    Attr("PatientID", "00100020", "LO", STUDY, "patient_id"),
-    Attr("PatientBirthDate", "00100030", "DA", STUDY, "patient_birth_date"),
-    Attr("PatientSex", "00100040", "CS", STUDY, "patient_sex"),
-    Attr("StudyInstanceUID", "0020000D", "UI", STUDY, "study_uid"),
-    Attr("StudyID", "00200010", "SH", STUDY, "study_id"),
+    Attr("ReferringPhysicianName", "00080090", "PN", STUDY, "referring_physician", 324),
+    Attr("StudyDescription", "00081030", "LO", STUDY, "study_description", 64),
+    Attr("PatientName", "00100010", "PN", STUDY, "patient_name", 324),
+    Attr("PatientID", "00100020", "LO", STUDY, "patient_id", 64),
+    Attr("PatientBirthDate", "00100030", "DA", STUDY, "patient_birth_date", 8),
+    Attr("PatientSex", "00100040", "CS", STUDY, "patient_sex", 16),
+    Attr("StudyInstanceUID", "0020000D", "UI", STUDY, "study_uid", 64),
+    Attr("StudyID", "00200010", "SH", STUDY, "study_id", 16),
     Attr("NumberOfStudyRelatedSeries", "00201206", "IS", STUDY, "series_count"),
     Attr("NumberOfStudyRelatedInstances", "00201208", "IS", STUDY, "instance_count"),
-    Attr("SeriesDate", "00080021", "DA", SERIES, "series_date"),
-    Attr("SeriesTime", "00080031", "TM", SERIES, "series_time"),
-    Attr("Modality", "00080060", "CS", SERIES, "modality"),
-    Attr("SeriesDescription", "0008103E", "LO", SERIES, "series_description"),
-    Attr("BodyPartExamined", "00180015", "CS", SERIES, "body_part"),
-    Attr("SeriesInstanceUID", "0020000E", "UI", SERIES, "series_uid"),
+    Attr("SeriesDate", "00080021", "DA", SERIES, "series_date", 8),
+    Attr("SeriesTime", "00080031", "TM", SERIES, "series_time", 16),
+    Attr("Modality", "00080060", "CS", SERIES, "modality", 16),
+    Attr("SeriesDescription", "0008103E", "LO", SERIES, "series_description", 64),
+    Attr("BodyPartExamined", "00180015", "CS", SERIES, "body_part", 16),
+    Attr("SeriesInstanceUID", "0020000E", "UI", SERIES, "series_uid", 64),
     Attr("SeriesNumber", "00200011", "IS", SERIES, "series_number"),
     Attr("NumberOfSeriesRelatedInstances", "00201209", "IS", SERIES, "series_instance_count"),
-    Attr("SOPClassUID", "00080016", "UI", INSTANCE, "sop_class_uid"),
-    Attr("SOPInstanceUID", "00080018", "UI", INSTANCE, "sop_uid"),
+    Attr("SOPClassUID", "00080016", "UI", INSTANCE, "sop_class_uid", 64),
+    Attr("SOPInstanceUID", "00080018", "UI", INSTANCE, "sop_uid", 64),
     Attr("InstanceNumber", "00200013", "IS", INSTANCE, "instance_number"),
     Attr("Rows", "00280010", "US", INSTANCE, "rows_"),
     Attr("Columns", "00280011", "US", INSTANCE, "columns_"),
@@ -61,6 +62,8 @@ ATTRS: tuple[Attr, ...] = (
 BY_KEYWORD = {a.keyword: a for a in ATTRS}
 BY_TAG = {a.tag: a for a in ATTRS}
 COUNTS = {"series_count", "instance_count", "series_instance_count"}  # computed, not matched
+# What the index (`catalog.webindex`, `stages.webindex`) holds: every attribute but the computed ones
+INDEXED: tuple[Attr, ...] = tuple(a for a in ATTRS if a.column not in COUNTS and a.column != "modalities")
 # What every response of a level holds (PS3.18 Table 10.6.3-3..5), lower levels add their own
 DEFAULTS = {
     STUDY: (

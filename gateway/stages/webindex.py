@@ -14,34 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from gateway import imaging
+from gateway.core import qido
 from gateway.stages import wait_woken
 from gateway.stages.context import Stage
 
 log = logging.getLogger(__name__)
 
-# index column → (DICOM keyword, longest value kept: the column's size)
+# index column → (DICOM keyword, longest value kept: the column's size; 0 for a number): every indexed attribute
+# but the three UIDs the catalog already has
 HEADER = {
-    "sop_class_uid": ("SOPClassUID", 64),
-    "instance_number": ("InstanceNumber", 0),
-    "rows_": ("Rows", 0),
-    "columns_": ("Columns", 0),
-    "frames": ("NumberOfFrames", 0),
-    "modality": ("Modality", 16),
-    "series_number": ("SeriesNumber", 0),
-    "series_description": ("SeriesDescription", 64),
-    "body_part": ("BodyPartExamined", 16),
-    "series_date": ("SeriesDate", 8),
-    "series_time": ("SeriesTime", 16),
-    "study_date": ("StudyDate", 8),
-    "study_time": ("StudyTime", 16),
-    "accession_number": ("AccessionNumber", 16),
-    "referring_physician": ("ReferringPhysicianName", 324),
-    "study_description": ("StudyDescription", 64),
-    "study_id": ("StudyID", 16),
-    "patient_name": ("PatientName", 324),
-    "patient_id": ("PatientID", 64),
-    "patient_birth_date": ("PatientBirthDate", 8),
-    "patient_sex": ("PatientSex", 16),
+    a.column: (a.keyword, a.size)
+    for a in qido.INDEXED
+    if a.column not in ("sop_uid", "study_uid", "series_uid")
 }
 
 
