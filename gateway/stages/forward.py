@@ -12,10 +12,7 @@ status: "sent" never hides a failed import. pynetdicom blocks, so each associati
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import ssl
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,10 +22,10 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
-from gateway.adapters.dicom import commitment
+from gateway.adapters.dicom import commitment, scu
 from gateway.catalog import Catalog
 from gateway.config import Pacs, Settings
 from gateway.stages import wait_woken
@@ -111,40 +108,20 @@ def send_batch(
     Size: one association from start to end, every step bounded by the PACS's timeout.
     """
     timeout = pacs.timeout if timeout is None else timeout
-    ae = AE(ae_title=pacs.calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
     contexts = requested_contexts(items)
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
-    tls_args = None
-    if pacs.tls_ca is not None:
-        # DICOM TLS: the PACS must present a certificate from tls_ca for its host name; never a plain fallback
-        ctx = ssl.create_default_context(cafile=str(pacs.tls_ca))
-        if pacs.tls_cert is not None and pacs.tls_key is not None:
-            ctx.load_cert_chain(str(pacs.tls_cert), str(pacs.tls_key))
-        tls_args = (ctx, pacs.host)
     rejected: list[A_ASSOCIATE_RJ] = []  # seen on pynetdicom's DUL thread: see _rejection
 
     def on_pdu(event: evt.Event) -> None:
         if isinstance(event.pdu, A_ASSOCIATE_RJ):
             rejected.append(event.pdu)
 
-    assoc = ae.associate(
-        pacs.host,
-        pacs.port,
-        ae_title=pacs.ae_title,
-        tls_args=tls_args,
-        evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)],
-    )
+    assoc = scu.associate(pacs, contexts, [(evt.EVT_PDU_RECV, on_pdu)], timeout)
     if not assoc.is_established:
         if rejected or assoc.is_rejected:
             why = _rejection(rejected[0] if rejected else None)
         else:
             why = "aborted or unreachable"
         return [Outcome(str(i["sop_uid"]), None, f"association {why}") for i in items]
-    with contextlib.suppress(AttributeError, OSError):  # Nagle costs ~40 ms per small instance
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
     accepted: dict[str, set[str]] = defaultdict(set)
     for cx in assoc.accepted_contexts:
         accepted[str(cx.abstract_syntax)].add(str(cx.transfer_syntax[0]))

@@ -14,8 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -25,8 +23,9 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import evt
 
+from gateway.adapters.dicom import scu
 from gateway.config import Pacs
 from gateway.storage import fsync_dir
 
@@ -162,9 +161,6 @@ def request(
 
     Size: one association from start to end (request, hold, release), every step bounded by the PACS's timeout.
     """
-    ae = AE(ae_title=pacs.calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = pacs.timeout
-    ae.add_requested_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     got = threading.Event()
 
     def on_report(event: evt.Event) -> tuple[int, Dataset | None]:
@@ -180,23 +176,13 @@ def request(
         got.set()
         return 0x0000, None
 
-    tls_args = None
-    if pacs.tls_ca is not None:
-        ctx = ssl.create_default_context(cafile=str(pacs.tls_ca))
-        if pacs.tls_cert is not None and pacs.tls_key is not None:
-            ctx.load_cert_chain(str(pacs.tls_cert), str(pacs.tls_key))
-        tls_args = (ctx, pacs.host)
-    assoc = ae.associate(
-        pacs.host,
-        pacs.port,
-        ae_title=pacs.ae_title,
-        tls_args=tls_args,
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+    assoc = scu.associate(
+        pacs,
+        [(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])],
+        [(evt.EVT_N_EVENT_REPORT, on_report)],
     )
     if not assoc.is_established:
         return "association for storage commitment rejected, aborted or unreachable"
-    with contextlib.suppress(AttributeError, OSError):
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
     try:
         if not any(str(cx.abstract_syntax) == STORAGE_COMMITMENT for cx in assoc.accepted_contexts):
             return "the PACS does not offer storage commitment"
