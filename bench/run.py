@@ -110,8 +110,9 @@ LOOP_BLOCKS: list[float] = []  # every gateway run's worst event-loop delay, ms
 LOOP_PARTS: list[dict[str, float]] = []  # and what it was made of: running, waiting_for_cpu, other (ms)
 
 
-def run_ours(work: Path, folder: Path, associations: int = 1) -> float:
-    pki_dir = ROOT / "certs" / "dev"
+def receiving_gateway(work: Path, name: str = "bench", web_port: int = 0) -> tuple[GatewayProcess, int]:
+    """A gateway that only receives (AE title BENCH, no partners, no routing or polling within an hour), started;
+    with its DICOM port."""
     port = free_port()
     cfg = work / "gateway.toml"
     cfg.write_text(
@@ -121,14 +122,20 @@ def run_ours(work: Path, folder: Path, associations: int = 1) -> float:
             port=port,
             d_root=work / "d",
             e_root=work / "e",
-            pki_dir=pki_dir,
+            pki_dir=ROOT / "certs" / "dev",
             partners=[],
             stability_delay=3600,
             poll_interval=3600,
+            web_port=web_port,
         )
     )
-    gw = GatewayProcess("bench", cfg, port, work / "gateway.log", work / "d")
+    gw = GatewayProcess(name, cfg, port, work / "gateway.log", work / "d")
     gw.start()
+    return gw, port
+
+
+def run_ours(work: Path, folder: Path, associations: int = 1) -> float:
+    gw, port = receiving_gateway(work)
     try:
         elapsed = send(port, "BENCH", folder, associations)
         LOOP_BLOCKS.append(loop_block_ms(work / "d", time.time()))
@@ -542,24 +549,8 @@ def bench_dicomweb(base: Path, repeat: int, slices: int = 300, big_images: int =
     dw.env_with_password()
     work = base / "dicomweb-ours"
     work.mkdir()
-    port, web_port = free_port(), free_port()
-    cfg = work / "gateway.toml"
-    cfg.write_text(
-        render_config(
-            name="gateway-a",
-            ae_title="BENCH",
-            port=port,
-            d_root=work / "d",
-            e_root=work / "e",
-            pki_dir=ROOT / "certs" / "dev",
-            partners=[],
-            stability_delay=3600,
-            poll_interval=3600,
-            web_port=web_port,
-        )
-    )
-    gw = GatewayProcess("bench-dicomweb", cfg, port, work / "gateway.log", work / "d")
-    gw.start()
+    web_port = free_port()
+    gw, port = receiving_gateway(work, "bench-dicomweb", web_port)
     try:
         send(port, "BENCH", folder)
         ours = dw.Server(f"http://127.0.0.1:{web_port}/dicomweb", ("operator", dw.PASSWORD))
