@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -150,3 +151,22 @@ class Stage(SharesContext):
 
         self.ctx = ctx
         self.guard = LoopGuard(type(self).__name__.lower(), ctx.progress)  # its loop's errors: see LoopGuard
+
+    async def work_loop(
+        self, step: Callable[[], Awaitable[int]], wake: asyncio.Event, tick: float = 5
+    ) -> None:
+        """Run `step` for as long as the gateway runs: again at once while it finds work, else when `wake` is set
+        or after `tick` seconds; its errors go through the guard (transient ones back off, a bug repeated five
+        times stops the loop and reports the stage halted)."""
+        from gateway.stages import wait_woken
+
+        while True:
+            try:
+                done = await step()
+                self.guard.ok()
+            except Exception as exc:
+                if not await self.guard.pause(exc):
+                    return
+                done = 0
+            if not done:
+                await wait_woken(wake, tick)

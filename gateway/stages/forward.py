@@ -28,7 +28,6 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from gateway.adapters.dicom import commitment, scu
 from gateway.catalog import Catalog
 from gateway.config import Pacs, Settings
-from gateway.stages import wait_woken
 from gateway.stages.context import Stage, StageContext
 from gateway.storage import Storage
 
@@ -390,13 +389,4 @@ class Forwarder(Stage):
 
     async def run_forever(self) -> None:
         """Forward as instances arrive and retries fall due; never dies."""
-        while True:
-            try:
-                tried = await self.run_once()
-                self.guard.ok()
-            except Exception as exc:
-                if not await self.guard.pause(exc):
-                    return
-                tried = 0
-            if not tried:
-                await wait_woken(self.wakes.forwarder, 5)
+        await self.work_loop(self.run_once, self.wakes.forwarder)

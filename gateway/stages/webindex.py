@@ -15,7 +15,6 @@ from typing import Any
 
 from gateway import imaging
 from gateway.core import qido
-from gateway.stages import wait_woken
 from gateway.stages.context import Stage
 
 log = logging.getLogger(__name__)
@@ -81,13 +80,4 @@ class WebIndexer(Stage):
 
     async def run_forever(self) -> None:
         """Index as instances arrive; never dies."""
-        while True:
-            try:
-                done = await self.run_once()
-                self.guard.ok()
-            except Exception as exc:
-                if not await self.guard.pause(exc):
-                    return
-                done = 0
-            if not done:
-                await wait_woken(self.wakes.webindex, 5)
+        await self.work_loop(self.run_once, self.wakes.webindex)
