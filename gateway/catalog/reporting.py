@@ -16,7 +16,7 @@ FORWARD_STATE = """(CASE WHEN f.commitment = 'committed' AND f.state = 'accepted
 
 class ReportingRoom(CatalogBase):
     async def status(self, limit: int = 50) -> dict[str, Any]:
-        """Counts and the most recent transfers and studies, for `status` (no patient data is stored at all).
+        """Counts and the most recent transfers and studies, for `status` (no patient data: the DICOMweb index, the one table that holds some, is not read here).
 
         Size: one read of everything the status shows, on one connection; each query is a few lines.
         """
