@@ -23,6 +23,8 @@ class AccessEvents:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._lock = threading.Lock()
+        self._day = ""
+        self._fd = -1  # the current day's file, kept open (one write per event, no open/close)
 
     def record(
         self,
@@ -49,12 +51,19 @@ class AccessEvents:
         line = (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
         day = time.strftime("%Y-%m-%d", time.gmtime(at))
         with self._lock:
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.folder / f"{day}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+            if day != self._day:
+                self.close()
+                self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._fd = os.open(
+                    self.folder / f"{day}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+                )
+                self._day = day
+            os.write(self._fd, line)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._day = -1, ""
 
     def read(self, day: str) -> list[dict[str, object]]:
         """One day's events (tests, and the audit issue's queries)."""

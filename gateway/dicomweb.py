@@ -15,7 +15,7 @@ Access: the web port's login (session or HTTP basic auth; `gateway.web`), like e
 holds as stored is served (quarantined mails never reach it; conflicts kept aside are not served). UIDs are
 checked before any lookup (400), unknown ones are 404, and files are found only through the catalog, never by a
 name from the request. The web port keeps no access log, so no query string (a `PatientName=` search) is logged.
-Decoding and rendering run in threads, never on the event loop.
+Decoding and rendering run in the render workers (`gateway.renderers`), never on the event loop.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator
-from concurrent.futures.process import BrokenProcessPool
+import time
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from pydicom.uid import ExplicitVRLittleEndian
@@ -36,16 +36,20 @@ from pydicom.uid import ExplicitVRLittleEndian
 from gateway import imaging
 from gateway.access import AccessEvents
 from gateway.core import qido
+from gateway.renderers import RenderFailed
 
 if TYPE_CHECKING:
     from gateway.service import Gateway
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PREFIX = "/dicomweb"
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 CHUNK = 1 << 20
 DICOM_JSON = "application/dicom+json"
+ROW_TTL = 30.0  # seconds an instance row is served from memory
+ROW_CACHE = 20_000  # instance rows kept at most
 
 
 def _uid(request: web.Request, key: str) -> str:
@@ -83,9 +87,10 @@ class DicomWeb:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.events = AccessEvents(gw.settings.d_root / "state" / "access")
-        # instance rows by SOP Instance UID: a stored instance never changes under its UID; a purged one's file is
-        # gone, which the request then reports (404), and the entry ages out
-        self._instances: dict[str, dict[str, Any]] = {}
+        # instance rows by SOP Instance UID, for the requests a viewer makes per image (frames, rendered): a stored
+        # instance never changes under its UID; a purged one's file is gone, which the request then reports (404),
+        # and an entry lives at most ROW_TTL seconds
+        self._instances: dict[str, tuple[float, dict[str, Any]]] = {}
 
     async def record(
         self,
@@ -132,14 +137,19 @@ class DicomWeb:
             web.get(f"{i}/bulkdata/{{tag}}", self.bulkdata),
         ]
 
-    async def in_worker(self, fn: Any, *args: Any) -> Any:
-        """Decoding and rendering in the gateway's worker processes (both cores, not the event loop's interpreter
-        lock); in a thread when they are unavailable."""
+    async def pixels(self, row: dict[str, Any], call: Awaitable[T]) -> T:
+        """A render worker's answer (`gateway.renderers`) about this row's file; its failures as HTTP errors."""
         try:
-            pool = self.gw.packager.pool()
-            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-        except (BrokenProcessPool, RuntimeError):
-            return await asyncio.to_thread(fn, *args)
+            return await call
+        except imaging.NoSuchFrame as exc:
+            raise web.HTTPNotFound(text=str(exc)) from None
+        except imaging.Undecodable as exc:
+            raise web.HTTPNotAcceptable(text=str(exc)) from None
+        except FileNotFoundError:
+            self.forget(row)
+            raise web.HTTPNotFound(text="the instance's file is no longer kept") from None
+        except RenderFailed as exc:
+            raise web.HTTPServiceUnavailable(text=str(exc)) from None
 
     # ------------------------------------------------------------------------------------------ finding
     async def _rows(self, request: web.Request) -> list[dict[str, Any]]:
@@ -148,12 +158,27 @@ class DicomWeb:
         def uid(key: str) -> str | None:
             return _uid(request, key) if key in request.match_info else None
 
-        rows = await self.gw.catalog.web_rows(
-            study_uid=uid("study"), series_uid=uid("series"), sop_uid=uid("sop")
-        )
+        study, series, sop = uid("study"), uid("series"), uid("sop")
+        now = time.monotonic()
+        if sop is not None:
+            at, row = self._instances.get(sop, (0.0, {}))
+            if now - at < ROW_TTL:
+                if row["study_uid"] != study or row["series_uid"] != series:
+                    raise web.HTTPNotFound(text="no such study, series or instance")
+                return [row]
+        rows = await self.gw.catalog.web_rows(study_uid=study, series_uid=series, sop_uid=sop)
         if not rows:
             raise web.HTTPNotFound(text="no such study, series or instance")
+        if sop is not None:
+            if len(self._instances) >= ROW_CACHE:
+                for key in list(self._instances)[: ROW_CACHE // 4]:  # the oldest quarter
+                    del self._instances[key]
+            self._instances[sop] = (now, rows[0])
         return rows
+
+    def forget(self, row: dict[str, Any]) -> None:
+        """A row whose file is gone (purged): not served from the cache again."""
+        self._instances.pop(str(row["sop_uid"]), None)
 
     def path_of(self, row: dict[str, Any]) -> Path:
         return self.gw.storage.root / str(row["path"])
@@ -272,10 +297,12 @@ class DicomWeb:
         numbers = _frames(request.match_info["frames"])
         wanted = _accept_syntax(request, "application/octet-stream")
         keep = wanted == "*" or wanted == str(row["transfer_syntax"])
-        try:
-            frames, syntax = await asyncio.to_thread(imaging.raw_frames, self.path_of(row), numbers, keep)
-        except imaging.FrameError as exc:
-            return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
+        path = self.path_of(row)
+        if imaging.needs_decoding(str(row["transfer_syntax"]), keep):
+            cut = self.gw.renderers.raw_frames(path, numbers, keep)
+        else:
+            cut = asyncio.to_thread(imaging.raw_frames, path, numbers, keep)
+        frames, syntax = await self.pixels(row, cut)
         await self.record(request, "view", [row])
         boundary = secrets.token_hex(16)
         kind = "application/octet-stream"
@@ -308,12 +335,9 @@ class DicomWeb:
         except ValueError:
             raise web.HTTPBadRequest(text="quality: a number from 1 to 100") from None
         window = window_param(request.query.get("window"))
-        try:
-            image = await self.in_worker(
-                imaging.render, self.path_of(row), frame, window, viewport, media, quality
-            )
-        except imaging.FrameError as exc:
-            return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
+        image = await self.pixels(
+            row, self.gw.renderers.render(self.path_of(row), frame, window, viewport, media, quality)
+        )
         await self.record(request, "view", [row])
         return web.Response(body=image, content_type=media)
 

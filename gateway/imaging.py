@@ -17,12 +17,21 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.pixels import pixel_array
 
 log = logging.getLogger(__name__)
 
 
 class FrameError(ValueError):
-    """A frame number that the instance does not have, or pixel data that cannot be decoded here."""
+    """Pixel data that cannot be given: see the two kinds."""
+
+
+class NoSuchFrame(FrameError):
+    """A frame number the instance does not have (or an instance without pixel data): 404."""
+
+
+class Undecodable(FrameError):
+    """Pixel data in a syntax no decoder here reads, or broken data: 406."""
 
 
 @dataclass(frozen=True)
@@ -41,12 +50,19 @@ def check_frames(ds: Dataset, numbers: list[int]) -> None:
     n = frame_count(ds)
     bad = [f for f in numbers if not 1 <= f <= n]
     if bad or "PixelData" not in ds:
-        raise FrameError(f"frame {bad[0] if bad else 1} is not in this instance ({n} frames)")
+        raise NoSuchFrame(f"frame {bad[0] if bad else 1} is not in this instance ({n} frames)")
+
+
+def needs_decoding(syntax: str, keep_compressed: bool) -> bool:
+    """Whether `raw_frames` must run a decoder (in a render worker) for a file in this transfer syntax, or only
+    cuts the stored bytes (in a thread: no decoder touches the data)."""
+    uid = pydicom.uid.UID(syntax)
+    return not ((uid.is_compressed and keep_compressed) or (not uid.is_compressed and uid.is_little_endian))
 
 
 def raw_frames(path: Path, numbers: list[int], keep_compressed: bool) -> tuple[list[bytes], str]:
     """The frames' bytes and their transfer syntax: as stored where that is kept (uncompressed data, or compressed
-    with `keep_compressed`), else decoded to little-endian native pixels."""
+    with `keep_compressed`), else decoded to little-endian native pixels (one frame in memory at a time)."""
     ds = pydicom.dcmread(path)
     check_frames(ds, numbers)
     syntax = pydicom.uid.UID(str(ds.file_meta.TransferSyntaxUID))
@@ -56,25 +72,74 @@ def raw_frames(path: Path, numbers: list[int], keep_compressed: bool) -> tuple[l
     if not syntax.is_compressed and syntax.is_little_endian:
         size = len(ds.PixelData) // frame_count(ds)
         return [bytes(ds.PixelData[(f - 1) * size : f * size]) for f in numbers], "1.2.840.10008.1.2.1"
+    out = []
+    for f in numbers:
+        pixels = _decode(path, f, Dataset())
+        out.append(pixels.astype(pixels.dtype.newbyteorder("<")).tobytes())
+    return out, "1.2.840.10008.1.2.1"
+
+
+def _decode(path: Path, frame: int, ds: Dataset) -> np.ndarray:
+    """One frame's pixels (colour as RGB), read from the file without the other frames where the file allows
+    (a deflated one does not); `ds` receives the image pixel module (group 0028) and the file meta. MemoryError
+    and FileNotFoundError pass through."""
     try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # no decoder for this syntax, or broken data
-        raise FrameError(f"the pixel data cannot be decoded here ({type(exc).__name__})") from None
-    if frame_count(ds) == 1:
-        pixels = pixels[np.newaxis]
-    native = pixels.astype(pixels.dtype.newbyteorder("<"))
-    return [native[f - 1].tobytes() for f in numbers], "1.2.840.10008.1.2.1"
+        return pixel_array(str(path), ds_out=ds, index=frame - 1)
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception:  # deflated, no such frame, no pixel data, no decoder, or broken: find out which below
+        pass
+    try:
+        whole = pydicom.dcmread(path)
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as exc:
+        raise Undecodable(f"the file cannot be read here ({type(exc).__name__})") from None
+    check_frames(whole, [frame])
+    for element in whole.group_dataset(0x0028):
+        ds.add(element)
+    ds.file_meta = whole.file_meta
+    try:
+        return pixel_array(whole, index=frame - 1)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise Undecodable(f"the pixel data cannot be decoded here ({type(exc).__name__})") from None
 
 
-def _default_window(ds: Dataset, values: np.ndarray) -> Window:
+def _default_window(ds: Dataset, lo: float, hi: float) -> Window:
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is not None and width is not None:
         c = center[0] if isinstance(center, pydicom.multival.MultiValue) else center
         w = width[0] if isinstance(width, pydicom.multival.MultiValue) else width
         if float(w) > 0:
             return Window(float(c), float(w))
-    lo, hi = float(values.min()), float(values.max())  # as the viewer does it (cheap: no sort)
-    return Window((lo + hi) / 2, max(hi - lo, 1.0))
+    return Window((lo + hi) / 2, max(hi - lo, 1.0))  # the frame's full range, as the viewer's default
+
+
+def windowed(pixels: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
+    """Grey pixels as 8 bits: modality rescale (slope, intercept), then the linear VOI window of PS3.3 C.11.2.1.2
+    (the given one, the dataset's own, else the frame's full range). 8- and 16-bit pixels go through a lookup
+    table over the values present (one entry per stored value, not one float per pixel; no array wider than the
+    pixels themselves), others through floats."""
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    index: np.ndarray | None = None
+    if pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2:
+        bias = 1 << (8 * pixels.dtype.itemsize - 1) if pixels.dtype.kind == "i" else 0
+        # signed values made unsigned in the same order (flip the sign bit), so that one subtraction indexes
+        ordered = pixels.view(f"u{pixels.dtype.itemsize}") ^ bias if bias else pixels
+        low, high = int(ordered.min()), int(ordered.max())
+        values = (np.arange(low, high + 1, dtype=np.float64) - bias) * slope + intercept
+        index = ordered - ordered.dtype.type(low) if low else ordered
+    else:
+        values = pixels.astype(np.float64) * slope + intercept
+    w = window or _default_window(ds, float(values.min()), float(values.max()))
+    lo = w.center - 0.5 - (w.width - 1) / 2
+    table = ((values - lo) * (255.0 / max(w.width - 1, 1.0))).clip(0, 255).astype(np.uint8)
+    if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
+        table = 255 - table
+    return table if index is None else np.take(table, index)
 
 
 def render(
@@ -87,29 +152,12 @@ def render(
 ) -> bytes:
     """One frame as an 8-bit image: modality rescale, the window (the dataset's own, else the frame's full
     range, as the viewer's default), MONOCHROME1 inverted, scaled to fit `viewport` keeping its aspect ratio."""
-    ds = pydicom.dcmread(path)
-    check_frames(ds, [frame])
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:
-        raise FrameError(f"the pixel data cannot be decoded here ({type(exc).__name__})") from None
-    if frame_count(ds) > 1:
-        pixels = pixels[frame - 1]
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    if pixels.ndim == 3 and pixels.shape[-1] == 3:
-        if photometric.startswith("YBR"):
-            pixels = pydicom.pixels.convert_color_space(pixels, photometric, "RGB")
+    ds = Dataset()
+    pixels = _decode(path, frame, ds)
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:  # colour: RGB already (the decoder converts YBR)
         image = Image.fromarray(np.clip(pixels, 0, 255).astype("uint8"), "RGB")
     else:
-        values = pixels.astype("float64") * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
-            getattr(ds, "RescaleIntercept", 0) or 0
-        )
-        w = window or _default_window(ds, values)
-        lo = w.center - 0.5 - (w.width - 1) / 2
-        scaled = np.clip((values - lo) / max(w.width - 1, 1.0) * 255.0, 0, 255).astype("uint8")
-        if photometric == "MONOCHROME1":
-            scaled = 255 - scaled
-        image = Image.fromarray(scaled, "L")
+        image = Image.fromarray(windowed(pixels, ds, window), "L")
     if viewport is not None:
         image.thumbnail(viewport)
     out = io.BytesIO()

@@ -34,6 +34,7 @@ from gateway.core.queue import QueueState
 from gateway.core.states import MailState
 from gateway.fragments import FragmentStore
 from gateway.loopwatch import LoopWatch
+from gateway.renderers import RenderWorkers
 from gateway.spool import Spool
 from gateway.stages.context import SharesContext, StageContext
 from gateway.stages.fetch import Fetcher
@@ -70,6 +71,7 @@ class Gateway(SharesContext):
     forwarder: Forwarder
     receipts: Receipts
     webindex: WebIndexer
+    renderers: RenderWorkers
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     storage_report: dict[str, int] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -114,6 +116,9 @@ class Gateway(SharesContext):
             forwarder=Forwarder(ctx),
             receipts=Receipts(ctx),
             webindex=WebIndexer(ctx),
+            renderers=RenderWorkers(
+                settings.web.render_workers, settings.web.render_timeout, settings.web.render_memory
+            ),
         )
         gw.ingester.workers = gw.packager
         gw.scp.on_report = ctx.wakes.forwarder.set  # a PACS's commitment report came to our DICOM port
@@ -355,6 +360,7 @@ class Gateway(SharesContext):
     async def close(self) -> None:
         """Give back what `create` took: the worker processes, the catalog connection, GnuPG's working home."""
         self.packager.close()
+        await self.renderers.close()
         await self.catalog.close()
         if self.keys.pgp is not None:
             self.keys.pgp.close()

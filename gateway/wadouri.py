@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway import imaging
 from gateway.dicomweb import PREFIX, UID_RE, DicomWeb, chunks, window_param
 
 
@@ -50,10 +49,8 @@ class WadoUri:
         window = None
         if q.get("windowCenter") and q.get("windowWidth"):
             window = window_param(f"{q['windowCenter']},{q['windowWidth']}")
-        try:
-            image = await self.dw.in_worker(
-                imaging.render, self.dw.path_of(rows[0]), frame, window, None, content_type, 90
-            )
-        except imaging.FrameError as exc:
-            return web.Response(status=404 if "not in this instance" in str(exc) else 406, text=str(exc))
+        image = await self.dw.pixels(
+            rows[0],
+            self.dw.gw.renderers.render(self.dw.path_of(rows[0]), frame, window, None, content_type, 90),
+        )
         return web.Response(body=image, content_type=content_type)

@@ -29,8 +29,8 @@ from prometheus_client import generate_latest
 
 from gateway import status
 from gateway.dicomweb import DicomWeb
-from gateway.imaging import thumbnail_png
 from gateway.metrics import REGISTRY
+from gateway.renderers import RenderFailed
 from gateway.report import outcome_text
 from gateway.stow import Stow
 from gateway.wadouri import WadoUri
@@ -135,7 +135,10 @@ class WebApp:
         path = await self.gw.catalog.instance_path(sop)
         if path is None:
             raise web.HTTPNotFound()
-        png = await asyncio.to_thread(thumbnail_png, str(self.gw.storage.root / path))
+        try:
+            png = await self.gw.renderers.thumbnail(self.gw.storage.root / path, 128)
+        except (FileNotFoundError, RenderFailed):
+            raise web.HTTPNotFound() from None
         # a patient image: never kept by the browser or a proxy
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
 

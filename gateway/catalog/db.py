@@ -103,6 +103,12 @@ class SqliteDatabase(Database):
                 raise
             await conn.execute("COMMIT")
 
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """A read on its own: one statement in autocommit mode is a consistent snapshot in WAL mode, so it needs
+        neither BEGIN IMMEDIATE (the write lock) nor COMMIT: one hop to the connection's thread instead of four."""
+        async with self._lock:
+            return [tuple(r) for r in await self._conn.execute_fetchall(sql, tuple(params))]
+
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()

@@ -177,6 +177,9 @@ class WebSettings:
     )
     cors_origins: tuple[str, ...] = ()  # other origins whose pages may use DICOMweb (e.g. an OHIF elsewhere)
     stow_max_size: int = 4 * 1024**3  # the largest STOW-RS request body
+    render_workers: int = 2  # processes that decode pixel data for viewers (gateway.renderers)
+    render_timeout: float = 30.0  # seconds one image may take before its worker is replaced
+    render_memory: int = 3 * 1024**3  # address space of a render worker (a hostile image cannot take more)
 
     @property
     def requires_tls(self) -> bool:

@@ -308,6 +308,11 @@ def web_section(root: Reader) -> WebSettings:
             )
         ),
         stow_max_size=parse_size_key(w, "stow_max_size", "4GB"),
+        render_workers=w.get(
+            "render_workers", int, 2, check=lambda v: None if 1 <= v <= 64 else "from 1 to 64 processes"
+        ),
+        render_timeout=float(w.get("render_timeout", (int, float), 30.0, check=check_positive)),
+        render_memory=parse_size_key(w, "render_memory", "3GB"),
     )
     if web.requires_tls and web.port and (web.tls_cert is None or web.tls_key is None):
         raise w.fail(

@@ -1,0 +1,245 @@
+"""Render workers: pixel data decoded for people (DICOMweb frames, rendered images, thumbnails, WADO-URI) in
+processes of their own, beside the event loop and apart from the mail workers.
+
+Why processes of their own:
+- **Never behind a mail.** The mail workers build S/MIME sets that take seconds; a viewer scrolling through a CT
+  asks for a frame every few milliseconds. Sharing a pool made a scroll wait for a mail. The mail workers run
+  niced (bulk work); these do not (a person waits).
+- **Hostile pixel data stays outside.** A partner's instance reaches a decoder (OpenJPEG, libjpeg) here for the
+  first time. A decoder that crashes takes down one worker, not the gateway; one that loops or allocates without
+  end is stopped after `[web] render_timeout` seconds and by an address-space limit (`render_memory`); the
+  request gets a clear error and the next one a fresh worker.
+- **No pickle across the boundary.** Requests and answers are a JSON header and raw byte payloads over the
+  worker's stdin and stdout, read by the event loop without blocking (asyncio pipes): nothing a compromised
+  decoder writes can run code in the gateway.
+
+Each worker serves one request at a time; requests beyond the number of workers wait for the next free one.
+Run as `python -m gateway.renderers <gateway pid> <log level> <memory limit>` (by `RenderWorkers` only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway import imaging
+
+log = logging.getLogger(__name__)
+
+HEAD = struct.Struct(">I")
+
+
+class RenderFailed(Exception):
+    """A worker crashed, took too long or answered nonsense: the request gets a 503-like error."""
+
+
+class _Worker:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        assert proc.stdin is not None and proc.stdout is not None
+        self.stdin, self.stdout = proc.stdin, proc.stdout
+
+    async def call(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+        body = json.dumps(request).encode()
+        self.stdin.write(HEAD.pack(len(body)) + body)
+        await self.stdin.drain()
+        (n,) = HEAD.unpack(await self.stdout.readexactly(HEAD.size))
+        if n > 1 << 20:
+            raise RenderFailed("an answer header over 1 MB")
+        header = json.loads(await self.stdout.readexactly(n))
+        blobs = [await self.stdout.readexactly(int(size)) for size in header.get("sizes", [])]
+        return header, blobs
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
+
+class RenderWorkers:
+    """Up to `count` render worker processes, started when first needed and replaced when one fails."""
+
+    def __init__(self, count: int, timeout: float, memory: int) -> None:
+        self.count, self.timeout, self.memory = max(1, count), timeout, memory
+        self._slots = asyncio.Semaphore(self.count)
+        self._idle: list[_Worker] = []
+        self._all: set[_Worker] = set()
+        self.failures = 0  # workers killed for a crash, a timeout or a bad answer
+
+    async def _start(self) -> _Worker:
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.renderers",
+            str(os.getpid()),
+            str(level),
+            str(self.memory),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        worker = _Worker(proc)
+        self._all.add(worker)
+        return worker
+
+    async def call(self, op: str, **args: Any) -> tuple[dict[str, Any], list[bytes]]:
+        """Run `op` (render, frames, thumbnail) in a worker: its result header and payloads. Raises the
+        `imaging` errors the worker reports, FileNotFoundError for a file that is gone, RenderFailed otherwise.
+        A worker that turns out dead (killed while idle, or crashed on this request) is replaced and the request
+        tried once more in a fresh one; a second crash, a timeout or nonsense is the request's failure."""
+        async with self._slots:
+            for attempt in (1, 2):
+                try:
+                    header, blobs = await self._once({"op": op, "args": args})
+                    break
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    if attempt == 2:
+                        raise RenderFailed("the image could not be made (the worker ended)") from None
+                except (TimeoutError, ValueError, KeyError):
+                    raise RenderFailed("the image could not be made in time") from None
+        if header.get("ok"):
+            return header, blobs
+        kind, text = header.get("kind"), str(header.get("text", ""))[:200]
+        if kind == "frame":
+            raise imaging.NoSuchFrame(text)
+        if kind == "gone":
+            raise FileNotFoundError(text)
+        raise imaging.Undecodable(text)
+
+    async def _once(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+        """One request in one worker (an idle one, else a new one); a worker that fails in any way is killed."""
+        worker = self._idle.pop() if self._idle else await self._start()
+        try:
+            async with asyncio.timeout(self.timeout):
+                answer = await worker.call(request)
+        except BaseException as exc:  # cancelled, crashed, too slow or out of step: never reused
+            worker.kill()
+            self._all.discard(worker)
+            if not isinstance(exc, asyncio.CancelledError):
+                self.failures += 1
+                log.warning("a render worker failed (%s): replaced", type(exc).__name__)
+            raise
+        self._idle.append(worker)
+        return answer
+
+    def pids(self) -> list[int]:
+        """The worker processes running now."""
+        return [w.proc.pid for w in self._all]
+
+    async def render(
+        self,
+        path: Path,
+        frame: int,
+        window: imaging.Window | None,
+        viewport: tuple[int, int] | None,
+        media_type: str,
+        quality: int,
+    ) -> bytes:
+        _, [image] = await self.call(
+            "render",
+            path=str(path),
+            frame=frame,
+            window=None if window is None else [window.center, window.width],
+            viewport=None if viewport is None else list(viewport),
+            media_type=media_type,
+            quality=quality,
+        )
+        return image
+
+    async def raw_frames(
+        self, path: Path, numbers: list[int], keep_compressed: bool
+    ) -> tuple[list[bytes], str]:
+        header, frames = await self.call("frames", path=str(path), numbers=numbers, keep=keep_compressed)
+        return frames, str(header["syntax"])
+
+    async def thumbnail(self, path: Path, size: int) -> bytes:
+        _, [png] = await self.call("thumbnail", path=str(path), size=size)
+        return png
+
+    async def close(self) -> None:
+        for worker in list(self._all):
+            worker.kill()
+            with contextlib.suppress(ProcessLookupError):
+                await worker.proc.wait()
+        self._all.clear()
+
+
+# ------------------------------------------------------------------------------------------------ the worker side
+def _serve(op: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+    path = Path(str(args["path"]))
+    if op == "render":
+        w, v = args.get("window"), args.get("viewport")
+        image = imaging.render(
+            path,
+            int(args["frame"]),
+            None if w is None else imaging.Window(float(w[0]), float(w[1])),
+            None if v is None else (int(v[0]), int(v[1])),
+            str(args["media_type"]),
+            int(args["quality"]),
+        )
+        return {}, [image]
+    if op == "frames":
+        frames, syntax = imaging.raw_frames(path, [int(n) for n in args["numbers"]], bool(args["keep"]))
+        return {"syntax": syntax}, frames
+    if op == "thumbnail":
+        return {}, [imaging.thumbnail_png(str(path), int(args["size"]))]
+    raise ValueError(f"no operation {op[:32]!r}")
+
+
+def _answer(op: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+    try:
+        header, blobs = _serve(op, args)
+        return {"ok": True, "sizes": [len(b) for b in blobs], **header}, blobs
+    except imaging.NoSuchFrame as exc:
+        return {"ok": False, "kind": "frame", "text": str(exc)}, []
+    except FileNotFoundError:
+        return {"ok": False, "kind": "gone", "text": "the instance's file is no longer kept"}, []
+    except imaging.Undecodable as exc:
+        return {"ok": False, "kind": "decode", "text": str(exc)}, []
+    except MemoryError:
+        return {"ok": False, "kind": "decode", "text": "the pixel data is too large to decode here"}, []
+    except Exception as exc:  # a decoder's own failure on odd data: an answer, not a dead worker
+        log.info("render %s failed: %s", op, type(exc).__name__)
+        return {
+            "ok": False,
+            "kind": "decode",
+            "text": f"the image could not be made ({type(exc).__name__})",
+        }, []
+
+
+def main(argv: list[str]) -> None:
+    import resource
+
+    from gateway.children import die_with_parent
+    from gateway.logsetup import setup_logging
+
+    parent, level, memory = int(argv[0]), argv[1], int(argv[2])
+    die_with_parent(parent)
+    setup_logging(level)
+    if memory > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    # the protocol owns the original stdout; anything a library prints goes to stderr instead
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    inp = sys.stdin.buffer
+    while True:
+        head = inp.read(HEAD.size)
+        if len(head) < HEAD.size:
+            return  # the gateway closed the pipe
+        request = json.loads(inp.read(HEAD.unpack(head)[0]))
+        header, blobs = _answer(str(request["op"]), dict(request["args"]))
+        data = json.dumps(header).encode()
+        out.write(HEAD.pack(len(data)) + data)
+        for blob in blobs:
+            out.write(blob)
+        out.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
