@@ -189,6 +189,7 @@ class DicomWeb:
     # ------------------------------------------------------------------------------------------ QIDO-RS
     def search(self, level: str) -> Any:
         async def handler(request: web.Request) -> web.Response:
+            self.gw.renderers.prestart()  # a search comes before images: the decoders start meanwhile
             fixed = {}
             if "study" in request.match_info:
                 fixed["StudyInstanceUID"] = _uid(request, "study")

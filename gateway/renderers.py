@@ -45,6 +45,8 @@ class _Worker:
         self.proc = proc
         assert proc.stdin is not None and proc.stdout is not None
         self.stdin, self.stdout = proc.stdin, proc.stdout
+        self.last_used = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
     async def call(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
         body = json.dumps(request).encode()
@@ -63,13 +65,19 @@ class _Worker:
 
 
 class RenderWorkers:
-    """Up to `count` render worker processes, started when first needed and replaced when one fails."""
+    """Up to `count` render worker processes: all started together when the first is needed (a second request
+    then waits for whichever is free first, not for a process to start), replaced when one fails, and ended
+    after `idle` seconds without work (a gateway nobody looks at keeps no decoder processes)."""
 
-    def __init__(self, count: int, timeout: float, memory: int) -> None:
-        self.count, self.timeout, self.memory = max(1, count), timeout, memory
+    def __init__(self, count: int, timeout: float, memory: int, idle: float = 600.0) -> None:
+        self.count, self.timeout, self.memory, self.idle = max(1, count), timeout, memory, idle
         self._slots = asyncio.Semaphore(self.count)
+        self._ready = asyncio.Condition()
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
+        self._live = 0  # started or starting
+        self._spawns: set[asyncio.Task[None]] = set()
+        self._start_failed = 0  # how many starts failed (a waiter gives up when this moves)
         self.failures = 0  # workers killed for a crash, a timeout or a bad answer
 
     async def _start(self) -> _Worker:
@@ -87,6 +95,71 @@ class RenderWorkers:
         worker = _Worker(proc)
         self._all.add(worker)
         return worker
+
+    def prestart(self) -> None:
+        """Start the workers now, in the background (a viewer opened its study list: images will follow)."""
+        while self._live < self.count:
+            self._live += 1
+            task = asyncio.get_running_loop().create_task(self._spawn())
+            self._spawns.add(task)
+            task.add_done_callback(self._spawns.discard)
+
+    async def _spawn(self) -> None:
+        try:
+            worker = await self._start()
+        except Exception as exc:  # no process could be started (out of memory, no executable)
+            log.error("a render worker could not be started: %s", type(exc).__name__)
+            async with self._ready:
+                self._live -= 1
+                self._start_failed += 1
+                self._ready.notify_all()
+            return
+        await self._give_back(worker)
+
+    async def _give_back(self, worker: _Worker) -> None:
+        worker.last_used = asyncio.get_running_loop().time()
+        async with self._ready:
+            self._idle.append(worker)
+            self._ready.notify()
+        if worker.timer is None:
+            worker.timer = asyncio.get_running_loop().call_later(self.idle, self._retire, worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        """One timer per worker: ends it when it has been idle for `idle` seconds, else looks again then."""
+        worker.timer = None
+        if worker not in self._all:
+            return
+        quiet = asyncio.get_running_loop().time() - worker.last_used
+        if worker in self._idle and quiet >= self.idle * 0.99:
+            self._idle.remove(worker)
+            self._drop(worker)
+            return
+        worker.timer = asyncio.get_running_loop().call_later(
+            max(self.idle - quiet, 1.0), self._retire, worker
+        )
+
+    def _drop(self, worker: _Worker) -> None:
+        worker.kill()
+        if worker.timer is not None:
+            worker.timer.cancel()
+            worker.timer = None
+        if worker in self._all:
+            self._all.discard(worker)
+            self._live -= 1
+
+    async def _get(self) -> _Worker:
+        async with self._ready:
+            failed = self._start_failed
+            while True:
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.proc.returncode is None:
+                        return worker
+                    self._drop(worker)  # died while idle (killed by someone)
+                if self._start_failed != failed:
+                    raise RenderFailed("no render worker could be started")
+                self.prestart()
+                await self._ready.wait()
 
     async def call(self, op: str, **args: Any) -> tuple[dict[str, Any], list[bytes]]:
         """Run `op` (render, frames, thumbnail) in a worker: its result header and payloads. Raises the
@@ -113,19 +186,18 @@ class RenderWorkers:
         raise imaging.Undecodable(text)
 
     async def _once(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
-        """One request in one worker (an idle one, else a new one); a worker that fails in any way is killed."""
-        worker = self._idle.pop() if self._idle else await self._start()
+        """One request in one worker; a worker that fails in any way is killed (and replaced when next needed)."""
+        worker = await self._get()
         try:
             async with asyncio.timeout(self.timeout):
                 answer = await worker.call(request)
         except BaseException as exc:  # cancelled, crashed, too slow or out of step: never reused
-            worker.kill()
-            self._all.discard(worker)
+            self._drop(worker)
             if not isinstance(exc, asyncio.CancelledError):
                 self.failures += 1
                 log.warning("a render worker failed (%s): replaced", type(exc).__name__)
             raise
-        self._idle.append(worker)
+        await self._give_back(worker)
         return answer
 
     def pids(self) -> list[int]:
@@ -163,11 +235,13 @@ class RenderWorkers:
         return png
 
     async def close(self) -> None:
+        for task in list(self._spawns):
+            task.cancel()
         for worker in list(self._all):
-            worker.kill()
+            self._drop(worker)
             with contextlib.suppress(ProcessLookupError):
                 await worker.proc.wait()
-        self._all.clear()
+        self._idle.clear()
 
 
 # ------------------------------------------------------------------------------------------------ the worker side

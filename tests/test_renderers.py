@@ -4,6 +4,7 @@ next request; windowing by lookup table gives exactly the formula's values."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -57,7 +58,7 @@ async def test_images_from_workers_are_the_images_made_here(ct: Path, tmp_path: 
             await workers.render(ct, 2, None, None, "image/jpeg", 90)
         with pytest.raises(FileNotFoundError):
             await workers.render(tmp_path / "gone.dcm", 1, None, None, "image/jpeg", 90)
-        assert len(workers.pids()) == 1 and os.getpid() not in workers.pids()  # one at a time: one was enough
+        assert len(workers.pids()) == 2 and os.getpid() not in workers.pids()  # both started with the first
     finally:
         await workers.close()
 
@@ -122,5 +123,21 @@ async def test_an_image_beyond_the_memory_limit_is_refused(ct: Path, tmp_path: P
         with pytest.raises((imaging.Undecodable, RenderFailed)):
             await workers.render(big, 1, None, None, "image/jpeg", 90)
         assert (await workers.render(ct, 1, None, None, "image/jpeg", 90))[:2] == b"\xff\xd8"
+    finally:
+        await workers.close()
+
+
+async def test_idle_workers_end_and_come_back_when_needed(ct: Path) -> None:
+    """A gateway nobody looks at keeps no decoder processes (their memory goes back); the next image starts one."""
+    workers = RenderWorkers(1, 30, 3 << 30, idle=0.2)
+    try:
+        await workers.render(ct, 1, None, None, "image/jpeg", 90)
+        [first] = workers.pids()
+        deadline = asyncio.get_running_loop().time() + 20
+        while workers.pids() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)  # the condition is polled, bounded; nothing waits on a guess
+        assert workers.pids() == []
+        assert (await workers.render(ct, 1, None, None, "image/jpeg", 90))[:2] == b"\xff\xd8"
+        assert workers.pids() != [first]
     finally:
         await workers.close()
