@@ -212,12 +212,16 @@ def package_ours(work: Path, folder: Path, fmt: str, compression: str = "none") 
     out = work / "outbox"
     out.mkdir()
 
-    async def build() -> list[tuple[str, str, int, str]]:
+    import pydicom
+
+    sops = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+
+    async def build() -> list[tuple[str, Any]]:
         files = await packager._compress(partner, paths, work / "compressed")
         plan = packager._plan(partner, [p.stat().st_size for p in files], 1.0)
-        return await packager._build_all("bench", {"study_uid": "1.2.3"}, partner, plan, files, out)
+        return await packager._build_all("bench", {"study_uid": "1.2.3"}, partner, plan, files, sops, out)
 
-    async def warm_then_build() -> tuple[float, list[tuple[str, str, int, str]]]:
+    async def warm_then_build() -> tuple[float, list[tuple[str, Any]]]:
         await packager.warm()  # a running gateway's workers are up already (it warms them at start)
         start = time.perf_counter()
         return start, await build()
@@ -228,7 +232,7 @@ def package_ours(work: Path, folder: Path, fmt: str, compression: str = "none") 
         packager.close()
         if keys.pgp is not None:
             keys.pgp.close()
-    return time.perf_counter() - start, sum(size for _, _, size, _ in built)
+    return time.perf_counter() - start, sum(size for _, b in built for _, _, size in b.items)
 
 
 def package_openssl(work: Path, blob: Path) -> float:
