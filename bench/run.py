@@ -12,7 +12,9 @@ Packaging: the study signed and encrypted as the gateway's package stage does it
 DICOMweb: the gateway's DICOMweb beside Orthanc's DICOMweb plugin on the same 300-slice CT series (bench/dicomweb.py):
   QIDO latency, metadata, frames and rendered frames per second (1 and 6 in parallel), first image, memory.
 End to end: storescu → gateway A → the real mail cluster → gateway B, last C-STORE at A to the last instance stored
-  at B, beside each stage's span (from the two catalogs); peak RSS of both gateways. Memory: the same with a ~2 GB
+  at B, beside each stage's span (from the two catalogs); peak RSS of both gateways; then the transport bar: the
+  same mails pushed and pulled through the same cluster by a minimal smtplib/poplib client (bench/transport.py),
+  `e2e_vs_transport` = end to end ÷ that client's time. Memory: the same with a ~2 GB
   study. Every gateway run reports its worst event-loop delay (health.json), the largest goes in the table.
 Medians of `--repeat` runs; ratios are throughput ours ÷ peer. Every figure goes to bench/results/latest.json.
 """
@@ -272,24 +274,24 @@ def package_gpg(work: Path, blob: Path) -> float:
 
 def open_ours(work: Path, folder: Path) -> float:
     """Seconds for B to open (decrypt, verify, check every part) all S/MIME mails of the study, one after the other
-    through its ingest stage's `open_mail`, as the running gateway does (S/MIME in its worker processes)."""
+    in its worker processes (`inspect_in_worker`, reading each mail from disk), as the running gateway's ingest
+    stage does before it writes the instances out."""
     import asyncio
 
     from gateway.core import inbound
-    from gateway.stages.ingest import Ingester
+    from gateway.stages.workers import inspect_in_worker
 
     (work / "a").mkdir()
     package_ours(work / "a", folder, "smime")
     mails = sorted((work / "a" / "outbox").glob("*/mail.eml"))
-    _, keys, packager = stages_of(work, "gateway-b", "gateway-a")
-    ingester = Ingester(packager.ctx)
-    ingester.workers = packager
+    settings, keys, packager = stages_of(work, "gateway-b", "gateway-a")
 
     async def open_all() -> float:
         await packager.warm()  # the running gateway's workers are up
+        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         for mail in mails:
-            got = await ingester.open_mail(await asyncio.to_thread(mail.read_bytes))
+            got = await loop.run_in_executor(packager.pool(), inspect_in_worker, mail, settings)
             assert isinstance(got, inbound.Accepted) and got.parts
         return time.perf_counter() - start
 
@@ -534,6 +536,54 @@ def bench_e2e(base: Path, folder: Path, total: int, label: str) -> dict[str, flo
         f"peak_rss_mb_recv{suffix}": round(rss["recv"][0], 1),
         f"peak_rss_mb_send_with_workers{suffix}": round(rss["send"][1], 1),
         f"peak_rss_mb_recv_with_workers{suffix}": round(rss["recv"][1], 1),
+        f"peak_rss_mb_send_total{suffix}": round(rss["send"][1], 1),  # the same, under issue 14's name
+        f"peak_rss_mb_recv_total{suffix}": round(rss["recv"][1], 1),
+    }
+
+
+def bench_transport(base: Path, folder: Path, e2e: float) -> dict[str, float]:
+    """The study's mails (built by A beforehand) pushed and pulled by a minimal client through the same cluster
+    (bench/transport.py), against the gateways' end to end."""
+    from bench import transport
+    from gateway.config import load
+    from gateway.devtools.mailcluster import MailCluster
+
+    work = base / "transport"
+    work.mkdir()
+    package_ours(work, folder, "smime")
+    mails = sorted((work / "outbox").glob("*/mail.eml"))
+    settings = {}
+    for name, partner in (("gateway-a", "gateway-b"), ("gateway-b", "gateway-a")):
+        cfg = work / f"{name}-client.toml"
+        cfg.write_text(
+            render_config(
+                name=name,
+                ae_title=name.upper().replace("-", "_"),
+                port=free_port(),
+                d_root=work / f"{name}-d",
+                e_root=work / f"{name}-e",
+                pki_dir=ROOT / "certs" / "dev",
+                partners=[(partner, partner, "TO_" + partner[-1].upper())],
+            )
+        )
+        settings[name] = load(cfg)
+    cluster = MailCluster(ROOT / ".dev" / "mailcluster")
+    cluster.up(ROOT / "certs" / "dev", ["gateway-a", "gateway-b"])
+    cluster.drain()
+    try:
+        seconds, pushed, pulled = transport.minimal_client(
+            settings["gateway-a"], settings["gateway-b"], mails
+        )
+    finally:
+        cluster.drain()
+    print(
+        f"  minimal client, same {len(mails)} mails ({pulled / 1e6:.0f} MB) through the same cluster: "
+        f"{seconds:.1f} s (push alone {pushed:.1f} s); gateway end to end ÷ that: {e2e / seconds:.2f} (target ≤ 1.0)"
+    )
+    return {
+        "transport_seconds": round(seconds, 2),
+        "transport_push_seconds": round(pushed, 2),
+        "e2e_vs_transport": round(e2e / seconds, 3),
     }
 
 
@@ -681,6 +731,7 @@ def run_cases(a: argparse.Namespace, cases: set[str], base: Path) -> int:
             results |= bench_package(base, folder, total, a.repeat)
         if "e2e" in cases:
             results |= bench_e2e(base, folder, total, "study")
+            results |= bench_transport(base, folder, float(results["e2e_seconds"]))
         if "dicomweb" in cases:
             results |= bench_dicomweb(base, a.repeat, big_images=a.big_images if "memory" in cases else 0)
         if "memory" in cases:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gateway.core.mime import MAX_HEADER_BYTES
 from gateway.core.queue import QueueState, after_crash, check_move, is_due
 from gateway.storage import fsync_dir, makedirs_durable
 
@@ -47,6 +48,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def read_head(path: Path) -> bytes:
+    """A mail's beginning, as much as its headers may take (`mime.MAX_HEADER_BYTES`): what the gateway's process
+    reads of a queued mail whose body is opened elsewhere."""
+    with path.open("rb") as f:
+        return f.read(MAX_HEADER_BYTES + 4)
 
 
 class Spool:

@@ -112,6 +112,32 @@ async def test_a_study_reaches_the_partner_and_the_receipt_comes_back(
     assert (inbound["direction"], inbound["state"], inbound["instances"]) == ("in", "complete", len(study))
     assert fake_mail.boxes.count("gateway-a@dicommail.test") == 0  # fetched and deleted
     assert fake_mail.boxes.count("gateway-b@dicommail.test") == 0
+    assert not list(pair.b.storage.tmp.iterdir())  # every instance's temp file was placed or removed
+
+
+@pytest.mark.asyncio
+async def test_an_opened_mail_reaches_the_gateway_as_files_not_bytes(pair_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """S/MIME is opened in a worker process, which also writes the instances out: what comes back into the
+    gateway's process is file names and digests (a few hundred bytes), not the decrypted instances."""
+    import hashlib
+
+    from gateway.core.queue import QueueState
+    from gateway.spool import read_head
+    from gateway.stages.workers import Unpacked
+
+    pair = await pair_factory()
+    study = make_study(tmp_path / "study", ct=3, size=64)
+    await pair.send_study(study[0].parent)
+    assert await pair.a_sends() == 1
+    assert await pair.b.fetcher.poll_once() == 1
+    [item] = pair.b.inbox.items(QueueState.INCOMING)
+    got = await pair.b.ingester.unpack(read_head(item.content), item.content)
+    assert isinstance(got, Unpacked) and got.accepted.parts == []
+    by_uid = {str(dcmread(p).SOPInstanceUID): p.read_bytes() for p in study}
+    for info, temp, sha256, size in got.files:
+        assert temp.parent == pair.b.storage.tmp and temp.read_bytes() == by_uid[info.sop_instance_uid]
+        assert (sha256, size) == (hashlib.sha256(temp.read_bytes()).hexdigest(), temp.stat().st_size)
+    assert len(got.files) == len(study)
 
 
 @pytest.mark.asyncio

@@ -28,10 +28,16 @@ from gateway.core import inbound, mailformat, mdn, partial
 from gateway.core.queue import QueueState
 from gateway.core.states import MailState
 from gateway.fragments import GroupDropped
-from gateway.spool import Item
+from gateway.spool import Item, read_head
 from gateway.stages import record, wait_woken
 from gateway.stages.context import Stage, StageContext
-from gateway.stages.workers import inspect_in_worker, opens_in_worker
+from gateway.stages.workers import (
+    Unpacked,
+    opens_in_worker,
+    remove_files,
+    unpack_in_worker,
+    unpack_parts,
+)
 from gateway.storage import StoreOutcome
 
 log = logging.getLogger(__name__)
@@ -246,19 +252,21 @@ class Ingester(Stage):
             return False
         return await self.catalog.finish_in_mail(mail_id, state, time.time(), **kw)  # type: ignore[arg-type]
 
-    async def open_mail(self, raw: bytes, path: Path | None = None) -> inbound.Accepted | inbound.ReceiptIn:
-        """Decrypt, verify and check one mail (raises `inbound.Refused`): S/MIME in a worker process, so that
-        decryption, base64 and hashing use the other core; OpenPGP in a thread (GnuPG is a process anyway).
-        `path`, where the mail is on disk, lets the worker read it there."""
-        if self.workers is not None and opens_in_worker(raw):
+    async def unpack(self, head: bytes, path: Path) -> Unpacked | inbound.ReceiptIn:
+        """Open one queued mail (raises `inbound.Refused`) with its instances written to temp files on D:. S/MIME
+        is opened and written in a worker process, which reads the mail from `path` itself: the mail's and its
+        instances' bytes never enter the gateway's process. OpenPGP (GnuPG is a process anyway) and anything
+        unrecognised are opened here, in a thread. `head` is the mail's beginning (its headers)."""
+        if self.workers is not None and opens_in_worker(head):
             try:
                 return await asyncio.get_running_loop().run_in_executor(
-                    self.workers.pool(), inspect_in_worker, path or raw, self.settings
+                    self.workers.pool(), unpack_in_worker, path, self.settings, self.storage.tmp
                 )
             except BrokenProcessPool:
                 log.warning("worker processes failed; this mail is opened in the gateway process")
                 self.workers.close()
-        return await asyncio.to_thread(
+        raw = await asyncio.to_thread(path.read_bytes)
+        got = await asyncio.to_thread(
             inbound.inspect_mail,
             raw,
             self.keys.identity,
@@ -266,12 +274,12 @@ class Ingester(Stage):
             self.keys.pgp,
             self.settings.mail.max_unpacked_size,
         )
+        if isinstance(got, inbound.ReceiptIn):
+            return got
+        return await asyncio.to_thread(unpack_parts, got, self.storage.tmp)
 
     async def ingest(self, item: Item) -> None:
-        """Ingest or quarantine one queued mail.
-
-        Size: one mail's whole path (open, store, index, finish) with its crash points in order; split, the order would no longer be visible.
-        """
+        """Ingest or quarantine one queued mail (the crash points of storing it: `_store`)."""
         mail_id = item.id
         if await self.catalog.mail_state(mail_id) in _FINISHED:
             # the catalog recorded the outcome before a crash; only the disk move was missing
@@ -280,19 +288,32 @@ class Ingester(Stage):
             return
         # crash while active: start-up puts the mail back; storing and indexing again are idempotent
         item = await asyncio.to_thread(self.inbox.move, item, QueueState.ACTIVE)
-        raw = await asyncio.to_thread(item.content.read_bytes)
+        # the headers are all this process reads of a mail (who sent it, what it answers, whether it is a part)
+        raw = await asyncio.to_thread(read_head, item.content)
         if partial.is_partial(raw):
-            await self._fragment(item, raw)
+            await self._fragment(item, await asyncio.to_thread(item.content.read_bytes))
             return
         try:
-            got = await self.open_mail(raw, item.content)
+            got = await self.unpack(raw, item.content)
         except inbound.Refused as exc:
             await self.quarantine(item, exc.reason, raw, public=exc.public, authenticated=exc.authenticated)
             return
         if isinstance(got, inbound.ReceiptIn):
             await self._receipt(item, got, raw)
             return
-        accepted = got
+        try:
+            await self._store(item, raw, got)
+        finally:  # placed files are gone from tmp/ already; the rest (a duplicate part, an error) goes now
+            await asyncio.to_thread(remove_files, [tmp for _, tmp, _, _ in got.files])
+
+    async def _store(self, item: Item, raw: bytes, unpacked: Unpacked) -> None:
+        """Store, index and finish an opened mail (its instances in temp files), or record it as a duplicate.
+
+        Size: one mail's path from opened to finished with its crash points in order; split, the order would no longer be visible.
+        """
+        mail_id = item.id
+        accepted = unpacked.accepted
+        carried = [info.sop_instance_uid for info, _, _, _ in unpacked.files]
         now = time.time()
         if await self.catalog.in_part_done(accepted.transfer_id, accepted.part):
             await self._finish_once(
@@ -305,7 +326,6 @@ class Ingester(Stage):
             await asyncio.to_thread(
                 self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="duplicate"
             )
-            carried = [info.sop_instance_uid for info, _ in accepted.parts]
             await self._owe_receipt(mail_id, raw, mdn.OK, "already received", carried, accepted.mic)
             log.info(
                 "mail %s: set %s part %d already ingested (re-delivery)",
@@ -316,10 +336,10 @@ class Ingester(Stage):
             return
         records = []
         size = 0
-        for info, received in accepted.parts:
+        for info, tmp, sha256, length in unpacked.files:
             # stored byte for byte as the mail carried it: the catalog's transfer syntax is the file's, and
             # forwarding converts for a PACS that does not take it
-            result = await asyncio.to_thread(self.storage.store_bytes, received, info)
+            result = await asyncio.to_thread(self.storage.store_temp_file, tmp, info, (sha256, length))
             if result.outcome is StoreOutcome.CONFLICT:
                 log.warning(
                     "mail %s: instance %s differs from the stored one; kept aside in conflicts/",
@@ -362,9 +382,7 @@ class Ingester(Stage):
         )
         # crash here: the catalog says ingested, the item is still active: on restart it is recognised and finished
         await asyncio.to_thread(self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="ingested")
-        await self._owe_receipt(
-            mail_id, raw, mdn.OK, "", [info.sop_instance_uid for info, _ in accepted.parts], accepted.mic
-        )
+        await self._owe_receipt(mail_id, raw, mdn.OK, "", carried, accepted.mic)
         self.ingested += 1
         log.info(
             "mail %s: set %s part %d/%d ingested, %d instances",

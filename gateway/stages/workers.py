@@ -5,10 +5,12 @@ worker, never sent to it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from gateway.addressbook import load_address_book
 from gateway.children import exit_with
 from gateway.config import Partner, Settings
 from gateway.core import inbound, mailformat, mdn, partial
+from gateway.core.dicominfo import InstanceInfo
 from gateway.logsetup import setup_logging
 from gateway.spool import Spool
 from gateway.stages import worker_identity
@@ -141,6 +144,47 @@ def inspect_in_worker(mail: bytes | Path, settings: Settings) -> inbound.Accepte
         _SENDERS[key] = load_address_book(settings).senders()
     identity = worker_identity(settings.smime_cert, settings.smime_key)
     return inbound.inspect_mail(raw, identity, _SENDERS[key], None, settings.mail.max_unpacked_size)
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    """An accepted mail whose instances were written to temp files on D: (each fsynced) where it was opened, so
+    that the instances never travel back through a pipe into the gateway's process: `accepted` without its
+    parts' bytes, and per instance (info, temp file, SHA-256, size)."""
+
+    accepted: inbound.Accepted
+    files: list[tuple[InstanceInfo, Path, str, int]]
+
+
+def unpack_parts(accepted: inbound.Accepted, tmp: Path) -> Unpacked:
+    """Write an accepted mail's instances into `tmp` (the storage's temp folder, removed at start-up after a
+    crash), fsynced: ready to be placed by `Storage.store_temp_file`."""
+    files: list[tuple[InstanceInfo, Path, str, int]] = []
+    try:
+        for n, (info, data) in enumerate(accepted.parts):
+            path = tmp / f".mail.{os.getpid()}.{time.monotonic_ns()}.{n}.tmp"
+            files.append((info, path, hashlib.sha256(data).hexdigest(), len(data)))
+            with path.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for _, path, _, _ in files:
+            path.unlink(missing_ok=True)  # disk full, I/O error: no temp file stays behind
+        raise
+    return Unpacked(dataclasses.replace(accepted, parts=[]), files)
+
+
+def remove_files(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def unpack_in_worker(path: Path, settings: Settings, tmp: Path) -> Unpacked | inbound.ReceiptIn:
+    """Open a queued mail (`inspect_in_worker`) and write its instances to temp files, in a worker process: the
+    gateway's process gets file names and a few hundred bytes instead of the decrypted instances."""
+    got = inspect_in_worker(path, settings)
+    return got if isinstance(got, inbound.ReceiptIn) else unpack_parts(got, tmp)
 
 
 def opens_in_worker(raw: bytes) -> bool:
