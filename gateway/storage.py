@@ -244,12 +244,16 @@ class Storage:
         """A path relative to d_root (what the catalog records)."""
         return str(path.relative_to(self.root))
 
-    def _place(self, info: InstanceInfo, tmp: Path, sha: str, size: int) -> StoreResult:
+    def _place(
+        self, info: InstanceInfo, tmp: Path, sha: str, size: int, sync_dir: bool = True
+    ) -> StoreResult:
         """Move a fully written and fsynced temp file into place, deduplicating by UID and content.
 
         Several processes store at once (the DICOM receivers, the mail ingest), so the place is taken with
         `link`, which fails if the name exists: of two copies of one UID arriving together, exactly one is stored
-        and the other is compared with it (duplicate or conflict), never silently replaced."""
+        and the other is compared with it (duplicate or conflict), never silently replaced. With `sync_dir`
+        false the new name is not yet durable: the caller fsyncs `result.path.parent` before it tells anyone
+        (the receivers do that for several instances at once: `GroupFlush`)."""
         target = self.instance_path(info)
         with self._lock:
             makedirs_durable(target.parent)
@@ -262,23 +266,30 @@ class Storage:
                     # the same instance: byte for byte, or with only another file meta header (another toolkit
                     # wrote the Part 10 wrapper); the stored file stays as it is
                     tmp.unlink()
-                    return StoreResult(StoreOutcome.DUPLICATE, target, sha, size)
-                makedirs_durable(self.conflicts)
-                aside = self.conflicts / f"{_safe(info.sop_instance_uid)}.{sha[:16]}.dcm"
-                os.replace(tmp, aside)
-                fsync_dir(self.conflicts)
-                return StoreResult(StoreOutcome.CONFLICT, aside, sha, size)
-            # crash here: the new name may not survive until the directory is synced; nothing acknowledged yet
-            fsync_dir(target.parent)
-            tmp.unlink()  # crash before this: a stray temp file, removed at start-up
-        return StoreResult(StoreOutcome.STORED, target, sha, size)
+                    outcome = StoreOutcome.DUPLICATE
+                else:
+                    makedirs_durable(self.conflicts)
+                    aside = self.conflicts / f"{_safe(info.sop_instance_uid)}.{sha[:16]}.dcm"
+                    os.replace(tmp, aside)
+                    fsync_dir(self.conflicts)
+                    return StoreResult(StoreOutcome.CONFLICT, aside, sha, size)
+            else:
+                tmp.unlink()  # crash before this: a stray temp file, removed at start-up
+                outcome = StoreOutcome.STORED
+        # crash here: the new name may not survive until the directory is synced; nothing acknowledged yet. A
+        # duplicate syncs too: the copy it matched may have been linked a moment ago by a thread or process whose
+        # own flush has not happened yet, and this one is about to be acknowledged.
+        if sync_dir:
+            fsync_dir(target.parent)  # outside the lock: another thread's link need not wait for this flush
+        return StoreResult(outcome, target, sha, size)
 
     def store_temp_file(
-        self, tmp: Path, info: InstanceInfo, digest: tuple[str, int] | None = None
+        self, tmp: Path, info: InstanceInfo, digest: tuple[str, int] | None = None, sync_dir: bool = True
     ) -> StoreResult:
         """Store a file already written below `tmp/` (the DICOM receive path); fsyncs it first.
 
-        `digest` is the (SHA-256, size) its writer computed on the way in; without it the file is read again."""
+        `digest` is the (SHA-256, size) its writer computed on the way in; without it the file is read again.
+        `sync_dir`: see `_place`."""
         with tmp.open("rb+") as f:
             if digest is None:
                 h = hashlib.sha256()
@@ -288,7 +299,7 @@ class Storage:
                     size += len(chunk)
                 digest = h.hexdigest(), size
             os.fsync(f.fileno())
-        return self._place(info, tmp, *digest)
+        return self._place(info, tmp, *digest, sync_dir=sync_dir)
 
     def store_copy(self, src: Path, info: InstanceInfo) -> StoreResult:
         """Store a copy of a file (the `send` command): streamed in chunks and hashed on the way, never whole in
