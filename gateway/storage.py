@@ -20,6 +20,7 @@ the new one, never a torn file.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -31,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, dataset_offset
 from gateway.errors import VolumeInUseError
@@ -47,6 +48,37 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+_renameat2: Any = None
+
+
+def move_noreplace(src: Path, dst: Path) -> bool:
+    """Move `src` to `dst` unless `dst` exists (False then, `src` untouched): one atomic rename that never
+    replaces (Linux `renameat2(RENAME_NOREPLACE)`: one metadata change where `link` + `unlink` are two, each of
+    which may wait for the filesystem's journal while other threads flush); `link` + `unlink` where the kernel
+    or the filesystem does not offer it (the same guarantee, one step more)."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+        except (OSError, AttributeError):
+            _renameat2 = False
+    if _renameat2:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        return False
+    src.unlink()  # crash before this: a stray temp file, removed at start-up
+    return True
 
 
 def makedirs_durable(path: Path) -> None:
@@ -249,33 +281,27 @@ class Storage:
     ) -> StoreResult:
         """Move a fully written and fsynced temp file into place, deduplicating by UID and content.
 
-        Several processes store at once (the DICOM receivers, the mail ingest), so the place is taken with
-        `link`, which fails if the name exists: of two copies of one UID arriving together, exactly one is stored
-        and the other is compared with it (duplicate or conflict), never silently replaced. With `sync_dir`
+        Several processes store at once (the DICOM receivers, the mail ingest), so the place is taken with a
+        rename that fails if the name exists (`move_noreplace`): of two copies of one UID arriving together,
+        exactly one is stored and the other is compared with it (duplicate or conflict), never silently replaced. With `sync_dir`
         false the new name is not yet durable: the caller fsyncs `result.path.parent` before it tells anyone
         (the receivers do that for several instances at once: `GroupFlush`)."""
         target = self.instance_path(info)
         with self._lock:
             makedirs_durable(target.parent)
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                if (target.stat().st_size == size and sha256_file(target) == sha) or same_dataset(
-                    target, tmp
-                ):
-                    # the same instance: byte for byte, or with only another file meta header (another toolkit
-                    # wrote the Part 10 wrapper); the stored file stays as it is
-                    tmp.unlink()
-                    outcome = StoreOutcome.DUPLICATE
-                else:
-                    makedirs_durable(self.conflicts)
-                    aside = self.conflicts / f"{_safe(info.sop_instance_uid)}.{sha[:16]}.dcm"
-                    os.replace(tmp, aside)
-                    fsync_dir(self.conflicts)
-                    return StoreResult(StoreOutcome.CONFLICT, aside, sha, size)
-            else:
-                tmp.unlink()  # crash before this: a stray temp file, removed at start-up
+            if move_noreplace(tmp, target):
                 outcome = StoreOutcome.STORED
+            elif (target.stat().st_size == size and sha256_file(target) == sha) or same_dataset(target, tmp):
+                # the same instance: byte for byte, or with only another file meta header (another toolkit wrote
+                # the Part 10 wrapper); the stored file stays as it is
+                tmp.unlink()
+                outcome = StoreOutcome.DUPLICATE
+            else:
+                makedirs_durable(self.conflicts)
+                aside = self.conflicts / f"{_safe(info.sop_instance_uid)}.{sha[:16]}.dcm"
+                os.replace(tmp, aside)
+                fsync_dir(self.conflicts)
+                return StoreResult(StoreOutcome.CONFLICT, aside, sha, size)
         # crash here: the new name may not survive until the directory is synced; nothing acknowledged yet. A
         # duplicate syncs too: the copy it matched may have been linked a moment ago by a thread or process whose
         # own flush has not happened yet, and this one is about to be acknowledged.

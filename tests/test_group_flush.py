@@ -73,3 +73,21 @@ def test_a_failed_flush_raises_where_it_ran_and_is_run_again(tmp_path: Path) -> 
         flusher.flush(folder)
     flusher.flush(folder)  # the next request flushes (the folder is still asked for)
     assert journal.finished == [2] and flusher.rounds == 1
+
+
+@pytest.mark.parametrize("kernel_call", [True, False])
+def test_an_instance_is_placed_without_ever_replacing_one(
+    kernel_call: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One atomic rename that never replaces (renameat2), or link + unlink where the filesystem lacks it: the
+    first copy of a name wins, a second one stays where it was for the comparison."""
+    from gateway import storage
+
+    if not kernel_call:
+        monkeypatch.setattr(storage, "_renameat2", False)  # injected: a filesystem without RENAME_NOREPLACE
+    first, second, target = tmp_path / "first", tmp_path / "second", tmp_path / "target"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    assert storage.move_noreplace(first, target) is True
+    assert storage.move_noreplace(second, target) is False
+    assert (target.read_bytes(), first.exists(), second.read_bytes()) == (b"first", False, b"second")
