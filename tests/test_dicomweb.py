@@ -360,3 +360,55 @@ async def test_every_stored_transfer_syntax_displays(served, tmp_path: Path) -> 
                 assert raw != frame and len(raw) < len(frame), stem  # the stored, compressed frame
 
     await asyncio.to_thread(check)
+
+
+@pytest.mark.asyncio
+async def test_pixel_data_no_decoder_reads_is_refused_clearly_and_images_go_on(
+    served, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """An instance whose compressed pixel data is broken (stored as it came, as a partner's may be) is answered
+    406 with a clear reason wherever it would need decoding, and as stored where the client takes that; a render
+    worker killed meanwhile costs no request: the next image comes from a fresh one."""
+    import os
+    import signal
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, generate_uid
+
+    url, study, gw = served
+    ds = pydicom.dcmread(study[0])
+    good = f"{url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    garbage = b"\xff\x4f\xff\x51" + bytes(range(256)) * 2
+    ds.PixelData = encapsulate([garbage])
+    broken = tmp_path / "broken.dcm"
+    ds.save_as(broken, enforce_file_format=True)
+    body, ctype = _multipart([("application/dicom", broken.read_bytes())])
+    s = requests.Session()
+    s.auth = ("operator", PASSWORD)
+    r = await asyncio.to_thread(
+        s.post, f"{url}/studies", data=body, headers={"Content-Type": ctype}, timeout=30
+    )
+    assert r.status_code == 200, r.text
+    assert await gw.webindex.run_once() == 1
+    bad = f"{url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    native = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'
+
+    def run() -> None:
+        for path, accept in ((f"{bad}/rendered", "image/jpeg"), (f"{bad}/frames/1", native)):
+            r = s.get(path, headers={"Accept": accept}, timeout=30)
+            assert r.status_code == 406 and "cannot be decoded here" in r.text, (path, r.status_code, r.text)
+        stored = s.get(
+            f"{bad}/frames/1",
+            headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'},
+            timeout=30,
+        )
+        assert stored.status_code == 200 and garbage in stored.content
+        assert s.get(f"{bad}/frames/2/rendered", timeout=30).status_code == 404
+        for pid in gw.renderers.pids():
+            os.kill(pid, signal.SIGKILL)
+        image = s.get(f"{good}/rendered", headers={"Accept": "image/png"}, timeout=30)
+        assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (64, 64)
+
+    await asyncio.to_thread(run)
