@@ -147,8 +147,15 @@ class RenderWorkers:
             self._all.discard(worker)
             self._live -= 1
 
-    async def _get(self) -> _Worker:
+    async def _get(self, fresh: bool = False) -> _Worker:
+        """An idle worker, or the next one to become idle or to have started. `fresh`: not one of the idle ones
+        (a worker just turned out dead; whatever killed it, the OOM killer or an operator, may have killed the
+        idle ones too, before the event loop has heard of it), so those are ended and new ones started."""
         async with self._ready:
+            if fresh:
+                for worker in self._idle:
+                    self._drop(worker)
+                self._idle.clear()
             failed = self._start_failed
             while True:
                 while self._idle:
@@ -169,7 +176,7 @@ class RenderWorkers:
         async with self._slots:
             for attempt in (1, 2):
                 try:
-                    header, blobs = await self._once({"op": op, "args": args})
+                    header, blobs = await self._once({"op": op, "args": args}, fresh=attempt == 2)
                     break
                 except (asyncio.IncompleteReadError, ConnectionError):
                     if attempt == 2:
@@ -185,9 +192,9 @@ class RenderWorkers:
             raise FileNotFoundError(text)
         raise imaging.Undecodable(text)
 
-    async def _once(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+    async def _once(self, request: dict[str, Any], fresh: bool) -> tuple[dict[str, Any], list[bytes]]:
         """One request in one worker; a worker that fails in any way is killed (and replaced when next needed)."""
-        worker = await self._get()
+        worker = await self._get(fresh)
         try:
             async with asyncio.timeout(self.timeout):
                 answer = await worker.call(request)
