@@ -93,15 +93,38 @@ class Spool:
         existing = self.find(item_id)
         if existing is not None:
             return existing
+
+        def content(staging: Path) -> None:
+            with (staging / CONTENT).open("wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return self._enqueue(item_id, content, meta)
+
+    def put_file(self, item_id: str, path: Path, meta: dict[str, Any]) -> Item:
+        """`put` for content already written to `path` (below tmp/, the same filesystem): fsynced and moved in,
+        never read or copied; `path` is gone afterwards (moved, or removed when the id is already queued)."""
+        existing = self.find(item_id)
+        if existing is not None:
+            path.unlink(missing_ok=True)
+            return existing
+
+        def content(staging: Path) -> None:
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+            os.rename(path, staging / CONTENT)  # its name is made durable with the meta file's (same folder)
+
+        return self._enqueue(item_id, content, meta)
+
+    def _enqueue(self, item_id: str, content: Callable[[Path], None], meta: dict[str, Any]) -> Item:
+        """A staging folder in tmp/ with the content (`content(folder)`) and meta.json, renamed into INCOMING."""
         staging = self.tmp / f".spool-{item_id}.{os.getpid()}"
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         try:
-            with (staging / CONTENT).open("wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
+            content(staging)
             _write_json(staging / META, {**meta, "created": meta.get("created", time.time())})
             target = self.dirs[QueueState.INCOMING] / item_id
             # crash before this rename: only a staging folder in tmp/ (removed at start-up); nothing queued

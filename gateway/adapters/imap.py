@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import ssl
+from typing import BinaryIO
 
 import aioimaplib
 
@@ -78,6 +79,12 @@ class ImapSession:
                     raise MailError(f"UID FETCH {uid}: larger than {limit} bytes")
                 return bytes(line)
         raise MailError(f"UID FETCH {uid}: no message literal in the answer")
+
+    async def retr_to(self, uid: int, out: BinaryIO, limit: int = 1 << 30) -> int:
+        """`retr` written into `out` (aioimaplib hands over the literal whole; the write runs in a thread)."""
+        data = await self.retr(uid, 0, limit)
+        await asyncio.to_thread(out.write, data)
+        return len(data)
 
     async def headers(self, uid: int) -> bytes:
         """The mail's header section only: what is kept of a mail too large to fetch."""

@@ -8,7 +8,7 @@ connection and the server keeps every mail, the safe outcome of a crash).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 if TYPE_CHECKING:
     from gateway.config import Node
@@ -30,6 +30,10 @@ class MailboxSession(Protocol):
 
     async def retr(self, number: int, size_hint: int = 0, limit: int = ...) -> bytes | bytearray:
         """The whole mail, CRLF line ends; never more than `limit` bytes are read."""
+        ...
+
+    async def retr_to(self, number: int, out: BinaryIO, limit: int = ...) -> int:
+        """The mail written into `out` (CRLF line ends), as it arrives where the protocol allows; bytes written."""
         ...
 
     async def headers(self, number: int) -> bytes:

@@ -13,7 +13,7 @@ import contextlib
 import io
 import poplib
 import ssl
-from typing import cast
+from typing import BinaryIO, cast
 
 from gateway.adapters import mailbox
 from gateway.adapters.failover import first_working
@@ -24,7 +24,9 @@ poplib._MAXLINE = 64 * 1024  # type: ignore[attr-defined]  # long header lines f
 
 
 _READ_AHEAD = 1 << 16  # more than poplib's reader buffers (8 KiB), so reads go straight into our buffer
-_MAX_PREALLOC = 64 << 20  # a buffer sized from LIST is never larger (a mail larger than that grows it)
+_PIECE = (
+    256 << 10
+)  # one read of a mail: below glibc's mmap threshold (see service.tune_malloc), above TLS records
 MAX_RETR_BYTES = 1 << 30  # no mail of ours comes near; a server that never ends its answer is cut off here
 
 
@@ -34,6 +36,41 @@ class MailError(mailbox.MailError):
 
 class MailTooLarge(Exception):
     """The mail grew past the caller's limit while being read (LIST said less): the session must be dropped."""
+
+
+class DotLines:
+    """The multi-line answer of RETR, fed in pieces as they arrive, written out without the dot-stuffing (a line
+    that starts with "." came with one more, RFC 1939 §3) and without its terminating ".": only complete lines
+    are written, the unfinished end of a piece waits for the next one."""
+
+    def __init__(self, out: BinaryIO, limit: int) -> None:
+        self.out, self.limit = out, limit
+        self.rest = b""  # the unfinished line at the end of what came so far (starts a line)
+        self.written = 0
+
+    def feed(self, piece: bytes | memoryview) -> bool:
+        """Take the next piece; True once the terminating line has come."""
+        data = self.rest + piece if self.rest else bytes(piece)
+        last = data.rfind(b"\r\n")
+        cut = last + 2 if last >= 0 else 0
+        lines, self.rest = data[:cut], data[cut:]
+        if len(self.rest) + self.written > self.limit:
+            raise MailTooLarge(f"mail is larger than {self.limit} bytes")
+        if lines.startswith(b".\r\n"):
+            return True
+        end = lines.find(b"\r\n.\r\n")
+        done = end >= 0
+        if done:
+            lines = lines[: end + 2]  # the last line of the mail keeps its CRLF
+        if lines.startswith(b".."):
+            lines = lines[1:]
+        if b"\r\n.." in lines:
+            lines = lines.replace(b"\r\n..", b"\r\n.")
+        self.written += len(lines)
+        if self.written > self.limit:
+            raise MailTooLarge(f"mail is larger than {self.limit} bytes")
+        self.out.write(lines)
+        return done
 
 
 class Pop3Session:
@@ -59,58 +96,50 @@ class Pop3Session:
         return await asyncio.to_thread(_list)
 
     async def retr(self, number: int, size_hint: int = 0, limit: int = MAX_RETR_BYTES) -> bytearray:
-        """The whole mail, with CRLF line ends as on the wire; `size_hint` is its size from LIST. A bytearray: the
-        buffer it was read into, so that a 27 MB mail is not copied once more (with the interpreter lock held).
-        Never more than `limit` bytes are read (`MailTooLarge`); -ERR for this mail is `MailError`."""
+        """The whole mail in memory, with CRLF line ends as on the wire (`retr_to` into a buffer; `size_hint`, the
+        size from LIST, is not needed). Never more than `limit` bytes are read (`MailTooLarge`); -ERR for this
+        mail is `MailError`."""
+        out = io.BytesIO()
+        await self.retr_to(number, out, limit)
+        return bytearray(out.getbuffer())
 
-        def _retr() -> bytearray:
-            # poplib's retr() reads and keeps the mail line by line (a Python loop and an object per 76 bytes:
-            # seconds and ~4x the mail in memory for 20 MB). Read the response straight into one buffer instead,
-            # sized from LIST, one TLS record per call (no allocation per chunk: allocating and shrinking a chunk
-            # each time held the interpreter lock for seconds per study in mmap/munmap), and undo the
-            # dot-stuffing (RFC 1939 §3) only where there is any, on poplib's own connection.
-            conn = self.conn
-            conn.sock.sendall(f"RETR {number}\r\n".encode())
-            reader = cast(io.BufferedReader, conn.file)
-            status = reader.readline(2048)
-            if not status.startswith(b"-ERR") and not status.startswith(b"+OK"):
-                raise poplib.error_proto(
-                    status.decode("ascii", "replace").strip()[:200] or "no answer to RETR"
-                )
-            if status.startswith(b"-ERR"):
-                raise MailError(status.decode("ascii", "replace").strip()[:200])
-            # what readline buffered beyond the status line: read1 returns only that, and empties the buffer
-            first = reader.read1(_READ_AHEAD)
-            hint = min(
-                size_hint + (size_hint >> 6), _MAX_PREALLOC, limit
-            )  # LIST's word is trusted this far only
-            buf = bytearray(max(hint, len(first)) + 2 * _READ_AHEAD)
-            buf[: len(first)] = first
-            view, pos = memoryview(buf), len(first)
-            del first
-            while not (buf.endswith(b"\r\n.\r\n", 0, pos) or (pos == 3 and buf.startswith(b".\r\n"))):
-                if len(buf) - pos < _READ_AHEAD:  # larger than LIST said: grow (rare)
-                    if pos > limit:
-                        raise MailTooLarge(f"mail {number} is larger than {limit} bytes")
-                    view.release()
-                    buf.extend(bytes(len(buf)))
-                    view = memoryview(buf)
-                # always more room than the reader's own buffer, which it then leaves empty and reads past
-                # (with data in its buffer, readinto1 would copy that and then block on one more read)
-                n = reader.readinto1(view[pos:])
+    async def retr_to(self, number: int, out: BinaryIO, limit: int = MAX_RETR_BYTES) -> int:
+        """Stream one mail into `out` (a file, for the fetch stage: the mail is never whole in memory), CRLF line
+        ends as on the wire, dot-stuffing undone (RFC 1939 §3); how many bytes were written. Never more than
+        `limit` bytes are read (`MailTooLarge`); -ERR for this mail is `MailError`."""
+        return await asyncio.to_thread(self._retr_to, number, out, limit)
+
+    def _retr_to(self, number: int, out: BinaryIO, limit: int) -> int:
+        # poplib's retr() reads and keeps the mail line by line (a Python loop and an object per 76 bytes:
+        # seconds and ~4x the mail in memory for 20 MB). Read the response in pieces of _PIECE instead, on
+        # poplib's own connection, one TLS read per call into one reused buffer (below glibc's mmap threshold:
+        # no mmap/munmap per piece, which once held the interpreter lock for seconds per study), and write out
+        # the complete lines of each piece.
+        conn = self.conn
+        conn.sock.sendall(f"RETR {number}\r\n".encode())
+        reader = cast(io.BufferedReader, conn.file)
+        status = reader.readline(2048)
+        if not status.startswith(b"-ERR") and not status.startswith(b"+OK"):
+            raise poplib.error_proto(status.decode("ascii", "replace").strip()[:200] or "no answer to RETR")
+        if status.startswith(b"-ERR"):
+            raise MailError(status.decode("ascii", "replace").strip()[:200])
+        lines = DotLines(out, limit)
+        # what readline buffered beyond the status line: read1 returns only that, and empties the buffer; after
+        # it, a buffer larger than the reader's own makes readinto1 read past it (with data in its buffer,
+        # readinto1 would copy that and then block on one more read)
+        if lines.feed(reader.read1(_READ_AHEAD)):
+            return lines.written
+        buf = bytearray(_PIECE)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = reader.readinto1(view)
                 if not n:
                     raise poplib.error_proto("connection closed in the middle of RETR")
-                pos += n
-            end = pos - 3  # drop the terminating ".\r\n"
+                if lines.feed(view[:n]):
+                    return lines.written
+        finally:
             view.release()
-            del buf[end:]  # the buffer becomes the mail: shrunk in place, not copied
-            if buf.startswith(b"..") or buf.find(b"\r\n..") >= 0:
-                buf = buf.replace(b"\r\n..", b"\r\n.")
-                if buf.startswith(b".."):
-                    del buf[0]
-            return buf
-
-        return await asyncio.to_thread(_retr)
 
     async def headers(self, number: int) -> bytes:
         """The mail's header section only (`TOP n 0`), at most 256 KiB: what is kept of a mail too large to fetch."""

@@ -2,7 +2,9 @@ r"""Stage 5, fetch: poll the mailbox over POP3S (or IMAPS); each mail is durable
 deleted on the server (`DELE`, or `\Deleted` + EXPUNGE).
 
 The inbox item is named by the SHA-256 of the mail, so fetching the same mail twice (a crash between the
-durable write and QUIT) lands on the same item and the same catalog row.
+durable write and QUIT) lands on the same item and the same catalog row. A mail is streamed from the server into
+a file below D:/tmp, hashed on the way, then fsynced and moved into the inbox: it is never whole in the gateway's
+memory (IMAP's library hands over each literal whole, which is then written the same way).
 
 The mailbox is shared and untrusted, so one mail affects only itself:
 - a mail larger than `Settings.fetch_cap` is never read: its headers are kept as a held item (unauthenticated,
@@ -24,7 +26,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from gateway.adapters import mailbox
 from gateway.adapters.mailbox import Mailbox
@@ -39,6 +41,18 @@ log = logging.getLogger(__name__)
 MAX_MAILS_PER_POLL = 200
 MAX_TRIES = 3  # a mail that broke the session this often stays on the server, reported
 _MAIL_ERRORS = (mailbox.MailError,)
+
+
+class _Digesting:
+    """A file that hashes what is written to it (the fetch stage's content key, computed on the way in)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
 
 
 class FetchFailures:
@@ -93,11 +107,20 @@ class Fetcher(Stage):
         self.too_large = 0
         self.failures = FetchFailures(self.storage.state / "fetch-failures.json")
 
-    def _put(self, raw: bytes | bytearray, node: str) -> str:
-        """Make a fetched mail durable in the inbox under its content key (in a thread: it hashes the whole mail)."""
-        key = hashlib.sha256(raw).hexdigest()[:40]
-        self.inbox.put(key, raw, {"node": node, "size": len(raw)})
-        return key
+    async def _retr(self, session: Any, number: int, cap: int, tmp: Path) -> tuple[str, int]:
+        """One mail streamed from the server into `tmp` (below D:/tmp), hashed on the way: never whole in the
+        gateway's memory. Its content key and size."""
+        f = await asyncio.to_thread(tmp.open, "wb")
+        try:
+            out = _Digesting(f)
+            size = await session.retr_to(number, cast(BinaryIO, out), cap)
+        finally:
+            await asyncio.to_thread(f.close)
+        return out.digest.hexdigest()[:40], size
+
+    def _put(self, tmp: Path, key: str, size: int, node: str) -> None:
+        """Make a fetched mail durable in the inbox under its content key (fsync, moved in; in a thread)."""
+        self.inbox.put_file(key, tmp, {"node": node, "size": size})
 
     def _backlog(self) -> int:
         """Bytes of fetched mails not yet checked (incoming and deferred inbox items)."""
@@ -179,27 +202,31 @@ class Fetcher(Stage):
                     )
                     continue  # smaller mails may still fit
                 in_flight = uid
+                tmp = self.storage.tmp / f".fetch.{os.getpid()}.{time.monotonic_ns()}.tmp"
                 try:
-                    raw = await session.retr(number, size, cap)
-                except _MAIL_ERRORS as exc:
-                    tries = self.failures.note(uid, str(exc), time.time())
-                    log.warning(
-                        "mail %s could not be fetched (try %d of %d): %s", number, tries, MAX_TRIES, exc
-                    )
+                    try:
+                        key, length = await self._retr(session, number, cap, tmp)
+                    except _MAIL_ERRORS as exc:
+                        tries = self.failures.note(uid, str(exc), time.time())
+                        log.warning(
+                            "mail %s could not be fetched (try %d of %d): %s", number, tries, MAX_TRIES, exc
+                        )
+                        in_flight = ""
+                        continue
                     in_flight = ""
-                    continue
-                in_flight = ""
-                key = await asyncio.to_thread(self._put, raw, str(session.node))
+                    await asyncio.to_thread(self._put, tmp, key, length, str(session.node))
+                finally:  # moved into the inbox, or a partial mail: nothing stays in tmp/
+                    tmp.unlink(missing_ok=True)
                 # crash here: queued but not indexed; start-up reconciliation records it
-                await self.catalog.record_in_mail(key, f"spool/inbox/{key}", len(raw), time.time())
+                await self.catalog.record_in_mail(key, f"spool/inbox/{key}", length, time.time())
                 # crash here: mail durable and recorded, still on the server; fetched again → same key, ignored
                 await session.delete(number)
                 taken += 1
-                backlog += len(raw)
+                backlog += length
                 self.per_node[str(session.node)] = self.per_node.get(str(session.node), 0) + 1
-                self.bytes_received += len(raw)
-                self.bytes_per_node[str(session.node)] = self.bytes_per_node.get(str(session.node), 0) + len(
-                    raw
+                self.bytes_received += length
+                self.bytes_per_node[str(session.node)] = (
+                    self.bytes_per_node.get(str(session.node), 0) + length
                 )
                 self.wakes.ingest.set()
             await session.close()  # QUIT commits the deletions
