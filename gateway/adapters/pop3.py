@@ -24,9 +24,8 @@ poplib._MAXLINE = 64 * 1024  # type: ignore[attr-defined]  # long header lines f
 
 
 _READ_AHEAD = 1 << 16  # more than poplib's reader buffers (8 KiB), so reads go straight into our buffer
-_PIECE = (
-    256 << 10
-)  # one read of a mail: below glibc's mmap threshold (see service.tune_malloc), above TLS records
+# one read of a mail: below glibc's mmap threshold (see service.tune_malloc), above a TLS record
+_PIECE = 256 << 10
 MAX_RETR_BYTES = 1 << 30  # no mail of ours comes near; a server that never ends its answer is cut off here
 
 

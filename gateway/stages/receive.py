@@ -132,7 +132,7 @@ class GroupFlush:
         self._asked = 0  # requests so far (each one's number is its ticket)
         self._flushed = 0  # every ticket up to this one is flushed
         self._busy = False
-        self.rounds = 0  # flushes run (tests and the bench compare this with the requests)
+        self.rounds = 0  # flushes run (the tests compare this with the requests)
 
     def flush(self, folder: Path) -> None:
         """Return once `folder`'s entries and the journal's lines written before this call are on disk."""
@@ -207,9 +207,8 @@ class DurableIntake:
         )
         self.journal.append(record, sync=False)
         # crash here: name and journal line maybe lost, nothing acknowledged: the modality resends
-        self.flusher.flush(
-            result.path.parent
-        )  # the name and the line, flushed with those of other associations
+        # the name and the line, flushed with those of other associations
+        self.flusher.flush(result.path.parent)
         # crash here: journaled and durable, success not yet sent; replay indexes it, the modality may resend (duplicate)
         self.emit({"t": "stored", "o": result.outcome.value, "r": record_to_json(record)})
 

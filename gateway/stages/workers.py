@@ -148,7 +148,7 @@ def inspect_in_worker(mail: bytes | Path, settings: Settings) -> inbound.Accepte
 
 @dataclass(frozen=True)
 class Unpacked:
-    """An accepted mail whose instances were written to temp files on D: (each fsynced) where it was opened, so
+    """An accepted mail whose instances were written to temp files on D: where it was opened, so
     that the instances never travel back through a pipe into the gateway's process: `accepted` without its
     parts' bytes, and per instance (info, temp file, SHA-256, size)."""
 
@@ -158,16 +158,13 @@ class Unpacked:
 
 def unpack_parts(accepted: inbound.Accepted, tmp: Path) -> Unpacked:
     """Write an accepted mail's instances into `tmp` (the storage's temp folder, removed at start-up after a
-    crash), fsynced: ready to be placed by `Storage.store_temp_file`."""
+    crash): ready to be placed by `Storage.store_temp_file`, which fsyncs each before naming it."""
     files: list[tuple[InstanceInfo, Path, str, int]] = []
     try:
         for n, (info, data) in enumerate(accepted.parts):
             path = tmp / f".mail.{os.getpid()}.{time.monotonic_ns()}.{n}.tmp"
             files.append((info, path, hashlib.sha256(data).hexdigest(), len(data)))
-            with path.open("wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            path.write_bytes(data)  # fsynced once, by `store_temp_file`, before it is named in images/
     except BaseException:
         for _, path, _, _ in files:
             path.unlink(missing_ok=True)  # disk full, I/O error: no temp file stays behind
