@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -48,6 +48,25 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+
+
+def start_writeback(fd: int) -> None:
+    """Linux: have the kernel start writing a file's dirty pages now, without waiting (SYNC_FILE_RANGE_WRITE),
+    so that the fsync after the file's last byte has less left to wait for; elsewhere nothing."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, 2)
 
 
 _AT_FDCWD, _RENAME_NOREPLACE = -100, 1

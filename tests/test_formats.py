@@ -3,7 +3,9 @@ dcmdump for DICOM-ZIP, hostile archives, message/partial reassembly, receipts, c
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import io
 import random
 import subprocess
@@ -21,9 +23,20 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.adapters.openpgp import OpenPgp
-from gateway.core import compress, dicomzip, mailformat, mdn, mime, partial, pgpmime
+from gateway.core import (
+    cmsstream,
+    compress,
+    dicomzip,
+    mailformat,
+    mailstream,
+    mdn,
+    mime,
+    partial,
+    pgpmime,
+    smime,
+)
 from gateway.core.inbound import Accepted, ReceiptIn, Refused, Sender, inspect_mail
-from gateway.core.smime import Identity
+from gateway.core.smime import Identity, SmimeError
 from gateway.devtools import pki
 from gateway.devtools.studies import make_study
 from gateway.errors import ConfigError
@@ -479,3 +492,90 @@ def test_content_headers_that_are_not_ascii_are_refused_not_crashed(pki_dir, key
     )
     with pytest.raises(Refused):
         inspect_mail(raw, identity(pki_dir, "gateway-b-smime"), book_of_b(pki_dir, a), None)
+
+
+# ------------------------------------------------------------------------------------------- streamed S/MIME
+
+
+def test_a_streamed_smime_mail_opens_in_openssl_and_in_the_gateway(pki_dir, tmp_path):  # type: ignore[no-untyped-def]
+    """The package stage writes S/MIME mails in pieces (`write_smime`, definite-length DER computed before the
+    content is read): OpenSSL decrypts and verifies it, the gateway accepts every instance byte for byte, and
+    the MIC and instance digests it reports are those of what went in."""
+    paths = make_study(tmp_path / "s", ct=3, mr=2, sc=1)
+    h = header()
+    out = bytearray()
+    with contextlib.ExitStack() as stack:
+        parts = [(stack.enter_context(p.open("rb")), p.stat().st_size) for p in paths]
+        written = mailstream.write_smime(
+            h, parts, identity(pki_dir, "gateway-a-smime"), cert(pki_dir, "gateway-b-smime"), out.extend
+        )
+    raw = bytes(out)
+    files = [p.read_bytes() for p in paths]
+    assert written.wire_ready and mime.wire_ready(raw)
+    assert written.digests == [hashlib.sha256(f).hexdigest() for f in files]
+    (tmp_path / "m.eml").write_bytes(raw)
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=60)  # noqa: E731
+    run(
+        "openssl", "cms", "-decrypt", "-in", str(tmp_path / "m.eml"), "-recip", str(pki_dir / "gateway-b-smime.pem"),
+        "-inkey", str(pki_dir / "gateway-b-smime.key"), "-out", str(tmp_path / "dec.eml"),
+    )  # fmt: skip
+    run(
+        "openssl", "cms", "-verify", "-in", str(tmp_path / "dec.eml"), "-CAfile", str(pki_dir / "ca.pem"),
+        "-out", str(tmp_path / "content.eml"),
+    )  # fmt: skip
+    content = message_from_bytes((tmp_path / "content.eml").read_bytes(), policy=compat32)
+    dicoms = [
+        p.get_payload(decode=True) for p in content.walk() if p.get_content_type() == "application/dicom"
+    ]
+    assert dicoms == files
+    _, signed = mailformat.unwrap_smime(
+        raw, identity(pki_dir, "gateway-b-smime"), [cert(pki_dir, "gateway-a-smime")]
+    )
+    assert written.mic == mdn.content_mic(signed)
+    got = inspect_mail(
+        raw, identity(pki_dir, "gateway-b-smime"), {A: Sender("a", (cert(pki_dir, "gateway-a-smime"),))}
+    )
+    assert isinstance(got, Accepted) and [d for _, d in got.parts] == files
+
+
+def test_a_part_that_changes_size_while_its_mail_is_written_fails_the_mail(pki_dir, tmp_path):  # type: ignore[no-untyped-def]
+    path = make_study(tmp_path / "s", ct=1)[0]
+    size = path.stat().st_size
+    with path.open("rb") as f, pytest.raises(mime.MailFormatError, match="not the"):
+        mailstream.write_smime(
+            header(), [(f, size + 10)], identity(pki_dir, "gateway-a-smime"), cert(pki_dir, "gateway-b-smime"),
+            lambda _: None,
+        )  # fmt: skip
+
+
+def test_base64_written_in_pieces_is_the_base64_of_the_whole() -> None:
+    rng = random.Random(7)
+    data = rng.randbytes(3 * cmsstream.B64_PIECE + 1234)
+    for _ in range(20):
+        out = bytearray()
+        lines = cmsstream.Base64Lines(out.extend)
+        at = 0
+        while at < len(data):
+            step = rng.choice([1, 56, 57, 4096, cmsstream.B64_PIECE - 1, cmsstream.B64_PIECE + 3])
+            lines.write(data[at : at + step])
+            at += step
+        lines.close()
+        assert bytes(out) == bytes(mime.b64_lines(data))
+
+
+def test_an_envelope_takes_exactly_the_content_it_was_sized_for(pki_dir) -> None:  # type: ignore[no-untyped-def]
+    out = bytearray()
+    env = cmsstream.Envelope(cert(pki_dir, "gateway-b-smime"), 100, out.extend)
+    env.write(bytes(60))
+    with pytest.raises(SmimeError, match="more content"):
+        env.write(bytes(41))
+    short = cmsstream.Envelope(cert(pki_dir, "gateway-b-smime"), 100, out.extend)
+    short.write(bytes(99))
+    with pytest.raises(SmimeError, match="1 bytes short"):
+        short.close()
+    whole = bytearray()
+    env = cmsstream.Envelope(cert(pki_dir, "gateway-b-smime"), 100, whole.extend)
+    env.write(bytes(range(100)))
+    env.close()
+    assert len(whole) == env.total
+    assert smime.decrypt(bytes(whole), identity(pki_dir, "gateway-b-smime")) == bytes(range(100))

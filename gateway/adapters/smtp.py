@@ -19,6 +19,7 @@ import aiosmtplib.smtp
 
 from gateway.adapters.failover import first_working
 from gateway.config import MailSettings, Node
+from gateway.core import mime
 from gateway.core.nodepool import NodePool
 from gateway.errors import MailNodeError, RejectedError
 
@@ -29,16 +30,7 @@ class WireReady(bytes):
     """A message exactly as it goes after DATA: CRLF line ends only, ends with CRLF, no line starts with '.'."""
 
 
-def wire_ready(data: bytes) -> bool:
-    """True when `data` can go after DATA as it is (it scans the whole message: call it where that costs nothing,
-    in the worker that built the mail)."""
-    lf = data.count(b"\n")
-    return (
-        lf == data.count(b"\r\n") == data.count(b"\r")
-        and data.endswith(b"\r\n")
-        and not data.startswith(b".")
-        and b"\n." not in data
-    )
+wire_ready = mime.wire_ready  # the check lives in the pure core, where mails are built
 
 
 def prepare(data: bytes, known_ready: bool = False) -> bytes:

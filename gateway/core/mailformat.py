@@ -113,29 +113,38 @@ def _set_headers(header: MailHeader, boundary: str) -> list[tuple[str, str]]:
     ]
 
 
-def build_inner(header: MailHeader, parts: list[bytes]) -> bytes:
-    """The signed content: multipart/mixed of application/dicom parts with the set headers."""
+def inner_frame(header: MailHeader, count: int) -> tuple[bytes, list[bytes], bytes]:
+    """The signed content around `count` DICOM parts: (head, each part's head, tail); the content is
+    head + Σ(part head + base64 lines of the part) + tail."""
     boundary = "dcm-" + secrets.token_hex(16)
-    out = [
-        mime.header_lines(_set_headers(header, boundary)),
-        CRLF,
-        b"This is a DICOM e-mail (DICOM PS3.12 Annex K)." + CRLF,
-    ]
-    for i, data in enumerate(parts, start=1):
+    head = mime.header_lines(_set_headers(header, boundary)) + CRLF
+    head += b"This is a DICOM e-mail (DICOM PS3.12 Annex K)." + CRLF
+    part_heads = []
+    for i in range(1, count + 1):
         file_id = f"IM{i:06d}"
-        out.append(CRLF + f"--{boundary}".encode() + CRLF)
-        out.append(
-            mime.header_lines(
+        part_heads.append(
+            CRLF
+            + f"--{boundary}".encode()
+            + CRLF
+            + mime.header_lines(
                 [
                     ("Content-Type", f'application/dicom; id="{file_id}"; name="{file_id}.dcm"'),
                     ("Content-Transfer-Encoding", "base64"),
                     ("Content-Disposition", f'attachment; filename="{file_id}.dcm"'),
                 ]
             )
+            + CRLF
         )
-        out.append(CRLF)
-        out.append(mime.b64_lines(data))
-    out.append(CRLF + f"--{boundary}--".encode() + CRLF)
+    return head, part_heads, CRLF + f"--{boundary}--".encode() + CRLF
+
+
+def build_inner(header: MailHeader, parts: list[bytes]) -> bytes:
+    """The signed content: multipart/mixed of application/dicom parts with the set headers."""
+    head, part_heads, tail = inner_frame(header, len(parts))
+    out = [head]
+    for part_head, data in zip(part_heads, parts, strict=True):
+        out += [part_head, mime.b64_lines(data)]
+    out.append(tail)
     return b"".join(out)
 
 
@@ -180,37 +189,30 @@ def outer_headers(header: MailHeader) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_signed(inner: bytes, signer: Identity) -> bytes:
-    """multipart/signed around `inner` with a detached CMS signature."""
+def signed_frame() -> tuple[bytes, bytes, bytes]:
+    """multipart/signed around a content and its detached signature: (head, middle, tail); the entity is
+    head + content + middle + base64 lines of the signature + tail."""
     boundary = "sig-" + secrets.token_hex(16)
-    sig = smime.sign_detached(inner, signer)
-    return b"".join(
+    content_type = (
+        f'multipart/signed; protocol="application/pkcs7-signature"; micalg="sha-256"; boundary="{boundary}"'
+    )
+    head = mime.header_lines([("Content-Type", content_type)]) + CRLF
+    head += b"This is an S/MIME signed message" + CRLF + CRLF + f"--{boundary}".encode() + CRLF
+    middle = CRLF + f"--{boundary}".encode() + CRLF
+    middle += mime.header_lines(
         [
-            mime.header_lines(
-                [
-                    (
-                        "Content-Type",
-                        f'multipart/signed; protocol="application/pkcs7-signature"; micalg="sha-256"; boundary="{boundary}"',
-                    )
-                ]
-            ),
-            CRLF,
-            b"This is an S/MIME signed message" + CRLF,
-            CRLF + f"--{boundary}".encode() + CRLF,
-            inner,
-            CRLF + f"--{boundary}".encode() + CRLF,
-            mime.header_lines(
-                [
-                    ("Content-Type", 'application/pkcs7-signature; name="smime.p7s"'),
-                    ("Content-Transfer-Encoding", "base64"),
-                    ("Content-Disposition", 'attachment; filename="smime.p7s"'),
-                ]
-            ),
-            CRLF,
-            mime.b64_lines(sig),
-            CRLF + f"--{boundary}--".encode() + CRLF,
+            ("Content-Type", 'application/pkcs7-signature; name="smime.p7s"'),
+            ("Content-Transfer-Encoding", "base64"),
+            ("Content-Disposition", 'attachment; filename="smime.p7s"'),
         ]
     )
+    return head, middle + CRLF, CRLF + f"--{boundary}--".encode() + CRLF
+
+
+def build_signed(inner: bytes, signer: Identity) -> bytes:
+    """multipart/signed around `inner` with a detached CMS signature."""
+    head, middle, tail = signed_frame()
+    return b"".join([head, inner, middle, mime.b64_lines(smime.sign_detached(inner, signer)), tail])
 
 
 def build_mail(
@@ -227,20 +229,26 @@ def build_mail(
     )
 
 
+def smime_outer(header: MailHeader) -> bytes:
+    return (
+        mime.header_lines(
+            [
+                *outer_headers(header),
+                ("Content-Type", 'application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"'),
+                ("Content-Transfer-Encoding", "base64"),
+                ("Content-Disposition", 'attachment; filename="smime.p7m"'),
+            ]
+        )
+        + CRLF
+    )
+
+
 def wrap_smime(header: MailHeader, inner: bytes, signer: Identity, recipient_cert: x509.Certificate) -> bytes:
     """`inner` signed by `signer` and encrypted for the recipient (PS3.15 B.8), with the outer headers."""
     signed = build_signed(inner, signer)
     enveloped = smime.encrypt(signed, [recipient_cert])
     del signed  # large mails: hold as few copies at once as possible
-    outer = mime.header_lines(
-        [
-            *outer_headers(header),
-            ("Content-Type", 'application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"'),
-            ("Content-Transfer-Encoding", "base64"),
-            ("Content-Disposition", 'attachment; filename="smime.p7m"'),
-        ]
-    )
-    return mime.b64_lines(enveloped, prefix=outer + CRLF)
+    return mime.b64_lines(enveloped, prefix=smime_outer(header))
 
 
 # ------------------------------------------------------------------------------------------- reading

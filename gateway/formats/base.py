@@ -13,15 +13,18 @@ architecture section).
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import BinaryIO, ClassVar, Protocol
 
 from cryptography import x509
 
-from gateway.core import mailformat
+from gateway.core import mailformat, mime
 from gateway.core.mailformat import MailHeader
+from gateway.core.mailstream import Written
+from gateway.core.mdn import content_mic
 from gateway.core.smime import Identity
 
 
@@ -104,6 +107,26 @@ class MailFormat(ABC):
     def build(self, header: MailHeader, parts: list[bytes], compression: str, keys: SealKeys) -> bytes:
         """`content` then `seal`: one mail of a set."""
         return self.seal(header, self.content(header, parts, compression), keys)
+
+    def write(
+        self,
+        header: MailHeader,
+        parts: Sequence[tuple[BinaryIO, int]],
+        compression: str,
+        keys: SealKeys,
+        sink: Callable[[bytes], object],
+    ) -> Written:
+        """One mail of a set from its parts (open files and their sizes), written to `sink`; what its receipt must
+        prove. By default built whole in memory (`content`, then `seal`); a format that can, streams instead."""
+        data = [source.read() for source, _ in parts]
+        digests = [hashlib.sha256(d).hexdigest() for d in data]
+        content = self.content(header, data, compression)
+        del data  # the parts live only while the content is built, the content only while it is sealed
+        mic = content_mic(content)
+        mail = self.seal(header, content, keys)
+        del content
+        sink(mail)
+        return Written(mic, digests, mime.wire_ready(mail))
 
 
 _REGISTRY: dict[str, MailFormat] = {}

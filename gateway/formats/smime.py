@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import BinaryIO, ClassVar
 
-from gateway.core import mailformat
+from gateway.core import mailformat, mailstream
 from gateway.core.mailformat import MailHeader
+from gateway.core.mailstream import Written
 from gateway.core.smime import Identity
 from gateway.formats.base import MailFormat, PartnerKeys, PgpOpener, SealKeys, register
 
@@ -22,6 +24,19 @@ class SmimeFormat(MailFormat):
         if keys.identity is None or keys.recipient is None:
             raise mailformat.MailFormatError(f"{self.name}: no S/MIME certificate for the partner or for us")
         return mailformat.wrap_smime(header, content, keys.identity, keys.recipient)
+
+    def write(
+        self,
+        header: MailHeader,
+        parts: Sequence[tuple[BinaryIO, int]],
+        compression: str,
+        keys: SealKeys,
+        sink: Callable[[bytes], object],
+    ) -> Written:
+        """Streamed: read, base64, hash, encrypt and write about a megabyte at a time (`mailformat.write_smime`)."""
+        if keys.identity is None or keys.recipient is None:
+            raise mailformat.MailFormatError(f"{self.name}: no S/MIME certificate for the partner or for us")
+        return mailstream.write_smime(header, parts, keys.identity, keys.recipient, sink)
 
     def seal_receipt(self, report: bytes, keys: SealKeys) -> bytes:
         if keys.identity is None:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from gateway.core import dicomzip, mailformat
 from gateway.core.mailformat import MailHeader
-from gateway.formats.base import register
+from gateway.formats.base import MailFormat, register
 from gateway.formats.smime import SmimeFormat
 
 
@@ -16,6 +16,8 @@ class SmimeZipFormat(SmimeFormat):
     subject_tag: ClassVar[str] = "DICOM-ZIP"
     growth: ClassVar[float] = 1.01  # a zip entry costs its header and its DICOMDIR record
     own_compression: ClassVar[frozenset[str]] = frozenset({"deflate"})
+
+    write = MailFormat.write  # the archive is built whole (its directory comes last), so the mail is too
 
     def content(self, header: MailHeader, parts: list[bytes], compression: str) -> bytes:
         archive = dicomzip.build_zip(parts, deflate=compression == "deflate")

@@ -30,6 +30,7 @@ from gateway import formats
 from gateway.config import Partner
 from gateway.core import compress, mailformat
 from gateway.core.states import TransferState
+from gateway.spool import Spool
 from gateway.stages import wait_woken
 from gateway.stages.context import Stage, StageContext
 from gateway.stages.workers import WORKERS, BuildJob, Built, TooLarge, build_mail, start_worker
@@ -208,6 +209,9 @@ class Packager(Stage):
             shutil.rmtree(folder, ignore_errors=True)
             return
         shutil.rmtree(folder / "work", ignore_errors=True)
+        # every mail was fsynced where it was built; their names become durable here, together, before the set
+        # is recorded (a recorded set is moved into the outbox as it is found, even after a crash)
+        await asyncio.to_thread(Spool.settle, folder)
         items = [(iid, mid, size, mdn_id) for mdn_id, b in built for iid, mid, size in b.items]
         await self.catalog.add_out_mails(
             tid,
@@ -298,8 +302,7 @@ class Packager(Stage):
         folder = self.storage.outbox_staging / tid
         if not folder.exists():
             return
-        for item_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            self.outbox.adopt(item_dir)
+        self.outbox.adopt_all(sorted(p for p in folder.iterdir() if p.is_dir()))
         shutil.rmtree(folder, ignore_errors=True)
 
     async def release_staged(self) -> int:

@@ -5,11 +5,13 @@ worker, never sent to it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import pickle
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +20,14 @@ from typing import Any
 from cryptography import x509
 
 from gateway import formats
-from gateway.adapters import smtp
 from gateway.addressbook import load_address_book
 from gateway.children import exit_with
 from gateway.config import Partner, Settings
-from gateway.core import inbound, mailformat, mdn, partial
+from gateway.core import inbound, mailformat, partial
 from gateway.core.dicominfo import InstanceInfo
+from gateway.core.mime import wire_ready
 from gateway.logsetup import setup_logging
-from gateway.spool import Spool
+from gateway.spool import CONTENT, Spool
 from gateway.stages import worker_identity
 
 
@@ -91,43 +93,51 @@ def _seal_keys(job: BuildJob, pgp: formats.PgpSealer | None) -> formats.SealKeys
 
 
 def build_mail(job: BuildJob, pgp: formats.PgpSealer | None = None) -> Built:
-    """Build one mail (and its fragments) in the partner's format, write the queue items, and keep what its
-    receipt must prove (the content's digest, each instance's SHA-256). Runs in a worker process or, for a format
-    that is not `in_worker` (OpenPGP: `pgp` given), a thread."""
+    """Build one mail (and its fragments) in the partner's format straight into its staged queue item, and keep
+    what its receipt must prove (the content's digest, each instance's SHA-256). Runs in a worker process or,
+    for a format that is not `in_worker` (OpenPGP: `pgp` given), a thread."""
     header, partner = job.header, job.partner
-    fmt = formats.get(partner.format)
-    # the DICOM parts live only while the content is built, the content only while it is sealed
-    parts = [p.read_bytes() for p in job.paths]
-    digests = {sop: hashlib.sha256(data).hexdigest() for sop, data in zip(job.sops, parts, strict=False)}
-    content = fmt.content(header, parts, partner.compression)
-    del parts
-    mic = mdn.content_mic(content)
-    data = fmt.seal(header, content, _seal_keys(job, pgp))
-    del content
-    if partner.split == "partial" and len(data) > job.limit:
-        fixed = mailformat.outer_headers(header)[:4]  # From, To, Subject (replaced), Date
-        pieces = partial.fragment(
-            data,
-            job.limit,
-            header.message_id.strip("<>"),
-            [h for h in fixed if h[0] != "Subject"],
-            header.subject,
+    fmt, keys = formats.get(partner.format), _seal_keys(job, pgp)
+    item_dir = job.folder / item_id(header.set_id, header.part)
+    with contextlib.ExitStack() as files:
+        parts = [(files.enter_context(p.open("rb")), p.stat().st_size) for p in job.paths]
+        written, size = Spool.stage_content(
+            item_dir, lambda sink: fmt.write(header, parts, partner.compression, keys, sink)
         )
-        out = []
-        for n, piece in enumerate(pieces, start=1):
-            iid = f"{item_id(header.set_id, header.part)}.f{n:04d}"
-            mid = f"<{n}.{header.message_id.strip('<>')}>"
-            # crash after this write: the transfer is still pending; packaging starts over
-            meta = {**job.meta, "message_id": mid, "fragment": n, "wire_ready": smtp.wire_ready(piece)}
-            Spool.prepare_item(job.folder, iid, piece, meta)
-            out.append((iid, mid, len(piece)))
-        return Built(out, mic, digests)
-    if len(data) > job.limit:
-        raise TooLarge(f"built mail has {len(data)} bytes, above {job.limit}")
+    digests = dict(zip(job.sops, written.digests, strict=False))
+    if partner.split == "partial" and size > job.limit:
+        return Built(_fragments(job, item_dir), written.mic, digests)
+    if size > job.limit:
+        shutil.rmtree(item_dir, ignore_errors=True)
+        raise TooLarge(f"built mail has {size} bytes, above {job.limit}")
     # crash after this write: the transfer is still pending; packaging starts over and rebuilds the folder
-    meta = {**job.meta, "wire_ready": smtp.wire_ready(data)}  # here, so the sender need not scan it
-    Spool.prepare_item(job.folder, item_id(header.set_id, header.part), data, meta)
-    return Built([(item_id(header.set_id, header.part), header.message_id, len(data))], mic, digests)
+    Spool.stage_meta(item_dir, {**job.meta, "wire_ready": written.wire_ready})  # the sender need not scan it
+    return Built([(item_dir.name, header.message_id, size)], written.mic, digests)
+
+
+def _fragments(job: BuildJob, item_dir: Path) -> list[tuple[str, str, int]]:
+    """A built mail above the partner's limit cut into message/partial fragments, each a queue item of its own
+    (the whole mail's item is removed)."""
+    header = job.header
+    data = (item_dir / CONTENT).read_bytes()
+    shutil.rmtree(item_dir)
+    fixed = mailformat.outer_headers(header)[:4]  # From, To, Subject (replaced), Date
+    pieces = partial.fragment(
+        data,
+        job.limit,
+        header.message_id.strip("<>"),
+        [h for h in fixed if h[0] != "Subject"],
+        header.subject,
+    )
+    out = []
+    for n, piece in enumerate(pieces, start=1):
+        iid = f"{item_id(header.set_id, header.part)}.f{n:04d}"
+        mid = f"<{n}.{header.message_id.strip('<>')}>"
+        # crash after this write: the transfer is still pending; packaging starts over
+        meta = {**job.meta, "message_id": mid, "fragment": n, "wire_ready": wire_ready(piece)}
+        Spool.prepare_item(job.folder, iid, piece, meta)
+        out.append((iid, mid, len(piece)))
+    return out
 
 
 _SENDERS: dict[bytes, dict[str, inbound.Sender]] = {}

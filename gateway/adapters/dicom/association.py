@@ -6,7 +6,6 @@ The `store` callback makes the instance durable before the status, the acknowled
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import logging
 import os
@@ -14,7 +13,6 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -58,6 +56,7 @@ from gateway.adapters.dicom.codec import (
 )
 from gateway.adapters.dicom.commitment import MAX_REPORT
 from gateway.core.dicominfo import NotDicomError
+from gateway.storage import start_writeback
 
 if TYPE_CHECKING:
     from gateway.adapters.dicom.scp import DicomScp
@@ -68,20 +67,6 @@ log = logging.getLogger(__name__)
 _READ_BUFFER = 1 << 20
 
 ARTIM = 5.0  # seconds we wait for the peer to close after our last PDU
-
-
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    return fn
-
-
-# Linux: the kernel starts writing a file's pages while the rest of the dataset still arrives, so the fsync
-# before the acknowledgement has less left to wait for.
-_sync_file_range = _libc_sync_file_range()
 
 
 @dataclass(frozen=True)
@@ -132,8 +117,10 @@ class _Store:
         self.digest.update(data)
         before = self.size
         self.size += len(data)
-        if _sync_file_range is not None and (self.size >> 18) != (before >> 18):
-            _sync_file_range(self.file.fileno(), 0, 0, 2)  # SYNC_FILE_RANGE_WRITE: no waiting
+        if (self.size >> 18) != (before >> 18):
+            start_writeback(
+                self.file.fileno()
+            )  # the fsync before the acknowledgement has less left to wait for
 
     def drop(self, error: OSError | None) -> None:
         """Give up the temporary file (closed, removed); `error`, if any, is what the C-STORE is refused for."""
