@@ -504,7 +504,10 @@ def bench_e2e(base: Path, folder: Path, total: int, label: str) -> dict[str, flo
             "WHERE t.direction = 'out' GROUP BY t.id",
         )[0]
         (last_sent,) = catalog_rows(a.d_root, "SELECT MAX(updated_at) FROM mails WHERE direction = 'out'")[0]
-        (first_in,) = catalog_rows(b.d_root, "SELECT MIN(created_at) FROM mails WHERE direction = 'in'")[0]
+        (first_in, last_in) = catalog_rows(
+            b.d_root, "SELECT MIN(created_at), MAX(created_at) FROM mails WHERE direction = 'in'"
+        )[0]
+        (routed,) = catalog_rows(a.d_root, "SELECT MIN(created_at) FROM transfers WHERE direction = 'out'")[0]
     finally:
         for gw in (a, b):
             gw.stop()
@@ -523,6 +526,18 @@ def bench_e2e(base: Path, folder: Path, total: int, label: str) -> dict[str, flo
     for name, secs in spans.items():
         print(f"  {name:<24} {secs:>7.1f} s")
     print(f"  (A waits stability_delay = 1 s before packaging)   e2e ÷ slowest stage: {e2e / slowest:.2f}")
+    marks = {
+        "study routed at A": routed,
+        "first mail built": packaged,
+        "first mail fetched at B": first_in,
+        "last mail sent by A": last_sent,
+        "last mail fetched at B": last_in,
+        "last instance stored at B": arrived,
+    }
+    print(
+        "  timeline after the last C-STORE: "
+        + ", ".join(f"{k} +{v - last_store:.1f} s" for k, v in marks.items())
+    )
     print(
         f"  peak RSS: sender {rss['send'][0]:.0f} MB (with its workers {rss['send'][1]:.0f} MB), "
         f"receiver {rss['recv'][0]:.0f} MB (with its workers {rss['recv'][1]:.0f} MB)"

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from gateway.core.mime import MAX_HEADER_BYTES
 from gateway.core.queue import QueueState, after_crash, check_move, is_due
-from gateway.storage import fsync_dir, makedirs_durable, start_writeback
+from gateway.storage import fsync_dir, makedirs_durable, start_writeback, write_all
 
 CONTENT = "mail.eml"
 _WRITEBACK = 4 << 20  # bytes written between two nudges to the kernel to start writing them
@@ -156,9 +156,7 @@ class Spool:
 
             def sink(data: bytes) -> None:
                 nonlocal flushed, size
-                view = memoryview(data)
-                while view:  # an unbuffered file may take less than it was given
-                    view = view[f.write(view) or 0 :]
+                write_all(f, data)
                 size += len(data)
                 if size - flushed >= _WRITEBACK:
                     start_writeback(fd)

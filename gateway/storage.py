@@ -62,6 +62,13 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range = _libc_sync_file_range()
 
 
+def write_all(f: BinaryIO, data: bytes | memoryview) -> None:
+    """Write all of `data` to an unbuffered file, which may take less than it is given at a time."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) or 0 :]
+
+
 def start_writeback(fd: int) -> None:
     """Linux: have the kernel start writing a file's dirty pages now, without waiting (SYNC_FILE_RANGE_WRITE),
     so that the fsync after the file's last byte has less left to wait for; elsewhere nothing."""
@@ -345,6 +352,15 @@ class Storage:
                 digest = h.hexdigest(), size
             os.fsync(f.fileno())
         return self._place(info, tmp, *digest, sync_dir=sync_dir)
+
+    def place_synced(self, files: list[tuple[Path, InstanceInfo, str, int]]) -> list[StoreResult]:
+        """Store files below `tmp/` that their writer already fsynced (tmp file, info, SHA-256, size): each is
+        placed without a flush of its own, then every directory that got a name is flushed once, so the names are
+        durable together when this returns (a mail's instances: one flush per series instead of one per file)."""
+        results = [self._place(info, tmp, sha, size, sync_dir=False) for tmp, info, sha, size in files]
+        for folder in sorted({r.path.parent for r in results}):
+            fsync_dir(folder)
+        return results
 
     def store_copy(self, src: Path, info: InstanceInfo) -> StoreResult:
         """Store a copy of a file (the `send` command): streamed in chunks and hashed on the way, never whole in

@@ -7,6 +7,9 @@ of a refused mail is stored.
 
 De-duplication: a set part already ingested is recorded as a duplicate; an instance whose SOP Instance UID is
 already stored with the same bytes is not stored twice; same UID with other bytes is kept aside (conflicts/).
+
+Size: one stage whose every path (stored, duplicate, fragment, receipt, quarantined, deferred) ends in a queue
+move with its crash point beside it; split, the crash story would be spread over modules.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gateway.spool import Item, read_head
 from gateway.stages import record, wait_woken
 from gateway.stages.context import Stage, StageContext
 from gateway.stages.workers import (
+    WORKERS,
     Unpacked,
     opens_in_worker,
     remove_files,
@@ -62,6 +66,7 @@ class Ingester(Stage):
         super().__init__(ctx)
         self.address_book = ctx.keys.book.senders()
         self.workers: Workers | None = None  # S/MIME mails are opened there (both cores), when set
+        self._serial = asyncio.Lock()  # all but the opening of a mail: one mail at a time
         self.ingested = 0
         self.quarantined = 0
         self.quota_drops = 0  # unauthenticated held mails and fragment groups whose bytes the quota dropped
@@ -279,32 +284,38 @@ class Ingester(Stage):
         return await asyncio.to_thread(unpack_parts, got, self.storage.tmp)
 
     async def ingest(self, item: Item) -> None:
-        """Ingest or quarantine one queued mail (the crash points of storing it: `_store`)."""
+        """Ingest or quarantine one queued mail (the crash points of storing it: `_store`). Several mails may be
+        opened at once (one per worker); everything else of a mail happens one mail at a time (`_serial`)."""
         mail_id = item.id
-        if await self.catalog.mail_state(mail_id) in _FINISHED:
-            # the catalog recorded the outcome before a crash; only the disk move was missing
-            await asyncio.to_thread(self.inbox.move, item, QueueState.ACTIVE)
-            self.inbox.move(self.inbox.find(mail_id) or item, QueueState.DONE, drop_content=True)
-            return
-        # crash while active: start-up puts the mail back; storing and indexing again are idempotent
-        item = await asyncio.to_thread(self.inbox.move, item, QueueState.ACTIVE)
-        # the headers are all this process reads of a mail (who sent it, what it answers, whether it is a part)
-        raw = await asyncio.to_thread(read_head, item.content)
-        if partial.is_partial(raw):
-            await self._fragment(item, await asyncio.to_thread(item.content.read_bytes))
-            return
+        async with self._serial:
+            if await self.catalog.mail_state(mail_id) in _FINISHED:
+                # the catalog recorded the outcome before a crash; only the disk move was missing
+                await asyncio.to_thread(self.inbox.move, item, QueueState.ACTIVE)
+                self.inbox.move(self.inbox.find(mail_id) or item, QueueState.DONE, drop_content=True)
+                return
+            # crash while active: start-up puts the mail back; storing and indexing again are idempotent
+            item = await asyncio.to_thread(self.inbox.move, item, QueueState.ACTIVE)
+            # the headers are all this process reads of a mail (who sent it, what it answers, whether it is a part)
+            raw = await asyncio.to_thread(read_head, item.content)
+            if partial.is_partial(raw):
+                await self._fragment(item, await asyncio.to_thread(item.content.read_bytes))
+                return
         try:
             got = await self.unpack(raw, item.content)
         except inbound.Refused as exc:
-            await self.quarantine(item, exc.reason, raw, public=exc.public, authenticated=exc.authenticated)
+            async with self._serial:
+                await self.quarantine(
+                    item, exc.reason, raw, public=exc.public, authenticated=exc.authenticated
+                )
             return
-        if isinstance(got, inbound.ReceiptIn):
-            await self._receipt(item, got, raw)
-            return
-        try:
-            await self._store(item, raw, got)
-        finally:  # placed files are gone from tmp/ already; the rest (a duplicate part, an error) goes now
-            await asyncio.to_thread(remove_files, [tmp for _, tmp, _, _ in got.files])
+        async with self._serial:
+            if isinstance(got, inbound.ReceiptIn):
+                await self._receipt(item, got, raw)
+                return
+            try:
+                await self._store(item, raw, got)
+            finally:  # placed files are gone from tmp/ already; the rest (a duplicate part, an error) goes now
+                await asyncio.to_thread(remove_files, [tmp for _, tmp, _, _ in got.files])
 
     async def _store(self, item: Item, raw: bytes, unpacked: Unpacked) -> None:
         """Store, index and finish an opened mail (its instances in temp files), or record it as a duplicate.
@@ -336,10 +347,13 @@ class Ingester(Stage):
             return
         records = []
         size = 0
-        for info, tmp, sha256, length in unpacked.files:
-            # stored byte for byte as the mail carried it: the catalog's transfer syntax is the file's, and
-            # forwarding converts for a PACS that does not take it
-            result = await asyncio.to_thread(self.storage.store_temp_file, tmp, info, (sha256, length))
+        # stored byte for byte as the mail carried it: the catalog's transfer syntax is the file's, and forwarding
+        # converts for a PACS that does not take it. The files were fsynced where the mail was opened; their names
+        # are flushed together here, before the catalog knows them.
+        results = await asyncio.to_thread(
+            self.storage.place_synced, [(tmp, info, sha, length) for info, tmp, sha, length in unpacked.files]
+        )
+        for (info, _, _, _), result in zip(unpacked.files, results, strict=True):
             if result.outcome is StoreOutcome.CONFLICT:
                 log.warning(
                     "mail %s: instance %s differs from the stored one; kept aside in conflicts/",
@@ -396,42 +410,63 @@ class Ingester(Stage):
             log.info("transfer %s complete", accepted.transfer_id)
 
     async def run_once(self) -> int:
-        """Ingest every due mail; return how many were handled. Disk and I/O trouble defers, a bug sets aside."""
+        """Ingest every due mail, as many opened at once as there are workers; return how many were handled.
+        Disk and I/O trouble defers (and starts no further mail), a bug sets aside."""
         handled = 0
         due = await asyncio.to_thread(self.inbox.due, time.time())
         self.progress.ingest.beat(bool(due))
-        for item in due:
-            self.progress.ingest.done()
-            if not self.storage.has_room():
-                log.warning("D: below its free-space reserve: ingest paused")
-                break
-            try:
-                await self.ingest(item)
+        in_flight: set[asyncio.Task[bool]] = set()
+        stopped = False
+        try:
+            for item in due:
+                while len(in_flight) >= (WORKERS if self.workers is not None else 1):
+                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    stopped |= not all(t.result() for t in done)
+                if stopped:
+                    break
+                self.progress.ingest.done()
+                if not self.storage.has_room():
+                    log.warning("D: below its free-space reserve: ingest paused")
+                    stopped = True
+                    break
+                in_flight.add(asyncio.create_task(self._ingest_guarded(item)))
                 handled += 1
-            except OSError as exc:
-                # disk full or an I/O error: the mail waits and is ingested again later
-                log.warning("mail %s: ingest deferred: %s", item.id, exc.strerror or type(exc).__name__)
-                current = self.inbox.find(item.id)
-                if current is not None and current.state is QueueState.ACTIVE:
-                    self.inbox.move(
-                        current, QueueState.DEFERRED, next_attempt=time.time() + 30, last_error=str(exc)[:500]
-                    )
-                break
-            except Exception as exc:
-                log.exception("mail %s: unexpected error; set aside as corrupt", item.id)
-                current = self.inbox.find(item.id)
-                if current is not None and current.state is QueueState.ACTIVE:
-                    reason = f"internal error: {type(exc).__name__}"
-                    self.inbox.move(
-                        current, QueueState.CORRUPT, reason=reason, traceback=traceback.format_exc()[-4000:]
-                    )
-                    await record(
-                        "corrupt",
-                        functools.partial(self._finish_once, item.id, MailState.QUARANTINED, error=reason),
-                    )
-        else:
+            if in_flight:
+                await asyncio.wait(in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
+        if not stopped:
             self.progress.ingest.idle()
         return handled
+
+    async def _ingest_guarded(self, item: Item) -> bool:
+        """`ingest`, with what goes wrong recorded on the mail; False when no further mail should start now."""
+        try:
+            await self.ingest(item)
+            return True
+        except OSError as exc:
+            # disk full or an I/O error: the mail waits and is ingested again later
+            log.warning("mail %s: ingest deferred: %s", item.id, exc.strerror or type(exc).__name__)
+            current = self.inbox.find(item.id)
+            if current is not None and current.state is QueueState.ACTIVE:
+                self.inbox.move(
+                    current, QueueState.DEFERRED, next_attempt=time.time() + 30, last_error=str(exc)[:500]
+                )
+            return False
+        except Exception as exc:
+            log.exception("mail %s: unexpected error; set aside as corrupt", item.id)
+            current = self.inbox.find(item.id)
+            if current is not None and current.state is QueueState.ACTIVE:
+                reason = f"internal error: {type(exc).__name__}"
+                self.inbox.move(
+                    current, QueueState.CORRUPT, reason=reason, traceback=traceback.format_exc()[-4000:]
+                )
+                await record(
+                    "corrupt",
+                    functools.partial(self._finish_once, item.id, MailState.QUARANTINED, error=reason),
+                )
+            return True
 
     async def run_forever(self) -> None:
         """Ingest fetched mails as they arrive; never dies."""

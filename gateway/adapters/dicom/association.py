@@ -56,7 +56,7 @@ from gateway.adapters.dicom.codec import (
 )
 from gateway.adapters.dicom.commitment import MAX_REPORT
 from gateway.core.dicominfo import NotDicomError
-from gateway.storage import start_writeback
+from gateway.storage import start_writeback, write_all
 
 if TYPE_CHECKING:
     from gateway.adapters.dicom.scp import DicomScp
@@ -111,9 +111,7 @@ class _Store:
     def write(self, data: bytes) -> None:
         """Append to the temporary file, hashing as it goes; start writing it to disk every 256 KiB."""
         assert self.file is not None
-        view = memoryview(data)
-        while view:  # an unbuffered file may take less than it was given
-            view = view[self.file.write(view) :]
+        write_all(self.file, data)
         self.digest.update(data)
         before = self.size
         self.size += len(data)
