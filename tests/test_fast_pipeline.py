@@ -157,3 +157,34 @@ def test_registering_a_second_format_under_a_taken_name_is_refused(boxed: None) 
         formats.register(Impostor())
     assert formats.names() == ("smime", "smime-zip", "pgp", "boxed")
     assert formats.for_content_type("application/x-dmg-boxed") is formats.get("boxed")
+
+
+@pytest.mark.asyncio
+async def test_mails_opened_side_by_side_are_stored_once_each_and_the_set_completes_once(
+    pair_factory, tmp_path: Path, fake_mail: fakemail.FakeMail
+) -> None:  # type: ignore[no-untyped-def]
+    """B opens as many mails at once as it has workers; storing, duplicates and refusals stay one mail at a time:
+    a study in several mails, one of them delivered twice, and a forged mail in between all end as they would one
+    after the other (every instance once, the re-delivery a duplicate, the forgery held, the set complete)."""
+    from gateway.core.queue import QueueState
+
+    pair = await pair_factory('max_mail_size = "160KB"')
+    assert pair.b.ingester.workers is not None  # the gateway's worker processes open the mails
+    study = make_study(tmp_path / "study", ct=6, mr=2, size=64)
+    await pair.send_study(study[0].parent)
+    sent = await pair.a_sends()
+    assert sent >= 3
+    box = "gateway-b@dicommail.test"
+    _, again = fake_mail.boxes.snapshot(box)[1]
+    fake_mail.boxes.deliver(box, b"Received: from relay-2.dicommail.test\r\n" + again)  # one part twice
+    fake_mail.boxes.deliver(box, again.replace(b"\r\nFrom: gateway-a@", b"\r\nFrom: intruder@", 1))
+    assert await pair.b.fetcher.poll_once() == sent + 2
+    assert await pair.b.ingester.run_once() == sent + 2
+    stored = [pair.b.storage.root / p for p in await pair.b.catalog.instance_paths(purged=False)]
+    assert _datasets(stored) == _datasets(study)
+    [inbound] = (await pair.b.catalog.status())["transfers"]
+    assert (inbound["state"], inbound["instances"]) == ("complete", len(study))
+    outcomes = sorted(i.meta.get("outcome", "") for i in pair.b.inbox.items(QueueState.DONE))
+    assert outcomes == sorted(["ingested"] * sent + ["duplicate"]), outcomes
+    assert len(pair.b.inbox.items(QueueState.HOLD)) == 1
+    assert not list(pair.b.storage.tmp.iterdir())

@@ -20,6 +20,7 @@ The mailbox is shared and untrusted, so one mail affects only itself:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,10 +36,12 @@ from gateway.core.queue import QueueState
 from gateway.core.states import MailState
 from gateway.errors import TransientError
 from gateway.stages.context import Stage, StageContext
+from gateway.storage import start_writeback
 
 log = logging.getLogger(__name__)
 
 MAX_MAILS_PER_POLL = 200
+_WRITEBACK = 4 << 20
 MAX_TRIES = 3  # a mail that broke the session this often stays on the server, reported
 _MAIL_ERRORS = (mailbox.MailError,)
 
@@ -49,10 +52,17 @@ class _Digesting:
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self.digest = hashlib.sha256()
+        self.size = self.flushed = 0
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
-        return self.f.write(data)
+        n = self.f.write(data)
+        self.size += len(data)
+        if self.size - self.flushed >= _WRITEBACK:  # the fsync that makes the mail durable waits less
+            self.f.flush()
+            start_writeback(self.f.fileno())
+            self.flushed = self.size
+        return n
 
 
 class FetchFailures:
@@ -117,6 +127,30 @@ class Fetcher(Stage):
         finally:
             await asyncio.to_thread(f.close)
         return out.digest.hexdigest()[:40], size
+
+    async def _keep(self, tmp: Path, key: str, length: int, node: str) -> None:
+        """Make a fetched mail durable in the inbox and record it (while the session retrieves the next one)."""
+        try:
+            await asyncio.to_thread(self._put, tmp, key, length, node)
+        finally:  # moved into the inbox, or a partial mail: nothing stays in tmp/
+            tmp.unlink(missing_ok=True)
+        # crash here: queued but not indexed; start-up reconciliation records it
+        await self.catalog.record_in_mail(key, f"spool/inbox/{key}", length, time.time())
+        self.per_node[node] = self.per_node.get(node, 0) + 1
+        self.bytes_received += length
+        self.bytes_per_node[node] = self.bytes_per_node.get(node, 0) + length
+        self.wakes.ingest.set()
+
+    @staticmethod
+    async def _delete_when_kept(session: Any, keeping: tuple[int, asyncio.Task[None]] | None) -> int:
+        """Wait until the mail before is durable and recorded, then delete it on the server: 1 (0: none)."""
+        if keeping is None:
+            return 0
+        number, task = keeping
+        await task
+        # crash here: mail durable and recorded, still on the server; fetched again → same key, ignored
+        await session.delete(number)
+        return 1
 
     def _put(self, tmp: Path, key: str, size: int, node: str) -> None:
         """Make a fetched mail durable in the inbox under its content key (fsync, moved in; in a thread)."""
@@ -186,6 +220,7 @@ class Fetcher(Stage):
         session = await self.mailbox.open()
         taken = 0
         in_flight = ""
+        keeping: tuple[int, asyncio.Task[None]] | None = None  # the mail being made durable, and its number
         try:
             listing = self.failures.order(await session.list())
             for number, uid, size in listing[:MAX_MAILS_PER_POLL]:
@@ -204,34 +239,31 @@ class Fetcher(Stage):
                 in_flight = uid
                 tmp = self.storage.tmp / f".fetch.{os.getpid()}.{time.monotonic_ns()}.tmp"
                 try:
-                    try:
-                        key, length = await self._retr(session, number, cap, tmp)
-                    except _MAIL_ERRORS as exc:
-                        tries = self.failures.note(uid, str(exc), time.time())
-                        log.warning(
-                            "mail %s could not be fetched (try %d of %d): %s", number, tries, MAX_TRIES, exc
-                        )
-                        in_flight = ""
-                        continue
-                    in_flight = ""
-                    await asyncio.to_thread(self._put, tmp, key, length, str(session.node))
-                finally:  # moved into the inbox, or a partial mail: nothing stays in tmp/
+                    key, length = await self._retr(session, number, cap, tmp)
+                except _MAIL_ERRORS as exc:
                     tmp.unlink(missing_ok=True)
-                # crash here: queued but not indexed; start-up reconciliation records it
-                await self.catalog.record_in_mail(key, f"spool/inbox/{key}", length, time.time())
-                # crash here: mail durable and recorded, still on the server; fetched again → same key, ignored
-                await session.delete(number)
-                taken += 1
+                    tries = self.failures.note(uid, str(exc), time.time())
+                    log.warning(
+                        "mail %s could not be fetched (try %d of %d): %s", number, tries, MAX_TRIES, exc
+                    )
+                    in_flight = ""
+                    continue
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                in_flight = ""
+                # the previous mail was made durable while this one came: delete it now (QUIT commits it)
+                taken += await self._delete_when_kept(session, keeping)
+                keeping = (number, asyncio.create_task(self._keep(tmp, key, length, str(session.node))))
                 backlog += length
-                self.per_node[str(session.node)] = self.per_node.get(str(session.node), 0) + 1
-                self.bytes_received += length
-                self.bytes_per_node[str(session.node)] = (
-                    self.bytes_per_node.get(str(session.node), 0) + length
-                )
-                self.wakes.ingest.set()
+            taken += await self._delete_when_kept(session, keeping)
+            keeping = None
             await session.close()  # QUIT commits the deletions
         except BaseException as exc:
             session.abort()
+            if keeping is not None:  # durable and recorded, or not: either way it is still on the server
+                with contextlib.suppress(BaseException):
+                    await keeping[1]
             if in_flight and isinstance(exc, Exception):
                 # this mail broke the session: it goes last next time, and is given up after MAX_TRIES
                 self.failures.note(in_flight, f"{type(exc).__name__}", time.time())
