@@ -429,6 +429,35 @@ def test_base64_decoder_refuses_what_is_not_base64():  # type: ignore[no-untyped
         mime.b64_decode(padded_at_a_step_end)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(min_size=1, max_size=3000), st.sampled_from(["crlf", "lf", "no-end", "blank", "space", "junk"])
+)
+def test_base64_in_any_layout_decodes_as_the_standard_does(data, layout):  # type: ignore[no-untyped-def]
+    """The decoder's fast path (whole 76-character CRLF lines) and its general path agree with the standard
+    library's strict decoder on every layout a mail may bring, good or bad."""
+    import binascii
+
+    encoded = bytes(mime.b64_lines(data))
+    variant = {
+        "crlf": encoded,
+        "lf": encoded.replace(b"\r\n", b"\n"),
+        "no-end": encoded[:-2],
+        "blank": encoded[: len(encoded) // 2] + b"\r\n" + encoded[len(encoded) // 2 :],
+        "space": encoded.replace(b"\r\n", b" \r\n", 1),
+        "junk": encoded[:-2] + b"*\r\n",
+    }[layout]
+    try:
+        expected: bytes | None = binascii.a2b_base64(variant.translate(None, b" \t\r\n"), strict_mode=True)
+    except binascii.Error:
+        expected = None
+    try:
+        got: bytes | None = mime.b64_decode(variant)
+    except binascii.Error:
+        got = None
+    assert got == expected
+
+
 async def test_loop_watch_takes_a_block_apart() -> None:
     """A callback that keeps the loop's thread busy shows as a block at least as long as it (less one interval),
     taken apart into parts that add up to the window measured. Only bounds that hold on a loaded machine."""

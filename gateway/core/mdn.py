@@ -32,7 +32,15 @@ import secrets
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from gateway.core.mime import CRLF, MailFormatError, header, header_lines, message_id_or_empty, parse_head
+from gateway.core.mime import (
+    CRLF,
+    MailFormatError,
+    crlf_only,
+    header,
+    header_lines,
+    message_id_or_empty,
+    parse_head,
+)
 from gateway.core.states import RECEIPT_OUTCOMES
 
 MODE = "automatic-action/MDN-sent-automatically"
@@ -75,7 +83,7 @@ class Receipt:
 def content_mic(content: bytes) -> str:
     """The Received-Content-MIC of a signed entity: base64 of the SHA-256 of its canonical (CRLF) form, as AS2
     computes it. Both sides compute it on the entity the signature covers."""
-    if content.count(b"\n") != content.count(b"\r\n"):
+    if not crlf_only(content):
         content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     return base64.b64encode(hashlib.sha256(content).digest()).decode("ascii")
 
