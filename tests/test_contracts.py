@@ -87,6 +87,32 @@ async def test_a_ready_mail_goes_through_our_data_path_byte_for_byte(smtp_server
     assert handler.received[1] == b"From: a@x.test\r\nTo: b@x.test\r\n\r\n.leading dot\r\nbare LF\r\n"
 
 
+@pytest.mark.asyncio
+async def test_a_mail_marked_ready_is_sent_as_the_bytes_read_in_pieces(smtp_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The send stage marks a mail the packager checked instead of copying it into a WireReady: while it is
+    marked, aiosmtplib's own DATA path (one copy, one write) is never taken; once sent, the mark is gone."""
+    port, handler = smtp_server
+    mail = (
+        b"From: a@x.test\r\nTo: b@x.test\r\n\r\n"
+        + b"QUJD" * 19
+        + b"\r\n" * 1
+        + (b"QUJD" * 19 + b"\r\n") * 20_000
+    )
+
+    async def whole(*args: object, **kw: object) -> None:
+        raise AssertionError("aiosmtplib's DATA path was taken for a ready mail")
+
+    monkeypatch.setattr(smtp, "_execute_data", whole)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=20)
+    smtp._READY[id(mail)] = mail  # what SmtpCluster.send(..., ready=True) does for the session
+    try:
+        async with client:
+            await client.sendmail("a@x.test", ["b@x.test"], mail)
+    finally:
+        smtp._READY.pop(id(mail))
+    assert handler.received[0] == mail and not smtp._is_ready(mail)
+
+
 # ------------------------------------------------------------------------------------------------ poplib
 
 

@@ -32,6 +32,15 @@ class WireReady(bytes):
 
 wire_ready = mime.wire_ready  # the check lives in the pure core, where mails are built
 
+# Messages being sent that need no rewriting, by id, each held here while its session runs (so its id cannot be
+# taken by another object meanwhile): a mail read from the outbox is sent as the bytes read, not copied into a
+# WireReady (a 27 MB copy with the interpreter lock held, while the event loop waits).
+_READY: dict[int, bytes] = {}
+
+
+def _is_ready(message: bytes) -> bool:
+    return isinstance(message, WireReady) or _READY.get(id(message)) is message
+
 
 def prepare(data: bytes, known_ready: bool = False) -> bytes:
     """Mark a message that needs no transformation for DATA.
@@ -54,12 +63,12 @@ _period = aiosmtplib.protocol.PERIOD_REGEX
 
 
 def _normalize_unless_ready(message: bytes) -> bytes:
-    return message if isinstance(message, WireReady) else _normalize(message)
+    return message if _is_ready(message) else _normalize(message)
 
 
 class _PeriodUnlessReady:
     def sub(self, repl: bytes, message: bytes) -> bytes:
-        return message if isinstance(message, WireReady) else _period.sub(repl, message)
+        return message if _is_ready(message) else _period.sub(repl, message)
 
 
 aiosmtplib.protocol.normalize_message_line_endings = _normalize_unless_ready
@@ -77,7 +86,7 @@ _execute_data = aiosmtplib.protocol.SMTPProtocol.execute_data_command
 async def _execute_data_in_pieces(
     self: aiosmtplib.protocol.SMTPProtocol, message: bytes, timeout: float | None = None
 ) -> aiosmtplib.SMTPResponse:
-    if not isinstance(message, WireReady):
+    if not _is_ready(message):
         return await _execute_data(self, message, timeout)
     if self._command_lock is None:
         raise aiosmtplib.SMTPServerDisconnected("Server not connected")
@@ -209,11 +218,18 @@ class SmtpCluster:
             log.info("SMTP node %s answers again (probe)", node)
         return len(nodes)
 
-    async def send(self, sender: str, recipient: str, data: bytes) -> Node:
-        """Deliver to the first node that takes it; return that node. Raises RejectedError or TransientError."""
+    async def send(self, sender: str, recipient: str, data: bytes, ready: bool = False) -> Node:
+        """Deliver to the first node that takes it; return that node. Raises RejectedError or TransientError.
+        `ready`: the message is known to go after DATA as it is (`wire_ready`; the packager checked it)."""
 
         async def via(node: Node) -> None:
             await self._send_via(node, sender, recipient, data)
 
-        node, _ = await first_working(self.pool, "SMTP", via, (Exception,), _classify)
+        if ready:
+            _READY[id(data)] = data
+        try:
+            node, _ = await first_working(self.pool, "SMTP", via, (Exception,), _classify)
+        finally:
+            if ready:
+                _READY.pop(id(data), None)
         return node  # all failed: see stages/send.ALL_NODES_FAILED

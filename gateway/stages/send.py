@@ -64,12 +64,13 @@ class Sender(Stage):
         if partner is None:
             await self._hold(item, f"partner {meta.get('partner')} no longer configured")
             return
-        ready = bool(meta.get("wire_ready"))  # checked when the mail was built
-        data = await asyncio.to_thread(lambda: smtp_adapter.prepare(item.content.read_bytes(), ready))
+        data = await asyncio.to_thread(item.content.read_bytes)
+        # checked when the mail was built; anything else (a mail queued by an older version) is checked here
+        ready = bool(meta.get("wire_ready")) or await asyncio.to_thread(smtp_adapter.wire_ready, data)
         receipt = is_receipt(meta)
         try:
             node = await self.smtp.send(
-                self.settings.mail.address, str(meta.get("to") or partner.address), data
+                self.settings.mail.address, str(meta.get("to") or partner.address), data, ready
             )
         except RejectedError as exc:
             log.error("mail %s rejected: %s", item.id, exc)
