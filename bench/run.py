@@ -435,12 +435,31 @@ def peak_rss_mb(gw: GatewayProcess) -> tuple[float, float]:
     receivers, packaging and codec workers; the sum of their peaks, an upper bound)."""
     assert gw.proc is not None
     main = _hwm_kb(gw.proc.pid)
-    todo, total = _children(gw.proc.pid), main
+    todo, total, parts = _children(gw.proc.pid), main, [f"gateway {main // 1024}"]
     while todo:
         pid = todo.pop()
         total += _hwm_kb(pid)
+        parts.append(f"{_role(pid)} {_hwm_kb(pid) // 1024}")
         todo += _children(pid)
+    PEAKS[gw.name] = ", ".join(parts)
     return main / 1024, total / 1024
+
+
+PEAKS: dict[str, str] = {}  # gateway name → the peak RSS (MB) of each of its processes, for the printout
+
+
+def _role(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    if b"receivers" in cmd:
+        return "receiver"
+    if b"forkserver" in cmd:
+        return "worker" if _children(pid) == [] else "forkserver"
+    if b"renderers" in cmd:
+        return "render worker"
+    return "other"
 
 
 def catalog_rows(d_root: Path, sql: str) -> list[tuple[float, ...]]:
@@ -542,6 +561,7 @@ def bench_e2e(base: Path, folder: Path, total: int, label: str) -> dict[str, flo
         f"  peak RSS: sender {rss['send'][0]:.0f} MB (with its workers {rss['send'][1]:.0f} MB), "
         f"receiver {rss['recv'][0]:.0f} MB (with its workers {rss['recv'][1]:.0f} MB)"
     )
+    print(f"  peak RSS of each process (MB): sender {PEAKS[a.name]}; receiver {PEAKS[b.name]}")
     print(f"  worst event-loop block: sender {blocks[0]:.0f} ms, receiver {blocks[1]:.0f} ms")
     suffix = "" if label == "study" else f"_{label}"
     return {

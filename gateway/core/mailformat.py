@@ -317,7 +317,9 @@ def _unwrap_signature(entity: bytes, trusted: list[x509.Certificate]) -> tuple[x
         boundary = msg.get_param("boundary")
         if not isinstance(boundary, str):
             raise MailFormatError("multipart/signed without boundary")
+        del entity  # a large mail's copies go as the next is made (the caller passed it on)
         content, sig_part = mime.signed_parts(body, boundary)
+        del body
         sig_msg, sig_body = mime.split_entity(sig_part)
         if mime.content_type(sig_msg) not in ("application/pkcs7-signature", "application/x-pkcs7-signature"):
             raise MailFormatError(f"signature part has type {mime.content_type(sig_msg)}")
@@ -349,8 +351,9 @@ def unwrap_smime(raw: bytes, me: Identity, trusted: list[x509.Certificate]) -> t
         raise MailFormatError(f"mail is not encrypted (smime-type {smime_type})")
     if (mime.header(outer, "Content-Transfer-Encoding") or "base64").strip().lower() != "base64":
         raise MailFormatError("encrypted body is not base64")
-    decrypted = smime.decrypt(mime.decode_b64_strict(body), me)
-    return _unwrap_signature(decrypted, trusted)
+    der = mime.decode_b64_strict(body)
+    del body  # large mails: each stage's copy goes before the next is made
+    return _unwrap_signature(smime.decrypt(der, me), trusted)
 
 
 def unwrap_signed(entity: bytes, trusted: list[x509.Certificate]) -> tuple[x509.Certificate, bytes]:
