@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -528,6 +529,12 @@ def bench_e2e(base: Path, folder: Path, total: int, label: str) -> dict[str, flo
             b.d_root, "SELECT MIN(created_at), MAX(created_at) FROM mails WHERE direction = 'in'"
         )[0]
         (routed,) = catalog_rows(a.d_root, "SELECT MIN(created_at) FROM transfers WHERE direction = 'out'")[0]
+        fetched = sorted(
+            catalog_rows(b.d_root, "SELECT created_at, size FROM mails WHERE direction = 'in' AND size > 0")
+        )
+        sent_at = sorted(
+            t for (t,) in catalog_rows(a.d_root, "SELECT updated_at FROM mails WHERE direction = 'out'")
+        )
     finally:
         for gw in (a, b):
             gw.stop()
@@ -560,6 +567,15 @@ def bench_e2e(base: Path, folder: Path, total: int, label: str) -> dict[str, flo
         "  timeline after the last C-STORE: "
         + ", ".join(f"{k} +{v - last_store:.1f} s" for k, v in marks.items())
     )
+    if len(fetched) > 1:
+        gaps = [y[0] - x[0] for x, y in itertools.pairwise(fetched)]
+        rate = sum(n for _, n in fetched[1:]) / max(1e-9, fetched[-1][0] - fetched[0][0]) / 1e6
+        lags = [t - sent for (t, _), sent in zip(fetched, sent_at, strict=False)]
+        print(
+            f"  B fetched {rate:.0f} MB/s of mail from its first to its last; longest gap between two fetched mails "
+            f"{max(gaps):.2f} s; the n-th mail fetched after the n-th sent by: median {statistics.median(lags):.1f} s,"
+            f" last {lags[-1]:.1f} s"
+        )
     print(
         f"  peak RSS: sender {rss['send'][0]:.0f} MB (with its workers {rss['send'][1]:.0f} MB), "
         f"receiver {rss['recv'][0]:.0f} MB (with its workers {rss['recv'][1]:.0f} MB)"

@@ -669,3 +669,16 @@ def test_the_dicomweb_index_columns_are_the_schemas() -> None:
     [table] = [sql for m in MIGRATIONS for sql in m if "CREATE TABLE web_index" in sql]
     columns = set(re.findall(r"^\s+(\w+) (?:VARCHAR|INTEGER|DOUBLE)", table, re.M))
     assert columns == set(WEB_COLUMNS) | {"indexed_at"}
+
+
+def test_the_mailbox_is_polled_again_at_once_while_mails_come_and_backs_off_to_the_interval() -> None:
+    from gateway.stages.fetch import QUIET_START, next_poll_in
+
+    assert next_poll_in(3, 0, 10) == 0  # a poll that took mails: look again at once
+    waits, quiet = [], 0
+    for _ in range(8):  # then the mailbox runs empty
+        quiet += 1
+        waits.append(next_poll_in(0, quiet, 10))
+    assert waits == [0.25, 0.5, 1, 2, 4, 8, 10, 10]
+    assert next_poll_in(0, QUIET_START + 1, 10) == 10  # an idle gateway after start-up: one poll per interval
+    assert next_poll_in(0, 1, 0.1) == 0.1  # never later than the configured interval

@@ -274,7 +274,8 @@ class Fetcher(Stage):
         return taken
 
     async def run_forever(self) -> None:
-        """Poll every `poll_interval` seconds (at once again while the mailbox had mails); never dies."""
+        """Poll the mailbox for as long as the gateway runs (`next_poll_in` says when); never dies."""
+        quiet = QUIET_START
         while True:
             taken = 0
             try:
@@ -285,5 +286,20 @@ class Fetcher(Stage):
             except Exception as exc:
                 if self.guard.failed(exc) is None:
                     return
-            if taken < MAX_MAILS_PER_POLL:
-                await asyncio.sleep(self.settings.mail.poll_interval)
+            quiet = 0 if taken else quiet + 1
+            await asyncio.sleep(next_poll_in(taken, quiet, self.settings.mail.poll_interval))
+
+
+FAST_POLL = 0.25  # s: the first look again after the mailbox ran empty
+QUIET_START = 64  # empty polls counted at start-up: no burst is under way, so `poll_interval` applies
+
+
+def next_poll_in(taken: int, quiet: int, poll_interval: float) -> float:
+    """Seconds until the next poll. A poll that took mails is followed at once (a study's further mails are
+    arriving); after it ran empty, the mailbox is looked at again after 0.25 s, then twice as long after every
+    empty poll, up to `poll_interval`: the rest of a study that is still being sent is fetched as it lands,
+    and an idle mailbox costs one session per `poll_interval`. `quiet`: empty polls since the last that took
+    mails."""
+    if taken:
+        return 0.0
+    return min(poll_interval, FAST_POLL * 2 ** min(max(quiet - 1, 0), 30))
