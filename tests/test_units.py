@@ -675,10 +675,7 @@ def test_the_mailbox_is_polled_again_at_once_while_mails_come_and_backs_off_to_t
     from gateway.stages.fetch import QUIET_START, next_poll_in
 
     assert next_poll_in(3, 0, 10) == 0  # a poll that took mails: look again at once
-    waits, quiet = [], 0
-    for _ in range(8):  # then the mailbox runs empty
-        quiet += 1
-        waits.append(next_poll_in(0, quiet, 10))
+    waits = [next_poll_in(0, quiet, 10) for quiet in range(1, 9)]  # then the mailbox runs empty
     assert waits == [0.25, 0.5, 1, 2, 4, 8, 10, 10]
     assert next_poll_in(0, QUIET_START + 1, 10) == 10  # an idle gateway after start-up: one poll per interval
     assert next_poll_in(0, 1, 0.1) == 0.1  # never later than the configured interval
