@@ -579,3 +579,13 @@ def test_an_envelope_takes_exactly_the_content_it_was_sized_for(pki_dir) -> None
     env.close()
     assert len(whole) == env.total
     assert smime.decrypt(bytes(whole), identity(pki_dir, "gateway-b-smime")) == bytes(range(100))
+
+
+def test_the_signature_is_as_long_as_sized_in_every_century(pki_dir) -> None:  # type: ignore[no-untyped-def]
+    """A mail's length is fixed before its content is hashed: the signature's DER length must come out as sized,
+    also where the signing time changes its encoding (UTCTime until 2049, GeneralizedTime from 2050)."""
+    signer = identity(pki_dir, "gateway-a-smime")
+    for year in (2026, 2049, 2050, 2101):
+        when = dt.datetime(year, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
+        made = cmsstream.signed_data_detached(hashlib.sha256(b"x").digest(), signer, when)
+        assert len(made) == cmsstream.signature_length(signer, when), year

@@ -42,11 +42,11 @@ def _issuer_serial(cert: x509.Certificate) -> cms.IssuerAndSerialNumber:
     return cms.IssuerAndSerialNumber({"issuer": parsed.issuer, "serial_number": parsed.serial_number})
 
 
-def signature_length(signer: Identity) -> int:
-    """The length of the DER `signed_data_detached` makes for this signer (it does not depend on the content:
-    the digest, the signing time and an RSA signature all have fixed lengths), so that a mail's length is known
-    before its content is hashed."""
-    return len(_signed_data(signer, bytes(32), dt.datetime(2000, 1, 1, tzinfo=dt.UTC), None))
+def signature_length(signer: Identity, now: dt.datetime) -> int:
+    """The length of the DER `signed_data_detached` makes for this signer at `now` (it does not depend on the
+    content: the digest and an RSA signature have fixed lengths, and the signing time's encoding depends only on
+    its century), so that a mail's length is known before its content is hashed."""
+    return len(_signed_data(signer, bytes(32), now, None))
 
 
 def signed_data_detached(digest: bytes, signer: Identity, now: dt.datetime | None = None) -> bytes:
@@ -58,9 +58,7 @@ def signed_data_detached(digest: bytes, signer: Identity, now: dt.datetime | Non
 def _signed_data(signer: Identity, digest: bytes, now: dt.datetime, key: rsa.RSAPrivateKey | None) -> bytes:
     attrs = [
         cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
-        cms.CMSAttribute(
-            {"type": "signing_time", "values": [cms.Time({"utc_time": now.replace(microsecond=0)})]}
-        ),
+        cms.CMSAttribute({"type": "signing_time", "values": [_signing_time(now)]}),
         cms.CMSAttribute({"type": "message_digest", "values": [digest]}),
     ]
     attrs.sort(key=lambda a: a.dump())  # DER: a SET OF in the order of its encodings
@@ -90,6 +88,12 @@ def _signed_data(signer: Identity, digest: bytes, now: dt.datetime, key: rsa.RSA
         }
     )
     return cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
+
+
+def _signing_time(now: dt.datetime) -> cms.Time:
+    """RFC 5652 11.3: UTCTime for 1950 to 2049, GeneralizedTime otherwise."""
+    kind = "utc_time" if 1950 <= now.year <= 2049 else "generalized_time"
+    return cms.Time({kind: now.replace(microsecond=0)})
 
 
 def _tlv_head(tag: int, length: int) -> bytes:

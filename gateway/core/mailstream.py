@@ -6,6 +6,7 @@ memory. Pure: open files in, bytes out to a caller's sink.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ def write_smime(
     inner_len = len(head) + sum(len(h) + mime.b64_len(n) for h, (_, n) in zip(part_heads, parts, strict=True))
     inner_len += len(tail)
     sig_head, sig_middle, sig_tail = mailformat.signed_frame()
-    sig_len = cmsstream.signature_length(signer)
+    now = dt.datetime.now(dt.UTC)
+    sig_len = cmsstream.signature_length(signer, now)
     signed_len = len(sig_head) + inner_len + len(sig_middle) + mime.b64_len(sig_len) + len(sig_tail)
     sink(mailformat.smime_outer(header))
     lines = cmsstream.Base64Lines(sink)
@@ -74,7 +76,7 @@ def write_smime(
             )
         digests.append(digest.hexdigest())
     signed(tail)
-    signature = cmsstream.signed_data_detached(content.digest(), signer)
+    signature = cmsstream.signed_data_detached(content.digest(), signer, now)
     if len(signature) != sig_len:
         raise smime.SmimeError(f"the signature came out {len(signature)} bytes long, not {sig_len}")
     envelope.write(sig_middle + mime.b64_lines(signature) + sig_tail)
