@@ -277,17 +277,19 @@ class Fetcher(Stage):
         """Poll the mailbox for as long as the gateway runs (`next_poll_in` says when); never dies."""
         quiet = QUIET_START
         while True:
-            taken = 0
+            interval = self.settings.mail.poll_interval
             try:
                 taken = await self.poll_once()
                 self.guard.ok()
             except TransientError as exc:  # every node failed: the next poll tries them again
                 log.warning("mailbox poll failed: %s", exc)
+                taken, quiet = 0, QUIET_START  # a failed poll is retried after the whole interval
             except Exception as exc:
                 if self.guard.failed(exc) is None:
                     return
+                taken, quiet = 0, QUIET_START
             quiet = 0 if taken else quiet + 1
-            await asyncio.sleep(next_poll_in(taken, quiet, self.settings.mail.poll_interval))
+            await asyncio.sleep(next_poll_in(taken, quiet, interval))
 
 
 FAST_POLL = 0.25  # s: the first look again after the mailbox ran empty
