@@ -20,10 +20,9 @@ from typing import Any, BinaryIO, TypeVar
 
 from gateway.core.mime import MAX_HEADER_BYTES
 from gateway.core.queue import QueueState, after_crash, check_move, is_due
-from gateway.storage import fsync_dir, makedirs_durable, start_writeback, write_all
+from gateway.storage import Writeback, fsync_dir, makedirs_durable, write_all
 
 CONTENT = "mail.eml"
-_WRITEBACK = 4 << 20  # bytes written between two nudges to the kernel to start writing them
 T = TypeVar("T")
 META = "meta.json"
 
@@ -152,19 +151,15 @@ class Spool:
         returned, the content's size). The item's directory entries become durable with `settle`."""
         item_dir.mkdir(parents=True, exist_ok=True)
         with (item_dir / CONTENT).open("wb", buffering=0) as f:
-            fd, flushed, size = f.fileno(), 0, 0
+            written = Writeback(f.fileno())
 
             def sink(data: bytes) -> None:
-                nonlocal flushed, size
                 write_all(f, data)
-                size += len(data)
-                if size - flushed >= _WRITEBACK:
-                    start_writeback(fd)
-                    flushed = size
+                written.wrote(len(data))
 
             result = write(sink)
-            os.fsync(fd)
-        return result, size
+            os.fsync(f.fileno())
+        return result, written.size
 
     @staticmethod
     def stage_meta(item_dir: Path, meta: dict[str, Any]) -> None:

@@ -69,6 +69,20 @@ def write_all(f: BinaryIO, data: bytes | memoryview) -> None:
         view = view[f.write(view) or 0 :]
 
 
+class Writeback:
+    """Has the kernel start writing a file's pages every `every` bytes written to it (`wrote(n)` after each
+    write), so that the fsync after its last byte has little left to wait for."""
+
+    def __init__(self, fd: int, every: int = 4 << 20) -> None:
+        self.fd, self.every, self.size, self.started = fd, every, 0, 0
+
+    def wrote(self, n: int) -> None:
+        self.size += n
+        if self.size - self.started >= self.every:
+            start_writeback(self.fd)
+            self.started = self.size
+
+
 def start_writeback(fd: int) -> None:
     """Linux: have the kernel start writing a file's dirty pages now, without waiting (SYNC_FILE_RANGE_WRITE),
     so that the fsync after the file's last byte has less left to wait for; elsewhere nothing."""

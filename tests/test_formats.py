@@ -13,6 +13,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from email import message_from_bytes
+from email.message import Message
 from email.policy import compat32
 from pathlib import Path
 
@@ -252,13 +253,8 @@ def test_a_restart_retires_the_keyring_a_killed_gateway_left(pki_dir, tmp_path):
 # ------------------------------------------------------------------------------------------- DICOM-ZIP
 
 
-def test_smime_zip_passes_openssl_unzip_and_dcmdump(pki_dir, tmp_path):  # type: ignore[no-untyped-def]
-    files = [p.read_bytes() for p in make_study(tmp_path / "s", ct=4, mr=2, sc=1)]
-    h = header(subject="DICOM-eMail DICOM-ZIP")
-    inner = mailformat.build_inner_zip(h, dicomzip.build_zip(files, deflate=True))
-    raw = mailformat.wrap_smime(
-        h, inner, identity(pki_dir, "gateway-a-smime"), cert(pki_dir, "gateway-b-smime")
-    )
+def openssl_opens(raw: bytes, pki_dir: Path, tmp_path: Path) -> Message:
+    """`openssl cms -decrypt` as B, then `-verify` against the test CA: the signed content OpenSSL finds."""
     (tmp_path / "m.eml").write_bytes(raw)
     run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=60)  # noqa: E731
     run(
@@ -269,13 +265,24 @@ def test_smime_zip_passes_openssl_unzip_and_dcmdump(pki_dir, tmp_path):  # type:
         "openssl", "cms", "-verify", "-in", str(tmp_path / "dec.eml"), "-CAfile", str(pki_dir / "ca.pem"),
         "-out", str(tmp_path / "content.eml"),
     )  # fmt: skip
-    content = message_from_bytes((tmp_path / "content.eml").read_bytes(), policy=compat32)
+    return message_from_bytes((tmp_path / "content.eml").read_bytes(), policy=compat32)
+
+
+def test_smime_zip_passes_openssl_unzip_and_dcmdump(pki_dir, tmp_path):  # type: ignore[no-untyped-def]
+    files = [p.read_bytes() for p in make_study(tmp_path / "s", ct=4, mr=2, sc=1)]
+    h = header(subject="DICOM-eMail DICOM-ZIP")
+    inner = mailformat.build_inner_zip(h, dicomzip.build_zip(files, deflate=True))
+    raw = mailformat.wrap_smime(
+        h, inner, identity(pki_dir, "gateway-a-smime"), cert(pki_dir, "gateway-b-smime")
+    )
+    content = openssl_opens(raw, pki_dir, tmp_path)
     zips = [p for p in content.walk() if p.get_content_type() == "application/zip"]
     assert (
         len(zips) == 1 and zips[0].get_param("name") == "DICOM.ZIP" and zips[0].get_param("id") == "DICOM.ZIP"
     )
     assert "DICOM-ZIP" in message_from_bytes(raw, policy=compat32)["Subject"]
     (tmp_path / "DICOM.ZIP").write_bytes(zips[0].get_payload(decode=True))
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=60)  # noqa: E731
     assert b"No errors detected" in run("unzip", "-t", str(tmp_path / "DICOM.ZIP")).stdout
     (tmp_path / "x").mkdir()
     run("unzip", "-q", str(tmp_path / "DICOM.ZIP"), "-d", str(tmp_path / "x"))
@@ -513,17 +520,7 @@ def test_a_streamed_smime_mail_opens_in_openssl_and_in_the_gateway(pki_dir, tmp_
     files = [p.read_bytes() for p in paths]
     assert written.wire_ready and mime.wire_ready(raw)
     assert written.digests == [hashlib.sha256(f).hexdigest() for f in files]
-    (tmp_path / "m.eml").write_bytes(raw)
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=60)  # noqa: E731
-    run(
-        "openssl", "cms", "-decrypt", "-in", str(tmp_path / "m.eml"), "-recip", str(pki_dir / "gateway-b-smime.pem"),
-        "-inkey", str(pki_dir / "gateway-b-smime.key"), "-out", str(tmp_path / "dec.eml"),
-    )  # fmt: skip
-    run(
-        "openssl", "cms", "-verify", "-in", str(tmp_path / "dec.eml"), "-CAfile", str(pki_dir / "ca.pem"),
-        "-out", str(tmp_path / "content.eml"),
-    )  # fmt: skip
-    content = message_from_bytes((tmp_path / "content.eml").read_bytes(), policy=compat32)
+    content = openssl_opens(raw, pki_dir, tmp_path)
     dicoms = [
         p.get_payload(decode=True) for p in content.walk() if p.get_content_type() == "application/dicom"
     ]

@@ -37,7 +37,7 @@ def write_smime(
     recipient_cert: x509.Certificate,
     sink: Callable[[bytes], object],
 ) -> Written:
-    """The mail `wrap_smime(build_inner(...))` makes, written to `sink` in pieces of about a megabyte while the
+    """The mail `wrap_smime(build_inner(...))` makes, written to `sink` in pieces (`cmsstream.B64_PIECE`) while the
     parts (open files and their sizes) are read: each piece is base64-encoded, hashed for the signature, encrypted
     and base64-encoded again before the next is read, so no copy of the whole mail or of a part is ever held.
     The content is hashed once: its digest is both the signature's message digest and the receipt's MIC.

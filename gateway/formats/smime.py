@@ -33,7 +33,7 @@ class SmimeFormat(MailFormat):
         keys: SealKeys,
         sink: Callable[[bytes], object],
     ) -> Written:
-        """Streamed: read, base64, hash, encrypt and write about a megabyte at a time (`mailformat.write_smime`)."""
+        """Streamed: read, base64, hash, encrypt and write a piece at a time (`mailstream.write_smime`)."""
         if keys.identity is None or keys.recipient is None:
             raise mailformat.MailFormatError(f"{self.name}: no S/MIME certificate for the partner or for us")
         return mailstream.write_smime(header, parts, keys.identity, keys.recipient, sink)

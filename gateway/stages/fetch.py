@@ -36,12 +36,11 @@ from gateway.core.queue import QueueState
 from gateway.core.states import MailState
 from gateway.errors import TransientError
 from gateway.stages.context import Stage, StageContext
-from gateway.storage import start_writeback
+from gateway.storage import Writeback, write_all
 
 log = logging.getLogger(__name__)
 
 MAX_MAILS_PER_POLL = 200
-_WRITEBACK = 4 << 20
 MAX_TRIES = 3  # a mail that broke the session this often stays on the server, reported
 _MAIL_ERRORS = (mailbox.MailError,)
 
@@ -50,19 +49,15 @@ class _Digesting:
     """A file that hashes what is written to it (the fetch stage's content key, computed on the way in)."""
 
     def __init__(self, f: BinaryIO) -> None:
-        self.f = f
+        self.f = f  # unbuffered: what is written is in the page cache, where the kernel can start writing it
         self.digest = hashlib.sha256()
-        self.size = self.flushed = 0
+        self.written = Writeback(f.fileno())  # the fsync that makes the mail durable waits less
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
-        n = self.f.write(data)
-        self.size += len(data)
-        if self.size - self.flushed >= _WRITEBACK:  # the fsync that makes the mail durable waits less
-            self.f.flush()
-            start_writeback(self.f.fileno())
-            self.flushed = self.size
-        return n
+        write_all(self.f, data)
+        self.written.wrote(len(data))
+        return len(data)
 
 
 class FetchFailures:
@@ -120,7 +115,7 @@ class Fetcher(Stage):
     async def _retr(self, session: Any, number: int, cap: int, tmp: Path) -> tuple[str, int]:
         """One mail streamed from the server into `tmp` (below D:/tmp), hashed on the way: never whole in the
         gateway's memory. Its content key and size."""
-        f = await asyncio.to_thread(tmp.open, "wb")
+        f = await asyncio.to_thread(tmp.open, "wb", buffering=0)
         try:
             out = _Digesting(f)
             size = await session.retr_to(number, cast(BinaryIO, out), cap)

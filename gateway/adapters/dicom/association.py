@@ -115,10 +115,9 @@ class _Store:
         self.digest.update(data)
         before = self.size
         self.size += len(data)
+        # the fsync before the acknowledgement has less left to wait for
         if (self.size >> 18) != (before >> 18):
-            start_writeback(
-                self.file.fileno()
-            )  # the fsync before the acknowledgement has less left to wait for
+            start_writeback(self.file.fileno())
 
     def drop(self, error: OSError | None) -> None:
         """Give up the temporary file (closed, removed); `error`, if any, is what the C-STORE is refused for."""
