@@ -3,6 +3,8 @@
 dicom-mail-gateway run    -c gateway.toml                 run the gateway
 dicom-mail-gateway send   -c gateway.toml --to PARTNER PATH...   enqueue DICOM files or folders by hand
 dicom-mail-gateway status -c gateway.toml [--json]        studies and transfers by state
+dicom-mail-gateway route  -c gateway.toml --explain STUDY  which routing rules match a stored study, and why
+dicom-mail-gateway resend -c gateway.toml --to PARTNER STUDY   queue a stored study for a partner again
 dicom-mail-gateway dev                                    dev certs + local mail cluster + loopback partner, then run
 
 
@@ -452,6 +454,38 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return _serve(settings)
 
 
+async def _routing(settings: config.Settings, study: str, partner: str | None, series: str | None) -> int:
+    """`route --explain` (partner None) or `resend`, against the catalog a running gateway uses too."""
+    from gateway.catalog import open_catalog
+    from gateway.operator import ActionRefused, OperatorActions
+    from gateway.stages.route import explain
+    from gateway.storage import Storage
+
+    catalog = await open_catalog(settings.database_url)
+    try:
+        if partner is None:
+            print("\n".join(await explain(settings.routing, catalog, settings.d_root, study)))
+            return 0
+        import getpass
+
+        actions = OperatorActions(settings, Storage(settings.d_root), catalog)
+        print(await actions.resend(study, partner, f"cli:{getpass.getuser()}", series))
+        return 0
+    except ActionRefused as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    finally:
+        await catalog.close()
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    return asyncio.run(_routing(_load(args.config), args.explain, None, None))
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    return asyncio.run(_routing(_load(args.config), args.study, args.to, args.series))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     ap = argparse.ArgumentParser(prog="dicom-mail-gateway", description="DICOM e-mail gateway")
@@ -468,6 +502,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("route", help="which routing rules match a stored study, and why")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--explain", required=True, metavar="STUDY_UID")
+    p.set_defaults(func=cmd_route)
+    p = sub.add_parser(
+        "resend", help="queue a stored study (or one series) for a partner, again or for the first time"
+    )
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--to", required=True, help="partner name")
+    p.add_argument("--series", help="only this series (Series Instance UID)")
+    p.add_argument("study", metavar="STUDY_UID")
+    p.set_defaults(func=cmd_resend)
     p = sub.add_parser("backup", help="back up configuration, certificates and catalog now")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_backup)

@@ -1,9 +1,11 @@
-"""What an operator may do to set-aside work, in one place: the CLI (`queue release|discard`) and the web page
+"""What an operator may do to set-aside work and stored studies, in one place: the CLI (`queue release|discard`) and the web page
 call this, and nothing else moves held items on an operator's behalf.
 
 - release: a held or corrupt mail goes back to `incoming` and is checked (inbound) or sent (outbound) again; its
   catalog row goes back with it. A mail whose bytes the quota for unauthenticated content dropped cannot be
   released (there is nothing left to check).
+- resend: a stored study goes (again) to any partner, as a new transfer, whatever routing decided; instances whose
+  files were purged after the PACS took them cannot go, and the partner's own exclusions still hold.
 - discard: a held or corrupt mail is given up for good (its bytes go, its record stays: inbound → `discarded`);
   a partner that asked for a receipt gets `deleted` ("refused by the operator"). An incomplete message/partial
   fragment group can be discarded the same way, by its key.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 from gateway.catalog import Catalog
@@ -121,6 +124,59 @@ class OperatorActions:
                 await self._tell_partner(item_id, head)
         log.info("operator %s discarded %s item %s", who, name, item_id)
         return f"{name} item {item_id}: discarded"
+
+    async def resend(self, study_uid: str, partner_name: str, who: str, series: str | None = None) -> str:
+        """Queue a stored study (or one of its series) for a partner as a new transfer; returns what was done."""
+        from gateway.stages.route import read_attributes
+
+        partner = self.settings.partner_by_name(partner_name)
+        if partner is None:
+            names = ", ".join(p.name for p in self.settings.partners)
+            raise ActionRefused(f"unknown partner {partner_name!r}; configured: {names}")
+        instances = [
+            i
+            for i in await self.catalog.routable(study_uid, unrouted_only=False)
+            if series is None or i.series_uid == series
+        ]
+        if not instances:
+            raise ActionRefused(
+                f"study {study_uid}{f' series {series}' if series else ''}: not in the catalog"
+            )
+        kept = [i for i in instances if not i.purged]
+        rules = self.settings.routing
+        keywords = {k for ex in partner.exclude for k in ex}
+
+        def allowed() -> list[str]:
+            root = self.storage.root
+            return [
+                i.sop_uid
+                for i in kept
+                if (root / i.path).exists()
+                and rules.exclusion_for(partner.name, read_attributes(root / i.path, keywords)) is None
+            ]
+
+        sops = await asyncio.to_thread(allowed)
+        gone, excluded = len(instances) - len(kept), len(kept) - len(sops)
+        notes = (f"{gone} no longer on D: (purged after the PACS took them)" if gone else "") + (
+            f"{'; ' if gone else ''}{excluded} left out by the partner's exclusions" if excluded else ""
+        )
+        if not sops:
+            raise ActionRefused(f"study {study_uid}: nothing to send to {partner.name} ({notes})")
+        transfer_id = uuid.uuid4().hex
+        count = await self.catalog.create_resend_transfer(
+            transfer_id, partner.name, study_uid, sops, time.time()
+        )
+        log.info(
+            "operator %s re-sent study %s to %s: transfer %s, %d instances",
+            who,
+            study_uid,
+            partner.name,
+            transfer_id,
+            count,
+        )
+        return f"transfer {transfer_id}: {count} instances of study {study_uid} queued for {partner.name}" + (
+            f" ({notes})" if notes else ""
+        )
 
     async def _tell_partner(self, mail_id: str, head: bytes) -> None:
         """`deleted` to the partner whose signed mail was discarded, if it asked for receipts (unauthenticated

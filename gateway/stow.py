@@ -70,11 +70,11 @@ class Stow:
         settings = self.gw.settings
         if not self._allowed(request):
             return web.Response(status=403, text="this address may not store")
-        route = None
+        route, ae = None, settings.ae_title
         if "ae" in request.match_info:
             ae = request.match_info["ae"]
             partner = next((p for p in settings.partners if p.ae_title == ae), None)
-            if partner is None and ae != settings.ae_title:
+            if partner is None and ae != settings.ae_title and ae not in settings.routing.called_aes():
                 return web.Response(status=404, text="no route with this AE title")
             route = partner.name if partner else None
         study = request.match_info.get("study")
@@ -91,7 +91,7 @@ class Stow:
                 return web.Response(status=413, text=f"larger than {settings.web.stow_max_size} bytes")
             except ValueError as exc:
                 return web.Response(status=400, text=f"malformed multipart body: {str(exc)[:120]}")
-            stored, failed = await self._store_all(temps, study, route)
+            stored, failed = await self._store_all(temps, study, route, ae, request.remote or "")
         finally:
             for t in temps:
                 if t is not None:
@@ -146,7 +146,7 @@ class Stow:
                 f.close()
 
     async def _store_all(
-        self, temps: list[Path | None], study: str | None, route: str | None
+        self, temps: list[Path | None], study: str | None, route: str | None, called_ae: str, peer: str
     ) -> tuple[list[InstanceInfo], list[tuple[InstanceInfo | None, int]]]:
         storage = self.gw.storage
         stored: list[InstanceInfo] = []
@@ -184,6 +184,8 @@ class Stow:
                     "DICOMWEB",
                     route,
                     time.time(),
+                    called_ae=called_ae,
+                    peer=peer,
                 )
             )
             stored.append(info)

@@ -255,10 +255,22 @@ async def test_catalog_behaves_the_same_on_both_backends(catalog_url, tmp_path):
         ]
         assert await cat.record_instances(recs) == 5
         assert await cat.record_instances(recs) == 0, "indexing is idempotent"
-        assert await cat.stable_routes(999.0) == []
-        assert await cat.stable_routes(1000.0) == [(infos[0].study_uid, "gateway-b")]
-        assert await cat.create_out_transfer("t1", "gateway-b", infos[0].study_uid, 1001.0) == 5
-        assert await cat.stable_routes(2000.0) == []
+        study = infos[0].study_uid
+        assert await cat.unrouted_studies(999.0) == [], "not stable before its last instance"
+        assert await cat.unrouted_studies(1000.0) == [study]
+        waiting = await cat.routable(study, unrouted_only=True)
+        assert {i.sop_uid for i in waiting} == {i.sop_instance_uid for i in infos}
+        decisions = {i.sop_uid: {"gateway-b": "rule b"} for i in waiting}
+        decisions[waiting[0].sop_uid] = {"gateway-b": "rule b", "gateway-c": "rule c"}
+        assert await cat.record_routes(decisions, 1000.5) == 6
+        assert await cat.record_routes(decisions, 1000.6) == 0, "a decision is stored once"
+        assert await cat.unrouted_studies(2000.0) == []
+        assert sorted(await cat.pending_routes()) == [(study, "gateway-b"), (study, "gateway-c")]
+        assert await cat.create_out_transfer("t1", "gateway-b", study, 1001.0) == 5
+        assert await cat.create_out_transfer("t0", "gateway-c", study, 1001.0) == 1
+        assert await cat.pending_routes() == []
+        routes = await cat.routes_of(study)
+        assert routes[waiting[0].sop_uid] == {"gateway-b": ("rule b", "t1"), "gateway-c": ("rule c", "t0")}
         await cat.add_out_mails("t1", [("<t1.1@x>", 1, 2, "p1", 10), ("<t1.2@x>", 2, 2, "p2", 10)], 1002.0)
         await cat.defer_mail("<t1.2@x>", 1, 5000.0, "421 busy", 1003.0)
         row = await cat.db.fetchone(
@@ -271,6 +283,11 @@ async def test_catalog_behaves_the_same_on_both_backends(catalog_url, tmp_path):
         assert t is not None and t["state"] == "sent" and t["parts_done"] == 2 and t["bytes"] == 500
         with pytest.raises(IllegalTransition):
             await cat.set_transfer_state("t1", TransferState.PACKAGED, 1007.0)
+        assert (
+            await cat.create_resend_transfer("t3", "gateway-c", study, [w.sop_uid for w in waiting], 1007.5)
+            == 5
+        )
+        assert len(await cat.pending_routes()) == 0, "a re-send leaves routing decisions alone"
         # an instance already sent can be sent again by hand (a resend, or to another partner)
         assert await cat.enqueue_manual(recs[:2], "t2", "gateway-c", 1008.0) == 2
         assert {sop for sop, _, _ in await cat.transfer_instances("t2")} == {
@@ -648,10 +665,10 @@ async def test_a_stage_whose_turn_keeps_failing_with_a_bug_stops_and_says_so(tmp
         router = Router(ctx)
         router.guard.base = router.guard.cap = 0.001
 
-        async def broken(quiet_since: float) -> list[tuple[str, str]]:
+        async def broken(quiet_since: float) -> list[str]:
             raise TypeError("a bug in a query")
 
-        catalog.stable_routes = broken  # type: ignore[method-assign]
+        catalog.unrouted_studies = broken  # type: ignore[method-assign]
         await asyncio.wait_for(router.run_forever(), 30)  # returns: it does not retry a bug forever
         assert "halted by a bug: TypeError" in ctx.progress.stalled(time.time(), 600)["router"]
     finally:

@@ -22,6 +22,14 @@ class InstanceRecord:
     route: str | None  # partner to send to, None = stays here
     received_at: float
     in_transfer: str | None = None
+    called_ae: str | None = None  # DICOM only: the AE title the modality called
+    peer: str | None = None  # DICOM only: the modality's address
+
+    @property
+    def awaits_routing(self) -> bool:
+        """Routing rules apply to what arrives over DICOM (C-STORE, STOW-RS); mail from partners and `send` are not
+        routed on (no mail loops between gateways; `send` names its partner)."""
+        return self.source == "dicom"
 
 
 class InstancesRoom(CatalogBase):
@@ -34,8 +42,8 @@ class InstancesRoom(CatalogBase):
                 i = r.info
                 new += await tx.execute(
                     f"""{ig} INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, path,
-                        size, sha256, source, origin, route, in_transfer, received_at)
-                        VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+                        size, sha256, source, origin, route, in_transfer, received_at, called_ae, peer, routed_at)
+                        VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
                     (
                         i.sop_instance_uid,
                         i.series_uid,
@@ -50,6 +58,9 @@ class InstancesRoom(CatalogBase):
                         r.route,
                         r.in_transfer,
                         r.received_at,
+                        r.called_ae,
+                        r.peer,
+                        None if r.awaits_routing else r.received_at,
                     ),
                 )
                 # stored again after its file was purged: the row points at the new file
@@ -92,16 +103,6 @@ class InstancesRoom(CatalogBase):
             "in_transfer",
         )
         return dict(zip(keys, row, strict=True)) if row else None
-
-    async def stable_routes(self, quiet_since: float) -> list[tuple[str, str]]:
-        """(study, partner) pairs with unsent routed instances and no new instance since `quiet_since`."""
-        rows = await self.db.fetchall(
-            """SELECT i.study_uid, i.route FROM instances i JOIN studies s ON s.study_uid = i.study_uid
-               WHERE i.route IS NOT NULL AND i.out_transfer IS NULL AND s.last_received <= ?
-               GROUP BY i.study_uid, i.route ORDER BY MIN(i.received_at)""",
-            (quiet_since,),
-        )
-        return [(str(r[0]), str(r[1])) for r in rows]
 
     async def purgeable(
         self, pacs_count: int, accepted_before: float, limit: int = 1000

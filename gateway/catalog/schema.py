@@ -175,6 +175,28 @@ MIGRATIONS: list[list[str]] = [
             indexed_at DOUBLE NOT NULL)""",
         "CREATE INDEX ix_web_index_study ON web_index (study_uid, series_uid)",
     ],
+    # 7: routing rules. An instance received over DICOM is routed when its study is stable (`stages.route`): one
+    # row per partner it goes to, with the rule that chose it. `routed_at` NULL: not decided yet. The called AE
+    # title and the peer's address are kept for the rules (and `route --explain`). Instances indexed before this
+    # migration keep the decision of their time: their called-AE route becomes a row, and they count as routed.
+    [
+        "ALTER TABLE instances ADD COLUMN called_ae VARCHAR(16)",
+        "ALTER TABLE instances ADD COLUMN peer VARCHAR(64)",
+        "ALTER TABLE instances ADD COLUMN routed_at DOUBLE",
+        """CREATE TABLE instance_routes (
+            sop_uid VARCHAR(64) NOT NULL,
+            partner VARCHAR(64) NOT NULL,
+            rule_name VARCHAR(128) NOT NULL,
+            out_transfer VARCHAR(160),
+            decided_at DOUBLE NOT NULL,
+            PRIMARY KEY (sop_uid, partner))""",
+        "CREATE INDEX ix_instance_routes_partner ON instance_routes (partner, out_transfer)",
+        """INSERT INTO instance_routes (sop_uid, partner, rule_name, out_transfer, decided_at)
+           SELECT sop_uid, route, 'called AE title', out_transfer, received_at FROM instances
+           WHERE route IS NOT NULL""",
+        "UPDATE instances SET routed_at = received_at",
+        "CREATE INDEX ix_instances_unrouted ON instances (routed_at, study_uid)",
+    ],
 ]
 
 

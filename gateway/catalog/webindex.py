@@ -36,13 +36,23 @@ def _where(
     if studies:
         where.append(f"w.study_uid IN ({', '.join('?' for _ in studies)})")
         args += studies
+    # sent (or going) to a partner: routed to it by a rule, or in an outbound transfer (`send`, a re-send)
+    sent = (
+        "(EXISTS (SELECT 1 FROM instance_routes r WHERE r.sop_uid = i.sop_uid{r})"
+        " OR EXISTS (SELECT 1 FROM transfer_items ti JOIN transfers t ON t.id = ti.transfer_id"
+        " WHERE ti.sop_uid = i.sop_uid AND t.direction = 'out'{t}))"
+    )
     if direction == "received":
         where.append("i.source = 'mail'")
     elif direction == "sent":
-        where.append("i.route IS NOT NULL")
+        where.append(sent.format(r="", t=""))
     if partner:
-        where.append("((i.source = 'mail' AND i.origin = ?) OR i.route = ?)")
-        args += [partner, partner]
+        where.append(
+            "((i.source = 'mail' AND i.origin = ?) OR "
+            + sent.format(r=" AND r.partner = ?", t=" AND t.partner = ?")
+            + ")"
+        )
+        args += [partner, partner, partner]
     return " AND ".join(where), tuple(args)
 
 

@@ -29,6 +29,7 @@ from gateway.config.model import (
 )
 from gateway.config.partners import partners_section
 from gateway.config.reader import Reader, parse_size
+from gateway.config.routing import routing_section
 from gateway.config.sections import (
     backup_section,
     database_section,
@@ -88,6 +89,9 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     web = web_section(root)
     pacs = pacs_section(root, gateway["ae_title"])
     partners = partners_section(root, file, gateway["ae_title"], pgp)
+    routing = routing_section(
+        root, [(p.name, p.ae_title) for p in partners], {p.name: p.exclude for p in partners if p.exclude}
+    )
     root.done()
     return Settings(
         file_refs=tuple(root.refs),
@@ -104,4 +108,5 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         monitoring=monitoring,
         web=web,
         pacs=pacs,
+        routing=routing,
     )

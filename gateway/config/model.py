@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.core.routing import Exclusion, RuleSet
+
 
 @dataclass(frozen=True)
 class Node:
@@ -42,6 +44,7 @@ class Partner:
     receipts: bool = True  # request MDNs and expect them back
     split: str = "sets"  # SPLITS: self-contained size-capped mails, or message/partial fragments of one mail
     max_message_size: int = 0  # split = "partial": the size of the one large mail before fragmenting
+    exclude: tuple[Exclusion, ...] = ()  # instances never sent to this partner (gateway.core.routing)
 
     @property
     def address(self) -> str:
@@ -225,6 +228,7 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     pacs: tuple[Pacs, ...] = ()
     keep_days_after_pacs: float = 7.0
+    routing: RuleSet = field(default_factory=RuleSet)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     file_refs: tuple[FileRef, ...] = field(default=(), compare=False)  # every file it names (backup, restore)
 

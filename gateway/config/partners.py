@@ -9,6 +9,7 @@ from pathlib import Path
 from gateway import formats
 from gateway.config.model import COMPRESSIONS, SPLITS, Partner, PgpSettings
 from gateway.config.reader import Reader, check_addr, check_ae, check_name, parse_size
+from gateway.config.routing import exclusions
 
 
 def partners_section(root: Reader, file: Path, ae_title: str, pgp: PgpSettings | None) -> tuple[Partner, ...]:
@@ -110,4 +111,5 @@ def _partner(p: Reader, file: Path) -> Partner:
         receipts=p.get("receipts", bool, True),
         split=p.get("split", str, "sets", check=lambda v: None if v in SPLITS else " or ".join(SPLITS)),
         max_message_size=max_message,
+        exclude=exclusions(p),
     )

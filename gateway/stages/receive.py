@@ -55,6 +55,8 @@ def record_to_json(r: InstanceRecord) -> str:
             "origin": r.origin,
             "route": r.route,
             "at": r.received_at,
+            "cae": r.called_ae,
+            "peer": r.peer,
         },
         separators=(",", ":"),
     )
@@ -64,7 +66,18 @@ def record_from_json(line: str) -> InstanceRecord:
     """The inverse of `record_to_json` (raises ValueError/KeyError/TypeError on a damaged line)."""
     d = json.loads(line)
     info = InstanceInfo(d["cls"], d["sop"], d["study"], d["series"], d["ts"], d["mod"], d["num"])
-    return InstanceRecord(info, d["path"], d["size"], d["sha"], d["src"], d["origin"], d["route"], d["at"])
+    return InstanceRecord(
+        info,
+        d["path"],
+        d["size"],
+        d["sha"],
+        d["src"],
+        d["origin"],
+        d["route"],
+        d["at"],
+        called_ae=d.get("cae"),  # journals written before routing rules have neither
+        peer=d.get("peer"),
+    )
 
 
 class IntakeJournal:
@@ -204,6 +217,8 @@ class DurableIntake:
             origin=received.calling_ae,
             route=self.routes.get(received.called_ae.strip()),
             received_at=time.time(),
+            called_ae=received.called_ae.strip(),
+            peer=received.peer,
         )
         self.journal.append(record, sync=False)
         # crash here: name and journal line maybe lost, nothing acknowledged: the modality resends

@@ -167,6 +167,7 @@ class ReceiverPool(ServesDicomPort):
             "min_free_inodes": s.min_free_inodes,
             "ae_title": s.ae_title,
             "routes": {p.ae_title: p.name for p in s.partners},
+            "rule_aes": sorted(s.routing.called_aes()),  # called AE titles routing rules name: accepted too
             "allowed_calling_ae": list(s.allowed_calling_ae),
             "allowed_networks": [str(n) for n in s.allowed_networks],
             "timeout": s.dicom_timeout,
@@ -299,7 +300,7 @@ def receiver_main(spec: dict[str, Any]) -> int:
     peers = {ae: (frozenset(ips), str(called)) for ae, (ips, called) in dict(spec["report_peers"]).items()}
     scp = DicomScp(
         str(spec["ae_title"]),
-        set(spec["routes"]),
+        set(spec["routes"]) | set(spec["rule_aes"]),
         ("127.0.0.1", 0),
         storage.tmp,
         durable.store,

@@ -1,0 +1,105 @@
+"""Routing: instances waiting for a decision, the decisions (one row per instance and partner), and what a study's
+instances looked like to routing (for `route --explain` and re-sending)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.catalog.instances import InstancesRoom
+
+
+@dataclass(frozen=True)
+class RoutableInstance:
+    """One stored instance with what routing knows about it."""
+
+    sop_uid: str
+    series_uid: str
+    path: str
+    source: str
+    origin: str
+    called_ae: str
+    peer: str
+    routed_at: float | None
+    purged: bool
+
+
+class RoutingRoom(InstancesRoom):
+    async def unrouted_studies(self, quiet_since: float) -> list[str]:
+        """Studies with instances not routed yet and no new instance since `quiet_since`, oldest first."""
+        rows = await self.db.fetchall(
+            """SELECT i.study_uid FROM instances i JOIN studies s ON s.study_uid = i.study_uid
+               WHERE i.routed_at IS NULL AND s.last_received <= ?
+               GROUP BY i.study_uid ORDER BY MIN(i.received_at)""",
+            (quiet_since,),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def study_first_seen(self, study_uid: str) -> float | None:
+        """When the study's first instance arrived (routing's time windows look at this)."""
+        row = await self.db.fetchone("SELECT first_seen FROM studies WHERE study_uid = ?", (study_uid,))
+        return None if row is None else float(row[0])
+
+    async def routable(self, study_uid: str, *, unrouted_only: bool) -> list[RoutableInstance]:
+        """The study's instances (or only those still waiting for routing), in arrival order."""
+        extra = " AND routed_at IS NULL" if unrouted_only else ""
+        rows = await self.db.fetchall(
+            "SELECT sop_uid, series_uid, path, source, origin, called_ae, peer, routed_at, purged_at "
+            f"FROM instances WHERE study_uid = ?{extra} ORDER BY received_at, sop_uid",
+            (study_uid,),
+        )
+        return [
+            RoutableInstance(
+                str(r[0]),
+                str(r[1]),
+                str(r[2]),
+                str(r[3]),
+                str(r[4] or ""),
+                str(r[5] or ""),
+                str(r[6] or ""),
+                None if r[7] is None else float(r[7]),
+                r[8] is not None,
+            )
+            for r in rows
+        ]
+
+    async def record_routes(self, decisions: Mapping[str, Mapping[str, str]], now: float) -> int:
+        """Store routing decisions (instance → {partner: rule}) and mark the instances routed, in one transaction;
+        return how many (instance, partner) rows are new. A decision already stored is kept (idempotent)."""
+        ig = self.db.dialect.insert_ignore
+        new = 0
+        async with self.db.transaction() as tx:
+            for sop, partners in decisions.items():
+                for partner, rule in partners.items():
+                    new += await tx.execute(
+                        f"""{ig} INTO instance_routes (sop_uid, partner, rule_name, decided_at)
+                            VALUES (?, ?, ?, ?)""",
+                        (sop, partner, rule[:128], now),
+                    )
+                await tx.execute(
+                    "UPDATE instances SET routed_at = ? WHERE sop_uid = ? AND routed_at IS NULL", (now, sop)
+                )
+        return new
+
+    async def pending_routes(self) -> list[tuple[str, str]]:
+        """(study, partner) pairs with routed instances not yet in a transfer, oldest first."""
+        rows = await self.db.fetchall(
+            """SELECT i.study_uid, r.partner FROM instance_routes r JOIN instances i ON i.sop_uid = r.sop_uid
+               WHERE r.out_transfer IS NULL GROUP BY i.study_uid, r.partner ORDER BY MIN(r.decided_at)"""
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def routes_of(self, study_uid: str) -> dict[str, dict[str, tuple[str, str | None]]]:
+        """For each instance of the study: partner → (rule, transfer or None), as decided."""
+        rows = await self.db.fetchall(
+            """SELECT r.sop_uid, r.partner, r.rule_name, r.out_transfer FROM instance_routes r
+               JOIN instances i ON i.sop_uid = r.sop_uid WHERE i.study_uid = ?""",
+            (study_uid,),
+        )
+        out: dict[str, dict[str, tuple[str, str | None]]] = {}
+        for sop, partner, rule, transfer in rows:
+            out.setdefault(str(sop), {})[str(partner)] = (
+                str(rule),
+                None if transfer is None else str(transfer),
+            )
+        return out
