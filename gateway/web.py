@@ -10,7 +10,7 @@ Every state-changing request (POST) must carry the session's CSRF token and, whe
 (or Referer) naming this very host: a page elsewhere cannot make an operator's browser release or discard mail.
 Pages and thumbnails (patient images) are sent with `Cache-Control: no-store`. The page is plain server-rendered
 HTML that refreshes itself; the only script is the confirmation of a quarantine action. Patient-identifying fields
-are not shown unless `web.show_patient_data`. Release and discard go through `gateway.operator`, as the CLI's do.
+are not shown unless `web.show_patient_data`. Release, discard and re-send go through `gateway.operator`, as the CLI's do.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class WebApp:
                 web.get("/metrics", self.metrics),
                 web.get("/thumb/{sop}.png", self.thumb),
                 web.post("/queue/{action}/{item}", self.queue_action),
+                web.post("/study/{study}/resend", self.resend),
                 web.get("/viewer", self.viewer_redirect),
                 web.get("/viewer/", self.viewer_file),
                 web.get("/viewer/{name}", self.viewer_file),
@@ -156,6 +157,21 @@ class WebApp:
         self.gw.wake_all()
         raise web.HTTPSeeOther("/#quarantine")
 
+    async def resend(self, request: web.Request) -> web.Response:
+        """The study page's "send to": a new transfer of the stored study to the chosen partner
+        (`OperatorActions.resend`, as the CLI's `resend`)."""
+        from gateway.operator import ActionRefused, OperatorActions
+
+        form = await request.post()
+        partner = str(form.get("partner", ""))
+        actions = OperatorActions(self.gw.settings, self.gw.storage, self.gw.catalog)
+        try:
+            await actions.resend(request.match_info["study"], partner, "web:operator")
+        except ActionRefused as exc:
+            raise web.HTTPConflict(text=str(exc)) from None
+        self.gw.wake_all()
+        raise web.HTTPSeeOther("/#studies")
+
     async def _studies(self) -> list[dict[str, Any]]:
         out = []
         for entry in await self.gw.catalog.recent_studies(10):
@@ -196,7 +212,9 @@ class WebApp:
         parts += _queues(view)
         parts += _nodes(view)
         parts += _transfers(view)
-        parts += _studies_html(studies)
+        parts += _studies_html(
+            studies, [p.name for p in gw.settings.partners], _e(self.auth.csrf_token(request))
+        )
         parts += _backups(view)
         parts += _set_aside(view, _e(self.auth.csrf_token(request)))
         parts.append(f"<p><small>refreshed {_ts(view.at)}</small></p></body></html>")
@@ -246,14 +264,27 @@ def _transfers(view: status.Status) -> list[str]:
     return out
 
 
-def _studies_html(studies: list[dict[str, Any]]) -> list[str]:
-    out = ["<h2>Recent studies</h2>"]
+def _resend_form(study_uid: str, partners: list[str], token: str) -> str:
+    """Send a stored study (again) to a partner: one select and one confirmed button (CSRF token included)."""
+    if not partners:
+        return ""
+    options = "".join(f"<option value='{_e(p)}'>{_e(p)}</option>" for p in partners)
+    return (
+        f"<form class='resend' method='post' action='/study/{_e(study_uid)}/resend' style='display:inline' "
+        "onsubmit=\"return confirm('Send this study to ' + this.partner.value + '?')\">"
+        f"<input type='hidden' name='csrf' value='{token}'> send to <select name='partner'>{options}</select> "
+        "<button class='resend'>send</button></form>"
+    )
+
+
+def _studies_html(studies: list[dict[str, Any]], partners: list[str], token: str) -> list[str]:
+    out = ["<h2 id='studies'>Recent studies</h2>"]
     for s in studies:
         patient = f" — {_e(s['patient'])}" if s.get("patient") else ""
         out.append(
             f"<div class='study'><a href='/viewer/#study={_e(s['uid'])}'><b>{_e(s['uid'])}</b></a>{patient}: "
             f"{s['count']} instances, {len(s['series'])} series, "
-            f"from {_e(s['source'])}, {_ts(s['last'])}<br>"
+            f"from {_e(s['source'])}, {_ts(s['last'])} {_resend_form(str(s['uid']), partners, token)}<br>"
         )
         for series_uid, modality, n, sop in s["series"]:
             out.append(

@@ -43,7 +43,7 @@ def read_attributes(path: Path, keywords: Iterable[str]) -> dict[str, str]:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=keys)
     except Exception:  # a file routing cannot read matches no attribute condition; it was checked on arrival
         return {}
-    return {k: attribute_text(ds.get(k).value) if k in ds else "" for k in keys}
+    return {k: attribute_text(ds[k].value) if k in ds else "" for k in keys}
 
 
 def facts_of(root: Path, instances: list[RoutableInstance], keywords: set[str]) -> list[Facts]:
