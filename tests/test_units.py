@@ -264,6 +264,9 @@ async def test_catalog_behaves_the_same_on_both_backends(catalog_url, tmp_path):
         decisions[waiting[0].sop_uid] = {"gateway-b": "rule b", "gateway-c": "rule c"}
         assert await cat.record_routes(decisions, 1000.5) == 6
         assert await cat.record_routes(decisions, 1000.6) == 0, "a decision is stored once"
+        many = {f"9.9.{n}": {"gateway-x": "bulk", "gateway-y": "bulk"} for n in range(450)}  # across chunks
+        assert await cat.record_routes(many, 1000.7) == 900 and await cat.record_routes(many, 1000.8) == 0
+        await cat.db.execute("DELETE FROM instance_routes WHERE rule_name = 'bulk'")
         assert await cat.unrouted_studies(2000.0) == []
         assert sorted(await cat.pending_routes()) == [(study, "gateway-b"), (study, "gateway-c")]
         assert await cat.create_out_transfer("t1", "gateway-b", study, 1001.0) == 5

@@ -15,27 +15,29 @@ class OutboundRoom(RoutingRoom):
     async def create_out_transfer(self, transfer_id: str, partner: str, study_uid: str, now: float) -> int:
         """Create a pending transfer carrying every instance of the study routed to the partner and not yet in a
         transfer (the decisions of `record_routes`); return how many it carries."""
-        pending = """SELECT r.sop_uid FROM instance_routes r JOIN instances i ON i.sop_uid = r.sop_uid
-                     WHERE i.study_uid = ? AND r.partner = ? AND r.out_transfer IS NULL"""
         async with self.db.transaction() as tx:
             await tx.execute(
                 """INSERT INTO transfers (id, direction, partner, study_uid, state, created_at, updated_at)
                    VALUES (?, 'out', ?, ?, ?, ?, ?)""",
                 (transfer_id, partner, study_uid, TransferState.PENDING.value, now, now),
             )
-            sops = [str(r[0]) for r in await tx.fetchall(pending, (study_uid, partner))]
-            for sop in sops:
-                await tx.execute(
-                    "INSERT INTO transfer_items (transfer_id, sop_uid) VALUES (?, ?)", (transfer_id, sop)
-                )
-                await tx.execute(
-                    "UPDATE instance_routes SET out_transfer = ? WHERE sop_uid = ? AND partner = ?",
-                    (transfer_id, sop, partner),
-                )
-                # the instance's latest outbound transfer (shown per instance)
-                await tx.execute(
-                    "UPDATE instances SET out_transfer = ? WHERE sop_uid = ?", (transfer_id, sop)
-                )
+            # set-based: one statement each, whatever the study's size
+            await tx.execute(
+                """UPDATE instance_routes SET out_transfer = ? WHERE partner = ? AND out_transfer IS NULL
+                   AND sop_uid IN (SELECT sop_uid FROM instances WHERE study_uid = ?)""",
+                (transfer_id, partner, study_uid),
+            )
+            await tx.execute(
+                """INSERT INTO transfer_items (transfer_id, sop_uid)
+                   SELECT out_transfer, sop_uid FROM instance_routes WHERE out_transfer = ?""",
+                (transfer_id,),
+            )
+            # the instance's latest outbound transfer (shown per instance)
+            await tx.execute(
+                """UPDATE instances SET out_transfer = ?
+                   WHERE sop_uid IN (SELECT sop_uid FROM instance_routes WHERE out_transfer = ?)""",
+                (transfer_id, transfer_id),
+            )
             return await self._count_items(tx, transfer_id)
 
     async def create_resend_transfer(

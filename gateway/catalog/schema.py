@@ -191,6 +191,7 @@ MIGRATIONS: list[list[str]] = [
             decided_at DOUBLE NOT NULL,
             PRIMARY KEY (sop_uid, partner))""",
         "CREATE INDEX ix_instance_routes_partner ON instance_routes (partner, out_transfer)",
+        "CREATE INDEX ix_instance_routes_transfer ON instance_routes (out_transfer)",
         """INSERT INTO instance_routes (sop_uid, partner, rule_name, out_transfer, decided_at)
            SELECT sop_uid, route, 'called AE title', out_transfer, received_at FROM instances
            WHERE route IS NOT NULL""",
