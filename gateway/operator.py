@@ -144,7 +144,7 @@ class OperatorActions:
             )
         kept = [i for i in instances if not i.purged]
         rules = self.settings.routing
-        keywords = {k for ex in partner.exclude for k in ex}
+        keywords = {k for ex in rules.partner_exclude.get(partner.name, ()) for k in ex}
 
         def allowed() -> list[str]:
             root = self.storage.root

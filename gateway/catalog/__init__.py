@@ -3,13 +3,14 @@
 Both backends run the same SQL (see `db.py`). Schema creation and upgrades are automatic and versioned (`schema.py`:
 the `schema_version` table holds the last applied migration; `MIGRATIONS` only ever grows). The catalog is built
 from rooms, one per concern, each a mixin over the shared database handle (`base.py`): instances, outbound,
-receipts, inbound, forwards, reporting (the read model for status, the web page and check_mk), snapshot (backup
+receipts, inbound, forwards, de-identification, reporting (the read model for status, the web page and check_mk), snapshot (backup
 and restore) and the DICOMweb index. All SQL of the gateway lives in this package.
 """
 
 from __future__ import annotations
 
 from gateway.catalog.db import connect
+from gateway.catalog.deid import DeidRoom
 from gateway.catalog.forwards import ForwardsRoom
 from gateway.catalog.inbound import InboundRoom
 from gateway.catalog.instances import InstanceRecord
@@ -24,7 +25,14 @@ __all__ = ["MIGRATIONS", "TABLES", "Catalog", "InstanceRecord", "ReceiptMatch", 
 
 
 class Catalog(
-    OutboundRoom, ReceiptsRoom, InboundRoom, ForwardsRoom, ReportingRoom, SnapshotRoom, WebIndexRoom
+    OutboundRoom,
+    ReceiptsRoom,
+    InboundRoom,
+    ForwardsRoom,
+    ReportingRoom,
+    SnapshotRoom,
+    WebIndexRoom,
+    DeidRoom,
 ):
     """Typed operations over the catalog tables."""
 

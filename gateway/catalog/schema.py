@@ -175,7 +175,7 @@ MIGRATIONS: list[list[str]] = [
             indexed_at DOUBLE NOT NULL)""",
         "CREATE INDEX ix_web_index_study ON web_index (study_uid, series_uid)",
     ],
-    # 7: routing rules. An instance received over DICOM is routed when its study is stable (`stages.route`): one
+    # 7: routing rules and de-identification. An instance received over DICOM is routed when its study is stable (`stages.route`): one
     # row per partner it goes to, with the rule that chose it. `routed_at` NULL: not decided yet. The called AE
     # title and the peer's address are kept for the rules (and `route --explain`). Instances indexed before this
     # migration keep the decision of their time: their called-AE route becomes a row, and they count as routed.
@@ -197,6 +197,19 @@ MIGRATIONS: list[list[str]] = [
            WHERE route IS NOT NULL""",
         "UPDATE instances SET routed_at = received_at",
         "CREATE INDEX ix_instances_unrouted ON instances (routed_at, study_uid)",
+        # de-identification for partners that ask: the key that replaces UIDs (it never leaves this catalog and
+        # its backups) and every replacement made, so that what comes back can be matched to the original
+        """CREATE TABLE secrets (
+            name VARCHAR(64) NOT NULL PRIMARY KEY,
+            value VARCHAR(256) NOT NULL)""",
+        """CREATE TABLE deid_map (
+            partner VARCHAR(64) NOT NULL,
+            deid_uid VARCHAR(64) NOT NULL,
+            original_uid VARCHAR(64) NOT NULL,
+            kind VARCHAR(8) NOT NULL,
+            study_uid VARCHAR(64) NOT NULL,
+            created_at DOUBLE NOT NULL,
+            PRIMARY KEY (partner, deid_uid))""",
     ],
 ]
 

@@ -29,7 +29,7 @@ from gateway.config.model import (
 )
 from gateway.config.partners import partners_section
 from gateway.config.reader import Reader, parse_size
-from gateway.config.routing import routing_section
+from gateway.config.routing import partner_exclusions, routing_section
 from gateway.config.sections import (
     backup_section,
     database_section,
@@ -89,8 +89,15 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     web = web_section(root)
     pacs = pacs_section(root, gateway["ae_title"])
     partners = partners_section(root, file, gateway["ae_title"], pgp)
+    names = {x.name for x in pacs}
+    for i, partner in enumerate(partners):
+        if partner.coerce and partner.coerce.reconcile and partner.coerce.reconcile not in names:
+            raise root.fail(
+                f"partners[{i}].coerce.reconcile",
+                f"no [[pacs]] named {partner.coerce.reconcile!r} to look patients up in",
+            )
     routing = routing_section(
-        root, [(p.name, p.ae_title) for p in partners], {p.name: p.exclude for p in partners if p.exclude}
+        root, [(p.name, p.ae_title) for p in partners], {p.name: partner_exclusions(p) for p in partners}
     )
     root.done()
     return Settings(

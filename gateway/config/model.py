@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.core.coerce import CoercionRule
+from gateway.core.deid import DeidSettings
 from gateway.core.routing import Exclusion, RuleSet
 
 
@@ -45,6 +47,8 @@ class Partner:
     split: str = "sets"  # SPLITS: self-contained size-capped mails, or message/partial fragments of one mail
     max_message_size: int = 0  # split = "partial": the size of the one large mail before fragmenting
     exclude: tuple[Exclusion, ...] = ()  # instances never sent to this partner (gateway.core.routing)
+    coerce: CoercionRule | None = None  # its patient IDs on the way into the local PACS (gateway.core.coerce)
+    deidentify: DeidSettings | None = None  # what it gets is de-identified (gateway.core.deid)
 
     @property
     def address(self) -> str:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from gateway import formats
 from gateway.config.model import COMPRESSIONS, SPLITS, Partner, PgpSettings
 from gateway.config.reader import Reader, check_addr, check_ae, check_name, parse_size
 from gateway.config.routing import exclusions
+from gateway.core.coerce import CoercionRule
+from gateway.core.deid import OPTIONS, DeidSettings
 
 
 def partners_section(root: Reader, file: Path, ae_title: str, pgp: PgpSettings | None) -> tuple[Partner, ...]:
@@ -111,5 +114,51 @@ def _partner(p: Reader, file: Path) -> Partner:
         receipts=p.get("receipts", bool, True),
         split=p.get("split", str, "sets", check=lambda v: None if v in SPLITS else " or ".join(SPLITS)),
         max_message_size=max_message,
-        exclude=exclusions(p),
+        **_what_it_gets(p, name),
     )
+
+
+def _what_it_gets(p: Reader, name: str) -> dict[str, Any]:
+    """What a partner is never sent, and how identities change between us: `exclude`, `coerce`, `deidentify`."""
+    return {
+        "exclude": exclusions(p),
+        "coerce": _coerce(p, name) if "coerce" in p.table else None,
+        "deidentify": _deidentify(p) if "deidentify" in p.table else None,
+    }
+
+
+def _deidentify(p: Reader) -> DeidSettings:
+    """`deidentify = { options = [...], allow_burned_in = false }`."""
+    d = p.table_of("deidentify")
+    options = d.get("options", list, [])
+    if bad := [o for o in options if o not in OPTIONS]:
+        raise d.fail("options", f"{bad[0]!r}: use {', '.join(OPTIONS)}")
+    settings = DeidSettings(frozenset(options), d.get("allow_burned_in", bool, False))
+    d.done()
+    return settings
+
+
+def _coerce(p: Reader, name: str) -> CoercionRule:
+    """`coerce = { issuer = "...", id_prefix = "...", universal_entity_id = "...", reconcile = "pacs" }`."""
+    c = p.table_of("coerce")
+    issuer = c.get("issuer", str, name, check=lambda v: None if 0 < len(v) <= 64 else "1 to 64 characters")
+    rule = CoercionRule(
+        issuer=issuer,
+        id_prefix=c.get(
+            "id_prefix", str, "", check=lambda v: None if len(v) <= 16 else "at most 16 characters"
+        ),
+        universal_entity_id=c.get("universal_entity_id", str, ""),
+        universal_entity_id_type=c.get(
+            "universal_entity_id_type",
+            str,
+            "ISO",
+            check=lambda v: (
+                None
+                if v in ("DNS", "EUI64", "ISO", "URI", "UUID", "X400", "X500")
+                else "ISO, DNS, URI, UUID, …"
+            ),
+        ),
+        reconcile=c.get("reconcile", str, ""),
+    )
+    c.done()
+    return rule

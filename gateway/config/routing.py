@@ -23,6 +23,7 @@ from typing import Any
 
 from pydicom.datadict import keyword_dict
 
+from gateway.config.model import Partner
 from gateway.config.reader import Reader
 from gateway.core.routing import (
     WEEKDAYS,
@@ -114,6 +115,15 @@ def _rule(r: Reader, n: int, partners: set[str]) -> Rule:
         exclude=exclusions(r),
         stop=stop,
     )
+
+
+def partner_exclusions(partner: Partner) -> tuple[Exclusion, ...]:
+    """What never goes to a partner: its own `exclude`, and for a de-identified partner, images with burnt-in
+    annotation (Burned In Annotation YES: pixels de-identification does not clean) unless it takes them."""
+    burned: tuple[Exclusion, ...] = ()
+    if partner.deidentify is not None and not partner.deidentify.allow_burned_in:
+        burned = ({"BurnedInAnnotation": patterns(["YES"])},)
+    return partner.exclude + burned
 
 
 def routing_section(

@@ -4,7 +4,8 @@ Per PACS, due instances are sent over up to `associations` associations at once,
 (no decode) in a context of its own transfer syntax; where the PACS does not take that syntax, the instance is
 converted for it (inflated, decompressed, byte-swapped) into Explicit/Implicit VR Little Endian, and what D: holds
 never changes. Every association and DIMSE step is bounded by the PACS's `timeout`. Success and the
-warning statuses (0xB000, 0xB006, 0xB007) count as accepted; a failure status or a failed association is retried
+warning statuses (0xB000, 0xB006, 0xB007) count as accepted; instances from a partner with `coerce` go with the
+patient identity `stages.coercion` decides (D: keeps what arrived); a failure status or a failed association is retried
 with backoff (`retry_base`·2^n), and after `max_attempts` the instance is recorded as rejected with the PACS's
 status: "sent" never hides a failed import. pynetdicom blocks, so each association runs in a worker thread.
 """
@@ -28,6 +29,10 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from gateway.adapters.dicom import commitment, scu
 from gateway.catalog import Catalog
 from gateway.config import Pacs, Settings
+from gateway.core import coerce, deid
+from gateway.core.coerce import Coercion
+from gateway.core.deid import Reidentification
+from gateway.stages.coercion import Coercer, now_local
 from gateway.stages.context import Stage, StageContext
 from gateway.storage import Storage
 
@@ -86,6 +91,15 @@ def as_native(path: Path) -> Dataset:
         raise ValueError(f"the PACS does not take {syntax.name} and it cannot be converted here") from exc
 
 
+def changed(ds: Dataset, coercion: Coercion | None, back: Reidentification | None) -> Dataset:
+    """The instance with the patient identity it has here (`stages.coercion`; D: keeps what arrived)."""
+    if coercion is not None:
+        coerce.apply(ds, coercion, now_local())
+    if back is not None:
+        deid.reidentify(ds, back, now_local())
+    return ds
+
+
 def _describe(status: int | None, error: str | None) -> str:
     return error or f"PACS answered 0x{status:04X}"
 
@@ -135,11 +149,14 @@ def send_batch(
                 )
                 continue
             path = root / str(i["path"])
+            changes = (i.get("coerce"), i.get("reidentify"))
             try:
                 if syntax in accepted[sop_class]:
-                    rsp = assoc.send_c_store(path)
+                    rsp = assoc.send_c_store(
+                        path if changes == (None, None) else changed(dcmread(path), *changes)
+                    )
                 elif accepted[sop_class] & set(NATIVE):
-                    rsp = assoc.send_c_store(as_native(path))
+                    rsp = assoc.send_c_store(changed(as_native(path), *changes))
                 else:
                     name = UID(sop_class).name
                     outcomes.append(
@@ -200,6 +217,7 @@ class Forwarder(Stage):
         self.accepted = 0
         self.rejected = 0
         self.box = commitment.ReportBox(ctx.storage.commitments)
+        self.coercer = Coercer(ctx.settings, ctx.catalog)
 
     async def run_once(self, now: float | None = None) -> int:
         try:
@@ -345,6 +363,7 @@ class Forwarder(Stage):
                         error="PACS no longer configured",
                     )
                 continue
+            await self.coercer.attach(items, self.storage.root)
             outcomes = await send_parallel(pacs, items, self.storage.root)
             self.progress.forwarder.done()  # accepted, refused or retried later: each is an outcome
             attempts_of = {str(i["sop_uid"]): int(i["attempts"]) + 1 for i in items}

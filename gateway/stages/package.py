@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import formats
 from gateway.config import Partner
-from gateway.core import compress, mailformat
+from gateway.core import compress, deid, mailformat
 from gateway.core.states import TransferState
 from gateway.spool import Spool
 from gateway.stages import wait_woken
@@ -98,6 +98,43 @@ class Packager(Stage):
         return [
             work / f"{i:06d}.dcm" if r[2] else p for i, (p, r) in enumerate(zip(paths, results, strict=True))
         ]
+
+    async def _deidentify(
+        self,
+        tid: str,
+        transfer: dict[str, object],
+        partner: Partner,
+        paths: list[Path],
+        sops: list[str],
+        work: Path,
+    ) -> tuple[list[Path], list[str], dict[str, object]]:
+        """The transfer's instances de-identified for the partner (`gateway.core.deid`, in the worker processes):
+        their files, their SOP Instance UIDs as the partner sees them (receipts name those), and the transfer with
+        the study UID the mails carry. The replacements are recorded first, so a result that comes back can be
+        matched to the original however far this gets."""
+        assert partner.deidentify is not None
+        key = await self.catalog.deid_key()
+        study = str(transfer.get("study_uid") or "")
+        series = {i.sop_uid: i.series_uid for i in await self.catalog.routable(study, unrouted_only=False)}
+        pairs = [("study", study, deid.uid_for(key, partner.name, study))]
+        pairs += [("series", s, deid.uid_for(key, partner.name, s)) for s in sorted(set(series.values()))]
+        pairs += [("sop", sop, deid.uid_for(key, partner.name, sop)) for sop in sops]
+        await self.catalog.record_deid_map(partner.name, study, pairs, time.time())
+        work.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        options = tuple(sorted(partner.deidentify.options))
+        out = [work / f"deid-{i:06d}.dcm" for i in range(len(paths))]
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self.pool(), deid.deidentify_file, str(p), str(o), key.hex(), partner.name, options
+                )
+                for p, o in zip(paths, out, strict=True)
+            )
+        )
+        log.info("transfer %s: %d instances de-identified for %s", tid, len(out), partner.name)
+        deid_sops = [deid.uid_for(key, partner.name, sop) for sop in sops]
+        return out, deid_sops, {**transfer, "study_uid": deid.uid_for(key, partner.name, study)}
 
     # ----------------------------------------------------------------------------- building
     def _job(
@@ -182,16 +219,25 @@ class Packager(Stage):
         folder = self.storage.outbox_staging / tid
         if folder.exists():
             shutil.rmtree(folder)  # a half-built set from before a crash
-        paths = await self._compress(
-            partner, [self.storage.root / rel for _, rel, _ in instances], folder / "work"
-        )
+        paths = [self.storage.root / rel for _, rel, _ in instances]
+        sops = [sop for sop, _, _ in instances]
+        if partner.deidentify is not None:
+            try:
+                paths, sops, transfer = await self._deidentify(
+                    tid, transfer, partner, paths, sops, folder / "work"
+                )
+            except (OSError, ValueError, BrokenProcessPool) as exc:
+                reason = f"de-identification failed: {type(exc).__name__}"  # never the message: it may name the patient
+                log.error("transfer %s failed: %s", tid, reason)
+                await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, reason)
+                shutil.rmtree(folder, ignore_errors=True)
+                return
+        paths = await self._compress(partner, paths, folder / "work")
         sizes = [p.stat().st_size for p in paths]
         for factor in (1.0, 0.8, 0.6, 0.4):
             try:
                 plan = self._plan(partner, sizes, factor)
-                built = await self._build_all(
-                    tid, transfer, partner, plan, paths, [sop for sop, _, _ in instances], folder
-                )
+                built = await self._build_all(tid, transfer, partner, plan, paths, sops, folder)
                 break
             except mailformat.MailFormatError as exc:
                 log.error("transfer %s failed: %s", tid, exc)

@@ -47,3 +47,41 @@ def associate(
         with contextlib.suppress(AttributeError, OSError):  # Nagle costs ~40 ms per small message
             assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
     return assoc
+
+
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"  # Patient Root Query/Retrieve Information Model - FIND
+
+
+class FindFailed(Exception):
+    """The PACS could not be asked (no association, or a failure status); the message says which."""
+
+
+def find_patients(pacs: Pacs, name: str, birth_date: str) -> list[tuple[str, str]]:
+    """(Patient ID, Issuer of Patient ID) of every patient the PACS knows by exactly this name and birth date
+    (C-FIND, Patient Root, PATIENT level); blocking (run in a thread). Raises `FindFailed`."""
+    from pydicom.dataset import Dataset
+
+    assoc = associate(pacs, [(PATIENT_ROOT_FIND, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])], [])
+    if not assoc.is_established:
+        raise FindFailed("no association for C-FIND")
+    query = Dataset()
+    query.QueryRetrieveLevel = "PATIENT"
+    query.PatientName = name
+    query.PatientBirthDate = birth_date
+    query.PatientID = ""
+    query.IssuerOfPatientID = ""
+    found: list[tuple[str, str]] = []
+    try:
+        for status, identifier in assoc.send_c_find(query, PATIENT_ROOT_FIND):
+            code = int(getattr(status, "Status", -1)) if status else -1
+            if code in (0xFF00, 0xFF01):
+                if identifier is not None and identifier.get("PatientID"):
+                    found.append(
+                        (str(identifier.PatientID), str(identifier.get("IssuerOfPatientID", "") or ""))
+                    )
+            elif code != 0x0000:
+                raise FindFailed(f"C-FIND answered 0x{code:04X}" if code >= 0 else "C-FIND got no answer")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return found
