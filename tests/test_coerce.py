@@ -87,3 +87,10 @@ def test_reconciliation_takes_exactly_one_local_patient() -> None:
     # the patient this gateway made earlier under the coerced identity is not a local match
     assert pick_local([local, LocalPatient("A-12345", "KLINIKUM-A")], "KLINIKUM-A", "A-12345") == local
     assert pick_local([local, local], "KLINIKUM-A", "A-12345") == local, "the same patient answered twice"
+
+
+def test_an_instance_without_a_patient_id_is_not_given_a_shared_one() -> None:
+    c = plan(RULE, "", "", None, "A", "gateway-b")
+    assert c.patient_id == "" and c.issuer == "KLINIKUM-A", (
+        "the prefix alone would make one patient of all such"
+    )

@@ -69,6 +69,7 @@ def test_options_keep_what_the_partner_is_configured_to_see(tmp_path: Path) -> N
         "clean_descriptors",
     )
     assert d.StudyDate == "20261201" and d.StationName == "CT-ROOM-2"
+    assert not d.get("PatientBirthDate"), "the study's dates are kept, never the patient's birth date"
     assert d.InstitutionName == "Klinikum Beispielstadt"
     # the descriptor stays, with the patient's name taken out of it
     assert d.StudyDescription.startswith("CT Kopf") and "CANARYZQX" not in d.StudyDescription

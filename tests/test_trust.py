@@ -235,7 +235,16 @@ def test_a_flood_bigger_than_the_disk_leaves_reception_up(mail, make_gateway, pk
     flood += [junk_smime(addr("gateway-a"), 999, 5 * mb)]  # above the fetch limit
     assert sum(map(len, flood)) > 170 * mb > Storage(small_d).free_bytes() - 16 * mb
     send_from(attacker, addr("gateway-b"), flood)
-    wait_for(lambda: mail.mailbox_count(addr("gateway-b")) == 0, 300, 1, "B to work through the flood")
+    # Postfix hands the mails to Dovecot after it accepted them: an empty mailbox alone may come before the last
+    # one (the large one) was even delivered, so B must also have dealt with that one
+    wait_for(
+        lambda: (
+            mail.mailbox_count(addr("gateway-b")) == 0 and any(i.meta.get("headers_only") for i in held(b))
+        ),
+        300,
+        1,
+        "B to work through the flood, the mail above the fetch limit included",
+    )
     wait_for(
         lambda: not Spool(b.d_root / "spool" / "inbox", b.d_root / "tmp").due(time.time()), 120, 1, "ingest"
     )

@@ -83,7 +83,7 @@ def plan(
         (rule.universal_entity_id, rule.universal_entity_id_type) if rule.universal_entity_id else None
     )
     return Coercion(
-        (rule.id_prefix + original_id)[:64],
+        (rule.id_prefix + original_id)[:64] if original_id else "",  # no ID stays none: never one shared "A-"
         rule.issuer,
         qualifiers,
         original_id,

@@ -100,6 +100,9 @@ _KEEP = {  # what each option keeps of what the basic profile would change (PS3.
     ),
 }
 _DESCRIPTOR_VRS = ("LO", "SH", "ST", "LT", "UT")
+_NEVER_KEPT_DATES = {
+    Tag(k) for k in ("PatientBirthDate", "PatientBirthTime", "PatientBirthDateInAlternativeCalendar")
+}
 
 
 def _table() -> dict[BaseTag, str]:
@@ -197,8 +200,8 @@ def _apply_table(
         if tag in keep:
             if "clean_descriptors" in options and elem.VR in _DESCRIPTOR_VRS and isinstance(elem.value, str):
                 elem.value = _scrub(elem.value, identifiers)
-        elif dates and elem.VR in ("DA", "DT", "TM") and action is not None:
-            pass
+        elif dates and elem.VR in ("DA", "DT", "TM") and action is not None and tag not in _NEVER_KEPT_DATES:
+            pass  # Retain Longitudinal Temporal Information, Full Dates: the study's dates, never the patient's
         elif action == "X":
             del d[tag]
             continue

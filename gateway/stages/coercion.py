@@ -33,8 +33,11 @@ CACHE_SECONDS = 600.0
 _IDENTITY_TAGS = ["PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate"]
 
 
-def _identity(path: Path) -> tuple[str, str, str, str]:
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_IDENTITY_TAGS)
+def _identity(path: Path) -> tuple[str, str, str, str] | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_IDENTITY_TAGS)
+    except Exception:  # unreadable here: the instance is held back (see `attach`), never forwarded uncoerced
+        return None
     return (
         str(ds.get("PatientID", "") or ""),
         str(ds.get("IssuerOfPatientID", "") or ""),
@@ -44,11 +47,11 @@ def _identity(path: Path) -> tuple[str, str, str, str]:
 
 
 def _study_of(path: Path) -> str:
-    return str(
-        pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).get(
-            "StudyInstanceUID", ""
-        )
-    )
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+    except Exception:  # unreadable: not matched back (forwarded as it came, like a study that is not ours)
+        return ""
+    return str(ds.get("StudyInstanceUID", "") or "")
 
 
 def _patient_of(path: Path) -> dict[str, str]:
@@ -105,7 +108,11 @@ class Coercer:
             return 0
         identities = await asyncio.to_thread(lambda: [_identity(root / str(i["path"])) for i, _ in todo])
         decided: dict[tuple[str, str, str, str, str], Coercion] = {}
-        for (item, partner), (pid, issuer, name, birth) in zip(todo, identities, strict=True):
+        for (item, partner), identity in zip(todo, identities, strict=True):
+            if identity is None:
+                item["hold"] = "its patient identity could not be read for coercion"
+                continue
+            pid, issuer, name, birth = identity
             rule = partner.coerce
             assert rule is not None
             key = (partner.name, pid, issuer, name, birth)

@@ -149,6 +149,9 @@ def send_batch(
                 )
                 continue
             path = root / str(i["path"])
+            if i.get("hold"):  # the identity it must have in the PACS could not be decided: not sent as it is
+                outcomes.append(Outcome(str(i["sop_uid"]), None, str(i["hold"])))
+                continue
             changes = (i.get("coerce"), i.get("reidentify"))
             try:
                 if syntax in accepted[sop_class]:
