@@ -156,6 +156,18 @@ class AddressBook:
                 "format": e.partner.format,
                 "compression": e.partner.compression,
                 "receipts": e.partner.receipts,
+                # how identities change between us (the README: coercion, de-identified sending)
+                "identity": ", ".join(
+                    (
+                        [
+                            f"de-identified ({', '.join(sorted(e.partner.deidentify.options)) or 'basic profile'})"
+                        ]
+                        if e.partner.deidentify
+                        else []
+                    )
+                    + (["IDs coerced on arrival"] if e.partner.coerce else [])
+                )
+                or "as is",
                 "pgp_fingerprint": e.pgp_fingerprint or None,
                 "days_left": None if (d := e.days_left(now)) is None else round(d, 1),
                 "problem": e.problem,

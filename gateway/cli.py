@@ -212,7 +212,8 @@ def status_text(settings: config.Settings, view: Status) -> str:
         days = "never" if p.get("days_left") is None else f"{p['days_left']:.0f} d"
         out.append(
             f"  {p['partner']:<16} {p['format']:<9} {p['compression']:<17} receipts {'yes' if p['receipts'] else 'no':<3}"
-            f"  keys expire in {days}" + (f"  SUSPENDED: {p['problem']}" if p.get("problem") else "")
+            f"  keys expire in {days}  identity {p.get('identity', 'as is')}"
+            + (f"  SUSPENDED: {p['problem']}" if p.get("problem") else "")
         )
     out.append("\nqueues:")
     for q in view.queues.values():
