@@ -10,6 +10,7 @@ A backup set is a folder `e_root/backup/<YYYYmmdd-HHMMSS>/`:
     keys/                  private keys, only with `backup.include_private_keys`, encrypted with the passphrase
                            from the environment variable `backup.passphrase_env`
     queues.json            metadata of every queue item (state, reason, attempts), not the mails themselves
+    audit/                 the audit trail's day files (`gateway.audit`), readable by the gateway's user only
 
 A set counts only when its manifest verifies; older sets are removed only after a new set verified, keeping
 `backup.keep_days` days. The snapshot runs on its own database connection and never blocks DICOM reception.
@@ -193,8 +194,18 @@ def _copy_elsewhere(folder: Path, target: str) -> None:
         verify(dest)
 
 
+def _copy_audit(trail: Path, into: Path) -> None:
+    """The audit trail's day files as they are (their hash chain stays verifiable), for the gateway's user only."""
+    if trail.is_dir():
+        into.mkdir(mode=0o700)
+        for day in sorted(trail.glob("????-??-??.jsonl")):
+            shutil.copy2(day, into / day.name)
+
+
 async def run_backup(settings: Settings, now: dt.datetime | None = None) -> BackupResult:
-    """Make, verify and record one backup set; then apply retention and copy it elsewhere if configured."""
+    """Make, verify and record one backup set; then apply retention and copy it elsewhere if configured.
+
+    Size: the set's whole making, from the partial folder to the verified rename, so its crash story reads in order."""
     now = now or dt.datetime.now()
     root = backup_root(settings)
     root.mkdir(parents=True, exist_ok=True)
@@ -233,6 +244,7 @@ async def run_backup(settings: Settings, now: dt.datetime | None = None) -> Back
                     )
                     (partial / "keys" / ref["file"]).write_bytes(data)
         (partial / "queues.json").write_text(json.dumps(_queue_metadata(settings), default=str))
+        _copy_audit(settings.e_root / "audit", partial / "audit")  # the trail, hash chain and all
         info = {
             "gateway": settings.name,
             "created": now.isoformat(timespec="seconds"),

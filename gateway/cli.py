@@ -5,6 +5,8 @@ dicom-mail-gateway send   -c gateway.toml --to PARTNER PATH...   enqueue DICOM f
 dicom-mail-gateway status -c gateway.toml [--json]        studies and transfers by state
 dicom-mail-gateway route  -c gateway.toml --explain STUDY  which routing rules match a stored study, and why
 dicom-mail-gateway resend -c gateway.toml --to PARTNER STUDY   queue a stored study for a partner again
+dicom-mail-gateway audit  -c gateway.toml --patient ID | --study UID | --partner NAME   the audit trail's history
+dicom-mail-gateway audit  -c gateway.toml verify [DAY]    check the audit trail's hash chain
 dicom-mail-gateway dev                                    dev certs + local mail cluster + loopback partner, then run
 
 
@@ -487,8 +489,43 @@ def cmd_resend(args: argparse.Namespace) -> int:
     return asyncio.run(_routing(_load(args.config), args.study, args.to, args.series))
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """`audit verify [DAY]` or `audit --patient ID | --study UID | --partner NAME [--since] [--until]`."""
+    from gateway.audit import AuditTrail, history
+
+    settings = _load(args.config)
+    trail = AuditTrail(settings.e_root / "audit", settings.name)
+    if args.action == "verify":
+        days = [args.day] if args.day else trail.days()
+        bad = 0
+        for day in days:
+            ok, said = trail.verify(day)
+            print(said)
+            bad += not ok
+        return 1 if bad else 0
+
+    def when(text: str | None) -> float | None:
+        return dt.datetime.fromisoformat(text).timestamp() if text else None
+
+    if not (args.patient or args.study or args.partner):
+        print("audit: give --patient, --study or --partner (or: audit verify [DAY])", file=sys.stderr)
+        return 2
+    lines = history(
+        trail,
+        patient=args.patient,
+        study=args.study,
+        partner=args.partner,
+        since=when(args.since),
+        until=when(args.until),
+    )
+    print("\n".join(lines) if lines else "no events")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point."""
+    """Console entry point.
+
+    Size: one argparse parser per command, read top to bottom like the usage text."""
     ap = argparse.ArgumentParser(prog="dicom-mail-gateway", description="DICOM e-mail gateway")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the gateway")
@@ -515,6 +552,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--series", help="only this series (Series Instance UID)")
     p.add_argument("study", metavar="STUDY_UID")
     p.set_defaults(func=cmd_resend)
+    p = sub.add_parser(
+        "audit", help="the audit trail: a patient's, study's or partner's history; verify the chain"
+    )
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("action", nargs="?", choices=["show", "verify"], default="show")
+    p.add_argument("day", nargs="?", help="verify: the day (YYYY-MM-DD, UTC); default every day")
+    p.add_argument("--patient", help="Patient ID")
+    p.add_argument("--study", help="Study Instance UID")
+    p.add_argument("--partner", help="partner name")
+    p.add_argument("--since", help="ISO date or date-time")
+    p.add_argument("--until", help="ISO date or date-time")
+    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("backup", help="back up configuration, certificates and catalog now")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_backup)

@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import logging
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ from gateway.adapters.mailbox import Mailbox
 from gateway.adapters.pop3 import Pop3Cluster
 from gateway.adapters.smtp import SmtpCluster
 from gateway.addressbook import load_keys
+from gateway.audit import AuditForwarder, AuditTrail, Repository
+from gateway.auditing import Auditor
 from gateway.catalog import open_catalog
 from gateway.config import Node, Settings
 from gateway.core.nodepool import NodePool
@@ -73,6 +76,7 @@ class Gateway(SharesContext):
     webindex: WebIndexer
     renderers: RenderWorkers
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    audit_wake: asyncio.Event = field(default_factory=asyncio.Event)  # new audit records: send them now
     storage_report: dict[str, int] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     loop_watch: LoopWatch = field(default_factory=LoopWatch)
@@ -101,8 +105,10 @@ class Gateway(SharesContext):
         mailbox: Mailbox = (ImapCluster if settings.mail.protocol == "imap" else Pop3Cluster)(
             settings.mail, tls
         )
-        ctx = StageContext(settings, storage, catalog, keys, outbox, inbox, fragments)
+        auditor = Auditor(AuditTrail(settings.e_root / "audit", settings.name), settings, storage.root)
+        ctx = StageContext(settings, storage, catalog, keys, outbox, inbox, fragments, audit=auditor)
         intake = Intake(storage, catalog, ctx.wakes.router, ctx.progress, ctx.wakes.webindex)
+        intake.audit = auditor
         await intake.recover()
         gw = cls(
             ctx=ctx,
@@ -331,6 +337,11 @@ class Gateway(SharesContext):
                     tg.create_task(self.loop_watch.run_forever(), name="loop-watch"),
                 ]
                 tg.create_task(self.reconcile_storage(), name="storage-check")  # runs once
+                if self.ctx.audit is not None and self.settings.audit.repository is not None:
+                    forwarder = AuditForwarder(
+                        self.ctx.audit.trail, audit_repository(self.settings), self.settings.audit.app_name
+                    )
+                    tg.create_task(forwarder.run_forever(self.audit_wake), name="audit")
                 webapp = WebApp(self) if self.settings.web.port else None
                 if webapp is not None:
                     await webapp.start()
@@ -344,8 +355,13 @@ class Gateway(SharesContext):
                     self.settings.ae_title,
                     ", ".join(f"{p.ae_title}→{p.name}" for p in self.settings.partners) or "none",
                 )
+                if self.ctx.audit is not None:
+                    await self.ctx.audit.application(start=True)
                 await self.stopping.wait()
                 log.info("stopping: DICOM port closes, then the stages")
+                if self.ctx.audit is not None:
+                    await self.ctx.audit.application(start=False)
+                    self.audit_wake.set()
                 self.scp.stop()
                 if webapp is not None:
                     await webapp.stop()
@@ -368,6 +384,16 @@ class Gateway(SharesContext):
 
 class _Stop(Exception):
     """Raised inside the TaskGroup to cancel every stage."""
+
+
+def audit_repository(settings: Settings) -> Repository:
+    """The Audit Record Repository's address and our TLS client context (client certificate; its CA only)."""
+    a = settings.audit
+    assert a.repository is not None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(a.tls_ca) if a.tls_ca else None)
+    if a.client_cert and a.client_key:
+        ctx.load_cert_chain(str(a.client_cert), str(a.client_key))
+    return Repository(a.repository.host, a.repository.port, ctx)
 
 
 def tune_malloc() -> None:

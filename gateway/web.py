@@ -60,6 +60,8 @@ class WebApp:
         self.gw = gw
         self.settings = gw.settings.web
         self.auth = WebAuth(self.settings, gw.settings.name)
+        if gw.ctx.audit is not None:
+            self.auth.on_login = gw.ctx.audit.login
         self.dicomweb = DicomWeb(gw)
         self.app = web.Application(middlewares=[self.auth.middleware], client_max_size=1024**2)
         self.app.add_routes(

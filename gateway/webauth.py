@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +37,7 @@ class WebAuth:
         self.name = name
         self.sessions: dict[str, tuple[str, float]] = {}  # session id → (CSRF token, expiry)
         self.basic_csrf = secrets.token_urlsafe(32)  # the token for basic-auth users (scripts; no cookie)
+        self.on_login: Callable[[str, str, bool], Awaitable[None]] | None = None  # the audit trail's ear
 
     def password(self) -> str:
         return os.environ.get(self.settings.password_env, "")
@@ -185,6 +187,10 @@ class WebAuth:
             and str(form.get("user", "")) == "operator"
             and hmac.compare_digest(str(form.get("password", "")).encode(), password.encode())
         )
+        if self.on_login is not None:  # audited before the answer (IHE ATNA: User Authentication, Login)
+            await self.on_login(
+                str(form.get("user", ""))[:64] or "-", request.remote or "", ok and self.same_origin(request)
+            )
         if not ok or not self.same_origin(request):
             log.warning("web: failed login from %s", request.remote)
             await asyncio.sleep(1)  # a password guesser gets one try a second per connection

@@ -12,7 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from gateway import backup, catalog, config
+from gateway.audit import AuditTrail
 from gateway.catalog import InstanceRecord, open_catalog
+from gateway.core.audit import EXPORT, AuditEvent, Participant
 from gateway.core.dicominfo import read_info
 from gateway.core.states import MailState
 from gateway.devtools import orthanc as orthanc_peer
@@ -99,8 +101,16 @@ async def test_backup_wipe_restore_is_identical(
     settings = write_settings(tmp_path, pki_dir, source)
     await populate(source, tmp_path)
     before = await dump(source)
+    trail = AuditTrail(settings.e_root / "audit", settings.name)
+    trail.record([AuditEvent("k", EXPORT, "R", 1.7e9, participants=(Participant("gw", True),))])
     result = await backup.run_backup(settings)
     assert result.rows["instances"] == 6 and result.rows["mails"] == 3
+    (day,) = trail.days()
+    copied = result.path / "audit" / f"{day}.jsonl"
+    assert copied.read_bytes() == (settings.e_root / "audit" / f"{day}.jsonl").read_bytes(), (
+        "the audit trail too"
+    )
+    assert f"audit/{day}.jsonl" in backup.verify(result.path)["files"]
     assert (result.path / "catalog.sqlite").exists() == direction.startswith("sqlite")
     assert not (result.path / "keys").exists(), "no private keys unless the operator asks"
 

@@ -22,13 +22,24 @@ class ForwardsRoom(CatalogBase):
     async def due_forwards(self, now: float, limit: int = 200) -> list[dict[str, Any]]:
         """Forwards to try now, with what the SCU needs to propose and send."""
         rows = await self.db.fetchall(
-            """SELECT f.sop_uid, f.pacs, f.attempts, i.sop_class_uid, i.transfer_syntax, i.path, i.source, i.origin
+            """SELECT f.sop_uid, f.pacs, f.attempts, i.sop_class_uid, i.transfer_syntax, i.path, i.source, i.origin,
+                      i.study_uid
                FROM pacs_forwards f JOIN instances i ON i.sop_uid = f.sop_uid
                WHERE f.state IN ('pending', 'retry') AND (f.next_attempt IS NULL OR f.next_attempt <= ?)
                ORDER BY f.created_at, i.series_uid, i.path LIMIT ?""",
             (now, limit),
         )
-        keys = ("sop_uid", "pacs", "attempts", "sop_class_uid", "transfer_syntax", "path", "source", "origin")
+        keys = (
+            "sop_uid",
+            "pacs",
+            "attempts",
+            "sop_class_uid",
+            "transfer_syntax",
+            "path",
+            "source",
+            "origin",
+            "study_uid",
+        )
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     async def record_forward(

@@ -111,6 +111,15 @@ class OutboundRoom(RoutingRoom):
         )
         return dict(zip(keys, row, strict=True)) if row else None
 
+    async def transfer_audit_rows(self, transfer_id: str) -> list[tuple[str, str, str]]:
+        """(study, SOP class, path) of a transfer's instances, for its audit event."""
+        rows = await self.db.fetchall(
+            """SELECT i.study_uid, i.sop_class_uid, i.path FROM transfer_items t
+               JOIN instances i ON i.sop_uid = t.sop_uid WHERE t.transfer_id = ?""",
+            (transfer_id,),
+        )
+        return [(str(a), str(b), str(c)) for a, b, c in rows]
+
     async def transfer_instances(self, transfer_id: str) -> list[tuple[str, str, int]]:
         """(sop_uid, path, size) of an outbound transfer, in a stable order (series, then path)."""
         rows = await self.db.fetchall(

@@ -15,6 +15,7 @@ from typing import Any
 from gateway.config.model import (
     COMPRESSIONS,
     SPLITS,
+    AuditSettings,
     BackupSettings,
     DicomTls,
     FileRef,
@@ -31,6 +32,7 @@ from gateway.config.partners import partners_section
 from gateway.config.reader import Reader, parse_size
 from gateway.config.routing import partner_exclusions, routing_section
 from gateway.config.sections import (
+    audit_section,
     backup_section,
     database_section,
     gateway_section,
@@ -46,6 +48,7 @@ from gateway.errors import ConfigError
 __all__ = [
     "COMPRESSIONS",
     "SPLITS",
+    "AuditSettings",
     "BackupSettings",
     "ConfigError",
     "DicomTls",
@@ -86,6 +89,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     smime_cert, smime_key, pgp = keys_section(root, data)
     backup = backup_section(root)
     monitoring = monitoring_section(root)
+    audit = audit_section(root, mail)
     web = web_section(root)
     pacs = pacs_section(root, gateway["ae_title"])
     partners = partners_section(root, file, gateway["ae_title"], pgp)
@@ -116,4 +120,5 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         web=web,
         pacs=pacs,
         routing=routing,
+        audit=audit,
     )

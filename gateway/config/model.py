@@ -132,6 +132,17 @@ class BackupSettings:
     passphrase_env: str = "DMG_BACKUP_PASSPHRASE"
 
 
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail's repository (IHE ATNA: syslog over TLS); the local copy on E: is always kept."""
+
+    repository: Node | None = None  # None: the local copy only
+    tls_ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    app_name: str = "dicom-mail-gateway"
+
+
 def is_loopback(bind: str) -> bool:
     """True for addresses only this machine can reach."""
     try:
@@ -233,6 +244,7 @@ class Settings:
     pacs: tuple[Pacs, ...] = ()
     keep_days_after_pacs: float = 7.0
     routing: RuleSet = field(default_factory=RuleSet)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     file_refs: tuple[FileRef, ...] = field(default=(), compare=False)  # every file it names (backup, restore)
 

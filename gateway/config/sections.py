@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.model import (
+    AuditSettings,
     BackupSettings,
     DicomTls,
     MailSettings,
     MonitoringSettings,
+    Node,
     Pacs,
     PgpSettings,
     WebSettings,
@@ -258,6 +260,36 @@ def backup_section(root: Reader) -> BackupSettings:
     )
     bk.done()
     return backup
+
+
+def audit_section(root: Reader, mail: MailSettings) -> AuditSettings:
+    """[audit]: the Audit Record Repository (syslog over TLS with a client certificate; IHE ITI-20)."""
+    au = root.table_of("audit", required=False)
+    repository = None
+    if au.get("repository", str, ""):
+        repository = _one_node(au, "repository", 6514)
+    settings = AuditSettings(
+        repository=repository,
+        tls_ca=au.path("tls_ca") if "tls_ca" in au.table else mail.ca_bundle,
+        client_cert=au.path("client_cert") if "client_cert" in au.table else mail.client_cert,
+        client_key=au.path("client_key") if "client_key" in au.table else mail.client_key,
+        app_name=au.get(
+            "app_name",
+            str,
+            "dicom-mail-gateway",
+            check=lambda v: None if 0 < len(v) <= 48 else "1 to 48 characters",
+        ),
+    )
+    au.done()
+    return settings
+
+
+def _one_node(r: Reader, name: str, default_port: int) -> Node:
+    raw = r.get(name, str)
+    host, _, port = raw.strip().rpartition(":") if ":" in raw else (raw.strip(), "", str(default_port))
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise r.fail(name, f"{raw!r} is not 'host' or 'host:port'")
+    return Node(host, int(port))
 
 
 def monitoring_section(root: Reader) -> MonitoringSettings:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.addressbook import Keys
+    from gateway.auditing import Auditor
     from gateway.catalog import Catalog
     from gateway.config import Settings
     from gateway.fragments import FragmentStore
@@ -99,6 +100,7 @@ class StageContext:
     fragments: FragmentStore
     wakes: Wakes = field(default_factory=Wakes)
     progress: Progress = field(default_factory=Progress)
+    audit: Auditor | None = None  # the audit trail (IHE ATNA); None in tests that do not look at it
 
 
 class SharesContext:

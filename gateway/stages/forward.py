@@ -368,6 +368,16 @@ class Forwarder(Stage):
                 continue
             await self.coercer.attach(items, self.storage.root)
             outcomes = await send_parallel(pacs, items, self.storage.root)
+            # the audit record before the catalog's: a crash between them forwards (and records) again
+            if self.ctx.audit is not None:
+                accepted = {o.sop_uid for o in outcomes if o.status in ACCEPTED}
+                rows = [
+                    (str(i["study_uid"]), str(i["sop_class_uid"]), str(i["path"]))
+                    for i in items
+                    if str(i["sop_uid"]) in accepted
+                ]
+                if rows:
+                    await self.ctx.audit.forwarded(name, rows, f"{time.time():.6f}")
             self.progress.forwarder.done()  # accepted, refused or retried later: each is an outcome
             attempts_of = {str(i["sop_uid"]): int(i["attempts"]) + 1 for i in items}
             for o in outcomes:

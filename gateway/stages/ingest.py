@@ -383,6 +383,10 @@ class Ingester(Stage):
                 [r.info.sop_instance_uid for r in records], [p.name for p in self.settings.pacs], time.time()
             )
             self.wakes.forwarder.set()
+        if self.ctx.audit is not None:  # before the mail counts as ingested: a crash here ingests it again
+            await self.ctx.audit.received_from_partner(
+                mail_id, accepted.partner, [(r.info.study_uid, r.info.sop_class_uid, r.path) for r in records]
+            )
         completed = await self._finish_once(
             mail_id,
             MailState.INGESTED,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.adapters.dicom import Received
+from gateway.auditing import Auditor
 from gateway.catalog import Catalog, InstanceRecord
 from gateway.core.dicominfo import InstanceInfo, read_info
 from gateway.stages import LoopGuard
@@ -250,6 +251,9 @@ class Intake:
         self.received = 0
         self.duplicates = 0
         self.conflicts = 0
+        self.audit: Auditor | None = (
+            None  # set by the service: "DICOM Instances Transferred" per sender and study
+        )
 
     def journals(self) -> list[Path]:
         """Every intake journal on D: (one per receiver process that ran, and the single one of older versions)."""
@@ -281,6 +285,7 @@ class Intake:
         records = kept
         if records:
             new = await self.catalog.record_instances(records)
+            await self._audit(records, replay=True)
             log.info(
                 "intake journal %s: %d records replayed, %d were not yet indexed",
                 journal.name,
@@ -308,6 +313,8 @@ class Intake:
             while True:
                 try:
                     await self.catalog.record_instances([record for _, record in batch])
+                    # before the receivers may forget the journal lines: a crash here replays them (marked replay)
+                    await self._audit([record for _, record in batch])
                     self.guard.ok()
                     break
                 except Exception as exc:  # the batch is in the receivers' journals: nothing is lost meanwhile
@@ -319,6 +326,21 @@ class Intake:
             self.on_indexed(counts)
             self.wake_router.set()
             self.wake_index.set()
+
+    async def _audit(self, records: list[InstanceRecord], replay: bool = False) -> None:
+        if self.audit is None:
+            return
+        self.audit.trail.replaying = replay
+        try:
+            await self.audit.received_dicom(
+                [
+                    (r.info.study_uid, r.info.sop_class_uid, r.path, r.origin, r.peer or "")
+                    for r in records
+                    if r.source == "dicom"
+                ]
+            )
+        finally:
+            self.audit.trail.replaying = False
 
     def stats(self) -> dict[str, Any]:
         """Counters for status output."""

@@ -111,8 +111,14 @@ class Sender(Stage):
             )
             log.info("receipt for partner %s accepted by %s", partner.name, node)
             return
-        await record("sent", lambda: self.catalog.mark_mail_sent(meta["message_id"], str(node), time.time()))
+        complete = await record(
+            "sent", lambda: self.catalog.mark_mail_sent(meta["message_id"], str(node), time.time())
+        )
         self.sent += 1
+        if complete and self.ctx.audit is not None:
+            tid = str(meta.get("transfer"))
+            rows = await self.catalog.transfer_audit_rows(tid)
+            await self.ctx.audit.sent_to_partner(tid, partner.name, rows)
         # the cluster answers again: mails deferred because every node failed need not wait out their backoff
         await asyncio.to_thread(self._wake_deferred)
         if int(meta.get("part", 0)) == int(meta.get("total", -1)):

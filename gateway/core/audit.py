@@ -1,0 +1,247 @@
+"""Audit messages: DICOM PS3.15 Annex A.5 (the schema IHE ATNA uses) and their RFC 5424 syslog form.
+
+Pure: an `AuditEvent` (what happened, who took part, which patient and study) becomes one line of XML
+(`to_xml`); `check` tells whether a message has what the schema requires (the schema's RELAX NG is not shipped
+with any Python library: `check` tests the same structure element by element, and the tests run it on every
+message the pipeline produced); `syslog_frame` wraps a message as RFC 5424 over RFC 5425 framing (facility 10
+authpriv, severity 5 notice, MSGID `DICOM+RFC3881`, as IHE ITI-20 asks).
+
+The audit trail is the one place where patient names and IDs may be written (ATNA requires them): messages go
+only to the audit repository and the local hash-chained copy (`gateway.audit`), never to logs or metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from xml.etree import ElementTree as ET
+
+# (code, meaning) of DICOM's audit vocabulary (PS3.16 CID 400-405, DCM coding scheme)
+APPLICATION_ACTIVITY = ("110100", "Application Activity")
+APPLICATION_START = ("110120", "Application Start")
+APPLICATION_STOP = ("110121", "Application Stop")
+INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
+STUDY_DELETED = ("110105", "DICOM Study Deleted")
+EXPORT = ("110106", "Export")
+IMPORT = ("110107", "Import")
+NETWORK_ENTRY = ("110108", "Network Entry")
+SECURITY_ALERT = ("110113", "Security Alert")
+USER_AUTHENTICATION = ("110114", "User Authentication")
+LOGIN = ("110122", "Login")
+NODE_AUTHENTICATION = ("110126", "Node Authentication")
+SOFTWARE_CONFIGURATION = ("110131", "Software Configuration")
+RESTRICTED_FUNCTION = ("110132", "Use of Restricted Function")
+ATTACH = ("110124", "Attach")
+
+ROLE_SOURCE = ("110153", "Source Role ID")
+ROLE_DESTINATION = ("110152", "Destination Role ID")
+ROLE_APPLICATION = ("110150", "Application")
+ROLE_LAUNCHER = ("110151", "Application Launcher")
+
+OUTCOMES = {"success": "0", "minor": "4", "serious": "8", "major": "12"}
+ACTIONS = ("C", "R", "U", "D", "E")
+
+
+@dataclass(frozen=True)
+class Participant:
+    """An ActiveParticipant: a user, a process or a node."""
+
+    user_id: str
+    requestor: bool
+    address: str = ""  # NetworkAccessPointID (an IP address or host name)
+    role: tuple[str, str] | None = None
+    name: str = ""  # AlternativeUserID (e.g. an AE title)
+
+
+@dataclass(frozen=True)
+class Study:
+    """The study a transfer or access is about, with the SOP classes and instance counts it touched."""
+
+    uid: str
+    classes: tuple[tuple[str, int], ...] = ()  # (SOP Class UID, number of instances)
+    description: str = ""  # e.g. the partner or the transfer
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audit event (see the module docstring). `key` identifies it for de-duplication across crashes."""
+
+    key: str
+    event: tuple[str, str]
+    action: str  # C R U D E
+    at: float
+    outcome: str = "success"
+    outcome_text: str = ""
+    types: tuple[tuple[str, str], ...] = ()
+    participants: tuple[Participant, ...] = ()
+    patient_id: str = ""
+    patient_name: str = ""
+    studies: tuple[Study, ...] = ()
+    source: str = ""  # AuditSourceID: this gateway
+    extra: dict[str, str] = field(
+        default_factory=dict
+    )  # other participant objects: name → text (e.g. a mail)
+
+
+def _code(parent: ET.Element, tag: str, code: tuple[str, str], scheme: str = "DCM") -> ET.Element:
+    return ET.SubElement(
+        parent, tag, {"csd-code": code[0], "codeSystemName": scheme, "originalText": code[1]}
+    )
+
+
+def _participants(root: ET.Element, e: AuditEvent) -> None:
+    for p in e.participants:
+        attrs = {"UserID": p.user_id, "UserIsRequestor": "true" if p.requestor else "false"}
+        if p.name:
+            attrs["AlternativeUserID"] = p.name
+        if p.address:
+            attrs["NetworkAccessPointID"] = p.address
+            attrs["NetworkAccessPointTypeCode"] = "2" if p.address[:1].isdigit() or ":" in p.address else "1"
+        ap = ET.SubElement(root, "ActiveParticipant", attrs)
+        if p.role:
+            _code(ap, "RoleIDCode", p.role)
+
+
+def _objects(root: ET.Element, e: AuditEvent) -> None:
+    if e.patient_id:
+        po = ET.SubElement(
+            root,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": e.patient_id,
+                "ParticipantObjectTypeCode": "1",
+                "ParticipantObjectTypeCodeRole": "1",
+            },
+        )
+        _code(po, "ParticipantObjectIDTypeCode", ("2", "Patient Number"), "RFC-3881")
+        if e.patient_name:
+            ET.SubElement(po, "ParticipantObjectName").text = e.patient_name
+    for s in e.studies:
+        po = ET.SubElement(
+            root,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": s.uid,
+                "ParticipantObjectTypeCode": "2",
+                "ParticipantObjectTypeCodeRole": "3",
+            },
+        )
+        _code(po, "ParticipantObjectIDTypeCode", ("110180", "Study Instance UID"))
+        desc = ET.SubElement(po, "ParticipantObjectDescription")
+        if s.description:
+            desc.text = s.description
+        for uid, count in s.classes:
+            ET.SubElement(desc, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
+    for name, text in e.extra.items():
+        po = ET.SubElement(
+            root,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": text,
+                "ParticipantObjectTypeCode": "2",
+                "ParticipantObjectTypeCodeRole": "4",
+            },
+        )
+        _code(po, "ParticipantObjectIDTypeCode", ("12", "URI"), "RFC-3881")
+        ET.SubElement(po, "ParticipantObjectName").text = name
+
+
+def to_xml(e: AuditEvent) -> str:
+    """The event as a DICOM audit message (one line of XML, UTF-8 text)."""
+    if e.action not in ACTIONS:
+        raise ValueError(f"EventActionCode {e.action!r}")
+    root = ET.Element("AuditMessage")
+    ident = ET.SubElement(
+        root,
+        "EventIdentification",
+        {
+            "EventActionCode": e.action,
+            "EventDateTime": dt.datetime.fromtimestamp(e.at, dt.UTC).isoformat(timespec="milliseconds"),
+            "EventOutcomeIndicator": OUTCOMES[e.outcome],
+        },
+    )
+    _code(ident, "EventID", e.event)
+    for t in e.types:
+        _code(ident, "EventTypeCode", t)
+    if e.outcome_text:
+        ET.SubElement(ident, "EventOutcomeDescription").text = e.outcome_text
+    _participants(root, e)
+    source = ET.SubElement(
+        root, "AuditSourceIdentification", {"AuditSourceID": e.source or "dicom-mail-gateway"}
+    )
+    ET.SubElement(
+        source,
+        "AuditSourceTypeCode",
+        {"csd-code": "4", "codeSystemName": "DCM", "originalText": "Application Server Process"},
+    )
+    _objects(root, e)
+    return ET.tostring(root, encoding="unicode")
+
+
+def check(xml: str) -> list[str]:
+    """What a message lacks against the DICOM audit message schema (PS3.15 A.5.1): [] when it is complete."""
+    problems = []
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        return [f"not XML: {exc}"]
+    if root.tag != "AuditMessage":
+        problems.append("root is not AuditMessage")
+    ident = root.find("EventIdentification")
+    if ident is None:
+        return [*problems, "no EventIdentification"]
+    for attr in ("EventActionCode", "EventDateTime", "EventOutcomeIndicator"):
+        if not ident.get(attr):
+            problems.append(f"EventIdentification@{attr} missing")
+    if ident.get("EventActionCode") not in ACTIONS:
+        problems.append("EventActionCode not one of C R U D E")
+    if ident.get("EventOutcomeIndicator") not in OUTCOMES.values():
+        problems.append("EventOutcomeIndicator not 0, 4, 8 or 12")
+    try:
+        dt.datetime.fromisoformat(ident.get("EventDateTime", ""))
+    except ValueError:
+        problems.append("EventDateTime is not an xs:dateTime")
+    codes = [c for c in root.iter() if "csd-code" in c.attrib]
+    if ident.find("EventID") is None:
+        problems.append("no EventID")
+    for c in codes:
+        if not c.get("codeSystemName") or not c.get("originalText"):
+            problems.append(f"{c.tag}: a coded value needs codeSystemName and originalText")
+    participants = root.findall("ActiveParticipant")
+    if not participants:
+        problems.append("no ActiveParticipant")
+    for p in participants:
+        if not p.get("UserID") or p.get("UserIsRequestor") not in ("true", "false"):
+            problems.append("ActiveParticipant needs UserID and UserIsRequestor")
+    src = root.find("AuditSourceIdentification")
+    if src is None or not src.get("AuditSourceID"):
+        problems.append("no AuditSourceIdentification@AuditSourceID")
+    for po in root.findall("ParticipantObjectIdentification"):
+        if not po.get("ParticipantObjectID") or po.find("ParticipantObjectIDTypeCode") is None:
+            problems.append("ParticipantObjectIdentification needs an ID and its ParticipantObjectIDTypeCode")
+    order = [c.tag for c in root]
+    expected = [
+        "EventIdentification",
+        "ActiveParticipant",
+        "AuditSourceIdentification",
+        "ParticipantObjectIdentification",
+    ]
+    ranks = [expected.index(t) if t in expected else -1 for t in order]
+    if -1 in ranks or ranks != sorted(ranks):
+        problems.append(f"elements out of the schema's order: {order}")
+    return problems
+
+
+def syslog_frame(xml: str, at: float, host: str, app: str, seq: int, resent: bool = False) -> bytes:
+    """One RFC 5424 message carrying `xml`, framed for RFC 5425 (`LENGTH SP MESSAGE`). Structured data names the
+    record's place in the local chain; `resent` marks a record that may have reached the repository already."""
+    stamp = dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    mark = ' resent="1"' if resent else ""
+    sd = f'[dmg@32473 seq="{seq}"{mark}]'
+    message = (
+        f"<85>1 {stamp} {host or '-'} {app[:48] or '-'} - DICOM+RFC3881 {sd} ".encode()
+        + b"\xef\xbb\xbf"
+        + xml.encode()
+    )
+    return str(len(message)).encode() + b" " + message

@@ -1,0 +1,93 @@
+"""The audit trail (fast tier): DICOM audit messages that pass the schema check, the hash chain that catches a
+changed, removed or inserted record, de-duplication across a crash, who may read the files, and the history a
+data protection officer asks for."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from gateway.audit import AuditTrail, history
+from gateway.core import audit as A
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+
+
+def transfer(key: str, at: float, pid: str = "PID-1", partner: str = "gateway-b") -> A.AuditEvent:
+    return A.AuditEvent(
+        key=key,
+        event=A.INSTANCES_TRANSFERRED,
+        action="R",
+        at=at,
+        participants=(
+            A.Participant("gateway-a", True, "", A.ROLE_SOURCE, "GATEWAY_A"),
+            A.Participant(partner, False, "", A.ROLE_DESTINATION),
+        ),
+        patient_id=pid,
+        patient_name="DOE^JANE",
+        studies=(A.Study(STUDY, (("1.2.840.10008.5.1.4.1.1.2", 3),), "sent by mail"),),
+        source="gateway-a",
+    )
+
+
+def test_messages_have_what_the_schema_requires() -> None:
+    start = A.AuditEvent(
+        "s",
+        A.APPLICATION_ACTIVITY,
+        "E",
+        1.7e9,
+        types=(A.APPLICATION_START,),
+        participants=(A.Participant("gw", False),),
+    )
+    for e in (transfer("t", 1.7e9), start):
+        xml = A.to_xml(e)
+        assert A.check(xml) == [], A.check(xml)
+        assert "\n" not in xml, "one line: one syslog message, one line of the local copy"
+    assert "no ActiveParticipant" in A.check(A.to_xml(A.AuditEvent("x", A.EXPORT, "R", 1.7e9)))
+    assert A.check("<AuditMessage/>") == ["no EventIdentification"]
+    frame = A.syslog_frame(A.to_xml(start), 1.7e9, "host", "dicom-mail-gateway", 7, resent=True)
+    length, message = frame.split(b" ", 1)
+    assert int(length) == len(message) and message.startswith(b"<85>1 2023-11-14T22:13:20.000Z host ")
+    assert b' DICOM+RFC3881 [dmg@32473 seq="7" resent="1"] \xef\xbb\xbf<AuditMessage>' in message
+
+
+def test_the_chain_catches_a_changed_a_removed_and_an_inserted_record(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path / "audit", "gateway-a")
+    assert trail.record([transfer(f"t{n}", 1.7e9 + n) for n in range(5)]) == 5
+    assert trail.record([transfer("t2", 1.7e9)]) == 0, "a key already written is not written twice"
+    (day,) = trail.days()
+    assert trail.verify(day) == (True, f"{day}: chain intact")
+    path = tmp_path / "audit" / f"{day}.jsonl"
+    assert (
+        stat.S_IMODE(os.stat(path).st_mode) == 0o600 and stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    )
+    good = path.read_text().splitlines()
+
+    def broken(lines: list[str]) -> str:
+        path.write_text("\n".join(lines) + "\n")
+        ok, said = trail.verify(day)
+        assert not ok
+        return said
+
+    changed = json.loads(good[2])
+    changed["xml"] = changed["xml"].replace("PID-1", "PID-2")
+    assert "line 3 (seq 3): its content does not match its hash (changed)" in broken(
+        [*good[:2], json.dumps(changed), *good[3:]]
+    )
+    assert "line 3 (seq 4): does not follow" in broken([*good[:2], *good[3:]])
+    assert "line 3 (seq 2): does not follow" in broken([*good[:2], good[1], *good[2:]])
+    path.write_text("\n".join(good) + "\n")
+    assert trail.verify(day)[0]
+
+
+def test_the_history_of_a_patient_a_study_and_a_partner(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path / "audit", "gateway-a")
+    trail.record([transfer("a", 1.7e9), transfer("b", 1.7e9 + 60, pid="PID-9", partner="gateway-c")])
+    lines = history(trail, patient="PID-1")
+    assert len(lines) == 1 and "DICOM Instances Transferred [R] success" in lines[0]
+    assert "destination: gateway-b" in lines[0] and f"study {STUDY} (3 instances)" in lines[0]
+    assert "patient PID-1 DOE^JANE" in lines[0]
+    assert len(history(trail, study=STUDY)) == 2 and len(history(trail, partner="gateway-c")) == 1
+    assert history(trail, patient="PID-1", since=1.7e9 + 1) == []
