@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -95,6 +96,17 @@ class AuditTrail:
         self._last: tuple[int, str] | None = None  # (seq, hash) of the last record written
         self._keys: set[str] = set()
         self._keys_day = ""
+        self._size: dict[str, int] = {}  # the day file's size after our last write
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """One writer at a time across processes (the gateway and an operator's command): the chain has one end."""
+        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def days(self) -> list[str]:
         """The days with a file, oldest first."""
@@ -133,9 +145,14 @@ class AuditTrail:
         events = list(events)
         if not events:
             return 0
-        with self._lock:
-            seq, prev = self._tail()
+        with self._lock, self._file_lock():
             day = _day(time.time())
+            path = self.folder / f"{day}.jsonl"
+            size = path.stat().st_size if path.exists() else 0
+            if size != self._size.get(day, size if self._last is None else -1):
+                # another process (a CLI command: an operator's release or discard) wrote since: read again
+                self._last, self._keys_day = None, ""
+            seq, prev = self._tail()
             known = self._known(day)
             lines = []
             for e in events:
@@ -152,11 +169,11 @@ class AuditTrail:
                 )
             if not lines:
                 return 0
-            path = self.folder / f"{day}.jsonl"
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, "".join(lines).encode())
                 os.fdatasync(fd)  # the event is on E: before the step it records goes on
+                self._size = {day: os.fstat(fd).st_size}
             finally:
                 os.close(fd)
             self._last = (seq, prev)

@@ -178,3 +178,52 @@ class Auditor:
                 )
             ]
         )
+
+    async def security(
+        self,
+        key: str,
+        what: tuple[str, str] | None,
+        by: A.Participant,
+        objects: dict[str, str],
+        outcome: str = "minor",
+        text: str = "",
+    ) -> None:
+        """A Security Alert (a mail refused at the trust boundary, an operator's restricted action)."""
+        await self.write(
+            [
+                A.AuditEvent(
+                    key=key,
+                    event=A.SECURITY_ALERT,
+                    action="E",
+                    at=time.time(),
+                    outcome=outcome,
+                    outcome_text=text[:200],
+                    types=(what,) if what else (),
+                    participants=(by, self.me) if by.user_id != self.settings.name else (self.me,),
+                    source=self.settings.name,
+                    extra=objects,
+                )
+            ]
+        )
+
+    async def quarantined(self, mail_id: str, sender: str, authenticated: bool, reason: str) -> None:
+        """A mail set aside at the trust boundary: unauthenticated (Node Authentication failed) or refused."""
+        await self.security(
+            f"hold:{mail_id}:{time.time():.6f}",  # held again after a release: a new event
+            A.NODE_AUTHENTICATION if not authenticated else None,
+            A.Participant(sender or "unknown sender", True),
+            {"mail": mail_id},
+            text=reason,
+        )
+
+    async def operator_action(self, action: str, item: str, who: str) -> None:
+        """An operator released, discarded or re-sent something (Use of Restricted Function)."""
+        at = time.time()
+        await self.security(
+            f"op:{action}:{item}:{at:.6f}",
+            A.RESTRICTED_FUNCTION,
+            A.Participant(who, True),
+            {action: item},
+            outcome="success",
+            text=f"{action} {item}",
+        )

@@ -181,6 +181,14 @@ def cmd_send(args: argparse.Namespace) -> int:
     return asyncio.run(_send(settings, args.to, args.paths))
 
 
+def _auditor(settings: config.Settings) -> Any:
+    """The audit trail for an operator's command (it shares E:/audit with the running gateway, under its lock)."""
+    from gateway.audit import AuditTrail
+    from gateway.auditing import Auditor
+
+    return Auditor(AuditTrail(settings.e_root / "audit", settings.name), settings, settings.d_root)
+
+
 def _ts(value: Any) -> str:
     return dt.datetime.fromtimestamp(float(value)).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
@@ -346,7 +354,7 @@ async def _queue(settings: config.Settings, action: str, item_id: str | None, as
 
     catalog = await open_catalog(settings.database_url)
     try:
-        actions = OperatorActions(settings, storage, catalog)
+        actions = OperatorActions(settings, storage, catalog, _auditor(settings))
         who = f"cli:{getpass.getuser()}"
         done = await (actions.release if action == "release" else actions.discard)(str(item_id), who)
     except ActionRefused as exc:
@@ -471,7 +479,7 @@ async def _routing(settings: config.Settings, study: str, partner: str | None, s
             return 0
         import getpass
 
-        actions = OperatorActions(settings, Storage(settings.d_root), catalog)
+        actions = OperatorActions(settings, Storage(settings.d_root), catalog, _auditor(settings))
         print(await actions.resend(study, partner, f"cli:{getpass.getuser()}", series))
         return 0
     except ActionRefused as exc:

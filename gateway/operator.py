@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from gateway.auditing import Auditor
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.core import mailformat, mdn, mime
@@ -48,6 +49,11 @@ class OperatorActions:
     settings: Settings
     storage: Storage
     catalog: Catalog
+    audit: Auditor | None = None  # every action goes into the audit trail (Use of Restricted Function)
+
+    async def _audit(self, action: str, item: str, who: str) -> None:
+        if self.audit is not None:
+            await self.audit.operator_action(action, item, who)
 
     @property
     def queues(self) -> dict[str, Spool]:
@@ -86,6 +92,7 @@ class OperatorActions:
 
         name, item = await asyncio.to_thread(move)
         await self.catalog.release_mail(str(item.meta.get("message_id", item_id)), time.time())
+        await self._audit("release", item_id, who)
         log.info("operator %s released %s item %s", who, name, item_id)
         return f"{name} item {item_id}: released"
 
@@ -116,12 +123,14 @@ class OperatorActions:
 
         name, item, head = await asyncio.to_thread(drop)
         if item is None:
+            await self._audit("discard", item_id, who)
             log.info("operator %s discarded fragment group %s", who, item_id)
             return f"fragment group {item_id}: discarded"
         if name == "inbox":
             await self.catalog.discard_in_mail(item_id, time.time())
             if head is not None and item.meta.get("authenticated"):
                 await self._tell_partner(item_id, head)
+        await self._audit("discard", item_id, who)
         log.info("operator %s discarded %s item %s", who, name, item_id)
         return f"{name} item {item_id}: discarded"
 
@@ -166,6 +175,7 @@ class OperatorActions:
         count = await self.catalog.create_resend_transfer(
             transfer_id, partner.name, study_uid, sops, time.time()
         )
+        await self._audit(f"resend to {partner.name}", study_uid, who)
         log.info(
             "operator %s re-sent study %s to %s: transfer %s, %d instances",
             who,

@@ -151,7 +151,7 @@ class WebApp:
         action, item_id = request.match_info["action"], request.match_info["item"]
         if action not in ("release", "discard"):
             raise web.HTTPBadRequest(text="unknown action")
-        actions = OperatorActions(self.gw.settings, self.gw.storage, self.gw.catalog)
+        actions = OperatorActions(self.gw.settings, self.gw.storage, self.gw.catalog, self.gw.ctx.audit)
         try:
             await (actions.release if action == "release" else actions.discard)(item_id, "web:operator")
         except ActionRefused as exc:
@@ -166,7 +166,7 @@ class WebApp:
 
         form = await request.post()
         partner = str(form.get("partner", ""))
-        actions = OperatorActions(self.gw.settings, self.gw.storage, self.gw.catalog)
+        actions = OperatorActions(self.gw.settings, self.gw.storage, self.gw.catalog, self.gw.ctx.audit)
         try:
             await actions.resend(request.match_info["study"], partner, "web:operator")
         except ActionRefused as exc:

@@ -91,3 +91,13 @@ def test_the_history_of_a_patient_a_study_and_a_partner(tmp_path: Path) -> None:
     assert "patient PID-1 DOE^JANE" in lines[0]
     assert len(history(trail, study=STUDY)) == 2 and len(history(trail, partner="gateway-c")) == 1
     assert history(trail, patient="PID-1", since=1.7e9 + 1) == []
+
+
+def test_two_writers_keep_one_chain(tmp_path: Path) -> None:
+    """The gateway and an operator's command append to the same day file: each sees the other's records."""
+    gateway, command = AuditTrail(tmp_path / "audit", "gw"), AuditTrail(tmp_path / "audit", "gw")
+    gateway.record([transfer("g1", 1.7e9)])
+    command.record([transfer("c1", 1.7e9)])
+    gateway.record([transfer("g2", 1.7e9)])
+    (day,) = gateway.days()
+    assert gateway.verify(day)[0] and [r.seq for r in gateway.records(day)] == [1, 2, 3]

@@ -18,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import cli, monitoring, status
+from gateway.core.audit import check
 from gateway.core.states import TransferState
 from gateway.devtools.studies import make_study
 from gateway.operator import OperatorActions
@@ -137,7 +138,7 @@ async def test_a_quarantined_mail_is_released_or_discarded_by_the_operator(
     [held] = view.held
     assert held.queue == "inbox" and held.state == "hold" and "decrypt" in held.reason
 
-    actions = OperatorActions(b.settings, b.storage, b.catalog)
+    actions = OperatorActions(b.settings, b.storage, b.catalog, b.ctx.audit)
     await actions.release(held.id, "test")  # checked again: still hostile, so held again
     await b.ingester.run_once()
     [again] = (await status.read(b.settings, b.catalog)).held
@@ -161,6 +162,17 @@ async def test_a_quarantined_mail_is_released_or_discarded_by_the_operator(
     assert after.held == [] and any(
         m["state"] == "discarded" for m in after.catalog["mails_by_state"] if m["direction"] == "in"
     )
+    # the audit trail has the refusal at the trust boundary and each operator action, with who did it
+    trail = b.ctx.audit.trail
+    texts = [r.xml for d in trail.days() for r in trail.records(d)]
+    holds = [t for t in texts if "Security Alert" in t and "Node Authentication" in t and held.id in t]
+    assert len(holds) == 2, "held twice: on arrival and after the release"
+    assert any(
+        "Use of Restricted Function" in t and 'UserID="test"' in t and f"release {held.id}" in t
+        for t in texts
+    )
+    assert any('UserID="web:operator"' in t and f"discard {held.id}" in t for t in texts)
+    assert all(check(t) == [] for t in texts) and all(trail.verify(d)[0] for d in trail.days())
 
 
 @pytest.mark.asyncio

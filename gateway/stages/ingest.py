@@ -99,6 +99,8 @@ class Ingester(Stage):
             authenticated=authenticated,
             sender=sender or str(item.meta.get("sender", "")),
         )
+        if self.ctx.audit is not None:
+            await self.ctx.audit.quarantined(item.id, sender, authenticated, reason)
         await record("quarantine", lambda: self._finish_once(item.id, MailState.QUARANTINED, error=reason))
         self.quarantined += 1
         log.warning(
