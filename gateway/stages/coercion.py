@@ -79,8 +79,10 @@ class Coercer:
                 LocalPatient(i, s) for i, s in await asyncio.to_thread(scu.find_patients, pacs, name, birth)
             ]
         except (scu.FindFailed, OSError, RuntimeError, ValueError) as exc:
+            # a library's message may quote the query (the patient's name): only our own words are logged
+            why = str(exc) if isinstance(exc, scu.FindFailed) else type(exc).__name__
             log.warning(
-                "reconciliation: PACS %s could not be asked (%s); the coerced ID is used", pacs_name, exc
+                "reconciliation: PACS %s could not be asked (%s); the coerced ID is used", pacs_name, why
             )
             found = None
         self._found = {k: v for k, v in self._found.items() if now - v[0] < CACHE_SECONDS}
