@@ -15,6 +15,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
@@ -53,26 +54,33 @@ class Auditor:
     async def write(self, events: list[A.AuditEvent]) -> None:
         await asyncio.to_thread(self.trail.record, events)
 
-    async def application(self, start: bool, now: float | None = None) -> None:
-        at = time.time() if now is None else now
-        kind = A.APPLICATION_START if start else A.APPLICATION_STOP
+    async def _one(
+        self,
+        key: str,
+        event: tuple[str, str],
+        at: float,
+        participants: tuple[A.Participant, ...],
+        **fields: Any,
+    ) -> None:
+        """Write one event of the gateway's own (action E, this gateway as the audit source)."""
         await self.write(
             [
                 A.AuditEvent(
-                    key=f"app:{kind[0]}:{at:.6f}",
-                    event=A.APPLICATION_ACTIVITY,
+                    key=key,
+                    event=event,
                     action="E",
                     at=at,
-                    types=(kind,),
-                    participants=(
-                        A.Participant(
-                            self.settings.name, False, "", A.ROLE_APPLICATION, self.settings.ae_title
-                        ),
-                    ),
+                    participants=participants,
                     source=self.settings.name,
+                    **fields,
                 )
             ]
         )
+
+    async def application(self, start: bool, now: float | None = None) -> None:
+        at = time.time() if now is None else now
+        kind = A.APPLICATION_START if start else A.APPLICATION_STOP
+        await self._one(f"app:{kind[0]}:{at:.6f}", A.APPLICATION_ACTIVITY, at, (self.me,), types=(kind,))
 
     async def _studies(
         self, rows: list[tuple[str, str, str]]
@@ -164,19 +172,13 @@ class Auditor:
 
     async def login(self, user: str, remote: str, ok: bool) -> None:
         at = time.time()
-        await self.write(
-            [
-                A.AuditEvent(
-                    key=f"login:{user}:{remote}:{at:.6f}",
-                    event=A.USER_AUTHENTICATION,
-                    action="E",
-                    at=at,
-                    outcome="success" if ok else "minor",
-                    types=(A.LOGIN,),
-                    participants=(A.Participant(user, True, remote), self.me),
-                    source=self.settings.name,
-                )
-            ]
+        await self._one(
+            f"login:{user}:{remote}:{at:.6f}",
+            A.USER_AUTHENTICATION,
+            at,
+            (A.Participant(user, True, remote), self.me),
+            outcome="success" if ok else "minor",
+            types=(A.LOGIN,),
         )
 
     async def security(
@@ -189,21 +191,15 @@ class Auditor:
         text: str = "",
     ) -> None:
         """A Security Alert (a mail refused at the trust boundary, an operator's restricted action)."""
-        await self.write(
-            [
-                A.AuditEvent(
-                    key=key,
-                    event=A.SECURITY_ALERT,
-                    action="E",
-                    at=time.time(),
-                    outcome=outcome,
-                    outcome_text=text[:200],
-                    types=(what,) if what else (),
-                    participants=(by, self.me) if by.user_id != self.settings.name else (self.me,),
-                    source=self.settings.name,
-                    extra=objects,
-                )
-            ]
+        await self._one(
+            key,
+            A.SECURITY_ALERT,
+            time.time(),
+            (by, self.me) if by.user_id != self.settings.name else (self.me,),
+            outcome=outcome,
+            outcome_text=text[:200],
+            types=(what,) if what else (),
+            extra=objects,
         )
 
     async def quarantined(self, mail_id: str, sender: str, authenticated: bool, reason: str) -> None:

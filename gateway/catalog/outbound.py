@@ -41,10 +41,10 @@ class OutboundRoom(RoutingRoom):
             return await self._count_items(tx, transfer_id)
 
     async def create_resend_transfer(
-        self, transfer_id: str, partner: str, study_uid: str, sops: list[str], now: float
+        self, transfer_id: str, partner: str, study_uid: str | None, sops: list[str], now: float
     ) -> int:
-        """An operator's re-send: a pending transfer of stored instances of a study to a partner, whatever was
-        routed or sent before (routing decisions are left as they are)."""
+        """A pending transfer of stored instances to a partner, whatever was routed or sent before (routing
+        decisions are left as they are): an operator's re-send, and `send`'s files."""
         async with self.db.transaction() as tx:
             await tx.execute(
                 """INSERT INTO transfers (id, direction, partner, study_uid, state, created_at, updated_at)
@@ -64,18 +64,7 @@ class OutboundRoom(RoutingRoom):
         await self.record_instances(records)
         sops = [r.info.sop_instance_uid for r in records]
         study = records[0].info.study_uid if records else None
-        async with self.db.transaction() as tx:
-            await tx.execute(
-                """INSERT INTO transfers (id, direction, partner, study_uid, state, created_at, updated_at)
-                   VALUES (?, 'out', ?, ?, ?, ?, ?)""",
-                (transfer_id, partner, study, TransferState.PENDING.value, now, now),
-            )
-            for sop in dict.fromkeys(sops):
-                await tx.execute(
-                    "INSERT INTO transfer_items (transfer_id, sop_uid) VALUES (?, ?)", (transfer_id, sop)
-                )
-            total = await self._count_items(tx, transfer_id)
-        return total
+        return await self.create_resend_transfer(transfer_id, partner, study, sops, now)
 
     async def transfers_in_state(self, direction: str, state: TransferState) -> list[dict[str, Any]]:
         """Transfers of one direction in one state, oldest first."""

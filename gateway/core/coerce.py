@@ -132,11 +132,17 @@ def apply(ds: Dataset, c: Coercion, now: dt.datetime) -> None:
         ds.IssuerOfPatientIDQualifiersSequence = Sequence([q])
     elif "IssuerOfPatientIDQualifiersSequence" in ds:
         del ds.IssuerOfPatientIDQualifiersSequence
+    record_original(ds, original, now, c.system, c.source)
+
+
+def record_original(ds: Dataset, replaced: Dataset, now: dt.datetime, system: str, source: str) -> None:
+    """Append to Original Attributes Sequence (PS3.3 C.12.1) the values a coercion replaced: when, by which
+    system, from where, reason COERCE (also used when a de-identified result is matched back)."""
     item = Dataset()
-    item.ModifiedAttributesSequence = Sequence([original])
+    item.ModifiedAttributesSequence = Sequence([replaced])
     item.AttributeModificationDateTime = now.strftime("%Y%m%d%H%M%S")
-    item.ModifyingSystem = c.system[:64]
-    item.SourceOfPreviousValues = c.source[:64]
+    item.ModifyingSystem = system[:64]
+    item.SourceOfPreviousValues = source[:64]
     item.ReasonForTheAttributeModification = "COERCE"
     ds.OriginalAttributesSequence = Sequence([*ds.get("OriginalAttributesSequence", []), item])
 

@@ -41,6 +41,8 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
+from gateway.core.coerce import record_original
+
 TABLE_VERSION = "dicomfields_2026c"
 
 OPTIONS = {  # option → (CID 7050 code, meaning)
@@ -303,10 +305,4 @@ def reidentify(ds: Dataset, r: Reidentification, now: datetime.datetime) -> None
     for keyword in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence"):
         if keyword in ds:
             del ds[keyword]
-    item = Dataset()
-    item.ModifiedAttributesSequence = Sequence([before])
-    item.AttributeModificationDateTime = now.strftime("%Y%m%d%H%M%S")
-    item.ModifyingSystem = r.system[:64]
-    item.SourceOfPreviousValues = r.source[:64]
-    item.ReasonForTheAttributeModification = "COERCE"
-    ds.OriginalAttributesSequence = Sequence([*ds.get("OriginalAttributesSequence", []), item])
+    record_original(ds, before, now, r.system, r.source)
