@@ -140,6 +140,21 @@ class AuditTrail:
             self._keys_day = day
         return self._keys
 
+    def recorded(self, keys: Iterable[str]) -> set[str]:
+        """Those of the keys that an event in today's or yesterday's file has."""
+        with self._lock, self._file_lock():
+            day = _day(time.time())
+            self._refresh(day)
+            return set(keys) & self._known(day)
+
+    def _refresh(self, day: str) -> None:
+        """Forget what we know of the chain's end if another process (a CLI command: an operator's release or
+        discard) wrote since our last write (the day file's size tells)."""
+        path = self.folder / f"{day}.jsonl"
+        size = path.stat().st_size if path.exists() else 0
+        if size != self._size.get(day, size if self._last is None else -1):
+            self._last, self._keys_day = None, ""
+
     def record(self, events: Iterable[AuditEvent]) -> int:
         """Append the events durably; return how many were new (a key seen today or yesterday is skipped)."""
         events = list(events)
@@ -148,10 +163,7 @@ class AuditTrail:
         with self._lock, self._file_lock():
             day = _day(time.time())
             path = self.folder / f"{day}.jsonl"
-            size = path.stat().st_size if path.exists() else 0
-            if size != self._size.get(day, size if self._last is None else -1):
-                # another process (a CLI command: an operator's release or discard) wrote since: read again
-                self._last, self._keys_day = None, ""
+            self._refresh(day)
             seq, prev = self._tail()
             known = self._known(day)
             lines = []

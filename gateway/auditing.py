@@ -9,15 +9,19 @@ retries the step, so a step is never done without its record once E: works again
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
+import json
 import logging
+import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from cryptography.hazmat.primitives import hashes
 
 from gateway.audit import AuditTrail
 from gateway.config import Settings
@@ -39,6 +43,16 @@ def _digest(items: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()[:20]
 
 
+# single events a sender nobody authenticated may cause per UTC day (beyond: counted in a summary event)
+DICOM_PER_ADDRESS, DICOM_PER_DAY = 1000, 20000  # associations, per calling address and in all
+MAIL_PER_SENDER, MAIL_PER_DAY = 100, 2000  # mails set aside before a partner's signature was verified
+ACCESS_BATCH_BYTES = 4 << 20  # access lines turned into audit events per round
+
+
+def _utc_day(at: float) -> str:
+    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d")
+
+
 class Auditor:
     """Builds and records the gateway's audit events."""
 
@@ -46,6 +60,12 @@ class Auditor:
         self.trail = trail
         self.settings = settings
         self.root = root
+        # events noted by synchronous code (the DICOM receivers' reports): written by `flush`
+        self._noted: list[A.AuditEvent] = []
+        self.dicom_budget = A.Budget(DICOM_PER_ADDRESS, DICOM_PER_DAY)
+        self.mail_budget = A.Budget(MAIL_PER_SENDER, MAIL_PER_DAY)
+        # a study's (study, SOP class, path) rows, for access events (the catalog's `study_audit_rows`)
+        self.rows_of_study: Callable[[str], Awaitable[list[tuple[str, str, str]]]] | None = None
 
     @property
     def me(self) -> A.Participant:
@@ -103,17 +123,20 @@ class Auditor:
         destination: A.Participant,
         description: str,
         outcome: str = "success",
+        event: tuple[str, str] = A.INSTANCES_TRANSFERRED,
+        outcome_text: str = "",
     ) -> None:
-        """DICOM Instances Transferred, one event per study: rows are (study, SOP class, path) of the instances."""
+        """DICOM Instances Transferred (or `event`), one per study: rows are (study, SOP class, path)."""
         events = []
         for study, ((pid, name), classes) in (await self._studies(rows)).items():
             events.append(
                 A.AuditEvent(
                     key=f"{key}:{study}",
-                    event=A.INSTANCES_TRANSFERRED,
+                    event=event,
                     action=action,
                     at=time.time(),
                     outcome=outcome,
+                    outcome_text=outcome_text[:200],
                     participants=(source, destination),
                     patient_id=pid,
                     patient_name=name,
@@ -148,6 +171,23 @@ class Auditor:
             f"sent by mail to partner {partner} (transfer {transfer_id})",
         )
 
+    async def catch_up_sent(self, transfers: list[tuple[str, str, str]], rows_of: Any) -> int:
+        """At start-up: a transfer whose last mail was recorded as sent just before a crash may lack its event
+        (it is written after the catalog says the transfer is complete). Each (transfer, partner, study) without
+        one gets it now, marked as replayed. `rows_of(transfer)` gives its audit rows."""
+        keys = {f"out:{t[0]}:{t[2]}" for t in transfers}
+        have = await asyncio.to_thread(self.trail.recorded, keys) if keys else set()
+        missing = [t for t in transfers if f"out:{t[0]}:{t[2]}" not in have]
+        if not missing:
+            return 0
+        self.trail.replaying = True
+        try:
+            for tid, partner, _ in missing:
+                await self.sent_to_partner(tid, partner, await rows_of(tid))
+        finally:
+            self.trail.replaying = False
+        return len(missing)
+
     async def received_from_partner(
         self, mail_id: str, partner: str, rows: list[tuple[str, str, str]]
     ) -> None:
@@ -169,6 +209,118 @@ class Auditor:
             A.Participant(pacs, False, "", A.ROLE_DESTINATION),
             f"forwarded to PACS {pacs}",
         )
+
+    async def receipt(
+        self, sent: bool, partner: str, ident: str, outcome: str, rows: list[tuple[str, str, str]]
+    ) -> None:
+        """A receipt (MDN) sent to a partner for a mail of theirs, or received from one for a mail of ours: one
+        event per study the mail carried, the receipt's outcome as its text."""
+        mine = A.Participant(self.settings.name, sent, "", A.ROLE_SOURCE if sent else A.ROLE_DESTINATION)
+        theirs = A.Participant(partner, not sent, "", A.ROLE_DESTINATION if sent else A.ROLE_SOURCE)
+        await self.transferred(
+            f"receipt-{'out' if sent else 'in'}:{ident}:{outcome}",
+            "R" if sent else "C",
+            rows,
+            mine if sent else theirs,
+            theirs if sent else mine,
+            f"receipt {'sent to' if sent else 'received from'} partner {partner}",
+            outcome="success" if outcome.startswith("displayed") else "minor",
+            event=A.RECEIPT,
+            outcome_text=outcome,
+        )
+
+    async def purged(self, rows: list[tuple[str, str, str]]) -> None:
+        """Instances whose files are removed from D: after every PACS took them (DICOM Study Deleted, per study;
+        written before the files go, while the patient can still be read from them)."""
+        await self.transferred(
+            f"purge:{_digest(p for _, _, p in rows)}",
+            "D",
+            rows,
+            self.me,
+            A.Participant(self.settings.name, False, "", None, self.settings.ae_title),
+            "files removed from D: after every PACS accepted them",
+            event=A.STUDY_DELETED,
+        )
+
+    async def backup(self, restore: bool, ok: bool, where: str, detail: str = "", who: str = "") -> None:
+        """The nightly backup (Export) or a restore (Import) of configuration, catalog and the audit trail."""
+        at = time.time()
+        by = (A.Participant(who, True), self.me) if who else (self.me,)
+        await self._one(
+            f"{'restore' if restore else 'backup'}:{where}:{at:.6f}",
+            A.IMPORT if restore else A.EXPORT,
+            at,
+            by,
+            outcome="success" if ok else "serious",
+            outcome_text=detail[:200],
+            types=(A.RESTORE if restore else A.BACKUP,),
+            extra={"backup": where},
+        )
+
+    async def configuration(self, changes: list[str], at: float | None = None) -> None:
+        """Configuration changes seen at start-up (a partner added or removed, its key or address changed): one
+        Security Alert (Software Configuration) per change."""
+        at = time.time() if at is None else at
+        events = [
+            A.AuditEvent(
+                key=f"config:{at:.6f}:{n}",
+                event=A.SECURITY_ALERT,
+                action="E",
+                at=at,
+                outcome="success",
+                outcome_text=change[:200],
+                types=(A.SOFTWARE_CONFIGURATION,),
+                participants=(self.me,),
+                source=self.settings.name,
+            )
+            for n, change in enumerate(changes)
+        ]
+        if events:
+            await self.write(events)
+
+    def configuration_summary(self, book: Any) -> dict[str, dict[str, str]]:
+        """What the start-up comparison looks at: each partner's addresses, format, AE title, de-identification
+        and key fingerprints (from the loaded address book `book`), each PACS's address, the audit repository."""
+        out: dict[str, dict[str, str]] = {}
+        for p in self.settings.partners:
+            entry = book.entries.get(p.name) if book is not None else None
+            cert = getattr(entry, "smime", None)
+            out[f"partner {p.name}"] = {
+                "addresses": " ".join(p.addresses),
+                "format": p.format,
+                "AE title": p.ae_title,
+                "de-identified": "yes" if p.deidentify else "no",
+                "S/MIME certificate": cert.fingerprint(hashes.SHA256()).hex()[:32]
+                if cert is not None
+                else "",
+                "OpenPGP key": str(getattr(entry, "pgp_fingerprint", "") or p.pgp_fingerprint),
+            }
+        for pacs in self.settings.pacs:
+            out[f"PACS {pacs.name}"] = {"address": f"{pacs.ae_title}@{pacs.host}:{pacs.port}"}
+        repo = self.settings.audit.repository
+        out["audit repository"] = {"address": f"{repo.host}:{repo.port}" if repo else "none"}
+        return out
+
+    async def configuration_seen(self, book: Any) -> list[str]:
+        """At start-up: compare the configuration with the one the last start saw (E:/audit/configuration.json);
+        each change becomes a Software Configuration event; the first start records the whole as added."""
+        path = self.trail.folder / "configuration.json"
+        now = self.configuration_summary(book)
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):
+            before = {}
+        changes = A.configuration_changes(before, now)
+        await self.configuration(changes)
+        if changes or not path.exists():
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(now, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return changes
 
     async def login(self, user: str, remote: str, ok: bool) -> None:
         at = time.time()
@@ -203,7 +355,10 @@ class Auditor:
         )
 
     async def quarantined(self, mail_id: str, sender: str, authenticated: bool, reason: str) -> None:
-        """A mail set aside at the trust boundary: unauthenticated (Node Authentication failed) or refused."""
+        """A mail set aside at the trust boundary: unauthenticated (Node Authentication failed) or refused. A sender
+        nobody authenticated gets `MAIL_PER_SENDER` single events a day; beyond, they are counted in a summary."""
+        if not authenticated and not self.mail_budget.admit(sender.lower(), _utc_day(time.time())):
+            return
         await self.security(
             f"hold:{mail_id}:{time.time():.6f}",  # held again after a release: a new event
             A.NODE_AUTHENTICATION if not authenticated else None,
@@ -223,3 +378,175 @@ class Auditor:
             outcome="success",
             text=f"{action} {item}",
         )
+
+    # ------------------------------------------------------------------ events noted by synchronous code
+    def association(self, calling: str, called: str, peer: str, accepted: bool, why: str) -> None:
+        """A DICOM association request (from a receiver process's report): accepted or refused, who, from where.
+        Noted here, written by the next `flush` (within a second); one calling address gets `DICOM_PER_ADDRESS`
+        single events a day, beyond that they are counted in a summary event."""
+        at = time.time()
+        if not self.dicom_budget.admit(peer, _utc_day(at)):
+            return
+        kind = A.ASSOCIATION_ACCEPTED if accepted else A.ASSOCIATION_REFUSED
+        types = (kind,) if calling or accepted else (kind, A.NODE_AUTHENTICATION)  # no AE title: TLS failed
+        self._noted.append(
+            A.AuditEvent(
+                key=f"assoc:{peer}:{calling}:{at:.6f}",
+                event=A.SECURITY_ALERT,
+                action="E",
+                at=at,
+                outcome="success" if accepted else "minor",
+                outcome_text=why[:200],
+                types=types,
+                participants=(
+                    A.Participant(calling or "-", True, peer, A.ROLE_SOURCE, calling),
+                    A.Participant(self.settings.name, False, "", A.ROLE_DESTINATION, called),
+                ),
+                source=self.settings.name,
+            )
+        )
+
+    def _summaries(self, at: float) -> list[A.AuditEvent]:
+        out = []
+        for what, budget in (
+            ("DICOM associations", self.dicom_budget),
+            ("unauthenticated mails", self.mail_budget),
+        ):
+            counted = budget.take_suppressed()
+            if not counted:
+                continue
+            total = sum(counted.values())
+            top = sorted(counted.items(), key=lambda kv: -kv[1])[:20]
+            out.append(
+                A.AuditEvent(
+                    key=f"suppressed:{what}:{at:.6f}",
+                    event=A.SECURITY_ALERT,
+                    action="E",
+                    at=at,
+                    outcome="minor",
+                    outcome_text=f"{total} further {what} from {len(counted)} senders not recorded singly",
+                    types=(A.SUPPRESSED,),
+                    participants=(self.me,),
+                    source=self.settings.name,
+                    extra={f"sender {k}": f"{n} events" for k, n in top},
+                )
+            )
+        return out
+
+    async def flush(self) -> int:
+        """Write what was noted and the summaries of what the budgets counted instead."""
+        events, self._noted = self._noted, []
+        events += self._summaries(time.time())
+        if not events:
+            return 0
+        try:
+            return await asyncio.to_thread(self.trail.record, events)
+        except BaseException:
+            self._noted = events + self._noted  # E: failed: tried again at the next flush
+            raise
+
+    async def access_round(self, folder: Path) -> int:
+        """Turn the web port's new access lines (`gateway.access`: DICOMweb, WADO, the viewer, the status page and
+        its thumbnails) into audit events (`trail_access`). The cursor (E:/audit/access.json) moves only after the
+        events are on E:; a crash between the two reads the lines again, which writes nothing new."""
+        cursor_file = self.trail.folder / "access.json"
+        try:
+            cur = json.loads(cursor_file.read_text())
+            day, offset = str(cur["day"]), int(cur["offset"])
+        except (OSError, ValueError, KeyError):
+            day, offset = "", 0
+        days = sorted(p.stem for p in folder.glob("????-??-??.jsonl")) if folder.exists() else []
+        written = 0
+        for d in days:
+            if d < day:
+                continue
+            start = offset if d == day else 0
+            path = folder / f"{d}.jsonl"
+            with path.open("rb") as f:
+                f.seek(start)
+                chunk = f.read(ACCESS_BATCH_BYTES)
+            end = chunk.rfind(b"\n") + 1
+            if end:
+                written += await self.trail_access(d, start, chunk[:end])
+            self._save_cursor(cursor_file, d, start + end)
+            if end < len(chunk) or len(chunk) == ACCESS_BATCH_BYTES:
+                break  # a line being written, or more than a batch: the rest in the next round
+        return written
+
+    def _save_cursor(self, path: Path, day: str, offset: int) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"day": day, "offset": offset}))
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    async def trail_access(self, day: str, start: int, data: bytes) -> int:
+        """The audit events of one batch of access lines: the first access per hour by one user from one address
+        to one study (per kind: view, retrieve, metadata, store), and the first time per hour a query is made; the
+        events' keys name the hour, so repeats within it (a page that refreshes itself, the viewer's frame
+        requests) are not written again, and reading the same lines twice after a crash writes nothing new."""
+        groups: dict[tuple[str, str, str, str, int], tuple[float, int]] = {}  # → (at, instances)
+        queries: dict[tuple[str, str, str, int], tuple[float, dict[str, str]]] = {}
+        for line in data.splitlines():
+            try:
+                e = json.loads(line)
+                kind, user, remote = str(e["kind"]), str(e["user"]), str(e["remote"])
+                at, studies, n = float(e["at"]), [str(s) for s in e["studies"]], int(e.get("instances", 0))
+            except (ValueError, KeyError, TypeError):
+                continue
+            hour = int(at // 3600)
+            if kind == "query":
+                q = {str(k): str(v) for k, v in dict(e.get("query") or {}).items()}
+                queries.setdefault((user, remote, json.dumps(q, sort_keys=True), hour), (at, q))
+                continue
+            for study in studies:
+                when, count = groups.get((kind, user, remote, study, hour), (at, 0))
+                groups[(kind, user, remote, study, hour)] = (when, count + max(1, n // max(1, len(studies))))
+        events = []
+        for (user, remote, text, hour), (at, q) in queries.items():
+            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+            events.append(
+                A.AuditEvent(
+                    key=f"access:query:{user}:{remote}:{digest}:{hour}",
+                    event=A.QUERY,
+                    action="E",
+                    at=at,
+                    participants=(A.Participant(user, True, remote), self.me),
+                    source=self.settings.name,
+                    extra={"query": "&".join(f"{k}={v}" for k, v in sorted(q.items()))[:1000]},
+                )
+            )
+        keys = {f"access:{k}:{u}:{r}:{s}:{h}": (k, u, r, s, h) for (k, u, r, s, h) in groups}
+        seen = await asyncio.to_thread(self.trail.recorded, keys) if keys else set()
+        for key, (kind, user, remote, study, hour) in keys.items():
+            if key in seen:
+                continue
+            at, count = groups[(kind, user, remote, study, hour)]
+            rows = await self.rows_of_study(study) if self.rows_of_study is not None else []
+            info = (await self._studies(rows)).get(study) if rows else None
+            (pid, name), classes = info if info else (("", ""), ())
+            events.append(
+                A.AuditEvent(
+                    key=key,
+                    event=A.INSTANCES_TRANSFERRED if kind == "store" else A.INSTANCES_ACCESSED,
+                    action="C" if kind == "store" else "R",
+                    at=at,
+                    participants=(A.Participant(user, True, remote), self.me),
+                    patient_id=pid,
+                    patient_name=name,
+                    studies=(A.Study(study, classes, f"{kind} over the web port (first of the hour)"),),
+                    source=self.settings.name,
+                )
+            )
+        return await asyncio.to_thread(self.trail.record, events) if events else 0
+
+    async def run_forever(self, access: Path, wake: asyncio.Event, interval: float = 1.0) -> None:
+        """Write noted events and turn access lines into events, every `interval`; a failure (E: away) is logged and
+        tried again (nothing is lost: the notes stay in memory, the access lines on D:)."""
+        while True:
+            try:
+                if await self.flush() + await self.access_round(access):
+                    wake.set()  # the repository forwarder sends them now
+            except Exception as exc:
+                log.error("audit trail not written (%s); trying again", type(exc).__name__)
+            await asyncio.sleep(interval)

@@ -19,6 +19,7 @@ A set counts only when its manifest verifies; older sets are removed only after 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -28,13 +29,16 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
 
 from gateway.catalog import MIGRATIONS, TABLES, open_catalog, snapshot
 from gateway.config import Settings
 from gateway.storage import fsync_dir, sha256_file
+
+if TYPE_CHECKING:
+    from gateway.auditing import Auditor
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +289,34 @@ def last_outcome(settings: Settings) -> dict[str, Any] | None:
         return None
 
 
+def record_restore(folder: Path, manifest: dict[str, Any], who: str, ok: bool, detail: str) -> Path | None:
+    """The restore's audit event (Import), in the trail of the E: the set was made on (`e_root/backup/<set>`:
+    `e_root/audit`); None when the set lies elsewhere (then nothing says which trail is the gateway's)."""
+    from gateway.audit import AuditTrail
+    from gateway.core import audit as A
+
+    if folder.resolve().parent.name != "backup":
+        return None
+    trail_dir = folder.resolve().parent.parent / "audit"
+    at = time.time()
+    name = str(manifest.get("gateway", "dicom-mail-gateway"))
+    me = A.Participant(name, False, "", A.ROLE_APPLICATION)
+    event = A.AuditEvent(
+        key=f"restore:{folder.name}:{at:.6f}",
+        event=A.IMPORT,
+        action="E",
+        at=at,
+        outcome="success" if ok else "serious",
+        outcome_text=detail[:200],
+        types=(A.RESTORE,),
+        participants=(A.Participant(who, True), me),
+        source=name,
+        extra={"backup": folder.name},
+    )
+    AuditTrail(trail_dir, name).record([event])
+    return trail_dir
+
+
 # ---------------------------------------------------------------------------------------------- restore
 async def restore(
     folder: Path, database_url: str, config_to: Path | None = None, force: bool = False
@@ -380,8 +412,8 @@ def next_run(now: dt.datetime, at: dt.time) -> dt.datetime:
     return candidate if candidate > now else candidate + dt.timedelta(days=1)
 
 
-async def run_forever(settings: Settings) -> None:
-    """Back up every day at `backup.time`; record each outcome; never dies."""
+async def run_forever(settings: Settings, audit: Auditor | None = None) -> None:
+    """Back up every day at `backup.time`; record each outcome (and its audit event); never dies."""
     while True:
         now = dt.datetime.now()
         wait = (next_run(now, settings.backup.time) - now).total_seconds()
@@ -396,6 +428,13 @@ async def run_forever(settings: Settings) -> None:
                 result.bytes,
                 result.removed or "none",
             )
+            if audit is not None:
+                await audit.backup(
+                    False, True, result.path.name, f"{result.files} files, {result.bytes} bytes"
+                )
         except Exception as exc:
             record_outcome(settings, False, f"{type(exc).__name__}: {exc}")
             log.exception("backup failed")
+            if audit is not None:
+                with contextlib.suppress(Exception):
+                    await audit.backup(False, False, "-", type(exc).__name__)

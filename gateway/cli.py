@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import getpass
 import json
 import logging
 import os
@@ -348,7 +349,6 @@ async def _queue(settings: config.Settings, action: str, item_id: str | None, as
                 f"since {_ts(g.first_seen)}  {state}"
             )
         return 0
-    import getpass
 
     from gateway.operator import ActionRefused, OperatorActions
 
@@ -379,13 +379,20 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     settings = _load(args.config)
     setup_logging(settings.log_level)
+    who = f"cli:{getpass.getuser()}"
     try:
         result = asyncio.run(backup.run_backup(settings))
     except Exception as exc:
         backup.record_outcome(settings, False, f"{type(exc).__name__}: {exc}")
+        asyncio.run(_auditor(settings).backup(False, False, "-", type(exc).__name__, who))
         print(f"backup failed: {exc}", file=sys.stderr)
         return 1
     backup.record_outcome(settings, True, f"{result.path.name}: {result.files} files, {result.bytes} bytes")
+    asyncio.run(
+        _auditor(settings).backup(
+            False, True, result.path.name, f"{result.files} files, {result.bytes} bytes", who
+        )
+    )
     print(f"backup {result.path}: {result.files} files, {result.bytes} bytes, rows {result.rows}")
     if result.removed:
         print(f"removed by retention: {', '.join(result.removed)}")
@@ -415,6 +422,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"restore refused: {exc}", file=sys.stderr)
         return 1
     print(f"restored {manifest['gateway']} from {folder.name} into {url.split('://')[0]}: {counts}")
+    summary = ", ".join(f"{t} {n}" for t, n in sorted(counts.items()) if n)
+    trail = backup.record_restore(folder, manifest, f"cli:{getpass.getuser()}", True, summary)
+    print(
+        f"recorded in the audit trail {trail}"
+        if trail
+        else "(the set is not under an e_root/backup: the restore is not in an audit trail)"
+    )
     if args.config_to:
         restored = Path(args.config_to) / "gateway.toml"
         try:
@@ -477,7 +491,6 @@ async def _routing(settings: config.Settings, study: str, partner: str | None, s
         if partner is None:
             print("\n".join(await explain(settings.routing, catalog, settings.d_root, study)))
             return 0
-        import getpass
 
         actions = OperatorActions(settings, Storage(settings.d_root), catalog, _auditor(settings))
         print(await actions.resend(study, partner, f"cli:{getpass.getuser()}", series))

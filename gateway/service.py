@@ -128,6 +128,16 @@ class Gateway(SharesContext):
         )
         gw.ingester.workers = gw.packager
         gw.scp.on_report = ctx.wakes.forwarder.set  # a PACS's commitment report came to our DICOM port
+        gw.scp.on_association = auditor.association
+        auditor.rows_of_study = catalog.study_audit_rows
+        changes = await auditor.configuration_seen(keys.book)
+        if changes:
+            log.info("configuration: %d changes since the last start (in the audit trail)", len(changes))
+        caught = await auditor.catch_up_sent(
+            await catalog.sent_transfers_since(time.time() - 86400), catalog.transfer_audit_rows
+        )
+        if caught:
+            log.info("audit trail: %d sent transfers recorded after a crash", caught)
         await gw.recover()
         return gw
 
@@ -235,7 +245,7 @@ class Gateway(SharesContext):
                         for q in (self.outbox, self.inbox)
                     ]
                 )
-                pruned += await purge_accepted(self.settings, self.storage, self.catalog, now)
+                pruned += await purge_accepted(self.settings, self.storage, self.catalog, now, self.ctx.audit)
                 if swept or pruned:
                     log.info(
                         "housekeeping: %d stale temp files, %d finished queue items removed", swept, pruned
@@ -328,7 +338,7 @@ class Gateway(SharesContext):
                     tg.create_task(self.fetcher.run_forever(), name="fetch"),
                     tg.create_task(self.ingester.run_forever(), name="ingest"),
                     tg.create_task(self.housekeeping(), name="housekeeping"),
-                    tg.create_task(backup.run_forever(self.settings), name="backup"),
+                    tg.create_task(backup.run_forever(self.settings, self.ctx.audit), name="backup"),
                     tg.create_task(self.publish_health(), name="health"),
                     tg.create_task(self.probe_nodes(), name="probe-nodes"),
                     tg.create_task(self.forwarder.run_forever(), name="forward"),
@@ -336,6 +346,9 @@ class Gateway(SharesContext):
                     tg.create_task(self.webindex.run_forever(), name="webindex"),
                     tg.create_task(self.loop_watch.run_forever(), name="loop-watch"),
                 ]
+                if self.ctx.audit is not None:
+                    access = self.storage.root / "state" / "access"
+                    tg.create_task(self.ctx.audit.run_forever(access, self.audit_wake), name="audit-notes")
                 tg.create_task(self.reconcile_storage(), name="storage-check")  # runs once
                 if self.ctx.audit is not None and self.settings.audit.repository is not None:
                     forwarder = AuditForwarder(
@@ -360,6 +373,8 @@ class Gateway(SharesContext):
                 await self.stopping.wait()
                 log.info("stopping: DICOM port closes, then the stages")
                 if self.ctx.audit is not None:
+                    await self.ctx.audit.flush()
+                    await self.ctx.audit.access_round(self.storage.root / "state" / "access")
                     await self.ctx.audit.application(start=False)
                     self.audit_wake.set()
                 self.scp.stop()

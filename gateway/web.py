@@ -142,6 +142,8 @@ class WebApp:
             png = await self.gw.renderers.thumbnail(self.gw.storage.root / path, 128)
         except (FileNotFoundError, RenderFailed):
             raise web.HTTPNotFound() from None
+        rows = await self.gw.catalog.audit_rows([sop])  # who saw which study's image: the audit trail
+        await self.dicomweb.record(request, "view", [{"study_uid": r[0]} for r in rows])
         # a patient image: never kept by the browser or a proxy
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
 
@@ -199,6 +201,10 @@ class WebApp:
         live = gw.status()  # its address book is in it already: not read twice
         view = await status.read(gw.settings, gw.catalog, live=live, limit=30, partners=live["partners"])
         studies = await self._studies()
+        if (
+            self.settings.show_patient_data and studies
+        ):  # the page names patients: the audit trail hears of it
+            await self.dicomweb.record(request, "view", [{"study_uid": s["uid"]} for s in studies])
         parts = [
             "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='10'>",
             f"<title>{_e(view.name)} — DICOM mail gateway</title><style>",

@@ -21,6 +21,7 @@ from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
 from gateway.access import AccessEvents
+from gateway.core.audit import check
 from gateway.devtools.studies import make_study
 from gateway.web import WebApp
 from tests.ports import free_port
@@ -137,6 +138,14 @@ async def test_qido_and_wado_with_dicomweb_client(served, caplog: pytest.LogCapt
     searched = [e for e in events if e["kind"] == "query" and "PatientName" in e.get("query", {})]
     assert searched and searched[0]["studies"] == [study_uid]
     assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in folder.glob("*.jsonl"))
+    # ... which the audit trail turns into IHE ATNA Query and DICOM Instances Accessed messages
+    assert await gw.ctx.audit.access_round(folder) >= 4
+    trail = gw.ctx.audit.trail
+    texts = [r.xml for d in trail.days() for r in trail.records(d) if r.key.startswith("access:")]
+    assert any("<EventID" in t and '"Query"' in t and "PatientName=" in t for t in texts)
+    accessed = [t for t in texts if "DICOM Instances Accessed" in t]
+    assert accessed and all(str(first.PatientID) in t and study_uid in t for t in accessed)
+    assert all(check(t) == [] for t in texts) and await gw.ctx.audit.access_round(folder) == 0
 
 
 @pytest.mark.asyncio

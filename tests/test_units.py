@@ -342,6 +342,9 @@ async def test_schema_upgrades_from_version_one(catalog_url, monkeypatch):  # ty
 
 
 async def test_space_is_freed_only_after_every_pacs_accepted(catalog_url, tmp_path, pki_dir):  # type: ignore[no-untyped-def]
+    from gateway.audit import AuditTrail
+    from gateway.auditing import Auditor
+    from gateway.devtools.studies import CANARY_ID
     from gateway.stages.forward import purge_accepted
     from tests.conftest import minimal_settings
 
@@ -375,10 +378,15 @@ async def test_space_is_freed_only_after_every_pacs_accepted(catalog_url, tmp_pa
             await cat.record_forward(sop, "p1", "accepted", 1, 100.0, status=0)
         await cat.record_forward(sops[0], "p2", "accepted", 1, 100.0, status=0)
         await cat.record_forward(sops[1], "p2", "retry", 1, 100.0, status=0xA700, next_attempt=200.0)
-        assert await purge_accepted(settings, storage, cat, 100.0 + 6 * 86400) == 0, "kept for 7 days"
-        assert await purge_accepted(settings, storage, cat, 100.0 + 8 * 86400) == 1, (
+        audit = Auditor(AuditTrail(settings.e_root / "audit", settings.name), settings, storage.root)
+        assert await purge_accepted(settings, storage, cat, 100.0 + 6 * 86400, audit) == 0, "kept for 7 days"
+        assert await purge_accepted(settings, storage, cat, 100.0 + 8 * 86400, audit) == 1, (
             "only where every PACS accepted"
         )
+        # the audit trail names what went, with the patient read from the file before it was removed
+        [gone] = [r.xml for d in audit.trail.days() for r in audit.trail.records(d)]
+        assert "DICOM Study Deleted" in gone and 'EventActionCode="D"' in gone and CANARY_ID in gone
+        assert 'NumberOfInstances="1"' in gone
         assert not (settings.d_root / recs[0].path).exists() and (settings.d_root / recs[1].path).exists()
         assert (await cat.db.fetchone("SELECT purged_at FROM instances WHERE sop_uid = ?", (sops[0],)))[
             0

@@ -121,6 +121,28 @@ class InstancesRoom(CatalogBase):
         """The instance's file is (about to be) removed; its row stays as history."""
         await self.db.execute("UPDATE instances SET purged_at = ? WHERE sop_uid = ?", (now, sop_uid))
 
+    async def audit_rows(self, sop_uids: list[str]) -> list[tuple[str, str, str]]:
+        """(study, SOP class, path) of these instances, for an audit event (unknown ones are left out)."""
+        out: list[tuple[str, str, str]] = []
+        for k in range(0, len(sop_uids), 200):
+            chunk = sop_uids[k : k + 200]
+            marks = ", ".join("?" * len(chunk))
+            rows = await self.db.fetchall(
+                f"SELECT study_uid, sop_class_uid, path FROM instances WHERE sop_uid IN ({marks})",
+                tuple(chunk),
+            )
+            out += [(str(a), str(b), str(c)) for a, b, c in rows]
+        return out
+
+    async def study_audit_rows(self, study_uid: str, limit: int = 10000) -> list[tuple[str, str, str]]:
+        """(study, SOP class, path) of a study's instances, kept ones first, for an audit event."""
+        rows = await self.db.fetchall(
+            """SELECT study_uid, sop_class_uid, path FROM instances WHERE study_uid = ?
+               ORDER BY CASE WHEN purged_at IS NULL THEN 0 ELSE 1 END LIMIT ?""",
+            (study_uid, limit),
+        )
+        return [(str(a), str(b), str(c)) for a, b, c in rows]
+
     async def instance_path(self, sop_uid: str) -> str | None:
         """Where an instance's file is, relative to D: (None: not in the catalog)."""
         row = await self.db.fetchone("SELECT path FROM instances WHERE sop_uid = ?", (sop_uid,))

@@ -100,6 +100,15 @@ class OutboundRoom(RoutingRoom):
         )
         return dict(zip(keys, row, strict=True)) if row else None
 
+    async def sent_transfers_since(self, since: float) -> list[tuple[str, str, str]]:
+        """(transfer, partner, study) of outbound transfers whose every mail was sent since then (the audit
+        trail's start-up check that each has its event)."""
+        rows = await self.db.fetchall(
+            "SELECT id, partner, study_uid FROM transfers WHERE direction = 'out' AND state = ? AND updated_at >= ?",
+            (TransferState.SENT.value, since),
+        )
+        return [(str(a), str(b), str(c or "")) for a, b, c in rows]
+
     async def transfer_audit_rows(self, transfer_id: str) -> list[tuple[str, str, str]]:
         """(study, SOP class, path) of a transfer's instances, for its audit event."""
         rows = await self.db.fetchall(

@@ -218,6 +218,11 @@ class ReceiptsRoom(CatalogBase):
         )
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
+    async def receipt_out_of(self, receipt_id: str) -> tuple[str, list[str]]:
+        """(outcome, SOP Instance UIDs) of a receipt we owe, for its audit event (("", []) if unknown)."""
+        row = await self.db.fetchone("SELECT outcome, sop_uids FROM receipts_out WHERE id = ?", (receipt_id,))
+        return ("", []) if row is None else (str(row[0] or ""), str(row[1] or "").split())
+
     async def set_receipt_out(
         self, receipt_id: str, state: str, now: float, outcome: str = "", detail: str = ""
     ) -> None:

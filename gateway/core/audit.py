@@ -26,6 +26,7 @@ STUDY_DELETED = ("110105", "DICOM Study Deleted")
 EXPORT = ("110106", "Export")
 IMPORT = ("110107", "Import")
 NETWORK_ENTRY = ("110108", "Network Entry")
+QUERY = ("110112", "Query")
 SECURITY_ALERT = ("110113", "Security Alert")
 USER_AUTHENTICATION = ("110114", "User Authentication")
 LOGIN = ("110122", "Login")
@@ -85,6 +86,8 @@ class AuditEvent:
 
 
 def _code(parent: ET.Element, tag: str, code: tuple[str, str], scheme: str = "DCM") -> ET.Element:
+    if scheme == "DCM" and not code[0].isdigit():
+        scheme = GATEWAY_CODES  # DCM's codes are numbers; ours are words
     return ET.SubElement(
         parent, tag, {"csd-code": code[0], "codeSystemName": scheme, "originalText": code[1]}
     )
@@ -245,3 +248,65 @@ def syslog_frame(xml: str, at: float, host: str, app: str, seq: int, resent: boo
         + xml.encode()
     )
     return str(len(message)).encode() + b" " + message
+
+
+# a gateway's own codes (PS3.15 A.5.1 allows a private coding scheme) where DICOM's vocabulary has none
+GATEWAY_CODES = "99DMG"
+ASSOCIATION_ACCEPTED = ("ASSOCIATION-ACCEPTED", "Association Accepted")
+ASSOCIATION_REFUSED = ("ASSOCIATION-REFUSED", "Association Refused")
+RECEIPT = ("RECEIPT", "Receipt")
+BACKUP = ("BACKUP", "Backup")
+RESTORE = ("RESTORE", "Restore")
+SUPPRESSED = ("SUPPRESSED", "Events Not Recorded Singly")
+
+
+class Budget:
+    """How many single audit events a sender nobody has authenticated (a network address calling our DICOM port,
+    the From of a mail whose signature failed) may cause per UTC day, and in all: beyond that, events are counted
+    and written as one summary (`take_suppressed`), so that a flood costs E: a bounded number of bytes a day.
+
+    Pure: the caller gives the day."""
+
+    def __init__(self, per_sender: int, per_day: int) -> None:
+        self.per_sender = per_sender
+        self.per_day = per_day
+        self._day = ""
+        self._counts: dict[str, int] = {}
+        self._total = 0
+        self._suppressed: dict[str, int] = {}
+
+    def admit(self, sender: str, day: str) -> bool:
+        """True: record this event singly; False: it was counted for the day's summary instead."""
+        if day != self._day:
+            self._day, self._counts, self._total = day, {}, 0
+        n = self._counts.get(sender, 0)
+        if n >= self.per_sender or self._total >= self.per_day:
+            if sender in self._suppressed or len(self._suppressed) < 1000:
+                self._suppressed[sender] = self._suppressed.get(sender, 0) + 1
+            else:
+                self._suppressed["(other senders)"] = self._suppressed.get("(other senders)", 0) + 1
+            return False
+        self._counts[sender] = n + 1
+        self._total += 1
+        return True
+
+    def take_suppressed(self) -> dict[str, int]:
+        """The events counted instead of recorded since the last call: sender → how many."""
+        out, self._suppressed = self._suppressed, {}
+        return out
+
+
+def configuration_changes(before: dict[str, dict[str, str]], after: dict[str, dict[str, str]]) -> list[str]:
+    """What changed between two configuration summaries ({"partner X": {"address": …, "key": …}, "pacs Y": …}),
+    in words, one line per change: added, removed, and each changed field. Pure."""
+    out = []
+    for name in sorted(after.keys() - before.keys()):
+        out.append(f"{name} added")
+    for name in sorted(before.keys() - after.keys()):
+        out.append(f"{name} removed")
+    for name in sorted(before.keys() & after.keys()):
+        for field_name in sorted(before[name].keys() | after[name].keys()):
+            old, new = before[name].get(field_name, ""), after[name].get(field_name, "")
+            if old != new:
+                out.append(f"{name}: {field_name} changed ({old or '-'} → {new or '-'})")
+    return out

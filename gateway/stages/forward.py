@@ -27,6 +27,7 @@ from pynetdicom import _config, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from gateway.adapters.dicom import commitment, scu
+from gateway.auditing import Auditor
 from gateway.catalog import Catalog
 from gateway.config import Pacs, Settings
 from gateway.core import coerce, deid
@@ -196,13 +197,20 @@ async def send_parallel(pacs: Pacs, items: list[dict[str, Any]], root: Path) -> 
     return [o for r in results for o in r]
 
 
-async def purge_accepted(settings: Settings, storage: Storage, catalog: Catalog, now: float) -> int:
-    """Free the space of instances every PACS accepted more than `storage.keep_days_after_pacs` days ago."""
+async def purge_accepted(
+    settings: Settings, storage: Storage, catalog: Catalog, now: float, audit: Auditor | None = None
+) -> int:
+    """Free the space of instances every PACS accepted more than `storage.keep_days_after_pacs` days ago (their
+    audit event first, while the patient can still be read from the files; a crash after it purges and writes the
+    same event again, which the trail keeps once)."""
     if not settings.pacs or settings.keep_days_after_pacs <= 0:
         return 0
     cutoff = now - settings.keep_days_after_pacs * 86400
     purged = 0
-    for sop_uid, path in await catalog.purgeable(len(settings.pacs), cutoff):
+    doomed = await catalog.purgeable(len(settings.pacs), cutoff)
+    if doomed and audit is not None:
+        await audit.purged(await catalog.audit_rows([sop for sop, _ in doomed]))
+    for sop_uid, path in doomed:
         await catalog.mark_purged(sop_uid, now)
         # crash here: the row says purged, the file is still there; storage reconciliation removes it at start-up
         (storage.root / path).unlink(missing_ok=True)

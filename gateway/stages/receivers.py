@@ -99,6 +99,8 @@ class ReceiverPool(ServesDicomPort):
         self._cond = threading.Condition()
         self._stopping = False
         self.on_report: Callable[[], None] = lambda: None  # a storage commitment report was saved
+        # an association was accepted or refused (calling, called, peer, accepted, why): the audit trail's ear
+        self.on_association: Callable[[str, str, str, bool, str], None] = lambda *_: None
         intake.on_indexed = self._tell_indexed
 
     # ---------------------------------------------------------------- the listening socket (main process)
@@ -235,6 +237,14 @@ class ReceiverPool(ServesDicomPort):
             self.refused += 1
         elif kind == "commitment":
             self.on_report()
+        elif kind == "association":
+            self.on_association(
+                str(event.get("calling", "")),
+                str(event.get("called", "")),
+                str(event.get("peer", "")),
+                bool(event.get("ok")),
+                str(event.get("why", "")),
+            )
         else:
             self.intake.reported(receiver.key, event)
 
@@ -309,6 +319,9 @@ def receiver_main(spec: dict[str, Any]) -> int:
         float(spec["timeout"]),
         on_refused=lambda: emit({"t": "refused"}),
         on_ended=lambda: emit({"t": "ended"}),
+        on_association=lambda calling, called, peer, ok, why: emit(
+            {"t": "association", "calling": calling, "called": called, "peer": peer, "ok": ok, "why": why}
+        ),
         report_peers=peers,
         report_box=ReportBox(storage.commitments),
         on_report=lambda: emit({"t": "commitment"}),

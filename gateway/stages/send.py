@@ -110,6 +110,10 @@ class Sender(Stage):
                 "sent", lambda: self.catalog.set_receipt_out(str(meta["receipt"]), "sent", time.time())
             )
             log.info("receipt for partner %s accepted by %s", partner.name, node)
+            if self.ctx.audit is not None:
+                outcome, sops = await self.catalog.receipt_out_of(str(meta["receipt"]))
+                rows = await self.catalog.audit_rows(sops)
+                await self.ctx.audit.receipt(True, partner.name, str(meta["receipt"]), outcome, rows)
             return
         complete = await record(
             "sent", lambda: self.catalog.mark_mail_sent(meta["message_id"], str(node), time.time())

@@ -255,6 +255,7 @@ class Association:
         if refusal is not None:
             (result, source, reason), why = refusal
             log.warning("association from %s rejected: %s", self.peer, why)
+            self.scp.on_association(self.calling, self.called, self.peer, False, why)
             rj = A_ASSOCIATE()
             rj.result, rj.result_source, rj.diagnostic = result, source, reason
             pdu = A_ASSOCIATE_RJ()
@@ -293,6 +294,7 @@ class Association:
         pdu.from_primitive(ac)
         self.sock.sendall(pdu.encode())
         log.debug("association from %s (%s → %s) accepted", self.peer, self.calling, self.called)
+        self.scp.on_association(self.calling, self.called, self.peer, True, "")
         return True
 
     def _p_data(self, length: int) -> None:

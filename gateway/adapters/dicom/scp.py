@@ -128,6 +128,7 @@ class DicomScp(ServesDicomPort):
         maximum_associations: int = 32,
         on_refused: Callable[[], None] = lambda: None,
         on_ended: Callable[[], None] = lambda: None,
+        on_association: Callable[[str, str, str, bool, str], None] = lambda *_: None,
         report_peers: dict[str, tuple[frozenset[str], str]] | None = None,
         report_box: ReportBox | None = None,
         on_report: Callable[[], None] = lambda: None,
@@ -163,6 +164,9 @@ class DicomScp(ServesDicomPort):
         self.refused = 0
         self.on_refused = on_refused  # told of every refused C-STORE (counted by the main process)
         self.on_ended = on_ended  # told when an association's connection is closed
+        # told of every association request: (calling AE, called AE, peer address, accepted, why refused);
+        # a failed TLS handshake comes as ("", "", peer, False, "TLS handshake failed") (the audit trail's ear)
+        self.on_association = on_association
 
     def is_report_peer(self, calling: str, peer: str) -> bool:
         """A PACS we ask for storage commitment, calling from one of its addresses."""
@@ -281,6 +285,7 @@ class DicomScp(ServesDicomPort):
                 log.warning(
                     "DICOM TLS handshake with %s failed: %s", peer, getattr(exc, "reason", None) or exc
                 )
+                self.on_association("", "", peer, False, "TLS handshake failed")
                 with contextlib.suppress(OSError):
                     conn.close()
                 with self._lock:
