@@ -4,6 +4,13 @@ what the stage knows and reading the patient's ID and name (ATNA requires them) 
 Called where the stage records the step in the catalog (see `gateway.audit` for the crash story). Writing is a
 thread's job (one fdatasync per call); a failure to write the trail is logged and raised to the stage, whose loop
 retries the step, so a step is never done without its record once E: works again.
+
+Events that synchronous code reports (associations, from the DICOM receiver processes) are noted and written by
+`flush` about once a second, with the access lines of the web port (`gateway.auditaccess`). A sender nobody has
+authenticated (a calling address, the From of a mail whose signature failed) gets a daily budget of single
+events (`core.audit.Budget`); beyond it they are counted into one summary event, so a flood costs E: little.
+
+Size: one method per kind of event, so the whole vocabulary of the gateway's trail reads in one place.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,7 @@ import pydicom
 from cryptography.hazmat.primitives import hashes
 
 from gateway.audit import AuditTrail
+from gateway.auditaccess import AccessAuditor
 from gateway.config import Settings
 from gateway.core import audit as A
 
@@ -46,7 +54,6 @@ def _digest(items: Iterable[str]) -> str:
 # single events a sender nobody authenticated may cause per UTC day (beyond: counted in a summary event)
 DICOM_PER_ADDRESS, DICOM_PER_DAY = 1000, 20000  # associations, per calling address and in all
 MAIL_PER_SENDER, MAIL_PER_DAY = 100, 2000  # mails set aside before a partner's signature was verified
-ACCESS_BATCH_BYTES = 4 << 20  # access lines turned into audit events per round
 
 
 def _utc_day(at: float) -> str:
@@ -64,8 +71,7 @@ class Auditor:
         self._noted: list[A.AuditEvent] = []
         self.dicom_budget = A.Budget(DICOM_PER_ADDRESS, DICOM_PER_DAY)
         self.mail_budget = A.Budget(MAIL_PER_SENDER, MAIL_PER_DAY)
-        # a study's (study, SOP class, path) rows, for access events (the catalog's `study_audit_rows`)
-        self.rows_of_study: Callable[[str], Awaitable[list[tuple[str, str, str]]]] | None = None
+        self.access = AccessAuditor(self)  # the web port's access lines → events
 
     @property
     def me(self) -> A.Participant:
@@ -102,7 +108,7 @@ class Auditor:
         kind = A.APPLICATION_START if start else A.APPLICATION_STOP
         await self._one(f"app:{kind[0]}:{at:.6f}", A.APPLICATION_ACTIVITY, at, (self.me,), types=(kind,))
 
-    async def _studies(
+    async def studies(
         self, rows: list[tuple[str, str, str]]
     ) -> dict[str, tuple[tuple[str, str], tuple[tuple[str, int], ...]]]:
         """study → ((patient id, name), ((SOP class, count), …)) for rows of (study, sop class, path)."""
@@ -128,7 +134,7 @@ class Auditor:
     ) -> None:
         """DICOM Instances Transferred (or `event`), one per study: rows are (study, SOP class, path)."""
         events = []
-        for study, ((pid, name), classes) in (await self._studies(rows)).items():
+        for study, ((pid, name), classes) in (await self.studies(rows)).items():
             events.append(
                 A.AuditEvent(
                     key=f"{key}:{study}",
@@ -445,107 +451,12 @@ class Auditor:
             self._noted = events + self._noted  # E: failed: tried again at the next flush
             raise
 
-    async def access_round(self, folder: Path) -> int:
-        """Turn the web port's new access lines (`gateway.access`: DICOMweb, WADO, the viewer, the status page and
-        its thumbnails) into audit events (`trail_access`). The cursor (E:/audit/access.json) moves only after the
-        events are on E:; a crash between the two reads the lines again, which writes nothing new."""
-        cursor_file = self.trail.folder / "access.json"
-        try:
-            cur = json.loads(cursor_file.read_text())
-            day, offset = str(cur["day"]), int(cur["offset"])
-        except (OSError, ValueError, KeyError):
-            day, offset = "", 0
-        days = sorted(p.stem for p in folder.glob("????-??-??.jsonl")) if folder.exists() else []
-        written = 0
-        for d in days:
-            if d < day:
-                continue
-            start = offset if d == day else 0
-            path = folder / f"{d}.jsonl"
-            with path.open("rb") as f:
-                f.seek(start)
-                chunk = f.read(ACCESS_BATCH_BYTES)
-            end = chunk.rfind(b"\n") + 1
-            if end:
-                written += await self.trail_access(d, start, chunk[:end])
-            self._save_cursor(cursor_file, d, start + end)
-            if end < len(chunk) or len(chunk) == ACCESS_BATCH_BYTES:
-                break  # a line being written, or more than a batch: the rest in the next round
-        return written
-
-    def _save_cursor(self, path: Path, day: str, offset: int) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"day": day, "offset": offset}))
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    async def trail_access(self, day: str, start: int, data: bytes) -> int:
-        """The audit events of one batch of access lines: the first access per hour by one user from one address
-        to one study (per kind: view, retrieve, metadata, store), and the first time per hour a query is made; the
-        events' keys name the hour, so repeats within it (a page that refreshes itself, the viewer's frame
-        requests) are not written again, and reading the same lines twice after a crash writes nothing new."""
-        groups: dict[tuple[str, str, str, str, int], tuple[float, int]] = {}  # → (at, instances)
-        queries: dict[tuple[str, str, str, int], tuple[float, dict[str, str]]] = {}
-        for line in data.splitlines():
-            try:
-                e = json.loads(line)
-                kind, user, remote = str(e["kind"]), str(e["user"]), str(e["remote"])
-                at, studies, n = float(e["at"]), [str(s) for s in e["studies"]], int(e.get("instances", 0))
-            except (ValueError, KeyError, TypeError):
-                continue
-            hour = int(at // 3600)
-            if kind == "query":
-                q = {str(k): str(v) for k, v in dict(e.get("query") or {}).items()}
-                queries.setdefault((user, remote, json.dumps(q, sort_keys=True), hour), (at, q))
-                continue
-            for study in studies:
-                when, count = groups.get((kind, user, remote, study, hour), (at, 0))
-                groups[(kind, user, remote, study, hour)] = (when, count + max(1, n // max(1, len(studies))))
-        events = []
-        for (user, remote, text, hour), (at, q) in queries.items():
-            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-            events.append(
-                A.AuditEvent(
-                    key=f"access:query:{user}:{remote}:{digest}:{hour}",
-                    event=A.QUERY,
-                    action="E",
-                    at=at,
-                    participants=(A.Participant(user, True, remote), self.me),
-                    source=self.settings.name,
-                    extra={"query": "&".join(f"{k}={v}" for k, v in sorted(q.items()))[:1000]},
-                )
-            )
-        keys = {f"access:{k}:{u}:{r}:{s}:{h}": (k, u, r, s, h) for (k, u, r, s, h) in groups}
-        seen = await asyncio.to_thread(self.trail.recorded, keys) if keys else set()
-        for key, (kind, user, remote, study, hour) in keys.items():
-            if key in seen:
-                continue
-            at, count = groups[(kind, user, remote, study, hour)]
-            rows = await self.rows_of_study(study) if self.rows_of_study is not None else []
-            info = (await self._studies(rows)).get(study) if rows else None
-            (pid, name), classes = info if info else (("", ""), ())
-            events.append(
-                A.AuditEvent(
-                    key=key,
-                    event=A.INSTANCES_TRANSFERRED if kind == "store" else A.INSTANCES_ACCESSED,
-                    action="C" if kind == "store" else "R",
-                    at=at,
-                    participants=(A.Participant(user, True, remote), self.me),
-                    patient_id=pid,
-                    patient_name=name,
-                    studies=(A.Study(study, classes, f"{kind} over the web port (first of the hour)"),),
-                    source=self.settings.name,
-                )
-            )
-        return await asyncio.to_thread(self.trail.record, events) if events else 0
-
     async def run_forever(self, access: Path, wake: asyncio.Event, interval: float = 1.0) -> None:
         """Write noted events and turn access lines into events, every `interval`; a failure (E: away) is logged and
         tried again (nothing is lost: the notes stay in memory, the access lines on D:)."""
         while True:
             try:
-                if await self.flush() + await self.access_round(access):
+                if await self.flush() + await self.access.round(access):
                     wake.set()  # the repository forwarder sends them now
             except Exception as exc:
                 log.error("audit trail not written (%s); trying again", type(exc).__name__)

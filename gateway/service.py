@@ -129,7 +129,7 @@ class Gateway(SharesContext):
         gw.ingester.workers = gw.packager
         gw.scp.on_report = ctx.wakes.forwarder.set  # a PACS's commitment report came to our DICOM port
         gw.scp.on_association = auditor.association
-        auditor.rows_of_study = catalog.study_audit_rows
+        auditor.access.rows_of_study = catalog.study_audit_rows
         changes = await auditor.configuration_seen(keys.book)
         if changes:
             log.info("configuration: %d changes since the last start (in the audit trail)", len(changes))
@@ -323,6 +323,18 @@ class Gateway(SharesContext):
             ],
         }
 
+    def _start_audit(self, tg: asyncio.TaskGroup) -> None:
+        """The audit trail's tasks: noted events and access lines written each second; the repository forwarder."""
+        if self.ctx.audit is None:
+            return
+        access = self.storage.root / "state" / "access"
+        tg.create_task(self.ctx.audit.run_forever(access, self.audit_wake), name="audit-notes")
+        if self.settings.audit.repository is not None:
+            forwarder = AuditForwarder(
+                self.ctx.audit.trail, audit_repository(self.settings), self.settings.audit.app_name
+            )
+            tg.create_task(forwarder.run_forever(self.audit_wake), name="audit")
+
     async def run(self) -> None:
         """Run every stage until `stopping` is set."""
         collector = metrics.attach(self)
@@ -346,15 +358,8 @@ class Gateway(SharesContext):
                     tg.create_task(self.webindex.run_forever(), name="webindex"),
                     tg.create_task(self.loop_watch.run_forever(), name="loop-watch"),
                 ]
-                if self.ctx.audit is not None:
-                    access = self.storage.root / "state" / "access"
-                    tg.create_task(self.ctx.audit.run_forever(access, self.audit_wake), name="audit-notes")
+                self._start_audit(tg)
                 tg.create_task(self.reconcile_storage(), name="storage-check")  # runs once
-                if self.ctx.audit is not None and self.settings.audit.repository is not None:
-                    forwarder = AuditForwarder(
-                        self.ctx.audit.trail, audit_repository(self.settings), self.settings.audit.app_name
-                    )
-                    tg.create_task(forwarder.run_forever(self.audit_wake), name="audit")
                 webapp = WebApp(self) if self.settings.web.port else None
                 if webapp is not None:
                     await webapp.start()
@@ -374,7 +379,7 @@ class Gateway(SharesContext):
                 log.info("stopping: DICOM port closes, then the stages")
                 if self.ctx.audit is not None:
                     await self.ctx.audit.flush()
-                    await self.ctx.audit.access_round(self.storage.root / "state" / "access")
+                    await self.ctx.audit.access.round(self.storage.root / "state" / "access")
                     await self.ctx.audit.application(start=False)
                     self.audit_wake.set()
                 self.scp.stop()

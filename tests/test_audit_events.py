@@ -60,13 +60,13 @@ async def test_receipts_and_what_an_operator_saw_are_in_the_trail(pair_factory, 
         assert thumb is not None
         assert (await client.get(thumb.group(1), headers=auth)).status == 200
         access = b.settings.d_root / "state" / "access"
-        assert await b.ctx.audit.access_round(access) == 1, "one view of one study by one user this hour"
+        assert await b.ctx.audit.access.round(access) == 1, "one view of one study by one user this hour"
         [seen] = [t for t in texts(b.ctx.audit.trail) if "DICOM Instances Accessed" in t]
         assert 'UserID="operator"' in seen and 'NetworkAccessPointID="127.0.0.1"' in seen
         assert CANARY_ID in seen and CANARY_NAME in seen and 'EventActionCode="R"' in seen
         # the page refreshes itself every ten seconds: the same view within the hour is not written again
         assert (await client.get("/", headers=auth)).status == 200
-        assert await b.ctx.audit.access_round(access) == 0
+        assert await b.ctx.audit.access.round(access) == 0
     finally:
         await client.close()
     told = "\n".join(history(b.ctx.audit.trail, patient=CANARY_ID))

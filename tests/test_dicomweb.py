@@ -139,13 +139,13 @@ async def test_qido_and_wado_with_dicomweb_client(served, caplog: pytest.LogCapt
     assert searched and searched[0]["studies"] == [study_uid]
     assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in folder.glob("*.jsonl"))
     # ... which the audit trail turns into IHE ATNA Query and DICOM Instances Accessed messages
-    assert await gw.ctx.audit.access_round(folder) >= 4
+    assert await gw.ctx.audit.access.round(folder) >= 4
     trail = gw.ctx.audit.trail
     texts = [r.xml for d in trail.days() for r in trail.records(d) if r.key.startswith("access:")]
     assert any("<EventID" in t and '"Query"' in t and "PatientName=" in t for t in texts)
     accessed = [t for t in texts if "DICOM Instances Accessed" in t]
     assert accessed and all(str(first.PatientID) in t and study_uid in t for t in accessed)
-    assert all(check(t) == [] for t in texts) and await gw.ctx.audit.access_round(folder) == 0
+    assert all(check(t) == [] for t in texts) and await gw.ctx.audit.access.round(folder) == 0
 
 
 @pytest.mark.asyncio
