@@ -4,6 +4,8 @@ storage exactly once, byte-identical.
 
     bench/killtest --kills 30 [--seed N] [--mariadb]
 
+Before it: audit_missing=M audit_unmarked_twice=T audit_miscounted=C (the audit trail's form: both gateways report
+to a real rsyslog over TLS; see `audit_check`).
 Last line: kills=K acknowledged=A delivered=D lost=L duplicates=U
 """
 
@@ -14,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,18 +29,13 @@ sys.path.insert(0, str(ROOT))
 from gateway.config import load  # noqa: E402
 from gateway.core.dicominfo import dataset_offset, read_info  # noqa: E402
 from gateway.devtools import pki  # noqa: E402
+from gateway.devtools.auditrepo import AuditRepository  # noqa: E402
 from gateway.devtools.devenv import render_config  # noqa: E402
 from gateway.devtools.mailcluster import MailCluster  # noqa: E402
+from gateway.devtools.ports import free_port  # noqa: E402
 from gateway.devtools.process import GatewayProcess  # noqa: E402
 from gateway.devtools.studies import make_study  # noqa: E402
 from gateway.storage import Storage  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 _SENDING = re.compile(r"Sending file: (\S+)")
 _SUCCESS = re.compile(r"Received Store Response \(Success\)")
@@ -105,6 +101,86 @@ def helper_processes() -> set[int]:
     return found
 
 
+def _events(repo: AuditRepository, app: str) -> list[tuple[bool, str, str, dict[str, int]]]:
+    """The repository's messages from one gateway, one per record of its chain (a record sent again, marked
+    `resent`, counts once): (replayed after a crash, event, description, study → instances)."""
+    from xml.etree import ElementTree as ET
+
+    seen: dict[int, tuple[bool, str, str, dict[str, int]]] = {}
+    for name, seq, _resent, replay, xml in repo.marked():
+        if name != app or seq in seen:
+            continue
+        root = ET.fromstring(xml)
+        event = root.find("EventIdentification/EventID")
+        studies: dict[str, int] = {}
+        text = ""
+        for o in root.findall("ParticipantObjectIdentification"):
+            if o.get("ParticipantObjectTypeCodeRole") == "3":
+                desc = o.find("ParticipantObjectDescription")
+                text = (desc.text or "") if desc is not None else ""
+                counts = [int(c.get("NumberOfInstances", "0")) for c in o.iter("SOPClass")]
+                studies[o.get("ParticipantObjectID", "")] = sum(counts)
+        seen[seq] = (replay, event.get("originalText", "") if event is not None else "", text, studies)
+    return list(seen.values())
+
+
+def audit_check(
+    repo: AuditRepository, procs: dict[str, GatewayProcess], stored: dict[str, dict[str, int]], settle: float
+) -> dict[str, int]:
+    """The audit form of the kill test. Every record of each gateway's local chain reached the repository; a
+    record that arrived twice carries the `resent` mark; and for every study each gateway stored, the instances
+    its events count (received over DICOM at A, sent by mail at A, received by mail at B) cover every instance
+    stored, and the events not marked as replayed after a crash count none twice (a replayed one may repeat an
+    earlier event: that is what the mark says)."""
+    from gateway.audit import AuditTrail
+
+    trails = {n: AuditTrail(load(p.config).e_root / "audit", n) for n, p in procs.items()}
+
+    def local(name: str) -> set[int]:
+        t = trails[name]
+        return {r.seq for d in t.days() for r in t.records(d)}
+
+    def missing() -> int:
+        got = {(app, seq) for app, seq, _, _ in repo.messages()}
+        return sum(len({(n, q) for q in local(n)} - got) for n in procs)
+
+    end = time.monotonic() + settle
+    while missing() and time.monotonic() < end:
+        time.sleep(1)
+    unmarked: dict[tuple[str, int], int] = {}
+    for app, seq, resent, _ in repo.messages():
+        if not resent:
+            unmarked[(app, seq)] = unmarked.get((app, seq), 0) + 1
+    counts = {"audit_missing": missing(), "audit_unmarked_twice": sum(n > 1 for n in unmarked.values())}
+    wrong = 0
+    for app, what, at_side in (
+        ("gateway-a", "received over DICOM", "gateway-a"),
+        ("gateway-a", "sent by mail to partner", "gateway-b"),
+        ("gateway-b", "received by mail from partner", "gateway-b"),
+    ):
+        told: dict[str, int] = {}  # instances counted by events not marked as replayed
+        again: dict[str, int] = {}  # ... by events written again after a crash (marked)
+        for replay, event, text, studies in _events(repo, app):
+            if event == "DICOM Instances Transferred" and text.startswith(what):
+                into = again if replay else told
+                for study, n in studies.items():
+                    into[study] = into.get(study, 0) + n
+        for study, n in stored[at_side].items():
+            plain, marked = told.get(study, 0), again.get(study, 0)
+            if not plain <= n <= plain + marked:  # none missing; unmarked, none twice
+                wrong += 1
+                print(
+                    f"audit: {app} '{what}': {plain} + {marked} replayed of {n} in {study}", file=sys.stderr
+                )
+    counts["audit_miscounted"] = wrong
+    return counts
+
+
+def stored_per_study(storage: Storage) -> dict[str, int]:
+    """Study Instance UID → instances stored (files are kept as images/<study>/<series>/<sop>.dcm)."""
+    return {d.name: sum(1 for _ in d.rglob("*.dcm")) for d in storage.images.iterdir() if d.is_dir()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=30)
@@ -129,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     cluster.up(pki_dir, ["gateway-a", "gateway-b"])
     cluster.drain()
 
+    repo = AuditRepository(work / "audit-repository", pki_dir)  # rsyslog over TLS, client certificates
+    repo.start()
     helpers_before = helper_processes()
     db_name = f"dmg_killtest_{os.getpid()}"
     procs: dict[str, GatewayProcess] = {}
@@ -157,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 poll_interval=0.5,
                 max_mail_size="256KB",
                 node_cooldown=2,
+                tail=f'[audit]\nrepository = "127.0.0.1:{repo.port}"\napp_name = "{name}"\n',
                 **extra,
             )  # type: ignore[arg-type]
         )
@@ -239,7 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     duplicates = conflicts + (len(b_files) - len(set(b_files))) + unexpected
     rows, a_rows = len(b_files), len(a_sops)
     for p in procs.values():
-        p.stop()
+        p.stop()  # their last events (Application Stop) go to the repository too
+    audit = audit_check(
+        repo,
+        procs,
+        {"gateway-a": stored_per_study(a_storage), "gateway-b": stored_per_study(b_storage)},
+        min(120.0, a.settle),
+    )
+    repo.stop()
     # every crash must take its worker processes with it: count those left behind by the 30 SIGKILLs
     orphans: set[int] = set()
     for _ in range(50):
@@ -263,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         f"studies={study_no} corrupt={corrupt} files_at_b={rows} stored_at_a={a_rows} conflicts={conflicts} "
         f"restart_median_s={median:.1f} restart_max_s={slowest:.1f} orphans={len(orphans)}"
     )
+    print(" ".join(f"{k}={v}" for k, v in audit.items()))
     print(
         f"kills={kills} acknowledged={len(acknowledged)} delivered={delivered} lost={lost} duplicates={duplicates}"
     )
-    return 0 if lost == 0 and duplicates == 0 and not orphans else 1
+    return 0 if lost == 0 and duplicates == 0 and not orphans and not any(audit.values()) else 1
 
 
 if __name__ == "__main__":

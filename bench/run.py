@@ -42,16 +42,11 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.devtools import orthanc, pki  # noqa: E402
 from gateway.devtools.devenv import render_config  # noqa: E402
+from gateway.devtools.ports import free_port  # noqa: E402
 from gateway.devtools.process import GatewayProcess  # noqa: E402
 from gateway.devtools.studies import make_ct_study  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 60) -> None:

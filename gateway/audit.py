@@ -259,18 +259,40 @@ class AuditForwarder:
         ] = []  # (when, cursor before, after)
 
     def cursor(self) -> tuple[str, int]:
+        return self._read()[0]
+
+    def _read(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        """(how far the repository surely has the records, how far they may have gone out)."""
         try:
             d = json.loads(self.cursor_file.read_text())
-            return str(d["day"]), int(d["line"])
+            done = str(d["day"]), int(d["line"])
+            return done, (str(d.get("out_day", done[0])), int(d.get("out_line", done[1])))
         except (OSError, ValueError, KeyError):
-            return "", 0
+            return ("", 0), ("", 0)
 
-    def _save(self, cursor: tuple[str, int]) -> None:
+    def _save(self, cursor: tuple[str, int], going: tuple[str, int] | None = None) -> None:
+        """Remember how far the records went; `going`: how far the batch now being written may get (a gateway
+        killed while writing it sends those again, marked, after its restart)."""
         tmp = self.cursor_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"day": cursor[0], "line": cursor[1]}))
+        out = going or cursor
+        tmp.write_text(
+            json.dumps({"day": cursor[0], "line": cursor[1], "out_day": out[0], "out_line": out[1]})
+        )
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.cursor_file)
+
+    async def drained(self, timeout: float) -> bool:
+        """At shutdown: wait (at most `timeout`) until the repository has every record written so far; False if it
+        has not (it gets them after the next start: they wait on E:)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if next(self.trail.pending(self.cursor()), None) is None:
+                return True
+            if not self.connected and time.monotonic() + 1 > deadline:
+                break
+            await asyncio.sleep(0.1)
+        return False
 
     async def run_forever(self, wake: asyncio.Event, interval: float = 1.0) -> None:
         """Connect, send what is pending, wait for more; reconnect with backoff; never dies.
@@ -279,7 +301,7 @@ class AuditForwarder:
         need sending again) in one place, so the at-least-once reasoning can be read in one go."""
         delay = 1.0
         resend_from: tuple[str, int] | None = None
-        resend_until: tuple[str, int] = ("", 0)
+        resend_until = self._read()[1]  # what a killed predecessor may have written already
         while True:
             try:
                 reader, writer = await asyncio.wait_for(
@@ -305,14 +327,18 @@ class AuditForwarder:
             closed = asyncio.ensure_future(reader.read())  # the repository never writes: EOF = it went away
             try:
                 if resend_from is not None:
-                    self._save(resend_from)
+                    self._save(resend_from, resend_until)
                 while not closed.done():
                     cursor = self.cursor()
                     batch = list(self.trail.pending(cursor))
+                    if batch:
+                        self._save(cursor, max(batch[-1][0], resend_until))
                     for n, (after, rec) in enumerate(batch):
-                        again = after <= resend_until or rec.replay  # may be there already: marked
+                        again = after <= resend_until  # may be there already: marked
                         writer.write(
-                            syslog_frame(rec.xml, rec.at, self.host, self.app, rec.seq, resent=again)
+                            syslog_frame(
+                                rec.xml, rec.at, self.host, self.app, rec.seq, resent=again, replay=rec.replay
+                            )
                         )
                         if n % 100 == 99:
                             await writer.drain()
@@ -321,7 +347,7 @@ class AuditForwarder:
                         if closed.done():
                             break
                         self._recent.append((time.monotonic(), cursor, batch[-1][0]))
-                        self._save(batch[-1][0])
+                        self._save(batch[-1][0], max(batch[-1][0], resend_until))
                         self.sent += len(batch)
                     self._recent = [r for r in self._recent if time.monotonic() - r[0] < RESEND_SECONDS]
                     with contextlib.suppress(TimeoutError):
@@ -337,7 +363,7 @@ class AuditForwarder:
                     await writer.wait_closed()
             # what went out in the last seconds may not have arrived: it goes again, marked
             resend_from = self._recent[0][1] if self._recent else None
-            resend_until = self.cursor()
+            resend_until = max(self._read()[1], self.cursor())
             self._recent = []
             log.warning("audit repository went away; reconnecting")
             await asyncio.sleep(delay)

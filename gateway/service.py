@@ -80,6 +80,7 @@ class Gateway(SharesContext):
     storage_report: dict[str, int] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     loop_watch: LoopWatch = field(default_factory=LoopWatch)
+    audit_forwarder: AuditForwarder | None = None
 
     @classmethod
     async def create(cls, settings: Settings) -> Gateway:
@@ -330,10 +331,10 @@ class Gateway(SharesContext):
         access = self.storage.root / "state" / "access"
         tg.create_task(self.ctx.audit.run_forever(access, self.audit_wake), name="audit-notes")
         if self.settings.audit.repository is not None:
-            forwarder = AuditForwarder(
+            self.audit_forwarder = AuditForwarder(
                 self.ctx.audit.trail, audit_repository(self.settings), self.settings.audit.app_name
             )
-            tg.create_task(forwarder.run_forever(self.audit_wake), name="audit")
+            tg.create_task(self.audit_forwarder.run_forever(self.audit_wake), name="audit")
 
     async def run(self) -> None:
         """Run every stage until `stopping` is set."""
@@ -382,6 +383,10 @@ class Gateway(SharesContext):
                     await self.ctx.audit.access.round(self.storage.root / "state" / "access")
                     await self.ctx.audit.application(start=False)
                     self.audit_wake.set()
+                    if self.audit_forwarder is not None and not await self.audit_forwarder.drained(5):
+                        log.warning(
+                            "the audit repository has not got every record yet: they go after the next start"
+                        )
                 self.scp.stop()
                 if webapp is not None:
                     await webapp.stop()

@@ -1,11 +1,7 @@
-"""Free TCP ports on loopback for the tests' own servers."""
+"""Free TCP ports on loopback for the tests' own servers (`gateway.devtools.ports`)."""
 
 from __future__ import annotations
 
-import socket
+from gateway.devtools.ports import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port"]

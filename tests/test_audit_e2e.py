@@ -1,17 +1,23 @@
-"""The audit trail with the real pipeline: A (a modality's study, sent by mail) and B (received from A) report to
-a real rsyslog over TLS with client certificates; every message passes the schema check; the repository goes away
-while a second study passes and gets every event afterwards; the local copies verify and tell the patient's
-history."""
+"""The audit trail with the real pipeline: A (a modality's study, sent by mail) and B (received from A, forwarded to
+Orthanc, answered with a receipt) report to a real rsyslog over TLS with client certificates; every message passes
+the schema check; the repository is stopped for a minute while a second study passes and gets every event
+afterwards; the local copies verify and tell the patient's whole history."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from gateway.audit import AuditTrail
 from gateway.config import load
 from gateway.core.audit import check
+from gateway.devtools import orthanc as orthanc_peer
+from gateway.devtools.auditrepo import AuditRepository
 from gateway.devtools.studies import CANARY_ID, make_study
-from tests.auditrepo import AuditRepository
+from tests import dicomscu
 from tests.conftest import CANARIES, storescu, wait_for
 from tests.test_e2e import status
 
@@ -41,12 +47,14 @@ def test_both_gateways_report_every_event_to_the_repository_even_across_its_outa
 ) -> None:
     repo = AuditRepository(tmp_path / "repository", pki_dir)
     repo.start()
+    pacs = orthanc_peer.start(tmp_path / "orthanc")
     try:
         b = make_gateway(
             "gateway-b",
             [("gateway-a", "gateway-a", "TO_A")],
             poll_interval=1,
-            tail=audit_section(repo, "gateway-b"),
+            tail=audit_section(repo, "gateway-b")
+            + f'[[pacs]]\nname = "orthanc"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\nae_title = "ORTHANC"\n',
         )
         a = make_gateway(
             "gateway-a",
@@ -71,8 +79,25 @@ def test_both_gateways_report_every_event_to_the_repository_even_across_its_outa
             "every event in the repository",
         )
 
-        # the repository goes away while a second study passes
+        # a modality calling an AE title the gateway does not serve: refused, and audited
+        intruder = AE(ae_title="INTRUDER")
+        intruder.add_requested_context(CTImageStorage)
+        refused, _ = dicomscu.associate(intruder, a.port, "NOBODY")
+        assert not refused.is_established
+        # B forwarded to the PACS and A has B's receipt
+        wait_for(
+            lambda: (
+                any("receipt received from partner gateway-b" in x for _, x in local(a))
+                and any("forwarded to PACS orthanc" in x for _, x in local(b))
+            ),
+            180,
+            1,
+            "B's forward to the PACS and A's receipt",
+        )
+
+        # the repository goes away for a minute while a second study passes
         repo.stop()
+        stopped = time.monotonic()
         before = {"a": len(local(a)), "b": len(local(b))}
         make_study(tmp_path / "s2", ct=2, mr=0, sc=0, size=32, seed=5)
         assert storescu(a.port, "TO_B", tmp_path / "s2").returncode == 0
@@ -83,9 +108,10 @@ def test_both_gateways_report_every_event_to_the_repository_even_across_its_outa
             0.5,
             "the second study's events in the local copies",
         )
+        wait_for(lambda: time.monotonic() - stopped >= 60, 90, 1, "the outage to last a minute")
         repo.start()
         wait_for(
-            lambda: arrived(a, "gateway-a") and arrived(b, "gateway-b"), 120, 0.5, "the events of the outage"
+            lambda: arrived(a, "gateway-a") and arrived(b, "gateway-b"), 180, 0.5, "the events of the outage"
         )
 
         messages = repo.messages()
@@ -100,6 +126,17 @@ def test_both_gateways_report_every_event_to_the_repository_even_across_its_outa
         assert "sent by mail to partner gateway-b" in texts["gateway-a"]
         assert "received by mail from partner gateway-a" in texts["gateway-b"]
         assert CANARY_ID in texts["gateway-a"], "ATNA names the patient in the audit trail"
+        assert (
+            "Association Accepted" in texts["gateway-a"]
+            and 'AlternativeUserID="MODALITY"' in texts["gateway-a"]
+        )
+        assert (
+            "Association Refused" in texts["gateway-a"] and "called AE title 'NOBODY'" in texts["gateway-a"]
+        )
+        assert "forwarded to PACS orthanc" in texts["gateway-b"]
+        assert "receipt sent to partner gateway-a" in texts["gateway-b"]
+        assert "receipt received from partner gateway-b" in texts["gateway-a"]
+        assert "Software Configuration" in texts["gateway-b"] and "PACS orthanc added" in texts["gateway-b"]
         # a record sent twice (around the outage) is marked as such; none is missing (checked above)
         seen: dict[tuple[str, int], int] = {}
         for app, seq, resent, _ in messages:
@@ -118,5 +155,15 @@ def test_both_gateways_report_every_event_to_the_repository_even_across_its_outa
         assert "DICOM Instances Transferred [C]" in history and "source: MODALITY@127.0.0.1" in history
         assert "DICOM Instances Transferred [R]" in history and "destination: gateway-b" in history
         assert "chain intact" in a.cli("audit", "verify")
+        # B's trail tells the patient's whole way: from A, to the PACS, the receipt back
+        at_b = b.cli("audit", "--patient", CANARY_ID)
+        for step in (
+            "DICOM Instances Transferred [C]",
+            "source: gateway-a",
+            "destination: orthanc",
+            "Receipt [R]",
+        ):
+            assert step in at_b, at_b
     finally:
         repo.stop()
+        pacs.stop()

@@ -276,6 +276,13 @@ def test_a_restored_gateway_starts_and_finishes_the_work_it_owed(mail, make_gate
     )
     assert r.returncode == 0, r.stderr
     assert f"run -c {site / 'gateway.toml'}" in r.stdout
+    # the backup and the restore are in B's audit trail, with who ran them
+    trail = AuditTrail(b.config.parent / "e" / "audit", "gateway-b")
+    texts = [x.xml for d in trail.days() for x in trail.records(d)]
+    assert any('"Export"' in t and '"Backup"' in t and 'UserID="cli:' in t for t in texts)
+    [restore] = [t for t in texts if '"Restore"' in t]
+    assert '"Import"' in restore and sets[-1].name in restore and 'EventOutcomeIndicator="0"' in restore
+    assert all(trail.verify(d)[0] for d in trail.days())
     restored = GatewayProcess("gateway-b", site / "gateway.toml", b.port, site / "gateway.log", b.d_root)
     peer = orthanc_peer.start(tmp_path / "orthanc", dicom_port=pacs_port)
     try:

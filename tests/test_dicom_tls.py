@@ -60,3 +60,29 @@ def test_storescu_over_tls_with_a_client_certificate(make_gateway, pki_dir, tmp_
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5):
         pass
     assert storescu(gw.port, "GATEWAY_A", tmp_path / "t").returncode == 0
+    # the audit trail has each refusal at the TLS handshake (Node Authentication) and the accepted associations
+    from gateway.audit import AuditTrail
+    from gateway.config import load
+    from tests.conftest import wait_for
+
+    trail = AuditTrail(load(gw.config).e_root / "audit", "gateway-a")
+
+    def texts() -> list[str]:
+        return [r.xml for d in trail.days() for r in trail.records(d)]
+
+    wait_for(
+        lambda: sum("Association Refused" in t and "TLS handshake failed" in t for t in texts()) >= 3,
+        30,
+        0.5,
+        "the three refused TLS handshakes in the audit trail",
+    )
+    refusals = [t for t in texts() if "TLS handshake failed" in t]
+    assert all("Node Authentication" in t and 'NetworkAccessPointID="127.0.0.1"' in t for t in refusals)
+    wait_for(
+        lambda: (
+            sum("Association Accepted" in t and 'AlternativeUserID="MODALITY"' in t for t in texts()) >= 2
+        ),
+        30,
+        0.5,
+        "the accepted associations (TLS port and plain port) in the audit trail",
+    )

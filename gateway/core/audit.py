@@ -236,11 +236,14 @@ def check(xml: str) -> list[str]:
     return problems
 
 
-def syslog_frame(xml: str, at: float, host: str, app: str, seq: int, resent: bool = False) -> bytes:
+def syslog_frame(
+    xml: str, at: float, host: str, app: str, seq: int, resent: bool = False, replay: bool = False
+) -> bytes:
     """One RFC 5424 message carrying `xml`, framed for RFC 5425 (`LENGTH SP MESSAGE`). Structured data names the
-    record's place in the local chain; `resent` marks a record that may have reached the repository already."""
+    record's place in the local chain; `resent` marks a record that may have reached the repository already (the
+    same `seq` again), `replay` an event written again after a crash (it may repeat an earlier record's event)."""
     stamp = dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    mark = ' resent="1"' if resent else ""
+    mark = (' resent="1"' if resent else "") + (' replay="1"' if replay else "")
     sd = f'[dmg@32473 seq="{seq}"{mark}]'
     message = (
         f"<85>1 {stamp} {host or '-'} {app[:48] or '-'} - DICOM+RFC3881 {sd} ".encode()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -12,11 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from gateway.devtools.ports import free_port
 
 
 @dataclass
@@ -41,7 +36,7 @@ def start(
     folder: Path, extra: dict[str, Any] | None = None, timeout: float = 60, dicom_port: int | None = None
 ) -> Orthanc:
     """Start Orthanc (AE ORTHANC, TCP_NODELAY, no authentication, loopback only) and wait for its REST API."""
-    dicom_port, http_port = dicom_port or _free_port(), _free_port()
+    dicom_port, http_port = dicom_port or free_port(), free_port()
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "dmg-peer",

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.ports import free_port
+from gateway.devtools.ports import free_port
 
 
 class AuditRepository:
@@ -69,13 +69,18 @@ template(name="audit" type="string" string="%app-name% %structured-data% %msg%\\
 
     def messages(self) -> list[tuple[str, int, bool, str]]:
         """(app name, seq, marked resent, XML) of every message received so far."""
+        return [(app, seq, resent, xml) for app, seq, resent, _, xml in self.marked()]
+
+    def marked(self) -> list[tuple[str, int, bool, bool, str]]:
+        """(app name, seq, marked resent, marked replayed after a crash, XML) of every message received so far."""
         if not self.out.exists():
             return []
         found = []
         for line in self.out.read_text(encoding="utf-8", errors="replace").splitlines():
             m = re.match(
-                r'(\S+) \[dmg@32473 seq="(\d+)"( resent="1")?\] \W*(<AuditMessage.*</AuditMessage>)', line
+                r'(\S+) \[dmg@32473 seq="(\d+)"( resent="1")?( replay="1")?\] \W*(<AuditMessage.*</AuditMessage>)',
+                line,
             )
             if m:
-                found.append((m[1], int(m[2]), bool(m[3]), m[4]))
+                found.append((m[1], int(m[2]), bool(m[3]), bool(m[4]), m[5]))
         return found
