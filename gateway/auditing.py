@@ -177,6 +177,19 @@ class Auditor:
             f"sent by mail to partner {partner} (transfer {transfer_id})",
         )
 
+    async def start_up(self, book: Any, catalog: Any) -> None:
+        """At the gateway's start: configuration changes since the last start, sent transfers without their event
+        (a crash came between), and the catalog's rows for the access events."""
+        self.access.rows_of_study = catalog.study_audit_rows
+        changes = await self.configuration_seen(book)
+        if changes:
+            log.info("configuration: %d changes since the last start (in the audit trail)", len(changes))
+        caught = await self.catch_up_sent(
+            await catalog.sent_transfers_since(time.time() - 86400), catalog.transfer_audit_rows
+        )
+        if caught:
+            log.info("audit trail: %d sent transfers recorded after a crash", caught)
+
     async def catch_up_sent(self, transfers: list[tuple[str, str, str]], rows_of: Any) -> int:
         """At start-up: a transfer whose last mail was recorded as sent just before a crash may lack its event
         (it is written after the catalog says the transfer is complete). Each (transfer, partner, study) without

@@ -130,15 +130,7 @@ class Gateway(SharesContext):
         gw.ingester.workers = gw.packager
         gw.scp.on_report = ctx.wakes.forwarder.set  # a PACS's commitment report came to our DICOM port
         gw.scp.on_association = auditor.association
-        auditor.access.rows_of_study = catalog.study_audit_rows
-        changes = await auditor.configuration_seen(keys.book)
-        if changes:
-            log.info("configuration: %d changes since the last start (in the audit trail)", len(changes))
-        caught = await auditor.catch_up_sent(
-            await catalog.sent_transfers_since(time.time() - 86400), catalog.transfer_audit_rows
-        )
-        if caught:
-            log.info("audit trail: %d sent transfers recorded after a crash", caught)
+        await auditor.start_up(keys.book, catalog)
         await gw.recover()
         return gw
 
@@ -336,6 +328,17 @@ class Gateway(SharesContext):
             )
             tg.create_task(self.audit_forwarder.run_forever(self.audit_wake), name="audit")
 
+    async def _stop_audit(self) -> None:
+        """The last noted events and access lines, Application Stop, and a bounded wait for the repository."""
+        if self.ctx.audit is None:
+            return
+        await self.ctx.audit.flush()
+        await self.ctx.audit.access.round(self.storage.root / "state" / "access")
+        await self.ctx.audit.application(start=False)
+        self.audit_wake.set()
+        if self.audit_forwarder is not None and not await self.audit_forwarder.drained(5):
+            log.warning("the audit repository has not got every record yet: they go after the next start")
+
     async def run(self) -> None:
         """Run every stage until `stopping` is set."""
         collector = metrics.attach(self)
@@ -378,15 +381,7 @@ class Gateway(SharesContext):
                     await self.ctx.audit.application(start=True)
                 await self.stopping.wait()
                 log.info("stopping: DICOM port closes, then the stages")
-                if self.ctx.audit is not None:
-                    await self.ctx.audit.flush()
-                    await self.ctx.audit.access.round(self.storage.root / "state" / "access")
-                    await self.ctx.audit.application(start=False)
-                    self.audit_wake.set()
-                    if self.audit_forwarder is not None and not await self.audit_forwarder.drained(5):
-                        log.warning(
-                            "the audit repository has not got every record yet: they go after the next start"
-                        )
+                await self._stop_audit()
                 self.scp.stop()
                 if webapp is not None:
                     await webapp.stop()
