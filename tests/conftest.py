@@ -73,6 +73,24 @@ def write_config(tmp_path: Path, pki_dir: Path, extra: str = "", **kw: object) -
     return cfg
 
 
+def stage_context(settings, storage, catalog, identity=None, inbox=None):  # type: ignore[no-untyped-def]
+    """A `StageContext` for exercising one stage in-process: an empty address book, the spools of `storage`."""
+    from gateway.addressbook import AddressBook, Keys
+    from gateway.fragments import FragmentStore
+    from gateway.spool import Spool
+    from gateway.stages.context import StageContext
+
+    return StageContext(
+        settings,
+        storage,
+        catalog,
+        Keys(identity, AddressBook([]), None),
+        Spool(storage.outbox, storage.tmp),
+        inbox if inbox is not None else Spool(storage.inbox, storage.tmp),
+        FragmentStore.of(storage),
+    )
+
+
 def minimal_settings(tmp_path: Path, pki_dir: Path, smime_cert: Path, smime_key: Path, **extra: object):  # type: ignore[no-untyped-def]
     """Settings for exercising one stage in-process (no DICOM port, no mail traffic)."""
     from gateway import config

@@ -18,17 +18,14 @@ from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.addressbook import AddressBook, Keys
 from gateway.catalog import open_catalog
 from gateway.core.inbound import Refused, Sender, inspect_mail
 from gateway.core.queue import QueueState
 from gateway.core.smime import Identity
-from gateway.fragments import FragmentStore
 from gateway.spool import Spool
-from gateway.stages.context import StageContext
 from gateway.stages.ingest import Ingester
 from gateway.storage import Storage
-from tests.conftest import CANARIES, minimal_settings
+from tests.conftest import CANARIES, minimal_settings, stage_context
 
 CORPUS = Path(__file__).parent / "corpus"
 EXPECTED: dict[str, str] = json.loads((CORPUS / "expected.json").read_text())
@@ -84,13 +81,7 @@ async def test_corpus_through_the_ingest_stage(tmp_path, pki_dir, caplog):  # ty
     try:
         inbox = Spool(storage.inbox, storage.tmp)
         inbox.prepare()
-        fragments = FragmentStore.of(storage)
-        keys = Keys(ME, AddressBook([]), None)
-        ingester = Ingester(
-            StageContext(
-                settings_, storage, catalog, keys, Spool(storage.outbox, storage.tmp), inbox, fragments
-            )
-        )
+        ingester = Ingester(stage_context(settings_, storage, catalog, ME, inbox))
         ingester.address_book = BOOK
         for n, name in enumerate(sorted(EXPECTED)):
             inbox.put(name, (CORPUS / "mails" / name).read_bytes(), {"created": float(n)})

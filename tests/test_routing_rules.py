@@ -11,19 +11,15 @@ import pydicom
 import pytest
 
 from gateway import config
-from gateway.addressbook import AddressBook, Keys
 from gateway.catalog import InstanceRecord, open_catalog
 from gateway.core.dicominfo import read_info
 from gateway.core.routing import Facts, Hours, Pattern
 from gateway.devtools import pki
 from gateway.devtools.studies import make_study
 from gateway.errors import ConfigError
-from gateway.fragments import FragmentStore
-from gateway.spool import Spool
-from gateway.stages.context import StageContext
 from gateway.stages.route import Router, explain
 from gateway.storage import Storage
-from tests.conftest import write_config
+from tests.conftest import stage_context, write_config
 
 NIGHT = dt.datetime(2026, 12, 5, 23, 30)  # a Saturday
 DAY = dt.datetime(2026, 12, 7, 10, 0)  # a Monday
@@ -197,17 +193,7 @@ async def test_the_route_stage_decides_each_new_instance_once_and_explains_it(
                 )
             )
         await catalog.record_instances(records)
-        router = Router(
-            StageContext(
-                s,
-                storage,
-                catalog,
-                Keys(None, AddressBook([]), None),  # type: ignore[arg-type]
-                Spool(storage.outbox, storage.tmp),
-                Spool(storage.inbox, storage.tmp),
-                FragmentStore.of(storage),
-            )
-        )
+        router = Router(stage_context(s, storage, catalog))
         assert await router.run_once(time.time()) == 2  # one transfer each for b and c
         head, test = read_info(paths[0]).study_uid, read_info(tests[0]).study_uid
         routes = await catalog.routes_of(head)

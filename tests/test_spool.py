@@ -9,7 +9,7 @@ import pytest
 
 from gateway.core.queue import MAX_CRASHES, IllegalMove, QueueState
 from gateway.spool import Spool
-from tests.conftest import minimal_settings
+from tests.conftest import minimal_settings, stage_context
 
 
 @pytest.fixture
@@ -75,17 +75,7 @@ async def test_an_unexpected_error_sets_the_mail_aside_with_its_traceback(tmp_pa
     catalog = await open_catalog(settings.database_url)
     try:
         me = Identity.load(settings.smime_cert.read_bytes(), settings.smime_key.read_bytes())
-        from gateway.addressbook import AddressBook, Keys
-        from gateway.fragments import FragmentStore
-        from gateway.stages.context import StageContext
-
-        fragments = FragmentStore.of(storage)
-        keys = Keys(me, AddressBook([]), None)
-        ingester = Ingester(
-            StageContext(
-                settings, storage, catalog, keys, Spool(storage.outbox, storage.tmp), inbox, fragments
-            )
-        )
+        ingester = Ingester(stage_context(settings, storage, catalog, me, inbox))
 
         def broken(*_args: object) -> None:  # an injected bug in the gate
             raise ZeroDivisionError("injected")
@@ -111,12 +101,9 @@ async def test_an_unexpected_error_sets_the_mail_aside_with_its_traceback(tmp_pa
 async def test_a_slow_pacs_holds_a_receipt_no_longer_than_the_deadline(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
     """A receipt waits for the PACS's answers; past `mail.receipt_pacs_deadline` it goes as a warning that says
     how many instances are still unanswered, and a refusal is named beside them."""
-    from gateway.addressbook import AddressBook, Keys
     from gateway.catalog import open_catalog
     from gateway.core import mdn
     from gateway.core.smime import Identity
-    from gateway.fragments import FragmentStore
-    from gateway.stages.context import StageContext
     from gateway.stages.receipts import Receipts
     from gateway.storage import Storage
 
@@ -132,17 +119,7 @@ async def test_a_slow_pacs_holds_a_receipt_no_longer_than_the_deadline(tmp_path,
     catalog = await open_catalog(settings.database_url)
     try:
         me = Identity.load(settings.smime_cert.read_bytes(), settings.smime_key.read_bytes())
-        stage = Receipts(
-            StageContext(
-                settings,
-                storage,
-                catalog,
-                Keys(me, AddressBook([]), None),
-                Spool(storage.outbox, storage.tmp),
-                Spool(storage.inbox, storage.tmp),
-                FragmentStore.of(storage),
-            )
-        )
+        stage = Receipts(stage_context(settings, storage, catalog, me))
         deadline = settings.mail.receipt_pacs_deadline
         now = time.time()
         sops = ["1.2.3.1", "1.2.3.2", "1.2.3.3"]

@@ -20,7 +20,7 @@ from gateway.core.states import IllegalTransition, MailState, TransferState, che
 from gateway.devtools.studies import make_study
 from gateway.errors import ConfigError
 from gateway.storage import Storage, StoreOutcome
-from tests.conftest import write_config
+from tests.conftest import stage_context, write_config
 
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -651,11 +651,7 @@ async def test_a_stage_whose_turn_keeps_failing_with_a_bug_stops_and_says_so(tmp
     """The router's loop, on a catalog that raises a bug every turn: it ends (bounded) and reports why."""
     import asyncio
 
-    from gateway.addressbook import AddressBook, Keys
     from gateway.catalog import open_catalog
-    from gateway.fragments import FragmentStore
-    from gateway.spool import Spool
-    from gateway.stages.context import StageContext
     from gateway.stages.route import Router
     from gateway.storage import Storage
 
@@ -664,15 +660,7 @@ async def test_a_stage_whose_turn_keeps_failing_with_a_bug_stops_and_says_so(tmp
     storage.prepare()
     catalog = await open_catalog(settings.database_url)
     try:
-        ctx = StageContext(
-            settings,
-            storage,
-            catalog,
-            Keys(None, AddressBook([]), None),  # type: ignore[arg-type]
-            Spool(storage.outbox, storage.tmp),
-            Spool(storage.inbox, storage.tmp),
-            FragmentStore.of(storage),
-        )
+        ctx = stage_context(settings, storage, catalog)
         router = Router(ctx)
         router.guard.base = router.guard.cap = 0.001
 

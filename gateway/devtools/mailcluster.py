@@ -444,13 +444,17 @@ service stats {{
         """Stop both daemons; mailboxes stay on disk."""
         if (self.pf / "conf" / "main.cf").exists() and self._postfix_running():
             subprocess.run(["postfix", "-c", str(self.pf / "conf"), "stop"], capture_output=True)
+        self._stop_dovecot()
+
+    def _stop_dovecot(self, timeout: float = 10.0) -> None:
+        """SIGTERM to Dovecot's master and wait (bounded) until it is gone."""
         pid = self._dovecot_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(100):
-                if self._dovecot_pid() is None:
-                    break
-                time.sleep(0.05)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self._dovecot_pid() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def set_node(self, n: int, up: bool, smtp: bool = True, pop3: bool = True) -> None:
         """Take node n's SMTP and/or POP3S listener down (connection refused) or bring it back."""
@@ -491,13 +495,7 @@ service stats {{
         configuration while it was being rewritten keeps running with an empty certificate and no passdb, and
         only a handshake shows it (seen once under load: every POP3 login reset for the rest of the run)."""
         for _ in range(3):
-            pid = self._dovecot_pid()
-            if pid is not None:
-                os.kill(pid, signal.SIGTERM)
-                for _ in range(200):
-                    if self._dovecot_pid() is None:
-                        break
-                    time.sleep(0.05)
+            self._stop_dovecot()
             self._start_daemon(
                 ["dovecot", "-c", str(self.dv / "dovecot.conf")], self.dv / "log" / "start.log"
             )
