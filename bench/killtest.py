@@ -116,8 +116,8 @@ def _events(repo: AuditRepository, app: str) -> list[tuple[bool, str, str, dict[
         text = ""
         for o in root.findall("ParticipantObjectIdentification"):
             if o.get("ParticipantObjectTypeCodeRole") == "3":
-                desc = o.find("ParticipantObjectDescription")
-                text = (desc.text or "") if desc is not None else ""
+                name = o.find("ParticipantObjectName")  # what happened to the study, in words
+                text = (name.text or "") if name is not None else ""
                 counts = [int(c.get("NumberOfInstances", "0")) for c in o.iter("SOPClass")]
                 studies[o.get("ParticipantObjectID", "")] = sum(counts)
         seen[seq] = (replay, event.get("originalText", "") if event is not None else "", text, studies)

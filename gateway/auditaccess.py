@@ -103,7 +103,7 @@ class AccessAuditor:
                     at=at,
                     participants=(A.Participant(user, True, remote), self.auditor.me),
                     source=self.auditor.settings.name,
-                    extra={"query": "&".join(f"{k}={v}" for k, v in sorted(q.items()))[:1000]},
+                    query="&".join(f"{k}={v}" for k, v in sorted(q.items()))[:4000],
                 )
             )
         keys = {f"access:{k}:{u}:{r}:{s}:{h}": (k, u, r, s, h) for (k, u, r, s, h) in groups}

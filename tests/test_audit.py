@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -45,7 +46,21 @@ def test_messages_have_what_the_schema_requires() -> None:
         xml = A.to_xml(e)
         assert A.check(xml) == [], A.check(xml)
         assert "\n" not in xml, "one line: one syslog message, one line of the local copy"
+    query = A.AuditEvent(
+        "q", A.QUERY, "E", 1.7e9, participants=(A.Participant("operator", True, "10.0.0.1"),), query="a=<b>&c"
+    )
+    assert A.check(A.to_xml(query)) == []
     assert "no ActiveParticipant" in A.check(A.to_xml(A.AuditEvent("x", A.EXPORT, "R", 1.7e9)))
+    # what PS3.15 A.5.1's schema refuses, the check refuses too
+    good = A.to_xml(transfer("t", 1.7e9))
+    texty = good.replace("<ParticipantObjectDescription>", "<ParticipantObjectDescription>sent by mail")
+    assert "ParticipantObjectDescription holds only elements (SOPClass, Accession, …)" in A.check(texty)
+    nameless = re.sub(r"<ParticipantObjectName>[^<]*</ParticipantObjectName>", "", good, count=1)
+    assert any("ParticipantObjectName or ParticipantObjectQuery" in p for p in A.check(nameless))
+    assert "ParticipantObjectTypeCodeRole not 1 to 26" in A.check(
+        good.replace('ParticipantObjectTypeCodeRole="3"', 'ParticipantObjectTypeCodeRole="99"')
+    )
+    assert any("EventIdentification holds" in p for p in A.check(good.replace("<EventID ", "<Event ")))
     assert A.check("<AuditMessage/>") == ["no EventIdentification"]
     frame = A.syslog_frame(A.to_xml(start), 1.7e9, "host", "dicom-mail-gateway", 7, resent=True)
     length, message = frame.split(b" ", 1)

@@ -7,10 +7,12 @@ name in no log line or error body."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from xml.etree import ElementTree as ET
 
 import numpy as np
 import pydicom
@@ -142,7 +144,13 @@ async def test_qido_and_wado_with_dicomweb_client(served, caplog: pytest.LogCapt
     assert await gw.ctx.audit.access.round(folder) >= 4
     trail = gw.ctx.audit.trail
     texts = [r.xml for d in trail.days() for r in trail.records(d) if r.key.startswith("access:")]
-    assert any("<EventID" in t and '"Query"' in t and "PatientName=" in t for t in texts)
+    queries = [
+        base64.b64decode(q.text or "").decode()
+        for t in texts
+        for q in ET.fromstring(t).iter("ParticipantObjectQuery")
+        if '"Query"' in t
+    ]
+    assert any("PatientName=" in q for q in queries), queries
     accessed = [t for t in texts if "DICOM Instances Accessed" in t]
     assert accessed and all(str(first.PatientID) in t and study_uid in t for t in accessed)
     assert all(check(t) == [] for t in texts) and await gw.ctx.audit.access.round(folder) == 0

@@ -12,6 +12,8 @@ only to the audit repository and the local hash-chained copy (`gateway.audit`), 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 from dataclasses import dataclass, field
 from xml.etree import ElementTree as ET
@@ -83,6 +85,7 @@ class AuditEvent:
     extra: dict[str, str] = field(
         default_factory=dict
     )  # other participant objects: name → text (e.g. a mail)
+    query: str = ""  # a Query event's query (a DICOMweb search's parameters): ParticipantObjectQuery
 
 
 def _code(parent: ET.Element, tag: str, code: tuple[str, str], scheme: str = "DCM") -> ET.Element:
@@ -107,6 +110,9 @@ def _participants(root: ET.Element, e: AuditEvent) -> None:
 
 
 def _objects(root: ET.Element, e: AuditEvent) -> None:
+    """The participant objects. Each has a name (or a query), as the schema of PS3.15 A.5.1 wants (its older
+    editions without the `?`): the patient's name, a study's description (what happened to it), an object's
+    label; ParticipantObjectDescription holds only the SOP classes and counts (element content)."""
     if e.patient_id:
         po = ET.SubElement(
             root,
@@ -118,8 +124,7 @@ def _objects(root: ET.Element, e: AuditEvent) -> None:
             },
         )
         _code(po, "ParticipantObjectIDTypeCode", ("2", "Patient Number"), "RFC-3881")
-        if e.patient_name:
-            ET.SubElement(po, "ParticipantObjectName").text = e.patient_name
+        ET.SubElement(po, "ParticipantObjectName").text = e.patient_name
     for s in e.studies:
         po = ET.SubElement(
             root,
@@ -131,11 +136,23 @@ def _objects(root: ET.Element, e: AuditEvent) -> None:
             },
         )
         _code(po, "ParticipantObjectIDTypeCode", ("110180", "Study Instance UID"))
-        desc = ET.SubElement(po, "ParticipantObjectDescription")
-        if s.description:
-            desc.text = s.description
-        for uid, count in s.classes:
-            ET.SubElement(desc, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
+        ET.SubElement(po, "ParticipantObjectName").text = s.description or "study"
+        if s.classes:
+            desc = ET.SubElement(po, "ParticipantObjectDescription")
+            for uid, count in s.classes:
+                ET.SubElement(desc, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
+    if e.query:
+        po = ET.SubElement(
+            root,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": "QIDO-RS",
+                "ParticipantObjectTypeCode": "2",
+                "ParticipantObjectTypeCodeRole": "24",
+            },
+        )
+        _code(po, "ParticipantObjectIDTypeCode", ("QIDO-RS", "DICOMweb search"))
+        ET.SubElement(po, "ParticipantObjectQuery").text = base64.b64encode(e.query.encode()).decode()
     for name, text in e.extra.items():
         po = ET.SubElement(
             root,
@@ -220,9 +237,14 @@ def check(xml: str) -> list[str]:
     src = root.find("AuditSourceIdentification")
     if src is None or not src.get("AuditSourceID"):
         problems.append("no AuditSourceIdentification@AuditSourceID")
+    for p in participants:
+        if [c.tag for c in p if c.tag not in ("RoleIDCode", "MediaIdentifier")]:
+            problems.append("ActiveParticipant holds only RoleIDCode and MediaIdentifier")
+        if p.get("NetworkAccessPointTypeCode", "1") not in ("1", "2", "3", "4", "5"):
+            problems.append("NetworkAccessPointTypeCode not 1 to 5")
+    problems += _check_identification(ident)
     for po in root.findall("ParticipantObjectIdentification"):
-        if not po.get("ParticipantObjectID") or po.find("ParticipantObjectIDTypeCode") is None:
-            problems.append("ParticipantObjectIdentification needs an ID and its ParticipantObjectIDTypeCode")
+        problems += _check_object(po)
     order = [c.tag for c in root]
     expected = [
         "EventIdentification",
@@ -233,6 +255,54 @@ def check(xml: str) -> list[str]:
     ranks = [expected.index(t) if t in expected else -1 for t in order]
     if -1 in ranks or ranks != sorted(ranks):
         problems.append(f"elements out of the schema's order: {order}")
+    return problems
+
+
+def _check_identification(ident: ET.Element) -> list[str]:
+    """EventIdentification's children in the schema's order: EventID, EventTypeCode*, EventOutcomeDescription?"""
+    tags = [c.tag for c in ident]
+    allowed = ["EventID", "EventTypeCode", "EventOutcomeDescription"]
+    ranks = [allowed.index(t) if t in allowed else -1 for t in tags]
+    if -1 in ranks or ranks != sorted(ranks) or tags.count("EventID") != 1 or tags.count(allowed[2]) > 1:
+        return [f"EventIdentification holds {tags}"]
+    return []
+
+
+def _check_object(po: ET.Element) -> list[str]:
+    """One ParticipantObjectIdentification against PS3.15 A.5.1: ParticipantObjectIDTypeCode, a name or a query,
+    ParticipantObjectDetail*, ParticipantObjectDescription* (elements only: SOPClass and the like); its ID and the
+    enumerated attributes."""
+    problems = []
+    tags = [c.tag for c in po]
+    if not po.get("ParticipantObjectID"):
+        problems.append("ParticipantObjectIdentification needs a ParticipantObjectID")
+    if tags[:1] != ["ParticipantObjectIDTypeCode"]:
+        problems.append("ParticipantObjectIdentification starts with its ParticipantObjectIDTypeCode")
+    if tags[1:2] not in (["ParticipantObjectName"], ["ParticipantObjectQuery"]):
+        problems.append(
+            "ParticipantObjectIdentification needs a ParticipantObjectName or ParticipantObjectQuery"
+        )
+    after = ["ParticipantObjectDetail", "ParticipantObjectDescription"]
+    ranks = [after.index(t) if t in after else -1 for t in tags[2:]]
+    if -1 in ranks or ranks != sorted(ranks):
+        problems.append(f"ParticipantObjectIdentification holds {tags}")
+    for desc in po.findall("ParticipantObjectDescription"):
+        known = ("MPPS", "Accession", "SOPClass", "ParticipantObjectContainsStudy", "Encrypted", "Anonymized")
+        if (desc.text or "").strip() or any(c.tag not in known for c in desc):
+            problems.append("ParticipantObjectDescription holds only elements (SOPClass, Accession, …)")
+        for c in desc.iter("SOPClass"):
+            if not (c.get("NumberOfInstances") or "").isdigit():
+                problems.append("SOPClass needs NumberOfInstances, an integer")
+    query = po.find("ParticipantObjectQuery")
+    if query is not None:
+        try:
+            base64.b64decode(query.text or "", validate=True)
+        except (binascii.Error, ValueError):
+            problems.append("ParticipantObjectQuery is not base64")
+    if po.get("ParticipantObjectTypeCode", "1") not in ("1", "2", "3", "4"):
+        problems.append("ParticipantObjectTypeCode not 1 to 4")
+    if po.get("ParticipantObjectTypeCodeRole", "1") not in {str(n) for n in range(1, 27)}:
+        problems.append("ParticipantObjectTypeCodeRole not 1 to 26")
     return problems
 
 
