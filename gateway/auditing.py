@@ -167,6 +167,20 @@ class Auditor:
                 f"received over DICOM from {calling}",
             )
 
+    async def begin_sending(
+        self, transfer_id: str, partner: str, rows: list[tuple[str, str, str]], mails: int
+    ) -> None:
+        """Begin Transferring DICOM Instances: a study's mails are built and about to be queued for a partner."""
+        await self.transferred(
+            f"begin:{transfer_id}",
+            "E",
+            rows,
+            A.Participant(self.settings.name, True, "", A.ROLE_SOURCE, self.settings.ae_title),
+            A.Participant(partner, False, "", A.ROLE_DESTINATION),
+            f"queued for partner {partner} in {mails} mails (transfer {transfer_id})",
+            event=A.BEGIN_TRANSFERRING,
+        )
+
     async def sent_to_partner(self, transfer_id: str, partner: str, rows: list[tuple[str, str, str]]) -> None:
         await self.transferred(
             f"out:{transfer_id}",

@@ -43,6 +43,8 @@ async def test_receipts_and_what_an_operator_saw_are_in_the_trail(pair_factory, 
     assert await pair.b_receives_and_answers() >= 1
     assert await pair.a_takes_the_receipt() == 1
     a, b = pair.a, pair.b
+    [begin] = [t for t in texts(a.ctx.audit.trail) if "Begin Transferring DICOM Instances" in t]
+    assert "queued for partner gateway-b in 1 mails" in begin and CANARY_ID in begin
     sent = [t for t in texts(b.ctx.audit.trail) if "receipt sent to partner gateway-a" in t]
     got = [t for t in texts(a.ctx.audit.trail) if "receipt received from partner gateway-b" in t]
     for said in (sent, got):

@@ -22,6 +22,7 @@ from xml.etree import ElementTree as ET
 APPLICATION_ACTIVITY = ("110100", "Application Activity")
 APPLICATION_START = ("110120", "Application Start")
 APPLICATION_STOP = ("110121", "Application Stop")
+BEGIN_TRANSFERRING = ("110102", "Begin Transferring DICOM Instances")
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
 STUDY_DELETED = ("110105", "DICOM Study Deleted")
