@@ -97,6 +97,11 @@ class AuditTrail:
         self._keys: set[str] = set()
         self._keys_day = ""
         self._size: dict[str, int] = {}  # the day file's size after our last write
+        self._after: tuple[str, int, int] = (
+            "",
+            -1,
+            0,
+        )  # (day, line, byte offset) after the last pending record
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -228,10 +233,22 @@ class AuditTrail:
         for day in self.days():
             if day < day0:
                 continue
-            for n, r in enumerate(self.records(day), start=1):
-                if day == day0 and n <= n0:
-                    continue
-                yield (day, n), r
+            with (self.folder / f"{day}.jsonl").open("rb") as f:
+                n, pos = 0, 0
+                if day == day0 and self._after[:2] == (day, n0):
+                    n, pos = n0, self._after[2]  # where the last batch ended: no need to read the day again
+                    f.seek(pos)
+                for raw in f:
+                    pos += len(raw)
+                    if not raw.strip():
+                        continue
+                    if not raw.endswith(b"\n"):
+                        return  # a record being appended right now: the next round
+                    n += 1
+                    if day == day0 and n <= n0:
+                        continue
+                    self._after = (day, n, pos)
+                    yield (day, n), _parse(raw.decode("utf-8"))
 
 
 @dataclass

@@ -116,3 +116,18 @@ def test_two_writers_keep_one_chain(tmp_path: Path) -> None:
     gateway.record([transfer("g2", 1.7e9)])
     (day,) = gateway.days()
     assert gateway.verify(day)[0] and [r.seq for r in gateway.records(day)] == [1, 2, 3]
+
+
+def test_pending_records_follow_the_cursor_forward_and_back(tmp_path: Path) -> None:
+    """What the repository forwarder reads: the records after its cursor, from where the last batch ended, and
+    again from an earlier cursor after a lost connection."""
+    trail = AuditTrail(tmp_path / "audit", "gw")
+    trail.record([transfer(f"a{n}", 1.7e9 + n) for n in range(3)])
+    (day,) = trail.days()
+    first = list(trail.pending((day, 0)))
+    assert [c for c, _ in first] == [(day, 1), (day, 2), (day, 3)]
+    trail.record([transfer(f"b{n}", 1.7e9 + n) for n in range(2)])
+    assert [r.seq for _, r in trail.pending((day, 3))] == [4, 5]
+    assert [r.seq for _, r in trail.pending((day, 5))] == []
+    assert [r.seq for _, r in trail.pending((day, 1))] == [2, 3, 4, 5], "back to an earlier cursor"
+    assert [r.seq for _, r in trail.pending(("", 0))] == [1, 2, 3, 4, 5]
