@@ -98,6 +98,12 @@ class Sender(Stage):
                 ),
             )
             return
+        if (
+            receipt and self.ctx.audit is not None
+        ):  # before the item is done: a crash sends (and audits) again
+            outcome, sops = await self.catalog.receipt_out_of(str(meta["receipt"]))
+            rows = await self.catalog.audit_rows(sops)
+            await self.ctx.audit.receipt(True, partner.name, str(meta["receipt"]), outcome, rows)
         # crash here: the server has the mail, the item is still active: it is sent again after restart and the
         # receiver drops the duplicate (same set id and part). At-least-once on the wire, exactly-once in storage.
         await asyncio.to_thread(self.outbox.move, item, QueueState.DONE, drop_content=True, node=str(node))
@@ -110,10 +116,6 @@ class Sender(Stage):
                 "sent", lambda: self.catalog.set_receipt_out(str(meta["receipt"]), "sent", time.time())
             )
             log.info("receipt for partner %s accepted by %s", partner.name, node)
-            if self.ctx.audit is not None:
-                outcome, sops = await self.catalog.receipt_out_of(str(meta["receipt"]))
-                rows = await self.catalog.audit_rows(sops)
-                await self.ctx.audit.receipt(True, partner.name, str(meta["receipt"]), outcome, rows)
             return
         complete = await record(
             "sent", lambda: self.catalog.mark_mail_sent(meta["message_id"], str(node), time.time())
