@@ -251,6 +251,31 @@ class AuditTrail:
                     yield (day, n), _parse(raw.decode("utf-8"))
 
 
+def backlog(folder: Path) -> tuple[int, float | None]:
+    """(records the repository has not got yet, when the oldest of them was written) from the day files and the
+    forwarder's cursor (`sent.json`); for monitoring, which runs apart from the gateway. Counts lines only."""
+    try:
+        d = json.loads((folder / "sent.json").read_text())
+        day0, n0 = str(d["day"]), int(d["line"])
+    except (OSError, ValueError, KeyError):
+        day0, n0 = "", 0
+    waiting, oldest = 0, None
+    for path in sorted(folder.glob("????-??-??.jsonl")):
+        if path.stem < day0:
+            continue
+        data = path.read_bytes()
+        skip = n0 if path.stem == day0 else 0
+        lines = data.count(b"\n")
+        if lines > skip:
+            if oldest is None:
+                start = 0
+                for _ in range(skip):
+                    start = data.index(b"\n", start) + 1
+                oldest = _parse(data[start : data.index(b"\n", start)].decode("utf-8")).at
+            waiting += lines - skip
+    return waiting, oldest
+
+
 @dataclass
 class Repository:
     """Where the records go: host, port and the TLS client context (client certificate, the repository's CA)."""

@@ -369,7 +369,31 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
     services.append(_space(settings, "D:", settings.d_root, settings.min_free, settings.min_free_inodes))
     services.append(_space(settings, "E:", settings.e_root, 0))
     services.append(_quarantine(settings, view))
+    services.append(_audit(settings, view.at))
     return services
+
+
+def _audit(settings: Settings, now: float) -> Service:
+    """The audit trail's way to the hospital's repository: records written on E: that it has not got yet, and for
+    how long (the repository away, or our certificate refused). No repository: the local copy only (OK)."""
+    from gateway.audit import backlog
+
+    repo = settings.audit.repository
+    if repo is None:
+        return Service(OK, "DMG Audit trail", "local copy on E: only (no [audit] repository configured)")
+    waiting, oldest = backlog(settings.e_root / "audit")
+    age_min = 0.0 if oldest is None else max(0.0, (now - oldest) / 60)
+    metrics = (Metric("waiting", waiting), Metric("oldest_waiting_minutes", round(age_min, 1), 10, 60))
+    where = f"{repo.host}:{repo.port}"
+    if not waiting:
+        return Service(OK, "DMG Audit trail", f"the repository {where} has every record", metrics)
+    return Service(
+        _upper(age_min, 10, 60),
+        "DMG Audit trail",
+        f"{waiting} records wait on E: for the repository {where}, the oldest for {age_min:.0f} min "
+        "(nothing is lost; they go when it answers)",
+        metrics,
+    )
 
 
 def _forwarding(forwards: dict[str, int]) -> Service:

@@ -10,7 +10,7 @@ import re
 import stat
 from pathlib import Path
 
-from gateway.audit import AuditTrail, history
+from gateway.audit import AuditTrail, backlog, history
 from gateway.core import audit as A
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -131,3 +131,16 @@ def test_pending_records_follow_the_cursor_forward_and_back(tmp_path: Path) -> N
     assert [r.seq for _, r in trail.pending((day, 5))] == []
     assert [r.seq for _, r in trail.pending((day, 1))] == [2, 3, 4, 5], "back to an earlier cursor"
     assert [r.seq for _, r in trail.pending(("", 0))] == [1, 2, 3, 4, 5]
+
+
+def test_the_backlog_monitoring_sees(tmp_path: Path) -> None:
+    """check_mk's view of the way to the repository: what waits after the forwarder's cursor, and since when."""
+    trail = AuditTrail(tmp_path / "audit", "gw")
+    assert backlog(trail.folder) == (0, None)
+    trail.record([transfer(f"a{n}", 1.7e9 + n) for n in range(3)])
+    (day,) = trail.days()
+    assert backlog(trail.folder) == (3, 1.7e9)
+    (trail.folder / "sent.json").write_text(json.dumps({"day": day, "line": 2}))
+    assert backlog(trail.folder) == (1, 1.7e9 + 2)
+    (trail.folder / "sent.json").write_text(json.dumps({"day": day, "line": 3}))
+    assert backlog(trail.folder) == (0, None)

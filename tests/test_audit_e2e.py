@@ -108,12 +108,15 @@ def test_both_gateways_report_every_event_to_the_repository_even_across_its_outa
             0.5,
             "the second study's events in the local copies",
         )
+        # check_mk says what waits, and that nothing is lost
+        assert "records wait on E: for the repository" in a.cli("check-mk")
         wait_for(lambda: time.monotonic() - stopped >= 60, 90, 1, "the outage to last a minute")
         repo.start()
         wait_for(
             lambda: arrived(a, "gateway-a") and arrived(b, "gateway-b"), 180, 0.5, "the events of the outage"
         )
 
+        wait_for(lambda: "has every record" in a.cli("check-mk"), 30, 1, "check_mk to see the backlog gone")
         messages = repo.messages()
         for _, _, _, xml in messages:
             assert check(xml) == [], check(xml)
