@@ -448,7 +448,7 @@ def _describe(root: Any, at: float, studies: list[str], pids: list[str]) -> str:
 
 
 def history(
-    trail: AuditTrail,
+    trail: AuditTrail | list[AuditTrail],
     *,
     patient: str | None = None,
     study: str | None = None,
@@ -458,12 +458,14 @@ def history(
 ) -> list[str]:
     """`audit --patient/--study/--partner`: the matching events of the local copy, oldest first, one line each
     (time, what, outcome, who took part, the study and the patient). For the data protection officer: this output
-    names patients."""
+    names patients. Several trails (gateways on this machine): their events merged by time, each line naming
+    the gateway it comes from."""
     from xml.etree import ElementTree as ET
 
-    out = []
-    for day in trail.days():
-        for r in trail.records(day):
+    trails = trail if isinstance(trail, list) else [trail]
+    out: list[tuple[float, str]] = []
+    for t, day in ((tr, d) for tr in trails for d in tr.days()):
+        for r in t.records(day):
             if (since is not None and r.at < since) or (until is not None and r.at > until):
                 continue
             root = ET.fromstring(r.xml)
@@ -485,5 +487,9 @@ def history(
             if partner is not None and partner not in users:
                 continue
             line = _describe(root, r.at, studies, pids)
-            out.append(line + (" [replayed after a crash: may repeat an earlier line]" if r.replay else ""))
-    return out
+            if len(trails) > 1:
+                line = f"[{t.source}] {line}"
+            out.append(
+                (r.at, line + (" [replayed after a crash: may repeat an earlier line]" if r.replay else ""))
+            )
+    return [line for _, line in sorted(out, key=lambda item: item[0])]

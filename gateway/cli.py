@@ -5,7 +5,8 @@ dicom-mail-gateway send   -c gateway.toml --to PARTNER PATH...   enqueue DICOM f
 dicom-mail-gateway status -c gateway.toml [--json]        studies and transfers by state
 dicom-mail-gateway route  -c gateway.toml --explain STUDY  which routing rules match a stored study, and why
 dicom-mail-gateway resend -c gateway.toml --to PARTNER STUDY   queue a stored study for a partner again
-dicom-mail-gateway audit  -c gateway.toml --patient ID | --study UID | --partner NAME   the audit trail's history
+dicom-mail-gateway audit  -c gateway.toml --patient ID | --study UID | --partner NAME [--also OTHER.toml]
+                                                        the audit trail's history (several gateways: merged)
 dicom-mail-gateway audit  -c gateway.toml verify [DAY]    check the audit trail's hash chain
 dicom-mail-gateway dev                                    dev certs + local mail cluster + loopback partner, then run
 
@@ -531,8 +532,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not (args.patient or args.study or args.partner):
         print("audit: give --patient, --study or --partner (or: audit verify [DAY])", file=sys.stderr)
         return 2
+    # other gateways on this machine (the sending and the receiving side of a test site, say): their trails too
+    others = [_load(c) for c in args.also or []]
+    trails = [trail, *(AuditTrail(o.e_root / "audit", o.name) for o in others)]
     lines = history(
-        trail,
+        trails if others else trail,
         patient=args.patient,
         study=args.study,
         partner=args.partner,
@@ -584,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partner", help="partner name")
     p.add_argument("--since", help="ISO date or date-time")
     p.add_argument("--until", help="ISO date or date-time")
+    p.add_argument(
+        "--also",
+        action="append",
+        metavar="CONFIG",
+        help="another gateway's configuration on this machine: its trail too",
+    )
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("backup", help="back up configuration, certificates and catalog now")
     p.add_argument("-c", "--config", required=True)

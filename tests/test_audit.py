@@ -106,6 +106,11 @@ def test_the_history_of_a_patient_a_study_and_a_partner(tmp_path: Path) -> None:
     assert "patient PID-1 DOE^JANE" in lines[0]
     assert len(history(trail, study=STUDY)) == 2 and len(history(trail, partner="gateway-c")) == 1
     assert history(trail, patient="PID-1", since=1.7e9 + 1) == []
+    # two gateways on one machine: one history, by time, each line naming its gateway
+    other = AuditTrail(tmp_path / "other", "gateway-b")
+    other.record([transfer("in", 1.7e9 + 30)])
+    merged = history([trail, other], study=STUDY)
+    assert [line.split("]", 1)[0] for line in merged] == ["[gateway-a", "[gateway-b", "[gateway-a"]
 
 
 def test_two_writers_keep_one_chain(tmp_path: Path) -> None:

@@ -167,6 +167,8 @@ def test_both_gateways_report_every_event_to_the_repository_even_across_its_outa
             "Receipt [R]",
         ):
             assert step in at_b, at_b
+        both = a.cli("audit", "--patient", CANARY_ID, "--also", str(b.config))
+        assert "[gateway-a] " in both and "[gateway-b] " in both and "destination: orthanc" in both
     finally:
         repo.stop()
         pacs.stop()
