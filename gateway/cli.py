@@ -513,7 +513,8 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """`audit verify [DAY]` or `audit --patient ID | --study UID | --partner NAME [--since] [--until]`."""
-    from gateway.audit import AuditTrail, history
+    from gateway.audit import AuditTrail
+    from gateway.auditread import history
 
     settings = _load(args.config)
     trail = AuditTrail(settings.e_root / "audit", settings.name)

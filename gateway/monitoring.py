@@ -376,7 +376,7 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
 def _audit(settings: Settings, now: float) -> Service:
     """The audit trail's way to the hospital's repository: records written on E: that it has not got yet, and for
     how long (the repository away, or our certificate refused). No repository: the local copy only (OK)."""
-    from gateway.audit import backlog
+    from gateway.auditread import backlog
 
     repo = settings.audit.repository
     if repo is None:

@@ -10,7 +10,8 @@ import re
 import stat
 from pathlib import Path
 
-from gateway.audit import AuditTrail, backlog, history
+from gateway.audit import AuditTrail
+from gateway.auditread import backlog, history
 from gateway.core import audit as A
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.audit import AuditTrail, history
+from gateway.audit import AuditTrail
 from gateway.auditing import DICOM_PER_ADDRESS, Auditor
+from gateway.auditread import history
 from gateway.core import audit as A
 from gateway.devtools.studies import CANARY_ID, CANARY_NAME, make_study
 from gateway.web import WebApp
