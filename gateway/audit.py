@@ -305,8 +305,8 @@ class AuditForwarder:
         while time.monotonic() < deadline:
             if next(self.trail.pending(self.cursor()), None) is None:
                 return True
-            if not self.connected and time.monotonic() + 1 > deadline:
-                break
+            if not self.connected:
+                break  # the repository is away: waiting would only delay the stop
             await asyncio.sleep(0.1)
         return False
 
