@@ -125,12 +125,12 @@ def _events(repo: AuditRepository, app: str) -> list[tuple[bool, str, str, dict[
 
 
 def audit_check(
-    repo: AuditRepository, procs: dict[str, GatewayProcess], stored: dict[str, dict[str, int]], settle: float
+    repo: AuditRepository, procs: dict[str, GatewayProcess], indexed: dict[str, dict[str, int]], settle: float
 ) -> dict[str, int]:
     """The audit form of the kill test. Every record of each gateway's local chain reached the repository; a
-    record that arrived twice carries the `resent` mark; and for every study each gateway stored, the instances
+    record that arrived twice carries the `resent` mark; and for every study each gateway indexed, the instances
     its events count (received over DICOM at A, sent by mail at A, received by mail at B) cover every instance
-    stored, and the events not marked as replayed after a crash count none twice (a replayed one may repeat an
+    its catalog holds, and the events not marked as replayed after a crash count none twice (a replayed one may repeat an
     earlier event: that is what the mark says)."""
     from gateway.audit import AuditTrail
 
@@ -165,7 +165,7 @@ def audit_check(
                 into = again if replay else told
                 for study, n in studies.items():
                     into[study] = into.get(study, 0) + n
-        for study, n in stored[at_side].items():
+        for study, n in indexed[at_side].items():
             plain, marked = told.get(study, 0), again.get(study, 0)
             if not plain <= n <= plain + marked:  # none missing; unmarked, none twice
                 wrong += 1
@@ -176,9 +176,25 @@ def audit_check(
     return counts
 
 
-def stored_per_study(storage: Storage) -> dict[str, int]:
-    """Study Instance UID → instances stored (files are kept as images/<study>/<series>/<sop>.dcm)."""
-    return {d.name: sum(1 for _ in d.rglob("*.dcm")) for d in storage.images.iterdir() if d.is_dir()}
+def indexed_per_study(config: Path, source: str) -> dict[str, int]:
+    """Study Instance UID → instances the gateway's catalog holds from `source` ("dicom": a modality, "mail": a
+    partner). The catalog, not the files: a file stored in the moment of a kill, before its journal line, was never
+    acknowledged nor indexed, and no event is owed for it."""
+    import asyncio
+
+    from gateway.catalog import open_catalog
+
+    async def read() -> dict[str, int]:
+        catalog = await open_catalog(load(config).database_url)
+        try:
+            rows = await catalog.db.fetchall(
+                "SELECT study_uid, COUNT(*) FROM instances WHERE source = ? GROUP BY study_uid", (source,)
+            )
+        finally:
+            await catalog.close()
+        return {str(study): int(n) for study, n in rows}
+
+    return asyncio.run(read())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     audit = audit_check(
         repo,
         procs,
-        {"gateway-a": stored_per_study(a_storage), "gateway-b": stored_per_study(b_storage)},
+        {
+            "gateway-a": indexed_per_study(procs["gateway-a"].config, "dicom"),
+            "gateway-b": indexed_per_study(procs["gateway-b"].config, "mail"),
+        },
         min(120.0, a.settle),
     )
     repo.stop()
