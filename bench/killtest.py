@@ -169,9 +169,11 @@ def audit_check(
             plain, marked = told.get(study, 0), again.get(study, 0)
             if not plain <= n <= plain + marked:  # none missing; unmarked, none twice
                 wrong += 1
-                print(
-                    f"audit: {app} '{what}': {plain} + {marked} replayed of {n} in {study}", file=sys.stderr
-                )
+                if wrong <= 20:
+                    print(
+                        f"audit: {app} '{what}': {plain} + {marked} replayed of {n} in {study}",
+                        file=sys.stderr,
+                    )
     counts["audit_miscounted"] = wrong
     return counts
 
