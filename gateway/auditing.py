@@ -52,7 +52,9 @@ def _digest(items: Iterable[str]) -> str:
 
 
 # single events a sender nobody authenticated may cause per UTC day (beyond: counted in a summary event)
-DICOM_PER_ADDRESS, DICOM_PER_DAY = 1000, 20000  # associations, per calling address and in all
+DICOM_PER_ADDRESS, DICOM_PER_DAY = 1000, 20000  # refused associations, per calling address and in all
+# accepted associations passed the access policy: a far larger budget (a modality that opens one per image)
+ACCEPTED_PER_ADDRESS, ACCEPTED_PER_DAY = 50000, 500000
 MAIL_PER_SENDER, MAIL_PER_DAY = 100, 2000  # mails set aside before a partner's signature was verified
 
 
@@ -70,6 +72,7 @@ class Auditor:
         # events noted by synchronous code (the DICOM receivers' reports): written by `flush`
         self._noted: list[A.AuditEvent] = []
         self.dicom_budget = A.Budget(DICOM_PER_ADDRESS, DICOM_PER_DAY)
+        self.accepted_budget = A.Budget(ACCEPTED_PER_ADDRESS, ACCEPTED_PER_DAY)
         self.mail_budget = A.Budget(MAIL_PER_SENDER, MAIL_PER_DAY)
         self.access = AccessAuditor(self)  # the web port's access lines → events
 
@@ -416,9 +419,10 @@ class Auditor:
     def association(self, calling: str, called: str, peer: str, accepted: bool, why: str) -> None:
         """A DICOM association request (from a receiver process's report): accepted or refused, who, from where.
         Noted here, written by the next `flush` (within a second); one calling address gets `DICOM_PER_ADDRESS`
-        single events a day, beyond that they are counted in a summary event."""
+        single events of refused associations a day (`ACCEPTED_PER_ADDRESS` of accepted ones: the access policy let
+        them in), beyond that they are counted in a summary event."""
         at = time.time()
-        if not self.dicom_budget.admit(peer, _utc_day(at)):
+        if not (self.accepted_budget if accepted else self.dicom_budget).admit(peer, _utc_day(at)):
             return
         kind = A.ASSOCIATION_ACCEPTED if accepted else A.ASSOCIATION_REFUSED
         types = (kind,) if calling or accepted else (kind, A.NODE_AUTHENTICATION)  # no AE title: TLS failed
@@ -442,7 +446,8 @@ class Auditor:
     def _summaries(self, at: float) -> list[A.AuditEvent]:
         out = []
         for what, budget in (
-            ("DICOM associations", self.dicom_budget),
+            ("refused DICOM associations", self.dicom_budget),
+            ("accepted DICOM associations", self.accepted_budget),
             ("unauthenticated mails", self.mail_budget),
         ):
             counted = budget.take_suppressed()

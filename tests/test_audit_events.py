@@ -136,7 +136,7 @@ async def test_a_flood_of_associations_costs_a_bounded_number_of_events(pair_fac
     all_texts = texts(trail)
     assert sum("Association Refused" in t and "10.6.6.6" in t for t in all_texts) == DICOM_PER_ADDRESS
     [summary] = [t for t in all_texts if "Events Not Recorded Singly" in t]
-    assert "500 further DICOM associations from 1 senders" in summary and "sender 10.6.6.6" in summary
+    assert "500 further refused DICOM associations from 1 senders" in summary and "sender 10.6.6.6" in summary
     [tls] = [t for t in all_texts if "10.1.1.2" in t]
     assert (
         "Node Authentication" in tls and "TLS handshake failed" in tls and 'EventOutcomeIndicator="4"' in tls
