@@ -14,6 +14,7 @@ import pytest
 
 from gateway.devtools import pki
 from gateway.devtools.devenv import render_config
+from gateway.devtools.galera import GaleraCluster
 from gateway.devtools.mailcluster import MailCluster
 from gateway.devtools.process import GatewayProcess
 from gateway.service import Gateway
@@ -41,6 +42,17 @@ def cluster(pki_dir: Path) -> Iterator[MailCluster]:
     mc = MailCluster(ROOT / ".dev" / "mailcluster")
     mc.up(pki_dir, ["gateway-a", "gateway-b", "gateway-c"])
     yield mc
+
+
+@pytest.fixture(scope="session")
+def galera() -> Iterator[GaleraCluster]:
+    """The three-member Galera test cluster (`gateway.devtools.galera`), up for the session."""
+    g = GaleraCluster(ROOT / ".dev" / "galera")
+    g.up()
+    try:
+        yield g
+    finally:
+        g.down()
 
 
 @pytest.fixture
@@ -140,7 +152,7 @@ GATEWAYS_OF_TEST = pytest.StashKey[list[GatewayProcess]]()
 # The two tiers. A test that needs a real peer of ours (the Postfix + Dovecot cluster, a gateway process, which
 # talks to that cluster) is in the real-peer tier, derived from the fixtures it asks for, never marked by hand:
 # `pytest -m "not peers"` is the fast tier (no root, no mail cluster, seconds), `pytest -m peers` the rest.
-REAL_PEER_FIXTURES = frozenset({"cluster", "mail", "make_gateway"})
+REAL_PEER_FIXTURES = frozenset({"cluster", "mail", "make_gateway", "galera"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
