@@ -34,8 +34,10 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.core.audit import AuditEvent, syslog_frame, to_xml
+from gateway.storage import write_durable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,13 @@ def _digest(prev: str, body: dict[str, object]) -> str:
     return hashlib.sha256(
         (prev + "\n" + json.dumps(body, sort_keys=True, separators=(",", ":"))).encode()
     ).hexdigest()
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """One of the trail's side files (a cursor, the configuration last seen): atomically and durably
+    (`storage.write_durable`), for the gateway's user only."""
+    write_durable(path, [json.dumps(data, indent=1, sort_keys=True).encode()], path.parent)
+    os.chmod(path, 0o600)
 
 
 @dataclass(frozen=True)
@@ -289,14 +298,10 @@ class AuditForwarder:
     def _save(self, cursor: tuple[str, int], going: tuple[str, int] | None = None) -> None:
         """Remember how far the records went; `going`: how far the batch now being written may get (a gateway
         killed while writing it sends those again, marked, after its restart)."""
-        tmp = self.cursor_file.with_suffix(".tmp")
         out = going or cursor
-        tmp.write_text(
-            json.dumps({"day": cursor[0], "line": cursor[1], "out_day": out[0], "out_line": out[1]})
+        write_json(
+            self.cursor_file, {"day": cursor[0], "line": cursor[1], "out_day": out[0], "out_line": out[1]}
         )
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.cursor_file)
 
     async def drained(self, timeout: float) -> bool:
         """At shutdown: wait (at most `timeout`) until the repository has every record written so far; False if it

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.audit import write_json
 from gateway.core import audit as A
 
 if TYPE_CHECKING:
@@ -58,17 +58,10 @@ class AccessAuditor:
             end = chunk.rfind(b"\n") + 1
             if end:
                 written += await self.events_of(d, start, chunk[:end])
-            self._save_cursor(cursor_file, d, start + end)
+            write_json(cursor_file, {"day": d, "offset": start + end})
             if end < len(chunk) or len(chunk) == ACCESS_BATCH_BYTES:
                 break  # a line being written, or more than a batch: the rest in the next round
         return written
-
-    def _save_cursor(self, path: Path, day: str, offset: int) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"day": day, "offset": offset}))
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     async def events_of(self, day: str, start: int, data: bytes) -> int:
         """The audit events of one batch of access lines: the first access per hour by one user from one address

@@ -20,7 +20,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -30,7 +29,7 @@ from typing import Any
 import pydicom
 from cryptography.hazmat.primitives import hashes
 
-from gateway.audit import AuditTrail
+from gateway.audit import AuditTrail, write_json
 from gateway.auditaccess import AccessAuditor
 from gateway.config import Settings
 from gateway.core import audit as A
@@ -79,6 +78,16 @@ class Auditor:
     @property
     def me(self) -> A.Participant:
         return A.Participant(self.settings.name, False, "", A.ROLE_APPLICATION, self.settings.ae_title)
+
+    @property
+    def sending(self) -> A.Participant:
+        """This gateway as the source of a transfer it started (sent, forwarded)."""
+        return A.Participant(self.settings.name, True, "", A.ROLE_SOURCE, self.settings.ae_title)
+
+    @property
+    def receiving(self) -> A.Participant:
+        """This gateway as the destination of a transfer (from a modality, from a partner)."""
+        return A.Participant(self.settings.name, False, "", A.ROLE_DESTINATION, self.settings.ae_title)
 
     async def write(self, events: list[A.AuditEvent]) -> None:
         await asyncio.to_thread(self.trail.record, events)
@@ -166,7 +175,7 @@ class Auditor:
                 "C",
                 items,
                 A.Participant(calling or "-", True, peer, A.ROLE_SOURCE, calling),
-                A.Participant(self.settings.name, False, "", A.ROLE_DESTINATION, self.settings.ae_title),
+                self.receiving,
                 f"received over DICOM from {calling}",
             )
 
@@ -178,7 +187,7 @@ class Auditor:
             f"begin:{transfer_id}",
             "E",
             rows,
-            A.Participant(self.settings.name, True, "", A.ROLE_SOURCE, self.settings.ae_title),
+            self.sending,
             A.Participant(partner, False, "", A.ROLE_DESTINATION),
             f"queued for partner {partner} in {mails} mails (transfer {transfer_id})",
             event=A.BEGIN_TRANSFERRING,
@@ -189,7 +198,7 @@ class Auditor:
             f"out:{transfer_id}",
             "R",
             rows,
-            A.Participant(self.settings.name, True, "", A.ROLE_SOURCE, self.settings.ae_title),
+            self.sending,
             A.Participant(partner, False, "", A.ROLE_DESTINATION),
             f"sent by mail to partner {partner} (transfer {transfer_id})",
         )
@@ -232,7 +241,7 @@ class Auditor:
             "C",
             rows,
             A.Participant(partner, True, "", A.ROLE_SOURCE),
-            A.Participant(self.settings.name, False, "", A.ROLE_DESTINATION, self.settings.ae_title),
+            self.receiving,
             f"received by mail from partner {partner} (mail {mail_id})",
         )
 
@@ -241,7 +250,7 @@ class Auditor:
             f"pacs:{pacs}:{attempt}:{_digest(p for _, _, p in rows)}",
             "R",
             rows,
-            A.Participant(self.settings.name, True, "", A.ROLE_SOURCE, self.settings.ae_title),
+            self.sending,
             A.Participant(pacs, False, "", A.ROLE_DESTINATION),
             f"forwarded to PACS {pacs}",
         )
@@ -349,13 +358,7 @@ class Auditor:
         changes = A.configuration_changes(before, now)
         await self.configuration(changes)
         if changes or not path.exists():
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(now, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_json(path, now)
         return changes
 
     async def login(self, user: str, remote: str, ok: bool) -> None:

@@ -86,7 +86,7 @@ class DicomWeb:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self.events = AccessEvents(gw.settings.d_root / "state" / "access")
+        self.events = AccessEvents(gw.access_log)
         # instance rows by SOP Instance UID, for the requests a viewer makes per image (frames, rendered): a stored
         # instance never changes under its UID; a purged one's file is gone, which the request then reports (404),
         # and an entry lives at most ROW_TTL seconds

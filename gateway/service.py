@@ -20,6 +20,7 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gateway import backup, metrics, monitoring
@@ -316,12 +317,16 @@ class Gateway(SharesContext):
             ],
         }
 
+    @property
+    def access_log(self) -> Path:
+        """Where the web port logs who looked at what (`gateway.access`), for the audit trail to read."""
+        return self.storage.root / "state" / "access"
+
     def _start_audit(self, tg: asyncio.TaskGroup) -> None:
         """The audit trail's tasks: noted events and access lines written each second; the repository forwarder."""
         if self.ctx.audit is None:
             return
-        access = self.storage.root / "state" / "access"
-        tg.create_task(self.ctx.audit.run_forever(access, self.audit_wake), name="audit-notes")
+        tg.create_task(self.ctx.audit.run_forever(self.access_log, self.audit_wake), name="audit-notes")
         if self.settings.audit.repository is not None:
             self.audit_forwarder = AuditForwarder(
                 self.ctx.audit.trail, audit_repository(self.settings), self.settings.audit.app_name
@@ -333,7 +338,7 @@ class Gateway(SharesContext):
         if self.ctx.audit is None:
             return
         await self.ctx.audit.flush()
-        await self.ctx.audit.access.round(self.storage.root / "state" / "access")
+        await self.ctx.audit.access.round(self.access_log)
         await self.ctx.audit.application(start=False)
         self.audit_wake.set()
         if self.audit_forwarder is not None and not await self.audit_forwarder.drained(5):

@@ -46,7 +46,7 @@ class Stow:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self.events = AccessEvents(gw.settings.d_root / "state" / "access")
+        self.events = AccessEvents(gw.access_log)
 
     def routes(self) -> list[web.RouteDef]:
         return [

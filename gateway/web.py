@@ -135,15 +135,17 @@ class WebApp:
 
     async def thumb(self, request: web.Request) -> web.Response:
         sop = request.match_info["sop"]
-        path = await self.gw.catalog.instance_path(sop)
-        if path is None:
+        rows = await self.gw.catalog.audit_rows(
+            [sop]
+        )  # (study, class, path): its file, and its study for the trail
+        if not rows:
             raise web.HTTPNotFound()
+        study, _, path = rows[0]
         try:
             png = await self.gw.renderers.thumbnail(self.gw.storage.root / path, 128)
         except (FileNotFoundError, RenderFailed):
             raise web.HTTPNotFound() from None
-        rows = await self.gw.catalog.audit_rows([sop])  # who saw which study's image: the audit trail
-        await self.dicomweb.record(request, "view", [{"study_uid": r[0]} for r in rows])
+        await self.dicomweb.record(request, "view", [{"study_uid": study}])  # who saw which study's image
         # a patient image: never kept by the browser or a proxy
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
 

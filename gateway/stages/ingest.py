@@ -230,9 +230,8 @@ class Ingester(Stage):
                 authenticated=True,
             )
             return
-        if (
-            self.ctx.audit is not None
-        ):  # a replay too: a crash may have come before its event (the key dedups)
+        # a replay too: a crash may have come before its event (the key keeps it once)
+        if self.ctx.audit is not None:
             rows = await self.catalog.transfer_audit_rows(match.transfer_id)
             await self.ctx.audit.receipt(False, got.partner, r.original_message_id, r.outcome, rows)
         await record(

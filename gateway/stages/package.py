@@ -259,9 +259,8 @@ class Packager(Stage):
         # is recorded (a recorded set is moved into the outbox as it is found, even after a crash)
         await asyncio.to_thread(Spool.settle, folder)
         items = [(iid, mid, size, mdn_id) for mdn_id, b in built for iid, mid, size in b.items]
-        if (
-            self.ctx.audit is not None
-        ):  # before the mails are queued: a crash here packages (and audits) again
+        # before the mails are queued: a crash here packages (and audits) again
+        if self.ctx.audit is not None:
             rows = await self.catalog.transfer_audit_rows(tid)
             await self.ctx.audit.begin_sending(tid, partner.name, rows, len(items))
         await self.catalog.add_out_mails(

@@ -98,9 +98,8 @@ class Sender(Stage):
                 ),
             )
             return
-        if (
-            receipt and self.ctx.audit is not None
-        ):  # before the item is done: a crash sends (and audits) again
+        # before the item is done: a crash sends (and audits) again
+        if receipt and self.ctx.audit is not None:
             outcome, sops = await self.catalog.receipt_out_of(str(meta["receipt"]))
             rows = await self.catalog.audit_rows(sops)
             await self.ctx.audit.receipt(True, partner.name, str(meta["receipt"]), outcome, rows)
