@@ -27,6 +27,7 @@ from gateway.config import Partner, Settings
 from gateway.core.inbound import Sender
 from gateway.core.smime import Identity
 from gateway.errors import ConfigError
+from gateway.storage import node_state
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def load_keys(settings: Settings) -> Keys:
         passphrase = os.environ.get(settings.pgp.passphrase_env, "") if settings.pgp.passphrase_env else ""
         try:
             pgp = OpenPgp.rebuild(
-                settings.d_root / "state" / "gnupg",
+                node_state(settings.d_root, settings.node) / "gnupg",
                 settings.pgp.key,
                 [p.pgp_key for p in settings.partners if p.pgp_key is not None],
                 passphrase or None,

@@ -199,11 +199,14 @@ def _copy_elsewhere(folder: Path, target: str) -> None:
 
 
 def _copy_audit(trail: Path, into: Path) -> None:
-    """The audit trail's day files as they are (their hash chain stays verifiable), for the gateway's user only."""
+    """The audit trail's day files as they are (their hash chain stays verifiable), for the gateway's user only;
+    a cluster's every node's trail (`audit/<node>/`)."""
     if trail.is_dir():
         into.mkdir(mode=0o700)
-        for day in sorted(trail.glob("????-??-??.jsonl")):
-            shutil.copy2(day, into / day.name)
+        for day in sorted(trail.rglob("????-??-??.jsonl")):
+            target = into / day.relative_to(trail)
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            shutil.copy2(day, target)
 
 
 async def run_backup(settings: Settings, now: dt.datetime | None = None) -> BackupResult:

@@ -188,7 +188,7 @@ def _auditor(settings: config.Settings) -> Any:
     from gateway.audit import AuditTrail
     from gateway.auditing import Auditor
 
-    return Auditor(AuditTrail(settings.e_root / "audit", settings.name), settings, settings.d_root)
+    return Auditor(AuditTrail(settings.audit_dir, settings.name), settings, settings.d_root)
 
 
 def _ts(value: Any) -> str:
@@ -517,7 +517,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from gateway.auditread import history
 
     settings = _load(args.config)
-    trail = AuditTrail(settings.e_root / "audit", settings.name)
+    trail = AuditTrail(settings.audit_dir, settings.name)
     if args.action == "verify":
         days = [args.day] if args.day else trail.days()
         bad = 0
@@ -535,7 +535,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 2
     # other gateways on this machine (the sending and the receiving side of a test site, say): their trails too
     others = [_load(c) for c in args.also or []]
-    trails = [trail, *(AuditTrail(o.e_root / "audit", o.name) for o in others)]
+    trails = [trail, *(AuditTrail(o.audit_dir, o.name) for o in others)]
     lines = history(
         trails if others else trail,
         patient=args.patient,

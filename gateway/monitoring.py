@@ -27,6 +27,7 @@ from cryptography import x509
 from gateway import status
 from gateway.config import Settings
 from gateway.status import QueueView, Status
+from gateway.storage import node_state
 
 OK, WARN, CRIT, UNKNOWN = 0, 1, 2, 3
 HEARTBEAT_STALE = 120.0
@@ -77,7 +78,7 @@ def _lower(value: float, warn: float, crit: float) -> int:
 # ------------------------------------------------------------------------------------------------ health file
 def health_path(settings: Settings) -> Path:
     """Where the running gateway publishes its health."""
-    return settings.d_root / "state" / "health.json"
+    return node_state(settings.d_root, settings.node) / "health.json"
 
 
 def write_health(settings: Settings, data: dict[str, Any]) -> None:
@@ -381,7 +382,7 @@ def _audit(settings: Settings, now: float) -> Service:
     repo = settings.audit.repository
     if repo is None:
         return Service(OK, "DMG Audit trail", "local copy on E: only (no [audit] repository configured)")
-    waiting, oldest = backlog(settings.e_root / "audit")
+    waiting, oldest = backlog(settings.audit_dir)
     age_min = 0.0 if oldest is None else max(0.0, (now - oldest) / 60)
     metrics = (Metric("waiting", waiting), Metric("oldest_waiting_minutes", round(age_min, 1), 10, 60))
     where = f"{repo.host}:{repo.port}"

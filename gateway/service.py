@@ -32,12 +32,12 @@ from gateway.addressbook import load_keys
 from gateway.audit import AuditForwarder, AuditTrail, Repository
 from gateway.auditing import Auditor
 from gateway.catalog import open_catalog
+from gateway.cluster import INGEST, SEND, Cluster, Solo
 from gateway.config import Node, Settings
 from gateway.core.nodepool import NodePool
-from gateway.core.queue import QueueState
-from gateway.core.states import MailState
 from gateway.fragments import FragmentStore
 from gateway.loopwatch import LoopWatch
+from gateway.reconcile import catalog_from_queues, storage_against_catalog
 from gateway.renderers import RenderWorkers
 from gateway.spool import Spool
 from gateway.stages.context import SharesContext, StageContext
@@ -86,8 +86,10 @@ class Gateway(SharesContext):
     @classmethod
     async def create(cls, settings: Settings) -> Gateway:
         """Build every stage and recover the state a previous run left."""
-        hold_volume(settings.d_root)  # first: nothing on D: is touched while another gateway runs there
-        storage = Storage(settings.d_root, settings.min_free, settings.min_free_inodes)
+        hold_volume(
+            settings.d_root, settings.node
+        )  # first: nothing on D: is touched while another runs there
+        storage = Storage(settings.d_root, settings.min_free, settings.min_free_inodes, settings.node)
         removed = storage.prepare()
         if removed:
             log.info("removed %d temp files left by an interrupted write", removed)
@@ -107,8 +109,14 @@ class Gateway(SharesContext):
         mailbox: Mailbox = (ImapCluster if settings.mail.protocol == "imap" else Pop3Cluster)(
             settings.mail, tls
         )
-        auditor = Auditor(AuditTrail(settings.e_root / "audit", settings.name), settings, storage.root)
-        ctx = StageContext(settings, storage, catalog, keys, outbox, inbox, fragments, audit=auditor)
+        auditor = Auditor(AuditTrail(settings.audit_dir, settings.name), settings, storage.root)
+        claims: Solo = Solo()
+        if settings.cluster is not None:
+            claims = Cluster(settings.cluster, catalog, {SEND: outbox, INGEST: inbox})
+            await claims.start()  # before anything else is touched: our last run's claims are free now
+        ctx = StageContext(
+            settings, storage, catalog, keys, outbox, inbox, fragments, audit=auditor, claims=claims
+        )
         intake = Intake(storage, catalog, ctx.wakes.router, ctx.progress, ctx.wakes.webindex)
         intake.audit = auditor
         await intake.recover()
@@ -132,92 +140,60 @@ class Gateway(SharesContext):
         gw.scp.on_report = ctx.wakes.forwarder.set  # a PACS's commitment report came to our DICOM port
         gw.scp.on_association = auditor.association
         await auditor.start_up(keys.book, catalog)
+        if isinstance(claims, Cluster):
+            claims.d_root, claims.replay = storage.root, intake.replay
+            claims.on_minority = gw.scp.pause
+            claims.counters = gw.node_counters
+            claims.wake = lambda kind: (ctx.wakes.sender if kind == SEND else ctx.wakes.ingest).set()
         await gw.recover()
         return gw
 
     async def recover(self) -> None:
-        """Start-up: re-queue work a crash left active, finish staged sets, make the catalog agree with the disk."""
+        """Start-up: re-queue work a crash left active, finish staged sets, make the catalog agree with the disk.
+        In a cluster, what is shared is recovered by whoever takes it: active items by the take-over of lapsed
+        claims, staged sets and fragment groups by the node that takes the packaging and housekeeping roles."""
+        if not self.claims.clustered:
+            await self.recover_shared()
+        fixed = await self.reconcile_catalog()
+        if fixed:
+            log.info("catalog brought in line with the queues for %d mails", fixed)
+
+    async def recover_shared(self) -> None:
+        """Active items back to incoming; completed fragment groups and staged sets queued."""
         for name, spool in (("outbox", self.outbox), ("inbox", self.inbox)):
             for item in await asyncio.to_thread(spool.recover):
                 log.warning("%s item %s was active at a crash: now %s", name, item.id, item.state)
         for item_id in await asyncio.to_thread(self.fragments.sweep, self.inbox):
             log.info("fragments completed before a crash queued as %s", item_id)
+        await self.release_staged()
+
+    async def release_staged(self) -> None:
         released = await self.packager.release_staged()
         if released:
             log.info("moved %d recorded but staged sets into the outbox", released)
-        fixed = await self.reconcile_catalog()
-        if fixed:
-            log.info("catalog brought in line with the queues for %d mails", fixed)
+
+    async def sweep_fragments(self) -> None:
+        for item_id in await asyncio.to_thread(self.fragments.sweep, self.inbox):
+            log.info("fragments completed before a crash queued as %s", item_id)
+
+    def node_counters(self) -> dict[str, Any]:
+        """What a cluster node tells the others with its heartbeat (for `status` and check_mk; no patient data)."""
+        return {
+            "received": self.intake.received,
+            "sent_mails": self.sender.sent,
+            "fetched_mails": self.fetcher.fetched,
+            "ingested_mails": self.ingester.ingested,
+            "quarantined_mails": self.ingester.quarantined,
+            "dicom_port": self.scp.listener.listening,
+        }
 
     async def reconcile_catalog(self) -> int:
         """The queues are the truth for mails: record what the catalog missed (a crash between disk and catalog)."""
-        fixed = 0
-        now = time.time()
-        for item in (
-            self.outbox.items(QueueState.DONE)
-            + self.outbox.items(QueueState.HOLD)
-            + self.outbox.items(QueueState.CORRUPT)
-        ):
-            mid = str(item.meta.get("message_id", ""))
-            if await self.catalog.mail_state(mid) != MailState.QUEUED.value:
-                continue
-            if item.state is QueueState.DONE:
-                await self.catalog.mark_mail_sent(mid, str(item.meta.get("node", "")), now)
-            else:
-                await self.catalog.fail_mail(mid, str(item.meta.get("reason", "set aside")), now)
-            fixed += 1
-        for state in (QueueState.INCOMING, QueueState.DEFERRED, QueueState.HOLD, QueueState.CORRUPT):
-            for item in self.inbox.items(state):
-                if await self.catalog.record_in_mail(
-                    item.id, f"spool/inbox/{item.id}", int(item.meta.get("size", 0)), now
-                ):
-                    fixed += 1
-                if (
-                    state in (QueueState.HOLD, QueueState.CORRUPT)
-                    and await self.catalog.mail_state(item.id) == MailState.FETCHED.value
-                ):
-                    reason = str(item.meta.get("reason", "set aside"))
-                    await self.catalog.finish_in_mail(item.id, MailState.QUARANTINED, now, error=reason)
-                    fixed += 1
-        return fixed
+        return await catalog_from_queues(self.outbox, self.inbox, self.catalog)
 
     async def reconcile_storage(self) -> dict[str, int]:
         """Compare stored files with catalog rows and report differences (runs in the background after start)."""
-
-        def files() -> set[str]:
-            return {self.storage.relative(p) for p in self.storage.images.rglob("*.dcm")}
-
-        on_disk = await asyncio.to_thread(files)
-        rows = await self.catalog.instance_paths(purged=False)
-        purged = await self.catalog.instance_paths(purged=True)
-        for path in on_disk & purged - rows:  # a purge interrupted between the catalog and the unlink
-            (self.storage.root / path).unlink(missing_ok=True)
-        on_disk -= purged - rows
-        unindexed, missing = on_disk - rows, rows - on_disk
-        for path in sorted(missing)[:50]:
-            log.error("catalog row without file: %s", path)
-        if unindexed:
-            # a file stored but never acknowledged nor recorded (a crash in between); a resend indexes it
-            log.warning(
-                "%d stored files have no catalog row (never acknowledged); first: %s",
-                len(unindexed),
-                min(unindexed),
-            )
-        if missing:
-            log.error("%d catalog rows have no file on D:", len(missing))
-        self.storage_report = {
-            "files": len(on_disk),
-            "rows": len(rows),
-            "unindexed": len(unindexed),
-            "missing": len(missing),
-        }
-        log.info(
-            "storage check: %d files, %d rows, %d unindexed, %d missing",
-            len(on_disk),
-            len(rows),
-            len(unindexed),
-            len(missing),
-        )
+        self.storage_report = await storage_against_catalog(self.storage, self.catalog)
         return self.storage_report
 
     def wake_all(self) -> None:
@@ -233,13 +209,14 @@ class Gateway(SharesContext):
                 now = time.time()
                 # a receive that pynetdicom aborted (e.g. the disk filled up mid-dataset) leaves its temp file
                 swept = await asyncio.to_thread(self.storage.sweep_tmp, 3600, now)
-                pruned = sum(
-                    [
-                        await asyncio.to_thread(q.prune_done, DONE_KEEP_DAYS * 86400, now)
-                        for q in (self.outbox, self.inbox)
-                    ]
-                )
-                pruned += await purge_accepted(self.settings, self.storage, self.catalog, now, self.ctx.audit)
+                pruned = 0
+                if self.claims.mine("role", "housekeeping"):  # shared queues and storage: one node at a time
+                    await self.sweep_fragments()
+                    for q in (self.outbox, self.inbox):
+                        pruned += await asyncio.to_thread(q.prune_done, DONE_KEEP_DAYS * 86400, now)
+                    pruned += await purge_accepted(
+                        self.settings, self.storage, self.catalog, now, self.ctx.audit
+                    )
                 if swept or pruned:
                     log.info(
                         "housekeeping: %d stale temp files, %d finished queue items removed", swept, pruned
@@ -306,6 +283,7 @@ class Gateway(SharesContext):
                 "blocks_over_100ms": self.loop_watch.blocks_over_100ms,
             },
             "nodes": nodes,
+            "cluster": self.claims.view(),
             "stalled": self.progress.stalled(time.time(), self.settings.monitoring.stage_stall),
             "fetch_given_up": self.fetcher.failures.stuck(),
             "fetch_too_large": self.fetcher.too_large,
@@ -320,7 +298,7 @@ class Gateway(SharesContext):
     @property
     def access_log(self) -> Path:
         """Where the web port logs who looked at what (`gateway.access`), for the audit trail to read."""
-        return self.storage.root / "state" / "access"
+        return self.storage.node_state / "access"
 
     def _start_audit(self, tg: asyncio.TaskGroup) -> None:
         """The audit trail's tasks: noted events and access lines written each second; the repository forwarder."""
@@ -347,26 +325,34 @@ class Gateway(SharesContext):
     async def run(self) -> None:
         """Run every stage until `stopping` is set."""
         collector = metrics.attach(self)
+        role = self.claims.run_role
         try:
             async with asyncio.TaskGroup() as tg:
                 # the stages that must run as long as the gateway does (watched by /healthz)
                 self.tasks = [
                     tg.create_task(self.intake.index_forever(), name="index"),
                     tg.create_task(self.scp.run_forever(), name="dicom-receivers"),
-                    tg.create_task(self.router.run_forever(), name="route"),
-                    tg.create_task(self.packager.run_forever(), name="package"),
+                    tg.create_task(role("route", self.router.run_forever), name="route"),
+                    tg.create_task(
+                        role("package", self.packager.run_forever, self.release_staged), name="package"
+                    ),
                     tg.create_task(self.sender.run_forever(), name="send"),
-                    tg.create_task(self.fetcher.run_forever(), name="fetch"),
+                    tg.create_task(role("fetch", self.fetcher.run_forever), name="fetch"),
                     tg.create_task(self.ingester.run_forever(), name="ingest"),
                     tg.create_task(self.housekeeping(), name="housekeeping"),
-                    tg.create_task(backup.run_forever(self.settings, self.ctx.audit), name="backup"),
+                    tg.create_task(
+                        role("backup", lambda: backup.run_forever(self.settings, self.ctx.audit)),
+                        name="backup",
+                    ),
                     tg.create_task(self.publish_health(), name="health"),
                     tg.create_task(self.probe_nodes(), name="probe-nodes"),
-                    tg.create_task(self.forwarder.run_forever(), name="forward"),
-                    tg.create_task(self.receipts.run_forever(), name="receipts"),
-                    tg.create_task(self.webindex.run_forever(), name="webindex"),
+                    tg.create_task(role("forward", self.forwarder.run_forever), name="forward"),
+                    tg.create_task(role("receipts", self.receipts.run_forever), name="receipts"),
+                    tg.create_task(role("webindex", self.webindex.run_forever), name="webindex"),
                     tg.create_task(self.loop_watch.run_forever(), name="loop-watch"),
                 ]
+                if isinstance(self.claims, Cluster):
+                    self.tasks.append(tg.create_task(self.claims.run_forever(), name="cluster"))
                 self._start_audit(tg)
                 tg.create_task(self.reconcile_storage(), name="storage-check")  # runs once
                 webapp = WebApp(self) if self.settings.web.port else None

@@ -13,6 +13,8 @@ Layout below `d_root`:
     tmp/                                                  temp files, same filesystem so rename is atomic
     catalog.sqlite                                        the embedded catalog (default database)
     state/gateway.lock                                    held (flock) by the one gateway running on this volume
+    nodes/<node>/{tmp,intake,state}/                      a cluster node's own temp files, journals and state
+                                                          (docs/cluster.md), instead of tmp/, spool/intake/, state/
 
 Every write is temp file → fsync → rename → fsync of the directory, so a crash leaves either the old state or
 the new one, never a torn file.
@@ -201,22 +203,25 @@ class DiskFullError(OSError):
         super().__init__(errno.ENOSPC, f"D: has {free} {unit} free, below the reserve of {reserve}")
 
 
-def hold_volume(d_root: Path) -> int:
+def hold_volume(d_root: Path, node: str = "") -> int:
     """Take the working volume for the life of this process, before anything on it is touched; returns the lock fd.
 
     Two gateways on one D: would send every mail twice and fight over queue items and the keyring, so a second
     one stops at start-up. The lock is the kernel's (flock on `state/gateway.lock`): a gateway that is killed
     releases it by dying, so a restart never finds a stale lock. The descriptor is not inherited by children.
+    A cluster node holds its own part (`nodes/<node>/state`); who works on what shared is decided in the catalog.
     """
-    (d_root / "state").mkdir(parents=True, exist_ok=True)
-    fd = os.open(d_root / "state" / "gateway.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    state = node_state(d_root, node)
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / "gateway.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise VolumeInUseError(
-            f"another gateway (pid {holder}) is running on {d_root}; stop it first, or give this one another d_root"
+            f"another gateway (pid {holder}) is running on {d_root}{f' as node {node}' if node else ''}; stop it"
+            " first, or give this one another d_root"
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -260,10 +265,17 @@ def same_dataset(a: Path, b: Path) -> bool:
                 return True
 
 
-class Storage:
-    """The working volume: paths and durable writes. Thread-safe (used from DICOM association threads)."""
+def node_state(d_root: Path, node: str = "") -> Path:
+    """Where a gateway keeps what only it writes (lock, health, GnuPG home, access log): `state/`, or a cluster
+    node's `nodes/<node>/state/`."""
+    return d_root / "nodes" / node / "state" if node else d_root / "state"
 
-    def __init__(self, d_root: Path, min_free: int = 0, min_free_inodes: int = 0) -> None:
+
+class Storage:
+    """The working volume: paths and durable writes. Thread-safe (used from DICOM association threads).
+    A cluster node (`node`) shares everything but its temp files, intake journals and state."""
+
+    def __init__(self, d_root: Path, min_free: int = 0, min_free_inodes: int = 0, node: str = "") -> None:
         self.root = d_root
         self.min_free = min_free
         self.min_free_inodes = min_free_inodes
@@ -273,10 +285,13 @@ class Storage:
         self.outbox = self.spool / "outbox"
         self.outbox_staging = self.spool / "outbox-staging"
         self.inbox = self.spool / "inbox"
-        self.intake = self.spool / "intake"
         self.commitments = self.spool / "commitments"  # storage commitment reports not yet applied
-        self.tmp = d_root / "tmp"
-        self.state = d_root / "state"
+        self.node = node
+        own = d_root / "nodes" / node if node else None
+        self.intake = own / "intake" if own else self.spool / "intake"
+        self.tmp = own / "tmp" if own else d_root / "tmp"
+        self.state = d_root / "state"  # shared: the fetch's memory, the web index's cache
+        self.node_state = node_state(d_root, node)
         self._lock = threading.Lock()
 
     def prepare(self, clean_tmp: bool = True) -> int:

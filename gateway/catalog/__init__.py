@@ -9,6 +9,7 @@ and restore) and the DICOMweb index. All SQL of the gateway lives in this packag
 
 from __future__ import annotations
 
+from gateway.catalog.cluster import Claim, ClusterRoom
 from gateway.catalog.db import connect
 from gateway.catalog.deid import DeidRoom
 from gateway.catalog.forwards import ForwardsRoom
@@ -21,7 +22,7 @@ from gateway.catalog.schema import MIGRATIONS, TABLES
 from gateway.catalog.snapshot import SnapshotRoom
 from gateway.catalog.webindex import WebIndexRoom
 
-__all__ = ["MIGRATIONS", "TABLES", "Catalog", "InstanceRecord", "ReceiptMatch", "open_catalog"]
+__all__ = ["MIGRATIONS", "TABLES", "Catalog", "Claim", "InstanceRecord", "ReceiptMatch", "open_catalog"]
 
 
 class Catalog(
@@ -33,6 +34,7 @@ class Catalog(
     SnapshotRoom,
     WebIndexRoom,
     DeidRoom,
+    ClusterRoom,
 ):
     """Typed operations over the catalog tables."""
 

@@ -38,6 +38,23 @@ SQLITE = Dialect("sqlite", "INSERT OR IGNORE")
 MYSQL = Dialect("mysql", "INSERT IGNORE")
 
 
+CONFLICT_CODES = frozenset(
+    {1062, 1205, 1213}
+)  # MySQL: duplicate key, lock wait timeout, deadlock/certification
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """True when a transaction failed because another one changed the same rows first: a duplicate key (both
+    inserted), a lock wait or deadlock, or, on Galera, a certification failure at commit (1213) when the other
+    writer was on another member. The transaction was rolled back; nothing it wrote counts."""
+    import sqlite3
+
+    if isinstance(exc, sqlite3.IntegrityError):
+        return True
+    args: tuple[Any, ...] = tuple(getattr(exc, "args", ()))
+    return type(exc).__module__.startswith("pymysql") and len(args) > 0 and args[0] in CONFLICT_CODES
+
+
 class Database:
     """Base of both backends."""
 
@@ -152,9 +169,16 @@ class MysqlDatabase(Database):
         try:
             async with conn.cursor() as cur:
                 await cur.execute(f"CREATE DATABASE IF NOT EXISTS `{self.database}` CHARACTER SET utf8mb4")
+                await cur.execute("SHOW VARIABLES LIKE 'wsrep_on'")
+                wsrep = [str(v).upper() for _, v in await cur.fetchall()] == ["ON"]
         finally:
             conn.close()
+        # On a Galera member, a read waits until the member has applied everything committed anywhere before it
+        # (Galera certifies synchronously but applies asynchronously): what one gateway node recorded on its
+        # member, another node reads on its own member at once, as on a single server.
+        init = "SET SESSION wsrep_sync_wait = 1" if wsrep else None
         self._pool = await aiomysql.create_pool(
+            init_command=init,
             host=self.host,
             port=self.port,
             user=self.user,

@@ -211,6 +211,26 @@ MIGRATIONS: list[list[str]] = [
             created_at DOUBLE NOT NULL,
             PRIMARY KEY (partner, deid_uid))""",
     ],
+    # a cluster of gateway nodes on one catalog (docs/cluster.md): each node's heartbeat and counters, and the
+    # claims that say which node works on what (a lease; `fence` grows with every take-over)
+    [
+        """CREATE TABLE cluster_nodes (
+            node VARCHAR(32) NOT NULL PRIMARY KEY,
+            host VARCHAR(255) NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at DOUBLE NOT NULL,
+            heartbeat DOUBLE NOT NULL,
+            counters TEXT)""",
+        """CREATE TABLE claims (
+            kind VARCHAR(16) NOT NULL,
+            item VARCHAR(160) NOT NULL,
+            node VARCHAR(32) NOT NULL,
+            fence BIGINT NOT NULL,
+            taken_at DOUBLE NOT NULL,
+            lease_until DOUBLE NOT NULL,
+            PRIMARY KEY (kind, item))""",
+        "CREATE INDEX ix_claims_node ON claims (node)",
+    ],
 ]
 
 

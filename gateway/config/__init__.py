@@ -17,6 +17,7 @@ from gateway.config.model import (
     SPLITS,
     AuditSettings,
     BackupSettings,
+    ClusterSettings,
     DicomTls,
     FileRef,
     MailSettings,
@@ -34,6 +35,7 @@ from gateway.config.routing import partner_exclusions, routing_section
 from gateway.config.sections import (
     audit_section,
     backup_section,
+    cluster_section,
     database_section,
     gateway_section,
     keys_section,
@@ -50,6 +52,7 @@ __all__ = [
     "SPLITS",
     "AuditSettings",
     "BackupSettings",
+    "ClusterSettings",
     "ConfigError",
     "DicomTls",
     "FileRef",
@@ -90,6 +93,7 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
     backup = backup_section(root)
     monitoring = monitoring_section(root)
     audit = audit_section(root, mail)
+    cluster = cluster_section(root, database_url)
     web = web_section(root)
     pacs = pacs_section(root, gateway["ae_title"])
     partners = partners_section(root, file, gateway["ae_title"], pgp)
@@ -121,4 +125,5 @@ def from_dict(data: dict[str, Any], file: Path) -> Settings:
         pacs=pacs,
         routing=routing,
         audit=audit,
+        cluster=cluster,
     )

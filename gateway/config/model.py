@@ -143,6 +143,16 @@ class AuditSettings:
     app_name: str = "dicom-mail-gateway"
 
 
+@dataclass(frozen=True)
+class ClusterSettings:
+    """[cluster]: this gateway is one node of several sharing one Galera catalog and one D: (docs/cluster.md)."""
+
+    node: str  # this node's name, unique in the cluster
+    lease: float = 30.0  # a claim not renewed for this long may be taken over by another node
+    heartbeat: float = 10.0  # how often the node renews its claims and says it is alive
+    minority_grace: float = 60.0  # catalog unreachable this long: the DICOM port closes (the VIP moves on)
+
+
 def is_loopback(bind: str) -> bool:
     """True for addresses only this machine can reach."""
     try:
@@ -245,6 +255,7 @@ class Settings:
     keep_days_after_pacs: float = 7.0
     routing: RuleSet = field(default_factory=RuleSet)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    cluster: ClusterSettings | None = None  # None: the one gateway on its D: (the default)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     file_refs: tuple[FileRef, ...] = field(default=(), compare=False)  # every file it names (backup, restore)
 
@@ -281,6 +292,16 @@ class Settings:
         """The largest message that message/partial fragments may add up to: the largest `max_message_size` of
         any partner, with the same margin."""
         return 2 * max([200 * 1024**2, *(p.max_message_size for p in self.partners)])
+
+    @property
+    def audit_dir(self) -> Path:
+        """This gateway's audit trail on E:: `audit/`, or a cluster node's `audit/<node>/` (one chain, one writer)."""
+        return self.e_root / "audit" / self.node if self.cluster is not None else self.e_root / "audit"
+
+    @property
+    def node(self) -> str:
+        """This gateway's name in its cluster ("" when it runs alone)."""
+        return self.cluster.node if self.cluster is not None else ""
 
     @property
     def catalog_is_sqlite(self) -> bool:

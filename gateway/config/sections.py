@@ -17,6 +17,7 @@ from typing import Any
 from gateway.config.model import (
     AuditSettings,
     BackupSettings,
+    ClusterSettings,
     DicomTls,
     MailSettings,
     MonitoringSettings,
@@ -282,6 +283,31 @@ def audit_section(root: Reader, mail: MailSettings) -> AuditSettings:
     )
     au.done()
     return settings
+
+
+def cluster_section(root: Reader, database_url: str) -> ClusterSettings | None:
+    """[cluster]: this gateway as one node of a cluster on a shared Galera catalog and a shared D:."""
+    if "cluster" not in root.table:
+        return None
+    cl = root.table_of("cluster")
+    node = cl.get(
+        "node",
+        str,
+        check=lambda v: (
+            None if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}", v) else "1 to 32 of A-Z a-z 0-9 _ -"
+        ),
+    )
+    lease = cl.get("lease", (int, float), 30.0, check=check_positive)
+    heartbeat = cl.get("heartbeat", (int, float), lease / 3, check=check_positive)
+    if heartbeat * 2 > lease:
+        raise cl.fail(
+            "heartbeat", f"must be at most half the lease ({lease} s): a claim would lapse between beats"
+        )
+    grace = cl.get("minority_grace", (int, float), 2 * lease, check=check_positive)
+    cl.done()
+    if not database_url.startswith("mysql://"):
+        raise root.fail("database.url", "a cluster needs the shared MariaDB (Galera) catalog: mysql://…")
+    return ClusterSettings(node, float(lease), float(heartbeat), float(grace))
 
 
 def _one_node(r: Reader, name: str, default_port: int) -> Node:

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
+from gateway.cluster import Solo
+
 if TYPE_CHECKING:
     from gateway.addressbook import Keys
     from gateway.auditing import Auditor
@@ -101,6 +103,7 @@ class StageContext:
     wakes: Wakes = field(default_factory=Wakes)
     progress: Progress = field(default_factory=Progress)
     audit: Auditor | None = None  # the audit trail (IHE ATNA); None in tests that do not look at it
+    claims: Solo = field(default_factory=Solo)  # who works on what: this gateway alone, or a cluster node
 
 
 class SharesContext:
@@ -143,6 +146,10 @@ class SharesContext:
     @property
     def progress(self) -> Progress:
         return self.ctx.progress
+
+    @property
+    def claims(self) -> Solo:
+        return self.ctx.claims
 
 
 class Stage(SharesContext):

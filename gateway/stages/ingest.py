@@ -27,12 +27,13 @@ from typing import Protocol
 
 from gateway import untrusted
 from gateway.catalog import InstanceRecord
+from gateway.cluster import GROUP, INGEST
 from gateway.core import inbound, mailformat, mdn, partial
 from gateway.core.queue import QueueState
 from gateway.core.states import MailState
 from gateway.fragments import GroupDropped
 from gateway.spool import Item, read_head
-from gateway.stages import record, wait_woken
+from gateway.stages import TRANSIENT_ERRORS, record, wait_woken
 from gateway.stages.context import Stage, StageContext
 from gateway.stages.workers import (
     WORKERS,
@@ -204,10 +205,24 @@ class Ingester(Stage):
         await record("fragment", lambda: self._finish_once(item.id, MailState.FRAGMENT))
         await asyncio.to_thread(self.inbox.move, item, QueueState.DONE, drop_content=True, outcome="fragment")
         await self.enforce_quota()
-        whole = await asyncio.to_thread(self.fragments.complete, key, self.inbox)
+        whole = await self._complete(key)
         if whole is not None:
             log.info("mail %s: last fragment; message reassembled as %s", item.id, whole)
             self.wakes.ingest.set()
+
+    async def _complete(self, key: str) -> str | None:
+        """Queue a fragment group's whole message if every fragment is here. In a cluster, one node at a time
+        looks (a claim on the group); another node's look takes milliseconds, so a few tries suffice, and the
+        housekeeping's sweep completes any group that was missed."""
+        for attempt in range(20):
+            if await self.claims.take(GROUP, key) is not None:
+                try:
+                    return await asyncio.to_thread(self.fragments.complete, key, self.inbox)
+                finally:
+                    await self.claims.release(GROUP, key)
+            await asyncio.sleep(0.05 * (attempt + 1))
+        log.warning("fragment group: another node kept it busy; the housekeeping's sweep completes it")
+        return None
 
     async def _receipt(self, item: Item, got: inbound.ReceiptIn, raw: bytes) -> None:
         """A partner's MDN for one of our mails: evidence only when signed by the partner the transfer went to
@@ -439,7 +454,10 @@ class Ingester(Stage):
                     log.warning("D: below its free-space reserve: ingest paused")
                     stopped = True
                     break
-                in_flight.add(asyncio.create_task(self._ingest_guarded(item)))
+                claimed = await self.claims.take_item(self.inbox, INGEST, item)
+                if claimed is None:
+                    continue  # another cluster node ingests it
+                in_flight.add(asyncio.create_task(self._ingest_claimed(claimed)))
                 handled += 1
             if in_flight:
                 await asyncio.wait(in_flight)
@@ -450,14 +468,21 @@ class Ingester(Stage):
             self.progress.ingest.idle()
         return handled
 
+    async def _ingest_claimed(self, item: Item) -> bool:
+        try:
+            return await self._ingest_guarded(item)
+        finally:
+            await self.claims.release(INGEST, item.id)
+
     async def _ingest_guarded(self, item: Item) -> bool:
         """`ingest`, with what goes wrong recorded on the mail; False when no further mail should start now."""
         try:
             await self.ingest(item)
             return True
-        except OSError as exc:
-            # disk full or an I/O error: the mail waits and is ingested again later
-            log.warning("mail %s: ingest deferred: %s", item.id, exc.strerror or type(exc).__name__)
+        except TRANSIENT_ERRORS as exc:
+            # disk full, an I/O error, the catalog away for a moment: the mail waits and is ingested again later
+            why = exc.strerror if isinstance(exc, OSError) else None
+            log.warning("mail %s: ingest deferred: %s", item.id, why or type(exc).__name__)
             current = self.inbox.find(item.id)
             if current is not None and current.state is QueueState.ACTIVE:
                 self.inbox.move(

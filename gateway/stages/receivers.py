@@ -167,6 +167,7 @@ class ReceiverPool(ServesDicomPort):
             "d_root": str(s.d_root),
             "min_free": s.min_free,
             "min_free_inodes": s.min_free_inodes,
+            "node": s.node,
             "ae_title": s.ae_title,
             "routes": {p.ae_title: p.name for p in s.partners},
             "rule_aes": sorted(s.routing.called_aes()),  # called AE titles routing rules name: accepted too
@@ -271,6 +272,15 @@ class ReceiverPool(ServesDicomPort):
                 r.proc.kill()
                 r.proc.wait(5)
 
+    def pause(self, closed: bool) -> None:
+        """Close the DICOM port for a while (a cluster node that lost its catalog), or open it again."""
+        if closed:
+            self.listener.close()
+            if self.tls_listener is not None:
+                self.tls_listener.close()
+        elif not self._stopping and not self.listener.listening:
+            self.start()
+
     def stop(self) -> None:
         """Close the DICOM port: no new associations (running ones finish in their receivers)."""
         self._stopping = True
@@ -304,7 +314,9 @@ def receiver_main(spec: dict[str, Any]) -> int:
         with send_lock:
             events.sendall(line)
 
-    storage = Storage(Path(spec["d_root"]), int(spec["min_free"]), int(spec["min_free_inodes"]))
+    storage = Storage(
+        Path(spec["d_root"]), int(spec["min_free"]), int(spec["min_free_inodes"]), str(spec["node"])
+    )
     journal = IntakeJournal(Path(spec["journal"]))
     durable = DurableIntake(storage, dict(spec["routes"]), journal, emit)
     peers = {ae: (frozenset(ips), str(called)) for ae, (ips, called) in dict(spec["report_peers"]).items()}

@@ -16,12 +16,13 @@ import traceback
 
 from gateway.adapters import smtp as smtp_adapter
 from gateway.adapters.smtp import SmtpCluster
+from gateway.cluster import SEND
 from gateway.core.queue import QueueState
 from gateway.core.states import retry_delay
 from gateway.errors import RejectedError, TransientError
 from gateway.metrics import TRANSFER_LATENCY
 from gateway.spool import Item
-from gateway.stages import is_receipt, record, wait_woken
+from gateway.stages import Kind, is_receipt, kind_of, record, wait_woken
 from gateway.stages.context import Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -145,42 +146,54 @@ class Sender(Stage):
         """Send every mail that is due now (each sent, deferred or set aside); return how many were tried."""
         due = await asyncio.to_thread(self.outbox.due, time.time())
         self.progress.sender.beat(bool(due))
-        for item in due:
+        for listed in due:
             self.progress.sender.done()  # the one before, whatever came of it
+            claimed = await self.claims.take_item(self.outbox, SEND, listed)
+            if claimed is None:
+                continue  # another cluster node sends it
             try:
-                await self.send_one(item)
-            except Exception as exc:
-                log.exception("mail %s: unexpected error; set aside as corrupt", item.id)
-                current = self.outbox.find(item.id)
-                if current is not None and current.state is QueueState.ACTIVE:
-                    self.outbox.move(
-                        current,
-                        QueueState.CORRUPT,
-                        reason=f"internal error: {type(exc).__name__}",
-                        traceback=traceback.format_exc()[-4000:],
-                    )
-                    if is_receipt(item.meta):
-                        await record(
-                            "fail",
-                            functools.partial(
-                                self.catalog.set_receipt_out,
-                                str(item.meta.get("receipt")),
-                                "failed",
-                                time.time(),
-                            ),
-                        )
-                        continue
-                    await record(
-                        "fail",
-                        functools.partial(
-                            self.catalog.fail_mail,
-                            str(item.meta.get("message_id")),
-                            f"internal error: {type(exc).__name__}",
-                            time.time(),
-                        ),
-                    )
+                await self._send_claimed(claimed)
+            finally:
+                await self.claims.release(SEND, claimed.id)
         self.progress.sender.idle()
         return len(due)
+
+    async def _send_claimed(self, item: Item) -> None:
+        """`send_one`; what goes wrong unexpectedly sets the mail aside, except the catalog being away for a
+        moment (a Galera member restarting, a lost connection): then the mail waits and is sent later."""
+        try:
+            await self.send_one(item)
+        except Exception as exc:
+            current = self.outbox.find(item.id)
+            active = current is not None and current.state is QueueState.ACTIVE
+            if kind_of(exc) is Kind.TRANSIENT and not isinstance(exc, OSError):
+                log.warning("mail %s: catalog unavailable (%s); deferred", item.id, type(exc).__name__)
+                if current is not None and active:
+                    self.outbox.move(
+                        current, QueueState.DEFERRED, next_attempt=time.time() + 10, last_error="catalog away"
+                    )
+                return
+            log.exception("mail %s: unexpected error; set aside as corrupt", item.id)
+            if current is None or not active:
+                return
+            self.outbox.move(
+                current,
+                QueueState.CORRUPT,
+                reason=f"internal error: {type(exc).__name__}",
+                traceback=traceback.format_exc()[-4000:],
+            )
+            if is_receipt(item.meta):
+                action = functools.partial(
+                    self.catalog.set_receipt_out, str(item.meta.get("receipt")), "failed", time.time()
+                )
+            else:
+                action = functools.partial(
+                    self.catalog.fail_mail,
+                    str(item.meta.get("message_id")),
+                    f"internal error: {type(exc).__name__}",
+                    time.time(),
+                )
+            await record("fail", action)
 
     async def run_forever(self) -> None:
         """Send due mails; sleep until woken or the next retry is due; never dies."""

@@ -1,0 +1,295 @@
+"""This gateway as one node of a cluster (docs/cluster.md), or alone.
+
+`Cluster` keeps the node's heartbeat in the shared catalog, the claims it holds (renewed with each beat), and the
+singleton roles: stages that must run once across the cluster (routing, packaging, the mailbox fetch, PACS
+forwards, receipts, the web index, housekeeping, the nightly backup) run on the node that holds their role and
+move to another node when it dies. Sending and ingesting are claimed per mail, so every node does them. Items a
+dead node left active are taken over once its lease has run out (the same crash story as a restart: back to
+incoming, with the crash counted). `Solo` is the same interface for a gateway alone on its D: (the default): every
+claim is granted and every role is held, so the stages read the same either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from gateway.catalog import Catalog
+from gateway.config import ClusterSettings
+from gateway.core.queue import QueueState, after_crash, is_due
+from gateway.spool import Item, Spool
+from gateway.storage import node_state
+
+log = logging.getLogger(__name__)
+
+# stages that run on one node at a time, each under a claim of kind "role"
+ROLES = ("route", "package", "fetch", "forward", "receipts", "webindex", "housekeeping", "backup")
+SEND, INGEST, GROUP = (
+    "send",
+    "ingest",
+    "group",
+)  # per-item claims: an outbound mail, an inbound mail, fragments
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a gateway process holds this lock file (flock), i.e. is alive; False when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class Solo:
+    """A gateway alone on its D:: every claim is granted, every role held."""
+
+    node = ""
+    clustered = False
+
+    async def take(self, kind: str, item: str) -> int | None:
+        return 1
+
+    async def release(self, kind: str, item: str) -> None:
+        return None
+
+    def mine(self, kind: str, item: str) -> bool:
+        return True
+
+    async def take_item(self, spool: Spool, kind: str, item: Item) -> Item | None:
+        return item
+
+    async def run_role(
+        self,
+        name: str,
+        stage: Callable[[], Coroutine[Any, Any, Any]],
+        on_take: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
+        await stage()
+
+    def view(self) -> dict[str, Any]:
+        return {}
+
+
+class Cluster(Solo):
+    """This node's membership: heartbeat, claims, roles; take-over of what dead nodes left."""
+
+    clustered = True
+
+    def __init__(self, settings: ClusterSettings, catalog: Catalog, spools: dict[str, Spool]) -> None:
+        self.settings = settings
+        self.node = settings.node
+        self.catalog = catalog
+        self.spools = spools  # claim kind → the queue its items are in (send: outbox, ingest: inbox)
+        self.held: dict[tuple[str, str], int] = {}  # (kind, item) → fence
+        self.valid_until = 0.0  # our claims count until then (the last renewal's lease, less one beat)
+        self.last_ok = 0.0
+        self.last_error = ""
+        self.started = time.time()
+        self.have = {r: asyncio.Event() for r in ROLES}
+        self.gone = {r: asyncio.Event() for r in ROLES}
+        self.counters: Callable[[], dict[str, Any]] = dict
+        self.on_minority: Callable[[bool], None] = lambda _: None
+        self.in_minority = False
+        self.galera: dict[str, str] = {}
+        self.wake: Callable[[str], None] = lambda _: None  # a take-over put items back: wake that stage
+        self.taken_over = 0
+        self.d_root: Path | None = None  # with `replay`: a dead node's intake journals are indexed here
+        self.replay: Callable[[Path], Awaitable[int]] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return time.time() < self.valid_until
+
+    async def start(self) -> None:
+        """Our previous run's claims are free at once (our lock on D: says that run is gone); first beat."""
+        freed = await self.catalog.expire_claims(self.node)
+        if freed:
+            log.info("cluster: %d claims of this node's previous run freed", freed)
+        await self.beat()
+
+    async def beat(self) -> None:
+        """Renew our claims, say we are alive, take free roles, take over what dead nodes left."""
+        now = time.time()
+        claims = await self.catalog.heartbeat(
+            self.node,
+            socket.gethostname(),
+            os.getpid(),
+            self.started,
+            now,
+            self.settings.lease,
+            self.counters(),
+        )
+        self.valid_until = now + self.settings.lease - self.settings.heartbeat
+        self.last_ok, self.last_error = now, ""
+        self.held = {(c.kind, c.item): c.fence for c in claims}
+        for role in ROLES:
+            if ("role", role) not in self.held:
+                await self.take("role", role)
+            self._role_state(role)
+        self.galera = await self.catalog.galera()
+        await self.take_over()
+
+    def _role_state(self, role: str) -> None:
+        if ("role", role) in self.held and self.healthy:
+            if not self.have[role].is_set():
+                log.info("cluster: node %s runs %s", self.node, role)
+            self.gone[role].clear()
+            self.have[role].set()
+        else:
+            if self.have[role].is_set():
+                log.warning("cluster: node %s no longer runs %s", self.node, role)
+            self.have[role].clear()
+            self.gone[role].set()
+
+    async def run_forever(self) -> None:
+        """Beat every `heartbeat` seconds. Without the catalog, our claims lapse with the lease: every role stops;
+        after `minority_grace` the DICOM port closes (the virtual IP moves to a node that can work)."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat)
+            try:
+                await self.beat()
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                log.warning("cluster: heartbeat failed: %s", self.last_error)
+                for role in ROLES:
+                    self._role_state(role)  # stops each role once our lease is no longer certain
+            minority = time.time() - self.last_ok > self.settings.minority_grace
+            if minority != self.in_minority:
+                self.in_minority = minority
+                log.warning(
+                    "cluster: catalog %s", "unreachable: closing the DICOM port" if minority else "back"
+                )
+                self.on_minority(minority)
+
+    async def take(self, kind: str, item: str) -> int | None:
+        if not self.healthy and kind != "role":
+            return None
+        fence = await self.catalog.take_claim(kind, item, self.node, time.time(), self.settings.lease)
+        if fence is not None:
+            self.held[(kind, item)] = fence
+        return fence
+
+    async def release(self, kind: str, item: str) -> None:
+        fence = self.held.pop((kind, item), None)
+        if fence is not None:
+            with contextlib.suppress(Exception):  # not given back: it lapses with the lease
+                await self.catalog.release_claim(kind, item, self.node, fence)
+
+    def mine(self, kind: str, item: str) -> bool:
+        return (kind, item) in self.held and self.healthy
+
+    async def take_item(self, spool: Spool, kind: str, item: Item) -> Item | None:
+        """Claim a queued item listed as due, and look at it again: another node may have finished it between
+        the listing and the claim. The item as it is now, or None (claimed elsewhere, or no longer due)."""
+        if await self.take(kind, item.id) is None:
+            return None
+        current = await asyncio.to_thread(spool.find, item.id)
+        if current is None or not is_due(current.state, current.meta, time.time()):
+            await self.release(kind, item.id)
+            return None
+        return current
+
+    async def take_over(self) -> int:
+        """Items left ACTIVE by a node whose claim lapsed (it died or lost the catalog): claimed, and put back as
+        after a crash (incoming, the crash counted; set aside after too many)."""
+        moved = 0
+        for kind, spool in self.spools.items():
+            active = await asyncio.to_thread(spool.items, QueueState.ACTIVE)
+            if not active:
+                continue
+            now = time.time()
+            live = {c.item for c in await self.catalog.claims(kind) if c.lease_until >= now}
+            for item in active:
+                if item.id in live or await self.take(kind, item.id) is None:
+                    continue
+                try:
+                    current = await asyncio.to_thread(spool.find, item.id)
+                    if current is not None and current.state is QueueState.ACTIVE:
+                        new, meta = after_crash(current.meta)
+                        await asyncio.to_thread(spool.move, current, new, **meta, taken_over_by=self.node)
+                        log.warning("cluster: %s %s left active by a lapsed node: now %s", kind, item.id, new)
+                        moved += 1
+                finally:
+                    await self.release(kind, item.id)
+            if moved:
+                self.wake(kind)
+        self.taken_over += moved
+        await self._adopt_journals()
+        return moved
+
+    async def _adopt_journals(self) -> None:
+        """A node that died acknowledged instances its catalog may not have indexed yet: its intake journals
+        (`D:/nodes/<node>/intake/`) are replayed here once its heartbeat is older than the lease and its lock on
+        D: is free (indexing is idempotent, so a node that comes back and replays them too does no harm)."""
+        if self.replay is None or self.d_root is None:
+            return
+        now = time.time()
+        for row in await self.catalog.cluster_nodes():
+            node = str(row["node"])
+            if node == self.node or float(row["heartbeat"]) + self.settings.lease >= now:
+                continue
+            folder = self.d_root / "nodes" / node
+            journals = sorted((folder / "intake").glob("journal*.jsonl"))
+            if not journals or lock_held(node_state(self.d_root, node) / "gateway.lock"):
+                continue
+            if await self.take("journal", node) is None:
+                continue
+            try:
+                for journal in journals:
+                    count = await self.replay(journal)
+                    log.warning(
+                        "cluster: node %s is down; its intake journal (%d records) indexed here", node, count
+                    )
+            finally:
+                await self.release("journal", node)
+
+    async def run_role(
+        self,
+        name: str,
+        stage: Callable[[], Coroutine[Any, Any, Any]],
+        on_take: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
+        """Run `stage` while this node holds the role; cancel it when the role is lost; `on_take` first each time
+        the role comes (to finish what the last holder left)."""
+        while True:
+            await self.have[name].wait()
+            if on_take is not None:
+                await on_take()
+            task: asyncio.Task[Any] = asyncio.create_task(stage(), name=name)
+            lost = asyncio.create_task(self.gone[name].wait())
+            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+            lost.cancel()
+            if task.done():
+                task.result()  # a stage ends only by an error; the TaskGroup shows it
+                return
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def view(self) -> dict[str, Any]:
+        """This node's part of `status` (no patient data)."""
+        return {
+            "node": self.node,
+            "roles": sorted(r for r in ROLES if self.have[r].is_set()),
+            "claims": len(self.held),
+            "healthy": self.healthy,
+            "last_ok": self.last_ok,
+            "last_error": self.last_error,
+            "minority": self.in_minority,
+            "taken_over": self.taken_over,
+            "galera": self.galera,
+        }
