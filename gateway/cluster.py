@@ -116,7 +116,7 @@ class Cluster(Solo):
 
     async def start(self) -> None:
         """Our previous run's claims are free at once (our lock on D: says that run is gone); first beat."""
-        freed = await self.catalog.expire_claims(self.node)
+        freed = await self.catalog.drop_claims(self.node)
         if freed:
             log.info("cluster: %d claims of this node's previous run freed", freed)
         await self.beat()

@@ -371,6 +371,44 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
     services.append(_space(settings, "E:", settings.e_root, 0))
     services.append(_quarantine(settings, view))
     services.append(_audit(settings, view.at))
+    services += _cluster(view)
+    return services
+
+
+def _cluster(view: Status) -> list[Service]:
+    """A cluster: one service for the whole (Galera members in the Primary Component: 3 OK, 2 WARN, fewer or
+    not Primary CRIT; a role no node runs CRIT) and one per gateway node (heartbeat)."""
+    c = view.cluster
+    if not c:
+        return []
+    g = c.get("galera") or {}
+    size = int(g.get("cluster_size", 0) or 0)
+    primary = g.get("cluster_status", "") == "Primary"
+    state = CRIT if not primary or size < 2 or c["unheld_roles"] else WARN if size < 3 else OK
+    text = (
+        f"Galera {g.get('cluster_status', '?')} with {size} members; {c['lapsed_claims']} claims to take over"
+    )
+    if c["unheld_roles"]:
+        text += f"; no node runs {', '.join(c['unheld_roles'])}"
+    services = [
+        Service(
+            state,
+            "DMG Cluster",
+            text,
+            (Metric("galera_members", size, 2, 1), Metric("lapsed_claims", int(c["lapsed_claims"]))),
+        )
+    ]
+    for n in c["nodes"]:
+        age = view.at - float(n["heartbeat"])
+        services.append(
+            Service(
+                OK if n["alive"] else CRIT,
+                f"DMG Cluster node {n['node']}",
+                f"{'up' if n['alive'] else 'DOWN'}: heartbeat {age:.0f} s ago on {n['host']}; {n['claims']} claims;"
+                f" runs {', '.join(n['roles']) or 'no role'}",
+                (Metric("heartbeat_age", round(age)), Metric("claims", int(n["claims"]))),
+            )
+        )
     return services
 
 

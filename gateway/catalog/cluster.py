@@ -79,10 +79,10 @@ class ClusterRoom(CatalogBase):
         )
         return row is not None and float(row[0]) >= now
 
-    async def expire_claims(self, node: str) -> int:
+    async def drop_claims(self, node: str) -> int:
         """At a node's start: every claim its previous run left is free at once (that run is gone: the node's
         own lock on D: says so), so that its work is taken up without waiting for the lease."""
-        return await self.db.execute("UPDATE claims SET lease_until = 0 WHERE node = ?", (node,))
+        return await self.db.execute("DELETE FROM claims WHERE node = ?", (node,))
 
     async def heartbeat(
         self,

@@ -1,0 +1,179 @@
+"""Two gateway nodes per site on the Galera test cluster (docs/cluster.md), through the real mail cluster:
+
+    A1 (member 1) ┐ shared D: ──mail──▶ mailbox ──POP3S──▶ B1 (member 2) ┐ shared D:
+    A2 (member 2) ┘ one catalog                              B2 (member 3) ┘ one catalog
+
+Any node takes DICOM; one node of a site runs each singleton stage (routing, packaging, fetch, ...), both send
+and ingest; the claims decide who works on what. A node SIGKILLed in the middle of a study's transfer, and a Galera
+member stopped under another node: the survivors finish the work after the lease, every instance arrives exactly
+once, and the nodes rejoin when they come back."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+from gateway.devtools.devenv import render_config
+from gateway.devtools.galera import GaleraCluster
+from gateway.devtools.ports import free_port
+from gateway.devtools.process import GatewayProcess
+from gateway.devtools.studies import make_study
+from tests.conftest import CANARIES, storescu, wait_for
+
+LEASE = 6  # seconds: short, so that take-over happens within the test's patience
+
+
+def _database(galera: GaleraCluster) -> str:
+    name = f"dmg_cluster_{uuid.uuid4().hex[:8]}"
+    conn = galera.connect(1)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}`")
+    conn.close()
+    return name
+
+
+def _node(
+    tmp_path: Path, pki_dir: Path, site: str, node: str, url: str, partners: list[tuple[str, str, str]]
+) -> GatewayProcess:
+    port = free_port()
+    folder = tmp_path / node
+    folder.mkdir(parents=True)
+    cfg = folder / "gateway.toml"
+    cfg.write_text(
+        render_config(
+            name=site,
+            ae_title=site.upper().replace("-", "_"),
+            port=port,
+            d_root=tmp_path / f"{site}-d",  # one D: for the site's nodes
+            e_root=tmp_path / f"{site}-e",
+            pki_dir=pki_dir,
+            partners=partners,
+            database_url=url,
+            stability_delay=2,
+            poll_interval=1,
+            max_mail_size="1MB",
+            tail=f'\n[cluster]\nnode = "{node}"\nlease = {LEASE}\nheartbeat = {LEASE / 3}\n',
+        )
+    )
+    return GatewayProcess(node, cfg, port, folder / "gateway.log", tmp_path / f"{site}-d")
+
+
+def _status(gw: GatewayProcess) -> dict:  # type: ignore[type-arg]
+    return json.loads(gw.cli("status", "--json"))
+
+
+def _complete(gw: GatewayProcess, direction: str) -> int:
+    return len(
+        [t for t in _status(gw)["transfers"] if t["direction"] == direction and t["state"] == "complete"]
+    )
+
+
+def _sent(gw: GatewayProcess) -> int:
+    return len([t for t in _status(gw)["transfers"] if t["direction"] == "out" and t["state"] == "sent"])
+
+
+def _role_holder(gw: GatewayProcess, role: str) -> str:
+    nodes = _status(gw)["cluster"]["nodes"]
+    return next((n["node"] for n in nodes if role in n["roles"]), "")
+
+
+def test_two_nodes_per_site_send_and_ingest_once_and_fail_over(  # type: ignore[no-untyped-def]
+    galera: GaleraCluster, mail, pki_dir: Path, tmp_path: Path
+) -> None:
+    db_a, db_b = _database(galera), _database(galera)
+    a1 = _node(
+        tmp_path, pki_dir, "gateway-a", "a1", galera.url(1, db_a), [("gateway-b", "gateway-b", "TO_B")]
+    )
+    a2 = _node(
+        tmp_path, pki_dir, "gateway-a", "a2", galera.url(2, db_a), [("gateway-b", "gateway-b", "TO_B")]
+    )
+    b1 = _node(
+        tmp_path, pki_dir, "gateway-b", "b1", galera.url(2, db_b), [("gateway-a", "gateway-a", "TO_A")]
+    )
+    b2 = _node(
+        tmp_path, pki_dir, "gateway-b", "b2", galera.url(3, db_b), [("gateway-a", "gateway-a", "TO_A")]
+    )
+    nodes = [a1, a2, b1, b2]
+    try:
+        for gw in nodes:
+            gw.start(60)
+
+        # each site: both nodes up, every singleton stage on exactly one of them
+        def both_up() -> dict | None:  # type: ignore[type-arg]
+            cluster = _status(a2)["cluster"]
+            return cluster if len([n for n in cluster["nodes"] if n["alive"]]) == 2 else None
+
+        view = wait_for(both_up, 30, 0.5, "both of A's nodes in A's status")
+        assert view["galera"]["cluster_size"] == "3" and view["galera"]["cluster_status"] == "Primary"
+        roles = [r for n in view["nodes"] for r in n["roles"]]
+        assert sorted(roles) == sorted(set(roles)) and not view["unheld_roles"], "each role on one node"
+
+        # 1. a study into the node that runs no stage: it is packaged and sent by the site, ingested once at B
+        first = make_study(tmp_path / "s1", ct=6, mr=4, sc=2)
+        idle = a2 if _role_holder(a1, "package") == "a1" else a1
+        assert storescu(idle.port, "TO_B", tmp_path / "s1").returncode == 0
+        wait_for(lambda: _complete(b1, "in") == 1, 180, 1, "study 1 complete at B")
+
+        # 2. a study into the node that packages it, killed as soon as its mails begin to leave: the other node
+        # takes its roles and its claimed mails after the lease and finishes; B2's Galera member is stopped
+        # meanwhile, so B1 alone fetches and ingests
+        busy = a1 if idle is a2 else a2
+        survivor = idle
+        second = make_study(tmp_path / "s2", ct=20, mr=10, sc=4)
+        assert storescu(busy.port, "TO_B", tmp_path / "s2").returncode == 0
+        wait_for(
+            lambda: any(
+                t["parts_done"]
+                for t in _status(survivor)["transfers"]
+                if t["direction"] == "out" and t["state"] != "sent"
+            ),
+            120,
+            0.2,
+            "study 2's first mails to be sent",
+        )
+        busy.kill()
+        galera.stop_member(3)
+        wait_for(lambda: _sent(survivor) == 2, 240, 1, "the surviving node to finish study 2's transfer")
+        wait_for(lambda: _complete(b1, "in") == 2, 240, 1, "study 2 complete at B")
+
+        def taken_over() -> dict | None:  # type: ignore[type-arg]
+            cluster = _status(survivor)["cluster"]
+            alive = {n["node"]: n["alive"] for n in cluster["nodes"]}
+            down = alive == {survivor.name: True, busy.name: False}
+            return cluster if down and not cluster["unheld_roles"] else None
+
+        st = wait_for(taken_over, 3 * LEASE, 0.5, "the killed node down and its stages on the survivor")
+        assert sorted(n["node"] for n in st["nodes"] if n["roles"]) == [survivor.name]
+
+        # exactly once at B: every instance of both studies, one inbound transfer each
+        inbound = _status(b1)
+        assert sum(s["instances"] for s in inbound["studies"]) == len(first) + len(second)
+        assert len([t for t in inbound["transfers"] if t["direction"] == "in"]) == 2
+
+        # both come back and rejoin
+        galera.start_member(3)
+        busy.start(60)
+        wait_for(
+            lambda: (
+                all(n["alive"] for n in _status(b2)["cluster"]["nodes"])
+                and len(_status(survivor)["cluster"]["nodes"]) == 2
+                and all(n["alive"] for n in _status(survivor)["cluster"]["nodes"])
+            ),
+            90,
+            1,
+            "every node up again",
+        )
+        text = survivor.cli("status")
+        assert "node a1" in text and "node a2" in text and "DOWN" not in text
+        checks = survivor.cli("check-mk")
+        assert "DMG Cluster" in checks and "DMG Cluster node a1" in checks
+        for gw in nodes:
+            log = gw.log.read_bytes()
+            for canary in CANARIES:
+                assert canary not in log, f"patient data in {gw.name}'s log"
+    finally:
+        for gw in nodes:
+            gw.stop()
+        if galera.size(1) < 3:
+            galera.start_member(3)

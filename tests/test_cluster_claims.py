@@ -1,0 +1,132 @@
+"""The cluster's claims and roles on the embedded catalog (fast tier; the same on Galera in tests/test_cluster.py):
+a claim is held until its lease runs out, then another node takes it with a higher fence; a node that lost a
+claim learns it at its next heartbeat; a node's restart frees its last run's claims; roles move to a live node;
+items a dead node left active go back to incoming with the crash counted. And the configuration's checks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.catalog import open_catalog
+from gateway.cluster import INGEST, ROLES, SEND, Cluster
+from gateway.config import ClusterSettings, ConfigError
+from gateway.core.queue import QueueState
+from gateway.spool import Spool
+from tests.conftest import minimal_settings
+
+
+@pytest.mark.asyncio
+async def test_a_claim_is_held_until_its_lease_runs_out_then_taken_with_a_higher_fence(
+    tmp_path: Path,
+) -> None:
+    catalog = await open_catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    try:
+        now = time.time()
+        assert await catalog.take_claim(SEND, "m1", "a", now, 30) == 1
+        assert await catalog.take_claim(SEND, "m1", "b", now + 29, 30) is None, "held: b cannot take it"
+        assert await catalog.take_claim(SEND, "m1", "a", now + 1, 30) is None, "not even a, twice"
+        assert await catalog.take_claim(SEND, "m2", "b", now, 30) == 1, "another item is free"
+        # a's heartbeat stops; after the lease, b takes m1 over and a's fence no longer counts
+        assert await catalog.take_claim(SEND, "m1", "b", now + 31, 30) == 2
+        assert not await catalog.holds(SEND, "m1", "a", 1, now + 31)
+        assert await catalog.holds(SEND, "m1", "b", 2, now + 31)
+        assert not await catalog.release_claim(SEND, "m1", "a", 1), "a late release by the old holder is void"
+        held = await catalog.heartbeat("a", "host", 1, now, now + 32, 30, {"sent_mails": 3})
+        assert held == [], "a's heartbeat shows it holds nothing any more"
+        held = await catalog.heartbeat("b", "host", 2, now, now + 32, 30, {})
+        assert sorted(c.item for c in held) == ["m1", "m2"]
+        assert all(c.lease_until == now + 62 for c in held), "the heartbeat renewed b's claims"
+        assert await catalog.release_claim(SEND, "m1", "b", 2)
+        assert await catalog.take_claim(SEND, "m1", "a", now + 33, 30) == 1, "released: free again at once"
+        nodes = {n["node"]: n for n in await catalog.cluster_nodes()}
+        assert nodes["a"]["counters"] == {"sent_mails": 3} and nodes["b"]["heartbeat"] == now + 32
+        # a restarts: its last run's claims are free at once (its lock on D: says that run is gone)
+        assert await catalog.drop_claims("a") == 1
+        assert await catalog.take_claim(SEND, "m1", "b", now + 34, 30) is not None
+    finally:
+        await catalog.close()
+
+
+@pytest.mark.asyncio
+async def test_two_nodes_racing_for_the_same_items_each_item_goes_to_one(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    first, second = await open_catalog(url), await open_catalog(url)
+    try:
+        now = time.time()
+        items = [f"m{n}" for n in range(40)]
+        got = await asyncio.gather(
+            *(
+                c.take_claim(INGEST, i, node, now, 30)
+                for i in items
+                for c, node in ((first, "a"), (second, "b"))
+            )
+        )
+        pairs = list(zip(got[0::2], got[1::2], strict=True))
+        assert all((x is None) != (y is None) for x, y in pairs), "exactly one node won each item"
+    finally:
+        await first.close()
+        await second.close()
+
+
+def _cluster(catalog, node: str, outbox: Spool, lease: float = 30) -> Cluster:  # type: ignore[no-untyped-def]
+    return Cluster(ClusterSettings(node, lease, lease / 3, 2 * lease), catalog, {SEND: outbox})
+
+
+@pytest.mark.asyncio
+async def test_roles_run_on_one_node_and_a_dead_nodes_active_items_are_taken_over(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    cat_a, cat_b = await open_catalog(url), await open_catalog(url)
+    outbox = Spool(tmp_path / "d" / "spool" / "outbox", tmp_path / "d" / "tmp")
+    outbox.prepare()
+    (tmp_path / "d" / "tmp").mkdir(parents=True)
+    try:
+        a, b = _cluster(cat_a, "a", outbox, lease=0.6), _cluster(cat_b, "b", outbox, lease=0.6)
+        await a.start()
+        await b.start()
+        assert sorted(a.view()["roles"]) == sorted(ROLES) and b.view()["roles"] == [], (
+            "the first node runs all"
+        )
+        # a takes a mail and starts sending it (active), then dies without a word
+        item = outbox.put("t1.00001", b"mail", {"message_id": "<1@x>"})
+        claimed = await a.take_item(outbox, SEND, item)
+        assert claimed is not None and await b.take_item(outbox, SEND, item) is None, "b may not touch it"
+        outbox.move(claimed, QueueState.ACTIVE)
+        await b.beat()
+        assert outbox.find("t1.00001").state is QueueState.ACTIVE, "a's lease runs: its work stays with it"
+        deadline = time.monotonic() + 10
+        while b.view()["roles"] != sorted(ROLES) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # a beats no more; its lease runs out
+            await b.beat()
+        assert b.view()["roles"] == sorted(ROLES), "every role moved to b"
+        found = outbox.find("t1.00001")
+        assert found.state is QueueState.INCOMING and found.meta["crashes"] == 1, "back to incoming, counted"
+        assert found.meta["taken_over_by"] == "b"
+        assert await b.take_item(outbox, SEND, found) is not None, "b sends it now"
+    finally:
+        await cat_a.close()
+        await cat_b.close()
+
+
+def test_a_cluster_needs_the_shared_catalog_and_a_heartbeat_inside_the_lease(
+    tmp_path: Path, pki_dir: Path
+) -> None:
+    cert, key = pki_dir / "gateway-b-smime.pem", pki_dir / "gateway-b-smime.key"
+    with pytest.raises(ConfigError) as err:
+        minimal_settings(tmp_path, pki_dir, cert, key, cluster={"node": "gw1"})
+    assert err.value.key == "database.url", "SQLite on one machine cannot be a cluster's catalog"
+    mysql = {"database": {"url": "mysql://root@127.0.0.1:3306/x"}}
+    with pytest.raises(ConfigError) as err:
+        minimal_settings(tmp_path, pki_dir, cert, key, cluster={"node": "gw1", "heartbeat": 20}, **mysql)
+    assert err.value.key == "cluster.heartbeat"
+    with pytest.raises(ConfigError) as err:
+        minimal_settings(tmp_path, pki_dir, cert, key, cluster={"node": "gw 1"}, **mysql)
+    assert err.value.key == "cluster.node"
+    s = minimal_settings(tmp_path, pki_dir, cert, key, cluster={"node": "gw1", "lease": 12}, **mysql)
+    assert s.cluster == ClusterSettings("gw1", 12.0, 4.0, 24.0)
+    assert s.audit_dir == tmp_path / "e" / "audit" / "gw1", "each node its own audit chain"
+    alone = minimal_settings(tmp_path, pki_dir, cert, key)
+    assert alone.cluster is None and alone.node == "" and alone.audit_dir == tmp_path / "e" / "audit"
