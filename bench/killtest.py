@@ -3,6 +3,9 @@ them at random moments and restarts it. Afterwards every SOP instance acknowledg
 storage exactly once, byte-identical.
 
     bench/killtest --kills 30 [--seed N] [--mariadb]
+    bench/killtest --cluster --kills 30     two nodes per gateway on the three-member Galera test cluster (one D:
+                                            per gateway, docs/cluster.md); the driver SIGKILLs gateway nodes and
+                                            Galera members at random; the modality sends to whichever A node is up
 
 Before it: audit_missing=M audit_unmarked_twice=T audit_miscounted=C (the audit trail's form: both gateways report
 to a real rsyslog over TLS; see `audit_check`).
@@ -31,6 +34,7 @@ from gateway.core.dicominfo import dataset_offset, read_info  # noqa: E402
 from gateway.devtools import pki  # noqa: E402
 from gateway.devtools.auditrepo import AuditRepository  # noqa: E402
 from gateway.devtools.devenv import render_config  # noqa: E402
+from gateway.devtools.galera import GaleraCluster  # noqa: E402
 from gateway.devtools.mailcluster import MailCluster  # noqa: E402
 from gateway.devtools.ports import free_port  # noqa: E402
 from gateway.devtools.process import GatewayProcess  # noqa: E402
@@ -199,6 +203,64 @@ def indexed_per_study(config: Path, source: str) -> dict[str, int]:
     return asyncio.run(read())
 
 
+LEASE = 6  # the cluster form's lease (seconds): take-over within the test's patience
+
+
+def _site(proc: GatewayProcess) -> str:
+    return "gateway-a" if proc.name.startswith(("gateway-a", "a")) else "gateway-b"
+
+
+def _gateways(
+    a: argparse.Namespace,
+    work: Path,
+    pki_dir: Path,
+    repo: AuditRepository,
+    db_name: str,
+    galera: GaleraCluster | None,
+) -> dict[str, GatewayProcess]:
+    """The gateways, not yet started: A and B; or in the cluster form nodes a1, a2 (Galera members 1 and 2, one D:)
+    and b1, b2 (members 2 and 3, one D:)."""
+    procs: dict[str, GatewayProcess] = {}
+    layout = (
+        [("gateway-a", "a1", 1), ("gateway-a", "a2", 2), ("gateway-b", "b1", 2), ("gateway-b", "b2", 3)]
+        if galera is not None
+        else [("gateway-a", "gateway-a", 0), ("gateway-b", "gateway-b", 0)]
+    )
+    for site, node, member in layout:
+        partner = (
+            ("gateway-b", "gateway-b", "TO_B") if site == "gateway-a" else ("gateway-a", "gateway-a", "TO_A")
+        )
+        port = free_port()
+        cfg = work / node / "gateway.toml"
+        cfg.parent.mkdir(parents=True)
+        extra: dict[str, str] = {}
+        tail = f'[audit]\nrepository = "127.0.0.1:{repo.port}"\napp_name = "{node}"\n'
+        if galera is not None:
+            extra = {"database_url": galera.url(member, f"{db_name}_{site[-1]}")}
+            tail += f'\n[cluster]\nnode = "{node}"\nlease = {LEASE}\nheartbeat = {LEASE / 3}\n'
+        elif a.mariadb and site == "gateway-a":
+            extra = {"database_url": f"mysql://root@127.0.0.1:3306/{db_name}"}
+        cfg.write_text(
+            render_config(
+                name=site,
+                ae_title=site.upper().replace("-", "_"),
+                port=port,
+                d_root=work / site / "d",
+                e_root=work / site / "e",
+                pki_dir=pki_dir,
+                partners=[partner],
+                stability_delay=1,
+                poll_interval=0.5,
+                max_mail_size="256KB",
+                node_cooldown=2,
+                tail=tail,
+                **extra,
+            )  # type: ignore[arg-type]
+        )
+        procs[node] = GatewayProcess(node, cfg, port, work / node / "gateway.log", work / site / "d")
+    return procs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=30)
@@ -208,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         "--settle", type=float, default=300, help="seconds to wait for delivery after the last kill"
     )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument(
+        "--cluster",
+        action="store_true",
+        help="two nodes per gateway on the Galera test cluster (docs/cluster.md)",
+    )
     ap.add_argument(
         "--start-timeout",
         type=float,
@@ -227,38 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     repo.start()
     helpers_before = helper_processes()
     db_name = f"dmg_killtest_{os.getpid()}"
-    procs: dict[str, GatewayProcess] = {}
-    for name, partner in (
-        ("gateway-a", ("gateway-b", "gateway-b", "TO_B")),
-        ("gateway-b", ("gateway-a", "gateway-a", "TO_A")),
-    ):
-        port = free_port()
-        cfg = work / name / "gateway.toml"
-        cfg.parent.mkdir(parents=True)
-        extra = (
-            {"database_url": f"mysql://root@127.0.0.1:3306/{db_name}"}
-            if (a.mariadb and name == "gateway-a")
-            else {}
-        )
-        cfg.write_text(
-            render_config(
-                name=name,
-                ae_title=name.upper().replace("-", "_"),
-                port=port,
-                d_root=work / name / "d",
-                e_root=work / name / "e",
-                pki_dir=pki_dir,
-                partners=[partner],
-                stability_delay=1,
-                poll_interval=0.5,
-                max_mail_size="256KB",
-                node_cooldown=2,
-                tail=f'[audit]\nrepository = "127.0.0.1:{repo.port}"\napp_name = "{name}"\n',
-                **extra,
-            )  # type: ignore[arg-type]
-        )
-        procs[name] = GatewayProcess(name, cfg, port, work / name / "gateway.log", work / name / "d")
-        procs[name].start()
+    galera = GaleraCluster(ROOT / ".dev" / "galera") if a.cluster else None
+    started_galera = galera is not None and galera.ensure_up()
+    procs = _gateways(a, work, pki_dir, repo, db_name, galera)
+    for proc in procs.values():
+        proc.start(a.start_timeout)
+    sites = {site: [p for p in procs.values() if _site(p) == site] for site in ("gateway-a", "gateway-b")}
 
     acknowledged: dict[str, Path] = {}  # SOP Instance UID → source file
     kills = 0
@@ -270,7 +311,19 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal kills, failed_restart
         while kills < a.kills and not stop.is_set():
             time.sleep(rnd.uniform(0.3, 2.5))
-            victim = procs[rnd.choice(["gateway-a", "gateway-b"])]
+            choice = rnd.choice([*procs, *(["galera-1", "galera-2", "galera-3"] if galera else [])])
+            if galera is not None and choice.startswith("galera-"):
+                member = int(choice[-1])
+                galera.stop_member(member, kill=True)  # one member at a time: the other two keep the quorum
+                kills += 1
+                time.sleep(rnd.uniform(0.0, 2.0))
+                try:
+                    galera.start_member(member)
+                except RuntimeError as exc:
+                    failed_restart = f"{choice} after kill {kills}: {exc}"
+                    return
+                continue
+            victim = procs[choice]
             victim.kill()
             kills += 1
             time.sleep(rnd.uniform(0.0, 0.5))
@@ -292,8 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         study_no += 1
         folder = work / "studies" / f"s{study_no:04d}"
         make_study(folder, ct=4, mr=3, sc=1, size=64, seed=study_no)
-        a_proc = procs["gateway-a"]
-        acked = send_study(a_proc.port, folder)
+        # the modality sends to A (in a cluster: to either node, as through a virtual IP; the other if it is down)
+        acked = []
+        for a_proc in rnd.sample(sites["gateway-a"], len(sites["gateway-a"])):
+            acked = send_study(a_proc.port, folder)
+            if acked:
+                break
         for path in acked:
             acknowledged[read_info(path).sop_instance_uid] = path
         if not acked:
@@ -302,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     thread.join(30)
 
     # Let the pipeline drain: wait until B holds every acknowledged instance (or the settle time runs out).
-    b_storage = Storage(load(procs["gateway-b"].config).d_root)
-    a_storage = Storage(load(procs["gateway-a"].config).d_root)
+    b_storage = Storage(sites["gateway-b"][0].d_root)
+    a_storage = Storage(sites["gateway-a"][0].d_root)
     settle_end = time.monotonic() + a.settle
     missing = dict(acknowledged)
     while missing and time.monotonic() < settle_end:
@@ -337,15 +394,18 @@ def main(argv: list[str] | None = None) -> int:
     rows, a_rows = len(b_files), len(a_sops)
     for p in procs.values():
         p.stop()  # their last events (Application Stop) go to the repository too
-    audit = audit_check(
-        repo,
-        procs,
-        {
-            "gateway-a": indexed_per_study(procs["gateway-a"].config, "dicom"),
-            "gateway-b": indexed_per_study(procs["gateway-b"].config, "mail"),
-        },
-        min(120.0, a.settle),
-    )
+    if galera is None:
+        audit = audit_check(
+            repo,
+            procs,
+            {
+                "gateway-a": indexed_per_study(procs["gateway-a"].config, "dicom"),
+                "gateway-b": indexed_per_study(procs["gateway-b"].config, "mail"),
+            },
+            min(120.0, a.settle),
+        )
+    else:  # the audit form runs with one node per gateway (each cluster node keeps a chain of its own)
+        audit = {}
     repo.stop()
     # every crash must take its worker processes with it: count those left behind by the 30 SIGKILLs
     orphans: set[int] = set()
@@ -358,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(
             ["mariadb", "-h127.0.0.1", "-uroot", "-e", f"DROP DATABASE IF EXISTS `{db_name}`"], check=False
         )
+    if galera is not None:
+        for site in sites:
+            with galera.connect(1).cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS `{db_name}_{site[-1]}`")
+        if started_galera:
+            galera.down()
     lost = len(acknowledged) - delivered
     print(f"work folder: {work}" if a.keep else "", file=sys.stderr)
     if not a.keep and lost == 0 and duplicates == 0:
@@ -370,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         f"studies={study_no} corrupt={corrupt} files_at_b={rows} stored_at_a={a_rows} conflicts={conflicts} "
         f"restart_median_s={median:.1f} restart_max_s={slowest:.1f} orphans={len(orphans)}"
     )
-    print(" ".join(f"{k}={v}" for k, v in audit.items()))
+    print(" ".join(f"{k}={v}" for k, v in audit.items()) or "audit=not checked in the cluster form")
     print(
         f"kills={kills} acknowledged={len(acknowledged)} delivered={delivered} lost={lost} duplicates={duplicates}"
     )

@@ -27,7 +27,7 @@ from gateway.config import Partner, Settings
 from gateway.core.inbound import Sender
 from gateway.core.smime import Identity
 from gateway.errors import ConfigError
-from gateway.storage import node_state
+from gateway.volume import node_state
 
 
 @dataclass(frozen=True)

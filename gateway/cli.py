@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import config
+from gateway import clusterview, config
 from gateway.errors import ConfigError, VolumeInUseError
 from gateway.logsetup import setup_logging
 from gateway.report import outcome_text
@@ -232,7 +232,7 @@ def status_text(settings: config.Settings, view: Status) -> str:
         out.append(
             f"  {q.name:<7} {q.waiting:>5} waiting (oldest {q.oldest_age:.0f} s), {q.held} held, {q.corrupt} corrupt"
         )
-    out += cluster_text(view)
+    out += clusterview.text(view)
     nodes = view.nodes()
     if nodes:
         out.append("\nmail nodes:")
@@ -296,28 +296,6 @@ def status_text(settings: config.Settings, view: Status) -> str:
         )
     )
     return "\n".join(out)
-
-
-def cluster_text(view: Status) -> list[str]:
-    """`status`'s cluster section: the Galera member's view, each gateway node, roles without a node."""
-    c = view.cluster
-    if not c:
-        return []
-    g = c.get("galera") or {}
-    out = [
-        f"\ncluster: Galera {g.get('cluster_status', '?')}, {g.get('cluster_size', '?')} members, this member "
-        f"{g.get('local_state_comment', '?')}; {c['lapsed_claims']} claims waiting for take-over"
-        + (f"; no node runs: {', '.join(c['unheld_roles'])}" if c["unheld_roles"] else "")
-    ]
-    for n in c["nodes"]:
-        counters = n.get("counters") or {}
-        out.append(
-            f"  node {n['node']:<12} {'up' if n['alive'] else 'DOWN':<4} {n['host']}:{n['pid']:<8} "
-            f"heartbeat {view.at - float(n['heartbeat']):.0f} s ago, {n['claims']} claims, "
-            f"sent {counters.get('sent_mails', 0)} ingested {counters.get('ingested_mails', 0)}; "
-            f"runs {', '.join(n['roles']) or 'no role'}"
-        )
-    return out
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import socket
@@ -26,7 +25,7 @@ from gateway.catalog import Catalog
 from gateway.config import ClusterSettings
 from gateway.core.queue import QueueState, after_crash, is_due
 from gateway.spool import Item, Spool
-from gateway.storage import node_state
+from gateway.volume import lock_held, node_state
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +36,6 @@ SEND, INGEST, GROUP = (
     "ingest",
     "group",
 )  # per-item claims: an outbound mail, an inbound mail, fragments
-
-
-def lock_held(path: Path) -> bool:
-    """Whether a gateway process holds this lock file (flock), i.e. is alive; False when there is none."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 class Solo:
@@ -249,11 +233,10 @@ class Cluster(Solo):
             if await self.take("journal", node) is None:
                 continue
             try:
-                for journal in journals:
-                    count = await self.replay(journal)
-                    log.warning(
-                        "cluster: node %s is down; its intake journal (%d records) indexed here", node, count
-                    )
+                count = sum([await self.replay(journal) for journal in journals])
+                log.warning(
+                    "cluster: node %s is down; its intake journals (%d records) indexed here", node, count
+                )
             finally:
                 await self.release("journal", node)
 

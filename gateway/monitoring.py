@@ -27,7 +27,7 @@ from cryptography import x509
 from gateway import status
 from gateway.config import Settings
 from gateway.status import QueueView, Status
-from gateway.storage import node_state
+from gateway.volume import node_state
 
 OK, WARN, CRIT, UNKNOWN = 0, 1, 2, 3
 HEARTBEAT_STALE = 120.0
@@ -338,6 +338,8 @@ def _quarantine(settings: Settings, view: Status) -> Service:
 async def collect(settings: Settings, now: float | None = None) -> list[Service]:
     """Every service, judged from the status read model (`gateway.status`: the catalog, the files, and the
     gateway's last `health.json`; the gateway itself need not answer)."""
+    from gateway import clusterview
+
     # the address book is judged by the certificate and key services below, not read twice
     view = await status.read(settings, live=read_health(settings), limit=1, now=now, partners=[])
     counts = view.counts
@@ -371,44 +373,7 @@ async def collect(settings: Settings, now: float | None = None) -> list[Service]
     services.append(_space(settings, "E:", settings.e_root, 0))
     services.append(_quarantine(settings, view))
     services.append(_audit(settings, view.at))
-    services += _cluster(view)
-    return services
-
-
-def _cluster(view: Status) -> list[Service]:
-    """A cluster: one service for the whole (Galera members in the Primary Component: 3 OK, 2 WARN, fewer or
-    not Primary CRIT; a role no node runs CRIT) and one per gateway node (heartbeat)."""
-    c = view.cluster
-    if not c:
-        return []
-    g = c.get("galera") or {}
-    size = int(g.get("cluster_size", 0) or 0)
-    primary = g.get("cluster_status", "") == "Primary"
-    state = CRIT if not primary or size < 2 or c["unheld_roles"] else WARN if size < 3 else OK
-    text = (
-        f"Galera {g.get('cluster_status', '?')} with {size} members; {c['lapsed_claims']} claims to take over"
-    )
-    if c["unheld_roles"]:
-        text += f"; no node runs {', '.join(c['unheld_roles'])}"
-    services = [
-        Service(
-            state,
-            "DMG Cluster",
-            text,
-            (Metric("galera_members", size, 2, 1), Metric("lapsed_claims", int(c["lapsed_claims"]))),
-        )
-    ]
-    for n in c["nodes"]:
-        age = view.at - float(n["heartbeat"])
-        services.append(
-            Service(
-                OK if n["alive"] else CRIT,
-                f"DMG Cluster node {n['node']}",
-                f"{'up' if n['alive'] else 'DOWN'}: heartbeat {age:.0f} s ago on {n['host']}; {n['claims']} claims;"
-                f" runs {', '.join(n['roles']) or 'no role'}",
-                (Metric("heartbeat_age", round(age)), Metric("claims", int(n["claims"]))),
-            )
-        )
+    services += clusterview.services(view)
     return services
 
 

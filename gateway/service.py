@@ -51,8 +51,9 @@ from gateway.stages.receivers import ReceiverPool
 from gateway.stages.route import Router
 from gateway.stages.send import Sender
 from gateway.stages.webindex import WebIndexer
-from gateway.storage import Storage, hold_volume
+from gateway.storage import Storage
 from gateway.tls import mail_client_context
+from gateway.volume import hold_volume
 from gateway.web import WebApp
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,20 @@ class Gateway(SharesContext):
         gw.scp.on_report = ctx.wakes.forwarder.set  # a PACS's commitment report came to our DICOM port
         gw.scp.on_association = auditor.association
         await auditor.start_up(keys.book, catalog)
-        if isinstance(claims, Cluster):
-            claims.d_root, claims.replay = storage.root, intake.replay
-            claims.on_minority = gw.scp.pause
-            claims.counters = gw.node_counters
-            claims.wake = lambda kind: (ctx.wakes.sender if kind == SEND else ctx.wakes.ingest).set()
+        gw.join_cluster()
         await gw.recover()
         return gw
+
+    def join_cluster(self) -> None:
+        """A cluster node's ties to its stages: a lapsed node's journals are replayed by our intake, the DICOM
+        port closes while the catalog is unreachable, the heartbeat carries our counters, a take-over wakes the
+        stage whose items it put back."""
+        if not isinstance(self.claims, Cluster):
+            return
+        self.claims.d_root, self.claims.replay = self.storage.root, self.intake.replay
+        self.claims.on_minority = self.scp.pause
+        self.claims.counters = self.node_counters
+        self.claims.wake = lambda kind: (self.wakes.sender if kind == SEND else self.wakes.ingest).set()
 
     async def recover(self) -> None:
         """Start-up: re-queue work a crash left active, finish staged sets, make the catalog agree with the disk.
@@ -300,8 +308,11 @@ class Gateway(SharesContext):
         """Where the web port logs who looked at what (`gateway.access`), for the audit trail to read."""
         return self.storage.node_state / "access"
 
-    def _start_audit(self, tg: asyncio.TaskGroup) -> None:
-        """The audit trail's tasks: noted events and access lines written each second; the repository forwarder."""
+    def _start_background(self, tg: asyncio.TaskGroup) -> None:
+        """Background tasks: the audit trail's (noted events and access lines each second; the repository forwarder).
+        And a cluster node's heartbeat (watched by /healthz like the stages)."""
+        if isinstance(self.claims, Cluster):
+            self.tasks.append(tg.create_task(self.claims.run_forever(), name="cluster"))
         if self.ctx.audit is None:
             return
         tg.create_task(self.ctx.audit.run_forever(self.access_log, self.audit_wake), name="audit-notes")
@@ -351,9 +362,7 @@ class Gateway(SharesContext):
                     tg.create_task(role("webindex", self.webindex.run_forever), name="webindex"),
                     tg.create_task(self.loop_watch.run_forever(), name="loop-watch"),
                 ]
-                if isinstance(self.claims, Cluster):
-                    self.tasks.append(tg.create_task(self.claims.run_forever(), name="cluster"))
-                self._start_audit(tg)
+                self._start_background(tg)
                 tg.create_task(self.reconcile_storage(), name="storage-check")  # runs once
                 webapp = WebApp(self) if self.settings.web.port else None
                 if webapp is not None:

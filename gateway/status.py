@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway import backup
-from gateway.cluster import ROLES
 from gateway.core.queue import QueueState
 from gateway.errors import ConfigError
 from gateway.fragments import FragmentStore
@@ -140,33 +139,6 @@ def _held(spool: Spool, name: str) -> list[HeldItem]:
     return out
 
 
-async def _cluster(catalog: Catalog, lease: float, now: float) -> dict[str, Any]:
-    """The whole cluster as the catalog shows it: each node (alive while its heartbeat is younger than the lease,
-    its roles, how many claims it holds, its counters), claims waiting for take-over (their holder's lease ran
-    out), and the Galera member's view (members in the Primary Component)."""
-    claims = await catalog.claims()
-    nodes = []
-    for row in await catalog.cluster_nodes():
-        mine = [c for c in claims if c.node == row["node"]]
-        nodes.append(
-            {
-                **row,
-                "alive": now - float(row["heartbeat"]) <= lease,
-                "roles": sorted(c.item for c in mine if c.kind == "role" and c.lease_until >= now),
-                "claims": len(mine),
-            }
-        )
-    lapsed = [c for c in claims if c.lease_until < now]
-    return {
-        "nodes": nodes,
-        "lapsed_claims": len(lapsed),
-        "unheld_roles": sorted(
-            set(ROLES) - {c.item for c in claims if c.kind == "role" and c.lease_until >= now}
-        ),
-        "galera": await catalog.galera(),
-    }
-
-
 def _partners(settings: Settings) -> list[dict[str, object]]:
     from gateway.addressbook import load_address_book
 
@@ -225,7 +197,9 @@ async def read(
         status.catalog = await own.status(limit)
         status.counts = await own.monitoring_counts(status.at, settings.mail.reassembly_deadline)
         if settings.cluster is not None:
-            status.cluster = await _cluster(own, settings.cluster.lease, status.at)
+            from gateway import clusterview
+
+            status.cluster = await clusterview.read(own, settings.cluster.lease, status.at)
     except Exception as exc:  # reported as a state of its own: the rest of the status is still worth showing
         status.catalog_problem = f"catalog unreachable: {type(exc).__name__}"
     finally:

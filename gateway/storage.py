@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from gateway.core.dicominfo import InstanceInfo, NotDicomError, dataset_offset
-from gateway.errors import VolumeInUseError
+from gateway.volume import node_state
 
 _SAFE = re.compile(r"^[0-9A-Za-z._-]{1,128}$")
 _CHUNK = 1 << 20
@@ -203,31 +202,6 @@ class DiskFullError(OSError):
         super().__init__(errno.ENOSPC, f"D: has {free} {unit} free, below the reserve of {reserve}")
 
 
-def hold_volume(d_root: Path, node: str = "") -> int:
-    """Take the working volume for the life of this process, before anything on it is touched; returns the lock fd.
-
-    Two gateways on one D: would send every mail twice and fight over queue items and the keyring, so a second
-    one stops at start-up. The lock is the kernel's (flock on `state/gateway.lock`): a gateway that is killed
-    releases it by dying, so a restart never finds a stale lock. The descriptor is not inherited by children.
-    A cluster node holds its own part (`nodes/<node>/state`); who works on what shared is decided in the catalog.
-    """
-    state = node_state(d_root, node)
-    state.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state / "gateway.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise VolumeInUseError(
-            f"another gateway (pid {holder}) is running on {d_root}{f' as node {node}' if node else ''}; stop it"
-            " first, or give this one another d_root"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 def free_inodes(path: Path) -> int | None:
     """Free inodes of the filesystem holding `path` (None where it has no fixed number, as btrfs)."""
     return _inodes_of(os.statvfs(path))
@@ -263,12 +237,6 @@ def same_dataset(a: Path, b: Path) -> bool:
                 return False
             if not chunk_a:
                 return True
-
-
-def node_state(d_root: Path, node: str = "") -> Path:
-    """Where a gateway keeps what only it writes (lock, health, GnuPG home, access log): `state/`, or a cluster
-    node's `nodes/<node>/state/`."""
-    return d_root / "nodes" / node / "state" if node else d_root / "state"
 
 
 class Storage:

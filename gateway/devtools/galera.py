@@ -165,6 +165,14 @@ wsrep_provider_options="gmcast.listen_addr=tcp://127.0.0.1:{g};ist.recv_addr=127
         for n in range(2, MEMBERS + 1):
             self.start_member(n)
 
+    def ensure_up(self) -> bool:
+        """Use the cluster if every member is Synced already (the test session's), else start it; True when this
+        call started it (and its caller should stop it)."""
+        if all(self.state(n) == "Synced" for n in range(1, MEMBERS + 1)):
+            return False
+        self.up()
+        return True
+
     def pid(self, n: int) -> int | None:
         try:
             return int((self.folder / f"n{n}" / "mysqld.pid").read_text().strip())

@@ -475,11 +475,23 @@ class Ingester(Stage):
             await self.claims.release(INGEST, item.id)
 
     async def _ingest_guarded(self, item: Item) -> bool:
-        """`ingest`, with what goes wrong recorded on the mail; False when no further mail should start now."""
+        """`ingest`, with what goes wrong recorded on the mail; False when no further mail should start now. A
+        cluster node whose claim on the mail lapsed meanwhile leaves it alone: it belongs to another node now."""
         try:
             await self.ingest(item)
             return True
-        except TRANSIENT_ERRORS as exc:
+        except Exception as exc:
+            if not self.claims.mine(INGEST, item.id):
+                log.warning(
+                    "mail %s: this node's claim lapsed while ingesting it; left to the node that took it",
+                    item.id,
+                )
+                return False
+            return await self._ingest_failed(item, exc)
+
+    async def _ingest_failed(self, item: Item, exc: Exception) -> bool:
+        """What went wrong with a mail: deferred, or set aside (a bug, with its traceback)."""
+        if isinstance(exc, TRANSIENT_ERRORS):
             # disk full, an I/O error, the catalog away for a moment: the mail waits and is ingested again later
             why = exc.strerror if isinstance(exc, OSError) else None
             log.warning("mail %s: ingest deferred: %s", item.id, why or type(exc).__name__)
@@ -489,19 +501,16 @@ class Ingester(Stage):
                     current, QueueState.DEFERRED, next_attempt=time.time() + 30, last_error=str(exc)[:500]
                 )
             return False
-        except Exception as exc:
-            log.exception("mail %s: unexpected error; set aside as corrupt", item.id)
-            current = self.inbox.find(item.id)
-            if current is not None and current.state is QueueState.ACTIVE:
-                reason = f"internal error: {type(exc).__name__}"
-                self.inbox.move(
-                    current, QueueState.CORRUPT, reason=reason, traceback=traceback.format_exc()[-4000:]
-                )
-                await record(
-                    "corrupt",
-                    functools.partial(self._finish_once, item.id, MailState.QUARANTINED, error=reason),
-                )
-            return True
+        log.error("mail %s: unexpected error; set aside as corrupt", item.id, exc_info=exc)
+        current = self.inbox.find(item.id)
+        if current is not None and current.state is QueueState.ACTIVE:
+            reason = f"internal error: {type(exc).__name__}"
+            trace = "".join(traceback.format_exception(exc))[-4000:]
+            self.inbox.move(current, QueueState.CORRUPT, reason=reason, traceback=trace)
+            await record(
+                "corrupt", functools.partial(self._finish_once, item.id, MailState.QUARANTINED, error=reason)
+            )
+        return True
 
     async def run_forever(self) -> None:
         """Ingest fetched mails as they arrive; never dies."""

@@ -164,6 +164,12 @@ class Sender(Stage):
         try:
             await self.send_one(item)
         except Exception as exc:
+            if not self.claims.mine(SEND, item.id):
+                log.warning(
+                    "mail %s: this node's claim lapsed while sending it; left to the node that took it",
+                    item.id,
+                )
+                return
             current = self.outbox.find(item.id)
             active = current is not None and current.state is QueueState.ACTIVE
             if kind_of(exc) is Kind.TRANSIENT and not isinstance(exc, OSError):

@@ -1,0 +1,99 @@
+"""The cluster as operators see it (docs/cluster.md): read from the catalog (each node's heartbeat, roles and claims,
+the Galera member's view), as `status` prints it and as check_mk's services judge it. No patient data."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gateway.cluster import ROLES
+from gateway.monitoring import CRIT, OK, WARN, Metric, Service
+
+if TYPE_CHECKING:
+    from gateway.catalog import Catalog
+    from gateway.status import Status
+
+
+async def read(catalog: Catalog, lease: float, now: float) -> dict[str, Any]:
+    """The whole cluster as the catalog shows it: each node (alive while its heartbeat is younger than the lease,
+    its roles, how many claims it holds, its counters), claims waiting for take-over (their holder's lease ran
+    out), and the Galera member's view (members in the Primary Component)."""
+    claims = await catalog.claims()
+    nodes = []
+    for row in await catalog.cluster_nodes():
+        mine = [c for c in claims if c.node == row["node"]]
+        nodes.append(
+            {
+                **row,
+                "alive": now - float(row["heartbeat"]) <= lease,
+                "roles": sorted(c.item for c in mine if c.kind == "role" and c.lease_until >= now),
+                "claims": len(mine),
+            }
+        )
+    lapsed = [c for c in claims if c.lease_until < now]
+    return {
+        "nodes": nodes,
+        "lapsed_claims": len(lapsed),
+        "unheld_roles": sorted(
+            set(ROLES) - {c.item for c in claims if c.kind == "role" and c.lease_until >= now}
+        ),
+        "galera": await catalog.galera(),
+    }
+
+
+def text(view: Status) -> list[str]:
+    """`status`'s cluster section: the Galera member's view, each gateway node, roles without a node."""
+    c = view.cluster
+    if not c:
+        return []
+    g = c.get("galera") or {}
+    out = [
+        f"\ncluster: Galera {g.get('cluster_status', '?')}, {g.get('cluster_size', '?')} members, this member "
+        f"{g.get('local_state_comment', '?')}; {c['lapsed_claims']} claims waiting for take-over"
+        + (f"; no node runs: {', '.join(c['unheld_roles'])}" if c["unheld_roles"] else "")
+    ]
+    for n in c["nodes"]:
+        counters = n.get("counters") or {}
+        out.append(
+            f"  node {n['node']:<12} {'up' if n['alive'] else 'DOWN':<4} {n['host']}:{n['pid']:<8} "
+            f"heartbeat {view.at - float(n['heartbeat']):.0f} s ago, {n['claims']} claims, "
+            f"sent {counters.get('sent_mails', 0)} ingested {counters.get('ingested_mails', 0)}; "
+            f"runs {', '.join(n['roles']) or 'no role'}"
+        )
+    return out
+
+
+def services(view: Status) -> list[Service]:
+    """A cluster: one service for the whole (Galera members in the Primary Component: 3 OK, 2 WARN, fewer or
+    not Primary CRIT; a role no node runs CRIT) and one per gateway node (heartbeat)."""
+    c = view.cluster
+    if not c:
+        return []
+    g = c.get("galera") or {}
+    size = int(g.get("cluster_size", 0) or 0)
+    primary = g.get("cluster_status", "") == "Primary"
+    state = CRIT if not primary or size < 2 or c["unheld_roles"] else WARN if size < 3 else OK
+    text = (
+        f"Galera {g.get('cluster_status', '?')} with {size} members; {c['lapsed_claims']} claims to take over"
+    )
+    if c["unheld_roles"]:
+        text += f"; no node runs {', '.join(c['unheld_roles'])}"
+    services = [
+        Service(
+            state,
+            "DMG Cluster",
+            text,
+            (Metric("galera_members", size, 2, 1), Metric("lapsed_claims", int(c["lapsed_claims"]))),
+        )
+    ]
+    for n in c["nodes"]:
+        age = view.at - float(n["heartbeat"])
+        services.append(
+            Service(
+                OK if n["alive"] else CRIT,
+                f"DMG Cluster node {n['node']}",
+                f"{'up' if n['alive'] else 'DOWN'}: heartbeat {age:.0f} s ago on {n['host']}; {n['claims']} claims;"
+                f" runs {', '.join(n['roles']) or 'no role'}",
+                (Metric("heartbeat_age", round(age)), Metric("claims", int(n["claims"]))),
+            )
+        )
+    return services
