@@ -33,7 +33,7 @@ from gateway.config import load  # noqa: E402
 from gateway.core.dicominfo import dataset_offset, read_info  # noqa: E402
 from gateway.devtools import pki  # noqa: E402
 from gateway.devtools.auditrepo import AuditRepository  # noqa: E402
-from gateway.devtools.devenv import render_config  # noqa: E402
+from gateway.devtools.devenv import cluster_table, render_config  # noqa: E402
 from gateway.devtools.galera import GaleraCluster  # noqa: E402
 from gateway.devtools.mailcluster import MailCluster  # noqa: E402
 from gateway.devtools.ports import free_port  # noqa: E402
@@ -203,7 +203,7 @@ def indexed_per_study(config: Path, source: str) -> dict[str, int]:
     return asyncio.run(read())
 
 
-LEASE = 6  # the cluster form's lease (seconds): take-over within the test's patience
+LEASE = 12  # the cluster form's lease (seconds): longer than a Galera member's stall while a dead peer is evicted (~5 s)
 
 
 def _site(proc: GatewayProcess) -> str:
@@ -237,7 +237,7 @@ def _gateways(
         tail = f'[audit]\nrepository = "127.0.0.1:{repo.port}"\napp_name = "{node}"\n'
         if galera is not None:
             extra = {"database_url": galera.url(member, f"{db_name}_{site[-1]}")}
-            tail += f'\n[cluster]\nnode = "{node}"\nlease = {LEASE}\nheartbeat = {LEASE / 3}\n'
+            tail += cluster_table(node, LEASE)
         elif a.mariadb and site == "gateway-a":
             extra = {"database_url": f"mysql://root@127.0.0.1:3306/{db_name}"}
         cfg.write_text(

@@ -16,6 +16,8 @@ End to end: storescu → gateway A → the real mail cluster → gateway B, last
   same mails pushed and pulled through the same cluster by a minimal smtplib/poplib client (bench/transport.py),
   `e2e_vs_transport` = end to end ÷ that client's time. Memory: the same with a ~2 GB
   study. Every gateway run reports its worst event-loop delay (health.json), the largest goes in the table.
+Cluster (`--only cluster`, bench/cluster.py): inbound mails fetched, opened and ingested per second by one gateway
+  node and by two on the Galera test cluster (docs/cluster.md).
 Medians of `--repeat` runs; ratios are throughput ours ÷ peer. Every figure goes to bench/results/latest.json.
 """
 
@@ -783,6 +785,10 @@ def run_cases(a: argparse.Namespace, cases: set[str], base: Path) -> int:
         if "e2e" in cases:
             results |= bench_e2e(base, folder, total, "study")
             results |= bench_transport(base, folder, float(results["e2e_seconds"]))
+        if "cluster" in cases:
+            from bench.cluster import bench_cluster
+
+            results |= bench_cluster(base)
         if "dicomweb" in cases:
             results |= bench_dicomweb(base, a.repeat, big_images=a.big_images if "memory" in cases else 0)
         if "memory" in cases:

@@ -139,9 +139,26 @@ class Cluster(Solo):
             self.have[role].clear()
             self.gone[role].set()
 
+    async def watch(self) -> None:
+        """Stop every role the moment our claims are no longer certain, even while a heartbeat hangs on a stalled
+        catalog (a Galera member waits for a dead peer's eviction): another node may take them after the lease."""
+        while True:
+            left = self.valid_until - time.time()
+            await asyncio.sleep(left if left > 0 else self.settings.heartbeat / 4)
+            if not self.healthy:
+                for role in ROLES:
+                    self._role_state(role)
+
     async def run_forever(self) -> None:
-        """Beat every `heartbeat` seconds. Without the catalog, our claims lapse with the lease: every role stops;
+        """Beat every `heartbeat` seconds (and `watch`). Without the catalog, our claims lapse with the lease: every role stops;
         after `minority_grace` the DICOM port closes (the virtual IP moves to a node that can work)."""
+        watch = asyncio.create_task(self.watch())
+        try:
+            await self._beat_forever()
+        finally:
+            watch.cancel()
+
+    async def _beat_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat)
             try:
@@ -259,9 +276,12 @@ class Cluster(Solo):
             if task.done():
                 task.result()  # a stage ends only by an error; the TaskGroup shows it
                 return
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            while not task.done():  # a cancellation swallowed by a library call is repeated until it ends
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
+            log.info("cluster: %s stopped on this node", name)
 
     def view(self) -> dict[str, Any]:
         """This node's part of `status` (no patient data)."""

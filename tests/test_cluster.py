@@ -14,7 +14,7 @@ import json
 import uuid
 from pathlib import Path
 
-from gateway.devtools.devenv import render_config
+from gateway.devtools.devenv import cluster_table, render_config
 from gateway.devtools.galera import GaleraCluster
 from gateway.devtools.ports import free_port
 from gateway.devtools.process import GatewayProcess
@@ -53,7 +53,7 @@ def _node(
             stability_delay=2,
             poll_interval=1,
             max_mail_size="1MB",
-            tail=f'\n[cluster]\nnode = "{node}"\nlease = {LEASE}\nheartbeat = {LEASE / 3}\n',
+            tail=cluster_table(node, LEASE),
         )
     )
     return GatewayProcess(node, cfg, port, folder / "gateway.log", tmp_path / f"{site}-d")

@@ -116,6 +116,12 @@ def render_config(
     return "\n".join(lines) + ("\n" + tail if tail else "")
 
 
+def cluster_table(node: str, lease: float) -> str:
+    """The `[cluster]` table of one node (docs/cluster.md), for tests and benchmarks: a short lease, so that
+    take-over happens within their patience."""
+    return f'\n[cluster]\nnode = "{node}"\nlease = {lease}\nheartbeat = {lease / 3}\n'
+
+
 def prepare(root: Path, port: int = 11112) -> Path:
     """Certificates, mail cluster, storage folders and `.dev/gateway.toml`; returns the configuration path."""
     pki_dir = root / "certs" / "dev"

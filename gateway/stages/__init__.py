@@ -77,7 +77,12 @@ class LoopGuard:
         self.failures = self.bugs = 0
 
     def failed(self, exc: BaseException) -> float | None:
-        """Seconds to wait before the next turn, or None: stop the loop (the stage is reported halted)."""
+        """Seconds to wait before the next turn, or None: stop the loop (the stage is reported halted). A loop
+        being cancelled stops here: aiomysql turns a cancellation inside a query into an InterfaceError, which
+        would otherwise look like the catalog being away and keep a cancelled stage running."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
         self.failures += 1
         delay = min(self.cap, self.base * 2 ** min(self.failures - 1, 20))
         if kind_of(exc) is Kind.TRANSIENT:

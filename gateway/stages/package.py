@@ -31,7 +31,7 @@ from gateway.config import Partner
 from gateway.core import compress, deid, mailformat
 from gateway.core.states import TransferState
 from gateway.spool import Spool
-from gateway.stages import wait_woken
+from gateway.stages import TRANSIENT_ERRORS, wait_woken
 from gateway.stages.context import Stage, StageContext
 from gateway.stages.workers import WORKERS, BuildJob, Built, TooLarge, build_mail, start_worker
 
@@ -401,6 +401,11 @@ class Packager(Stage):
                         await self.catalog.set_transfer_state(
                             str(transfer["id"]), TransferState.FAILED, time.time(), reason
                         )
+                    except TRANSIENT_ERRORS as exc:
+                        # the catalog away for a moment (a Galera member restarting, a lost connection): the
+                        # transfer stays pending and is packaged again on the next turn
+                        log.warning("transfer %s: packaging paused: %s", transfer["id"], type(exc).__name__)
+                        break
                     except Exception as exc:
                         log.exception("transfer %s: packaging failed", transfer["id"])
                         await self.catalog.set_transfer_state(
