@@ -15,6 +15,7 @@ Last line: kills=K acknowledged=A delivered=D lost=L duplicates=U
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -424,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
                 cur.execute(f"DROP DATABASE IF EXISTS `{db_name}_{site[-1]}`")
         if started_galera:
             galera.down()
+    for pid in sorted(orphans):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            print(f"left behind: {pid} {cmd[:200]}", file=sys.stderr)
     lost = len(acknowledged) - delivered
     print(f"work folder: {work}" if a.keep else "", file=sys.stderr)
     if not a.keep and lost == 0 and duplicates == 0:

@@ -100,10 +100,12 @@ class Cluster(Solo):
 
     async def start(self) -> None:
         """Our previous run's claims are free at once (our lock on D: says that run is gone); first beat."""
-        freed = await self.catalog.drop_claims(self.node)
+        from gateway.stages import record
+
+        freed = await record("cluster start", lambda: self.catalog.drop_claims(self.node))
         if freed:
             log.info("cluster: %d claims of this node's previous run freed", freed)
-        await self.beat()
+        await record("first heartbeat", self.beat)
 
     async def beat(self) -> None:
         """Renew our claims, say we are alive, take free roles, take over what dead nodes left."""

@@ -40,6 +40,7 @@ from gateway.loopwatch import LoopWatch
 from gateway.reconcile import catalog_from_queues, storage_against_catalog
 from gateway.renderers import RenderWorkers
 from gateway.spool import Spool
+from gateway.stages import record
 from gateway.stages.context import SharesContext, StageContext
 from gateway.stages.fetch import Fetcher
 from gateway.stages.forward import Forwarder, purge_accepted
@@ -162,7 +163,7 @@ class Gateway(SharesContext):
         claims, staged sets and fragment groups by the node that takes the packaging and housekeeping roles."""
         if not self.claims.clustered:
             await self.recover_shared()
-        fixed = await self.reconcile_catalog()
+        fixed = await record("catalog reconciliation", self.reconcile_catalog)
         if fixed:
             log.info("catalog brought in line with the queues for %d mails", fixed)
 

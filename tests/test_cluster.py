@@ -21,7 +21,8 @@ from gateway.devtools.process import GatewayProcess
 from gateway.devtools.studies import make_study
 from tests.conftest import CANARIES, storescu, wait_for
 
-LEASE = 6  # seconds: short, so that take-over happens within the test's patience
+LEASE = 10  # seconds: short, so that take-over happens within the test's patience; longer than a Galera
+# member's stall while a dead peer is evicted (about 5 s)
 
 
 def _database(galera: GaleraCluster) -> str:

@@ -28,7 +28,7 @@ from gateway.adapters.dicom import Received
 from gateway.auditing import Auditor
 from gateway.catalog import Catalog, InstanceRecord
 from gateway.core.dicominfo import InstanceInfo, read_info
-from gateway.stages import LoopGuard
+from gateway.stages import LoopGuard, record
 from gateway.stages.context import Progress
 from gateway.storage import Storage, StoreOutcome, fsync_dir
 
@@ -284,7 +284,8 @@ class Intake:
             )
         records = kept
         if records:
-            new = await self.catalog.record_instances(records)
+            # the catalog away, or on Galera another node indexing the same rows (1213): wait and index again
+            new = await record("journal replay", lambda: self.catalog.record_instances(records))
             await self._audit(records, replay=True)
             log.info(
                 "intake journal %s: %d records replayed, %d were not yet indexed",
