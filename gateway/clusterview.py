@@ -3,6 +3,7 @@ the Galera member's view), as `status` prints it and as check_mk's services judg
 
 from __future__ import annotations
 
+from html import escape
 from typing import TYPE_CHECKING, Any
 
 from gateway.cluster import ROLES
@@ -59,6 +60,36 @@ def text(view: Status) -> list[str]:
             f"sent {counters.get('sent_mails', 0)} ingested {counters.get('ingested_mails', 0)}; "
             f"runs {', '.join(n['roles']) or 'no role'}"
         )
+    return out
+
+
+def html(view: Status) -> list[str]:
+    """The web page's cluster section: the Galera state and a row per gateway node."""
+    c = view.cluster
+    if not c:
+        return []
+    g = c.get("galera") or {}
+    out = [
+        f"<h2>Cluster</h2><p>Galera {escape(str(g.get('cluster_status', '?')))}, "
+        f"{escape(str(g.get('cluster_size', '?')))} members; {c['lapsed_claims']} claims waiting for take-over"
+        + (
+            f"; <span class='bad'>no node runs {escape(', '.join(c['unheld_roles']))}</span>"
+            if c["unheld_roles"]
+            else ""
+        )
+        + "</p><table><tr><th>node</th><th>state</th><th>host</th><th>heartbeat</th><th>claims</th><th>sent</th>"
+        "<th>ingested</th><th>runs</th></tr>"
+    ]
+    for n in c["nodes"]:
+        counters = n.get("counters") or {}
+        out.append(
+            f"<tr class='{'ok' if n['alive'] else 'bad'}'><td>{escape(n['node'])}</td>"
+            f"<td>{'up' if n['alive'] else 'DOWN'}</td><td>{escape(str(n['host']))}</td>"
+            f"<td>{view.at - float(n['heartbeat']):.0f} s ago</td><td>{n['claims']}</td>"
+            f"<td>{counters.get('sent_mails', 0)}</td><td>{counters.get('ingested_mails', 0)}</td>"
+            f"<td>{escape(', '.join(n['roles']) or '-')}</td></tr>"
+        )
+    out.append("</table>")
     return out
 
 

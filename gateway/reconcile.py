@@ -53,9 +53,11 @@ async def storage_against_catalog(storage: Storage, catalog: Catalog) -> dict[st
     def files() -> set[str]:
         return {storage.relative(p) for p in storage.images.rglob("*.dcm")}
 
-    on_disk = await asyncio.to_thread(files)
+    # the rows first: a row's file is durable before the row is written, so a file stored while the disk is read
+    # (the DICOM port is open; in a cluster, other nodes store too) is never taken for a missing one
     rows = await catalog.instance_paths(purged=False)
     purged = await catalog.instance_paths(purged=True)
+    on_disk = await asyncio.to_thread(files)
     for path in on_disk & purged - rows:  # a purge interrupted between the catalog and the unlink
         (storage.root / path).unlink(missing_ok=True)
     on_disk -= purged - rows

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from gateway import status
+from gateway import clusterview, status
 from gateway.dicomweb import DicomWeb
 from gateway.metrics import REGISTRY
 from gateway.renderers import RenderFailed
@@ -220,6 +220,7 @@ class WebApp:
         if view.catalog_problem:
             parts.append(f"<p class='bad'>{_e(view.catalog_problem)}</p>")
         parts += _queues(view)
+        parts += clusterview.html(view)
         parts += _nodes(view)
         parts += _transfers(view)
         parts += _studies_html(

@@ -130,3 +130,48 @@ def test_a_cluster_needs_the_shared_catalog_and_a_heartbeat_inside_the_lease(
     assert s.audit_dir == tmp_path / "e" / "audit" / "gw1", "each node its own audit chain"
     alone = minimal_settings(tmp_path, pki_dir, cert, key)
     assert alone.cluster is None and alone.node == "" and alone.audit_dir == tmp_path / "e" / "audit"
+
+
+@pytest.mark.asyncio
+async def test_status_page_and_check_mk_show_each_node_and_a_dead_one(tmp_path: Path) -> None:
+    from gateway import clusterview
+    from gateway.monitoring import CRIT, OK, WARN
+    from gateway.status import Status
+
+    catalog = await open_catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    outbox = Spool(tmp_path / "d" / "spool" / "outbox", tmp_path / "d" / "tmp")
+    outbox.prepare()
+    try:
+        a, b = _cluster(catalog, "a", outbox), _cluster(catalog, "b", outbox)
+        a.counters = lambda: {"sent_mails": 7, "ingested_mails": 2}
+        await a.start()
+        await b.start()
+        now = time.time()
+        view = Status(now, "gateway-a", "GW_A", "mysql", None)
+        view.cluster = await clusterview.read(catalog, 30, now)
+        view.cluster["galera"] = {"cluster_status": "Primary", "cluster_size": "3"}
+        text = "\n".join(clusterview.text(view))
+        assert "node a" in text and "up" in text and "sent 7 ingested 2" in text and "runs backup" in text
+        states = {s.name: s.state for s in clusterview.services(view)}
+        assert states == {"DMG Cluster": OK, "DMG Cluster node a": OK, "DMG Cluster node b": OK}
+
+        # 40 s later a has not beaten (it died); b has; one Galera member is gone
+        later = now + 40
+        await catalog.heartbeat("b", "host", 2, now, later, 30, {})
+        view = Status(later, "gateway-a", "GW_A", "mysql", None)
+        view.cluster = await clusterview.read(catalog, 30, later)
+        view.cluster["galera"] = {"cluster_status": "Primary", "cluster_size": "2"}
+        states = {s.name: s.state for s in clusterview.services(view)}
+        assert states["DMG Cluster node a"] == CRIT and states["DMG Cluster node b"] == OK
+        assert states["DMG Cluster"] == CRIT, "a's roles run nowhere until b takes them"
+        assert "DOWN" in "\n".join(clusterview.text(view)) and "DOWN" in "".join(clusterview.html(view))
+        await b.take("role", "backup")  # what b's next beat does for every role
+        for role in ROLES:
+            await catalog.take_claim("role", role, "b", later, 30)
+        view.cluster = await clusterview.read(catalog, 30, later)
+        view.cluster["galera"] = {"cluster_status": "Primary", "cluster_size": "2"}
+        assert {s.name: s.state for s in clusterview.services(view)}["DMG Cluster"] == WARN, (
+            "two of three members"
+        )
+    finally:
+        await catalog.close()

@@ -29,3 +29,30 @@ def test_thirty_kills_lose_and_duplicate_nothing(mail):  # type: ignore[no-untyp
     assert audit == {"audit_missing": "0", "audit_unmarked_twice": "0", "audit_miscounted": "0"}, report
     orphans = r.stdout.strip().splitlines()[-3].rsplit("orphans=", 1)[1]
     assert orphans == "0", f"processes of killed gateways still running: {report}"
+
+
+def test_thirty_kills_of_cluster_nodes_and_galera_members_lose_and_duplicate_nothing(mail, galera):  # type: ignore[no-untyped-def]
+    """The cluster form (issue 17): two nodes per gateway on the Galera test cluster, one D: per gateway; the driver
+    SIGKILLs gateway nodes and Galera members at random while studies stream to either node of A."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "killtest.py"),
+            "--cluster",
+            "--kills",
+            "30",
+            "--settle",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    report = r.stdout + r.stderr[-3000:]
+    fields = dict(item.split("=") for item in r.stdout.strip().splitlines()[-1].split())
+    assert int(fields["kills"]) == 30, report
+    assert int(fields["acknowledged"]) > 100, f"too little traffic to mean anything: {report}"
+    assert fields["lost"] == "0" and fields["duplicates"] == "0", report
+    orphans = r.stdout.strip().splitlines()[-3].rsplit("orphans=", 1)[1]
+    assert orphans == "0", f"processes of killed gateways still running: {report}"
+    assert galera.size() == 3, "the Galera test cluster is whole again"
