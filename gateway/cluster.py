@@ -298,3 +298,30 @@ class Cluster(Solo):
             "taken_over": self.taken_over,
             "galera": self.galera,
         }
+
+
+async def cluster_view(catalog: Catalog, lease: float, now: float) -> dict[str, Any]:
+    """The whole cluster as the catalog shows it: each node (alive while its heartbeat is younger than the lease,
+    its roles, how many claims it holds, its counters), claims waiting for take-over (their holder's lease ran
+    out), and the Galera member's view (members in the Primary Component)."""
+    claims = await catalog.claims()
+    nodes = []
+    for row in await catalog.cluster_nodes():
+        mine = [c for c in claims if c.node == row["node"]]
+        nodes.append(
+            {
+                **row,
+                "alive": now - float(row["heartbeat"]) <= lease,
+                "roles": sorted(c.item for c in mine if c.kind == "role" and c.lease_until >= now),
+                "claims": len(mine),
+            }
+        )
+    lapsed = [c for c in claims if c.lease_until < now]
+    return {
+        "nodes": nodes,
+        "lapsed_claims": len(lapsed),
+        "unheld_roles": sorted(
+            set(ROLES) - {c.item for c in claims if c.kind == "role" and c.lease_until >= now}
+        ),
+        "galera": await catalog.galera(),
+    }

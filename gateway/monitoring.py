@@ -18,53 +18,20 @@ import json
 import os
 import shutil
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
 from gateway import status
+from gateway.checkmk import CRIT, OK, UNKNOWN, WARN, Metric, Service
 from gateway.config import Settings
 from gateway.status import QueueView, Status
 from gateway.volume import node_state
 
-OK, WARN, CRIT, UNKNOWN = 0, 1, 2, 3
+__all__ = ["CRIT", "OK", "UNKNOWN", "WARN", "Metric", "Service", "collect"]
+
 HEARTBEAT_STALE = 120.0
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One check_mk metric: name=value;warn;crit."""
-
-    name: str
-    value: float
-    warn: float | None = None
-    crit: float | None = None
-
-    def render(self) -> str:
-        def num(v: float | None) -> str:
-            return "" if v is None else (str(int(v)) if float(v).is_integer() else f"{v:.2f}")
-
-        text = f"{self.name}={num(self.value)}"
-        if self.warn is not None or self.crit is not None:
-            text += f";{num(self.warn)};{num(self.crit)}"
-        return text
-
-
-@dataclass(frozen=True)
-class Service:
-    """One line of the local check."""
-
-    state: int
-    name: str
-    text: str
-    metrics: tuple[Metric, ...] = field(default_factory=tuple)
-
-    def render(self) -> str:
-        metrics = "|".join(m.render() for m in self.metrics) or "-"
-        text = self.text.replace("\n", " ").replace('"', "'")
-        return f'{self.state} "{self.name}" {metrics} {text}'
 
 
 def _upper(value: float, warn: float, crit: float) -> int:

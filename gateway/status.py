@@ -197,9 +197,9 @@ async def read(
         status.catalog = await own.status(limit)
         status.counts = await own.monitoring_counts(status.at, settings.mail.reassembly_deadline)
         if settings.cluster is not None:
-            from gateway import clusterview
+            from gateway.cluster import cluster_view
 
-            status.cluster = await clusterview.read(own, settings.cluster.lease, status.at)
+            status.cluster = await cluster_view(own, settings.cluster.lease, status.at)
     except Exception as exc:  # reported as a state of its own: the rest of the status is still worth showing
         status.catalog_problem = f"catalog unreachable: {type(exc).__name__}"
     finally:

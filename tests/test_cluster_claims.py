@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.catalog import open_catalog
-from gateway.cluster import INGEST, ROLES, SEND, Cluster
+from gateway.cluster import INGEST, ROLES, SEND, Cluster, cluster_view
 from gateway.config import ClusterSettings, ConfigError
 from gateway.core.queue import QueueState
 from gateway.spool import Spool
@@ -148,7 +148,7 @@ async def test_status_page_and_check_mk_show_each_node_and_a_dead_one(tmp_path: 
         await b.start()
         now = time.time()
         view = Status(now, "gateway-a", "GW_A", "mysql", None)
-        view.cluster = await clusterview.read(catalog, 30, now)
+        view.cluster = await cluster_view(catalog, 30, now)
         view.cluster["galera"] = {"cluster_status": "Primary", "cluster_size": "3"}
         text = "\n".join(clusterview.text(view))
         assert "node a" in text and "up" in text and "sent 7 ingested 2" in text and "runs backup" in text
@@ -159,7 +159,7 @@ async def test_status_page_and_check_mk_show_each_node_and_a_dead_one(tmp_path: 
         later = now + 40
         await catalog.heartbeat("b", "host", 2, now, later, 30, {})
         view = Status(later, "gateway-a", "GW_A", "mysql", None)
-        view.cluster = await clusterview.read(catalog, 30, later)
+        view.cluster = await cluster_view(catalog, 30, later)
         view.cluster["galera"] = {"cluster_status": "Primary", "cluster_size": "2"}
         states = {s.name: s.state for s in clusterview.services(view)}
         assert states["DMG Cluster node a"] == CRIT and states["DMG Cluster node b"] == OK
@@ -168,7 +168,7 @@ async def test_status_page_and_check_mk_show_each_node_and_a_dead_one(tmp_path: 
         await b.take("role", "backup")  # what b's next beat does for every role
         for role in ROLES:
             await catalog.take_claim("role", role, "b", later, 30)
-        view.cluster = await clusterview.read(catalog, 30, later)
+        view.cluster = await cluster_view(catalog, 30, later)
         view.cluster["galera"] = {"cluster_status": "Primary", "cluster_size": "2"}
         assert {s.name: s.state for s in clusterview.services(view)}["DMG Cluster"] == WARN, (
             "two of three members"

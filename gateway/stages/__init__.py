@@ -80,7 +80,10 @@ class LoopGuard:
         """Seconds to wait before the next turn, or None: stop the loop (the stage is reported halted). A loop
         being cancelled stops here: aiomysql turns a cancellation inside a query into an InterfaceError, which
         would otherwise look like the catalog being away and keep a cancelled stage running."""
-        task = asyncio.current_task()
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # not in an event loop (a test of the policy alone)
+            task = None
         if task is not None and task.cancelling():
             raise asyncio.CancelledError
         self.failures += 1
