@@ -311,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     failed_restart = ""
     stop = threading.Event()
 
+    member_kills = 0  # of them, Galera members (the cluster form)
+
     def killer() -> None:
-        nonlocal kills, failed_restart
+        nonlocal kills, failed_restart, member_kills
         while kills < a.kills and not stop.is_set():
             time.sleep(rnd.uniform(0.3, 2.5))
             choice = rnd.choice([*procs, *(["galera-1", "galera-2", "galera-3"] if galera else [])])
@@ -320,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 member = int(choice[-1])
                 galera.stop_member(member, kill=True)  # one member at a time: the other two keep the quorum
                 kills += 1
+                member_kills += 1
                 time.sleep(rnd.uniform(0.0, 2.0))
                 try:
                     galera.start_member(member)
@@ -449,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     median = sorted(restarts)[len(restarts) // 2] if restarts else 0.0
     print(
         f"studies={study_no} corrupt={corrupt} files_at_b={rows} stored_at_a={a_rows} conflicts={conflicts} "
-        f"restart_median_s={median:.1f} restart_max_s={slowest:.1f} orphans={len(orphans)}"
+        f"restart_median_s={median:.1f} restart_max_s={slowest:.1f}"
+        + (f" galera_member_kills={member_kills}" if galera is not None else "")
+        + f" orphans={len(orphans)}"
     )
     print(" ".join(f"{k}={v}" for k, v in audit.items()) or "audit=not checked in the cluster form")
     print(
