@@ -215,6 +215,15 @@ def test_schedule_and_outcome(tmp_path, pki_dir):  # type: ignore[no-untyped-def
     settings = write_settings(tmp_path, pki_dir, None)
     backup.record_outcome(settings, False, "OSError: disk full", when=123.0)
     assert backup.last_outcome(settings) == {"ok": False, "detail": "OSError: disk full", "at": 123.0}
+    # the 02:00 backup did not happen (the gateway, or the cluster node making it, was down): made at once
+    night = dt.datetime(2026, 11, 23, 2, 0)
+    backup.record_outcome(settings, True, "set", when=(night - dt.timedelta(days=1)).timestamp())
+    assert backup.missed(settings, night + dt.timedelta(hours=3))
+    assert not backup.missed(settings, night - dt.timedelta(minutes=1)), (
+        "yesterday's was made: nothing missed yet"
+    )
+    backup.record_outcome(settings, False, "OSError: disk full", when=night.timestamp() + 60)
+    assert not backup.missed(settings, night + dt.timedelta(hours=3)), "tried (and failed): check_mk says so"
 
 
 async def test_each_set_is_also_copied_elsewhere(tmp_path, pki_dir):  # type: ignore[no-untyped-def]
