@@ -31,11 +31,8 @@ log = logging.getLogger(__name__)
 
 # stages that run on one node at a time, each under a claim of kind "role"
 ROLES = ("route", "package", "fetch", "forward", "receipts", "webindex", "housekeeping", "backup")
-SEND, INGEST, GROUP = (
-    "send",
-    "ingest",
-    "group",
-)  # per-item claims: an outbound mail, an inbound mail, fragments
+# per-item claims: an outbound mail, an inbound mail, a fragment group's completion
+SEND, INGEST, GROUP = "send", "ingest", "group"
 
 
 class Solo:
