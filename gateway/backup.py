@@ -416,24 +416,18 @@ def next_run(now: dt.datetime, at: dt.time) -> dt.datetime:
 
 
 def missed(settings: Settings, now: dt.datetime) -> bool:
-    """Whether the last scheduled backup did not happen: the last one recorded is older than it (the gateway was
-    down at that hour, or the cluster node making it died). A gateway that never made one has missed nothing."""
-    last = last_outcome(settings)
-    if last is None:
-        return False
-    scheduled = next_run(now - dt.timedelta(days=1), settings.backup.time)
-    return scheduled <= now and float(last.get("at", 0)) < scheduled.timestamp()
+    """Whether the last scheduled backup did not happen (the gateway, or the cluster node making it, was down)."""
+    last, scheduled = last_outcome(settings), next_run(now - dt.timedelta(days=1), settings.backup.time)
+    return last is not None and scheduled <= now and float(last.get("at", 0)) < scheduled.timestamp()
 
 
 async def run_forever(settings: Settings, audit: Auditor | None = None) -> None:
-    """Back up every day at `backup.time`, and at once when the last scheduled one was missed (in a cluster: on
-    the node that takes the backup over); record each outcome (and its audit event); never dies."""
+    """Back up every day at `backup.time`, and at once if the last one was `missed`; never dies."""
     catch_up = missed(settings, dt.datetime.now())
     while True:
         now = dt.datetime.now()
-        wait = 0.0 if catch_up else (next_run(now, settings.backup.time) - now).total_seconds()
+        await asyncio.sleep(0.0 if catch_up else (next_run(now, settings.backup.time) - now).total_seconds())
         catch_up = False
-        await asyncio.sleep(wait)
         try:
             result = await run_backup(settings)
             record_outcome(settings, True, f"{result.path.name}: {result.files} files, {result.bytes} bytes")
