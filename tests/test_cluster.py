@@ -123,11 +123,14 @@ def test_two_nodes_per_site_send_and_ingest_once_and_fail_over(  # type: ignore[
         survivor = idle
         second = make_study(tmp_path / "s2", ct=20, mr=10, sc=4)
         assert storescu(busy.port, "TO_B", tmp_path / "s2").returncode == 0
+        # study 2's first mails on their way (or, on a fast machine, all of them: then the kill tests the roles'
+        # take-over only)
         wait_for(
-            lambda: any(
-                t["parts_done"]
-                for t in _status(survivor)["transfers"]
-                if t["direction"] == "out" and t["state"] != "sent"
+            lambda: (
+                len(
+                    [t for t in _status(survivor)["transfers"] if t["direction"] == "out" and t["parts_done"]]
+                )
+                >= 2
             ),
             120,
             0.2,
