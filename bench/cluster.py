@@ -11,7 +11,6 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pymysql
@@ -114,7 +113,7 @@ def bench_cluster(base: Path, images: int = 240) -> dict[str, float]:
             study = work / "study"
             make_ct_study(study, count=images, size=512, seed=10 + count)
             mails = _fill_mailbox(work, study)
-            db = f"dmg_bench_{uuid.uuid4().hex[:8]}"
+            db = galera.create_database("dmg_bench")
             nodes = [
                 _gateway(
                     work,

@@ -11,7 +11,6 @@ once, and the nodes rejoin when they come back."""
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 from gateway.devtools.devenv import cluster_table, render_config
@@ -23,15 +22,6 @@ from tests.conftest import CANARIES, storescu, wait_for
 
 LEASE = 10  # seconds: short, so that take-over happens within the test's patience; longer than a Galera
 # member's stall while a dead peer is evicted (about 5 s)
-
-
-def _database(galera: GaleraCluster) -> str:
-    name = f"dmg_cluster_{uuid.uuid4().hex[:8]}"
-    conn = galera.connect(1)
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}`")
-    conn.close()
-    return name
 
 
 def _node(
@@ -82,7 +72,7 @@ def _role_holder(gw: GatewayProcess, role: str) -> str:
 def test_two_nodes_per_site_send_and_ingest_once_and_fail_over(  # type: ignore[no-untyped-def]
     galera: GaleraCluster, mail, pki_dir: Path, tmp_path: Path
 ) -> None:
-    db_a, db_b = _database(galera), _database(galera)
+    db_a, db_b = galera.create_database("dmg_cluster"), galera.create_database("dmg_cluster")
     a1 = _node(
         tmp_path, pki_dir, "gateway-a", "a1", galera.url(1, db_a), [("gateway-b", "gateway-b", "TO_B")]
     )

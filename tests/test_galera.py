@@ -6,7 +6,6 @@ leaves the other two working and rejoins with what it missed."""
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import pymysql
@@ -20,21 +19,12 @@ from gateway.storage import Storage
 from tests.conftest import wait_for
 
 
-def _database(galera: GaleraCluster) -> str:
-    name = f"dmg_galera_{uuid.uuid4().hex[:8]}"
-    conn = galera.connect(1)
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}`")
-    conn.close()
-    return name
-
-
 @pytest.mark.asyncio
 async def test_the_catalog_runs_on_galera_and_a_killed_member_rejoins(
     galera: GaleraCluster, tmp_path: Path
 ) -> None:
     assert galera.size() == 3
-    db = _database(galera)
+    db = galera.create_database("dmg_galera")
     storage = Storage(tmp_path / "d")
     storage.prepare()
     records = []
@@ -72,7 +62,7 @@ async def test_the_catalog_runs_on_galera_and_a_killed_member_rejoins(
 
 def test_two_members_claiming_the_same_row_one_commit_wins(galera: GaleraCluster) -> None:
     """What docs/cluster.md's claims rest on: SKIP LOCKED does not see across members, certification does."""
-    db = _database(galera)
+    db = galera.create_database("dmg_galera")
     setup = galera.connect(1)
     with setup.cursor() as cur:
         cur.execute(

@@ -52,6 +52,19 @@ class GaleraCluster:
         """A catalog URL for member n."""
         return f"mysql://root@127.0.0.1:{sql_port(n)}/{database}"
 
+    def create_database(self, prefix: str) -> str:
+        """A new empty database (on member 1, replicated to all) named `prefix` and a random tail."""
+        import uuid
+
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        conn = self.connect(1)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"CREATE DATABASE `{name}`")
+        finally:
+            conn.close()
+        return name
+
     def connect(self, n: int) -> pymysql.connections.Connection:
         return pymysql.connect(
             host="127.0.0.1", port=sql_port(n), user="root", password="", connect_timeout=5
