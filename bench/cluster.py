@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pymysql
 
-from gateway.devtools.devenv import cluster_table, render_config
+from gateway.devtools.devenv import cluster_table, gateway_process
 from gateway.devtools.galera import GaleraCluster
 from gateway.devtools.mailcluster import MailCluster
-from gateway.devtools.ports import free_port
 from gateway.devtools.process import GatewayProcess
 from gateway.devtools.studies import make_ct_study
 
@@ -27,26 +26,18 @@ PKI = ROOT / "certs" / "dev"
 
 
 def _gateway(work: Path, site: str, node: str, partner: tuple[str, str, str], **kw: object) -> GatewayProcess:
-    port = free_port()
-    folder = work / node
-    folder.mkdir(parents=True)
-    cfg = folder / "gateway.toml"
-    cfg.write_text(
-        render_config(
-            name=site,
-            ae_title=site.upper().replace("-", "_"),
-            port=port,
-            d_root=work / f"{site}-d",
-            e_root=work / f"{site}-e",
-            pki_dir=PKI,
-            partners=[partner],
-            stability_delay=1,
-            poll_interval=0.5,
-            max_mail_size="1MB",
-            **kw,  # type: ignore[arg-type]
-        )
+    return gateway_process(
+        work / node,
+        site,
+        PKI,
+        [partner],
+        d_root=work / f"{site}-d",
+        e_root=work / f"{site}-e",
+        stability_delay=1,
+        poll_interval=0.5,
+        max_mail_size="1MB",
+        **kw,
     )
-    return GatewayProcess(node, cfg, port, folder / "gateway.log", work / f"{site}-d")
 
 
 def _fill_mailbox(work: Path, study: Path) -> int:

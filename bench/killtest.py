@@ -34,10 +34,9 @@ from gateway.config import load  # noqa: E402
 from gateway.core.dicominfo import dataset_offset, read_info  # noqa: E402
 from gateway.devtools import pki  # noqa: E402
 from gateway.devtools.auditrepo import AuditRepository  # noqa: E402
-from gateway.devtools.devenv import cluster_table, render_config  # noqa: E402
+from gateway.devtools.devenv import cluster_table, gateway_process  # noqa: E402
 from gateway.devtools.galera import GaleraCluster  # noqa: E402
 from gateway.devtools.mailcluster import MailCluster  # noqa: E402
-from gateway.devtools.ports import free_port  # noqa: E402
 from gateway.devtools.process import GatewayProcess  # noqa: E402
 from gateway.devtools.studies import make_study  # noqa: E402
 from gateway.storage import Storage  # noqa: E402
@@ -231,9 +230,6 @@ def _gateways(
         partner = (
             ("gateway-b", "gateway-b", "TO_B") if site == "gateway-a" else ("gateway-a", "gateway-a", "TO_A")
         )
-        port = free_port()
-        cfg = work / node / "gateway.toml"
-        cfg.parent.mkdir(parents=True)
         extra: dict[str, str] = {}
         tail = f'[audit]\nrepository = "127.0.0.1:{repo.port}"\napp_name = "{node}"\n'
         if galera is not None:
@@ -241,24 +237,20 @@ def _gateways(
             tail += cluster_table(node, LEASE)
         elif a.mariadb and site == "gateway-a":
             extra = {"database_url": f"mysql://root@127.0.0.1:3306/{db_name}"}
-        cfg.write_text(
-            render_config(
-                name=site,
-                ae_title=site.upper().replace("-", "_"),
-                port=port,
-                d_root=work / site / "d",
-                e_root=work / site / "e",
-                pki_dir=pki_dir,
-                partners=[partner],
-                stability_delay=1,
-                poll_interval=0.5,
-                max_mail_size="256KB",
-                node_cooldown=2,
-                tail=tail,
-                **extra,
-            )  # type: ignore[arg-type]
+        procs[node] = gateway_process(
+            work / node,
+            site,
+            pki_dir,
+            [partner],
+            d_root=work / site / "d",
+            e_root=work / site / "e",
+            stability_delay=1,
+            poll_interval=0.5,
+            max_mail_size="256KB",
+            node_cooldown=2,
+            tail=tail,
+            **extra,
         )
-        procs[node] = GatewayProcess(node, cfg, port, work / node / "gateway.log", work / site / "d")
     return procs
 
 

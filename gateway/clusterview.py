@@ -3,13 +3,31 @@ the Galera member's view), as `status` prints it and as check_mk's services judg
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from html import escape
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.checkmk import CRIT, OK, WARN, Metric, Service
 
 if TYPE_CHECKING:
     from gateway.status import Status
+
+
+def _headline(c: dict[str, Any], alarm: Callable[[str], str], quote: Callable[[str], str] = str) -> str:
+    """The whole cluster in one sentence: the Galera state and size, claims waiting, roles no node runs (`alarm`
+    marks that part, `quote` what comes from the catalog)."""
+    g = c.get("galera") or {}
+    line = (
+        f"Galera {quote(str(g.get('cluster_status', '?')))}, {quote(str(g.get('cluster_size', '?')))} members; "
+        f"{c['lapsed_claims']} claims waiting for take-over"
+    )
+    if c["unheld_roles"]:
+        line += "; " + alarm(f"no node runs {quote(', '.join(c['unheld_roles']))}")
+    return line
+
+
+def _bad(markup: str) -> str:
+    return f"<span class='bad'>{markup}</span>"
 
 
 def text(view: Status) -> list[str]:
@@ -18,11 +36,7 @@ def text(view: Status) -> list[str]:
     if not c:
         return []
     g = c.get("galera") or {}
-    out = [
-        f"\ncluster: Galera {g.get('cluster_status', '?')}, {g.get('cluster_size', '?')} members, this member "
-        f"{g.get('local_state_comment', '?')}; {c['lapsed_claims']} claims waiting for take-over"
-        + (f"; no node runs: {', '.join(c['unheld_roles'])}" if c["unheld_roles"] else "")
-    ]
+    out = [f"\ncluster: {_headline(c, str)}; this member {g.get('local_state_comment', '?')}"]
     for n in c["nodes"]:
         counters = n.get("counters") or {}
         out.append(
@@ -39,16 +53,9 @@ def html(view: Status) -> list[str]:
     c = view.cluster
     if not c:
         return []
-    g = c.get("galera") or {}
     out = [
-        f"<h2>Cluster</h2><p>Galera {escape(str(g.get('cluster_status', '?')))}, "
-        f"{escape(str(g.get('cluster_size', '?')))} members; {c['lapsed_claims']} claims waiting for take-over"
-        + (
-            f"; <span class='bad'>no node runs {escape(', '.join(c['unheld_roles']))}</span>"
-            if c["unheld_roles"]
-            else ""
-        )
-        + "</p><table><tr><th>node</th><th>state</th><th>host</th><th>heartbeat</th><th>claims</th><th>sent</th>"
+        f"<h2>Cluster</h2><p>{_headline(c, _bad, escape)}</p>"
+        "<table><tr><th>node</th><th>state</th><th>host</th><th>heartbeat</th><th>claims</th><th>sent</th>"
         "<th>ingested</th><th>runs</th></tr>"
     ]
     for n in c["nodes"]:
@@ -74,16 +81,11 @@ def services(view: Status) -> list[Service]:
     size = int(g.get("cluster_size", 0) or 0)
     primary = g.get("cluster_status", "") == "Primary"
     state = CRIT if not primary or size < 2 or c["unheld_roles"] else WARN if size < 3 else OK
-    text = (
-        f"Galera {g.get('cluster_status', '?')} with {size} members; {c['lapsed_claims']} claims to take over"
-    )
-    if c["unheld_roles"]:
-        text += f"; no node runs {', '.join(c['unheld_roles'])}"
     services = [
         Service(
             state,
             "DMG Cluster",
-            text,
+            _headline(c, str),
             (Metric("galera_members", size, 2, 1), Metric("lapsed_claims", int(c["lapsed_claims"]))),
         )
     ]

@@ -13,13 +13,12 @@ import pymysql
 import pytest
 
 from gateway.devtools import pki
-from gateway.devtools.devenv import render_config
+from gateway.devtools.devenv import gateway_process, render_config
 from gateway.devtools.galera import GaleraCluster
 from gateway.devtools.mailcluster import MailCluster
 from gateway.devtools.process import GatewayProcess
 from gateway.service import Gateway
 from tests import fakemail, fastgw
-from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CANARIES = (b"CANARYZQX", b"PATIENTJWV", b"PIDCANARY7731", b"19230417")
@@ -183,23 +182,10 @@ def make_gateway(request: pytest.FixtureRequest, tmp_path: Path, pki_dir: Path) 
     request.node.stash[GATEWAYS_OF_TEST] = made
 
     def factory(name: str, partners: list[tuple[str, str, str]], **kw: object) -> GatewayProcess:
-        port = free_port()
-        d_root = Path(str(kw.pop("d_root", tmp_path / name / "d")))
-        cfg = tmp_path / name / "gateway.toml"
-        cfg.parent.mkdir(parents=True, exist_ok=True)
-        cfg.write_text(
-            render_config(
-                name=name,
-                ae_title=name.upper().replace("-", "_"),
-                port=port,
-                d_root=d_root,
-                e_root=tmp_path / name / "e",
-                pki_dir=pki_dir,
-                partners=partners,
-                **kw,  # type: ignore[arg-type]
-            )
+        d_root = kw.pop("d_root", None)
+        gw = gateway_process(
+            tmp_path / name, name, pki_dir, partners, Path(str(d_root)) if d_root else None, **kw
         )
-        gw = GatewayProcess(name, cfg, port, tmp_path / name / "gateway.log", d_root)
         made.append(gw)
         return gw
 

@@ -20,7 +20,8 @@ from gateway.core.states import MailState
 from gateway.devtools import orthanc as orthanc_peer
 from gateway.devtools.process import GatewayProcess
 from gateway.devtools.studies import make_study
-from tests.conftest import free_port, storescu, wait_for, write_config
+from tests.conftest import storescu, wait_for, write_config
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gateway.devtools.devenv import cluster_table, render_config
+from gateway.devtools.devenv import cluster_table, gateway_process
 from gateway.devtools.galera import GaleraCluster
-from gateway.devtools.ports import free_port
 from gateway.devtools.process import GatewayProcess
 from gateway.devtools.studies import make_study
 from tests.conftest import CANARIES, storescu, wait_for
@@ -27,27 +26,19 @@ LEASE = 10  # seconds: short, so that take-over happens within the test's patien
 def _node(
     tmp_path: Path, pki_dir: Path, site: str, node: str, url: str, partners: list[tuple[str, str, str]]
 ) -> GatewayProcess:
-    port = free_port()
-    folder = tmp_path / node
-    folder.mkdir(parents=True)
-    cfg = folder / "gateway.toml"
-    cfg.write_text(
-        render_config(
-            name=site,
-            ae_title=site.upper().replace("-", "_"),
-            port=port,
-            d_root=tmp_path / f"{site}-d",  # one D: for the site's nodes
-            e_root=tmp_path / f"{site}-e",
-            pki_dir=pki_dir,
-            partners=partners,
-            database_url=url,
-            stability_delay=2,
-            poll_interval=1,
-            max_mail_size="1MB",
-            tail=cluster_table(node, LEASE),
-        )
+    return gateway_process(
+        tmp_path / node,
+        site,
+        pki_dir,
+        partners,
+        d_root=tmp_path / f"{site}-d",  # one D: and E: for the site's nodes
+        e_root=tmp_path / f"{site}-e",
+        database_url=url,
+        stability_delay=2,
+        poll_interval=1,
+        max_mail_size="1MB",
+        tail=cluster_table(node, LEASE),
     )
-    return GatewayProcess(node, cfg, port, folder / "gateway.log", tmp_path / f"{site}-d")
 
 
 def _status(gw: GatewayProcess) -> dict:  # type: ignore[type-arg]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from gateway.devtools.devenv import render_config
 from gateway.devtools.studies import make_study
-from tests.conftest import free_port, storescu, wait_for
+from tests.conftest import storescu, wait_for
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ import socket
 import subprocess
 
 from gateway.devtools.studies import make_study
-from tests.conftest import free_port, storescu
+from tests.conftest import storescu
+from tests.ports import free_port
 
 
 def test_storescu_over_tls_with_a_client_certificate(make_gateway, pki_dir, tmp_path):  # type: ignore[no-untyped-def]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import time
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.devtools.pki import CA
 from gateway.devtools.studies import make_study
-from tests.conftest import free_port, storescu, wait_for
+from tests.conftest import storescu, wait_for
 from tests.faults import FakeSmtp, silent_listener
+from tests.ports import free_port
 from tests.test_e2e import assert_delivered_identically, transfers
 
 
@@ -89,15 +91,36 @@ def test_all_smtp_nodes_down_then_back(mail, make_gateway, tmp_path):  # type: i
 
 
 def restart_mariadb() -> None:
-    """Shut the machine's MariaDB down and start it again (as the machine kind documents)."""
+    """Shut the machine's MariaDB down and start it again (as the machine kind documents).
+
+    Only the server on 3306 is meant: the Galera test cluster's members are `mariadbd` processes too, so the old
+    server is told apart by the pid in its own pid file, and the new one is started against that pid file.
+    """
+    pid_file = subprocess.run(
+        ["mariadb", "-h127.0.0.1", "-uroot", "-N", "-e", "select @@pid_file"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+    pid = int(Path(pid_file).read_text().strip())
     subprocess.run(["mariadb-admin", "-h127.0.0.1", "-uroot", "shutdown"], check=True, timeout=60)
 
     def gone() -> bool:  # shutdown returns before the process has exited
-        return subprocess.run(["pgrep", "-x", "mariadbd"], capture_output=True).returncode != 0
+        return not Path(f"/proc/{pid}").exists()
 
     wait_for(gone, 60, 0.2, "the old MariaDB to exit")
     subprocess.run(
-        ["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", "/usr/sbin/mariadbd"],
+        [
+            "start-stop-daemon",
+            "--start",
+            "--oknodo",
+            "--background",
+            "--pidfile",
+            pid_file,
+            "--exec",
+            "/usr/sbin/mariadbd",
+        ],
         check=True,
         timeout=30,
     )

@@ -20,8 +20,9 @@ from pydicom.uid import UID
 from gateway.core.dicominfo import dataset_offset, read_info
 from gateway.devtools import orthanc as orthanc_peer
 from gateway.devtools.studies import make_study
-from tests.conftest import WEB_PASSWORD, free_port, storescu, wait_for
+from tests.conftest import WEB_PASSWORD, storescu, wait_for
 from tests.faults import aborting_pacs, refusing_pacs
+from tests.ports import free_port
 from tests.syntaxes import make_syntax_study, send_each
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from gateway.devtools.studies import make_study
-from tests.conftest import GatewayProcess, free_port, storescu, wait_for
+from tests.conftest import GatewayProcess, storescu, wait_for
+from tests.ports import free_port
 
 
 def receivers_of(gw: GatewayProcess) -> list[int]:

@@ -509,7 +509,7 @@ def test_a_stage_stuck_with_work_turns_healthz_and_check_mk_red(mail, make_gatew
     import urllib.error
     import urllib.request
 
-    from tests.conftest import free_port
+    from tests.ports import free_port
 
     hung = socket.create_server(("127.0.0.1", 0))
     web_port = free_port()

@@ -20,7 +20,8 @@ from gateway.devtools.studies import make_study
 from gateway.spool import Spool
 from gateway.tls import mail_client_context
 from tests.browser import Browser
-from tests.conftest import CANARIES, WEB_PASSWORD, free_port, storescu, wait_for
+from tests.conftest import CANARIES, WEB_PASSWORD, storescu, wait_for
+from tests.ports import free_port
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".dev" / "artifacts"
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from gateway.devtools import pki
 from gateway.devtools.mailcluster import NODE_COUNT, MailCluster, node_ip
+from gateway.devtools.ports import free_port
+from gateway.devtools.process import GatewayProcess
 
 
 def _q(value: object) -> str:
@@ -114,6 +116,38 @@ def render_config(
         lines += [extra, ""]
     lines += ["[web]", f"port = {web_port}", web_extra, ""]
     return "\n".join(lines) + ("\n" + tail if tail else "")
+
+
+def gateway_process(
+    folder: Path,
+    site: str,
+    pki_dir: Path,
+    partners: list[tuple[str, str, str]],
+    d_root: Path | None = None,
+    e_root: Path | None = None,
+    **settings: object,
+) -> GatewayProcess:
+    """One gateway of a test or benchmark, not yet started: its `gateway.toml` and log in `folder` (named for the
+    process), on a free DICOM port. `site` is the gateway's name in the network (its mailbox and keys); the nodes of
+    a cluster share it and their D: and E: (`d_root`, `e_root`, by default `folder/d` and `folder/e`), each with
+    its own `folder` and `tail=cluster_table(...)`. `settings` are `render_config`'s."""
+    port = free_port()
+    d = d_root or folder / "d"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = folder / "gateway.toml"
+    cfg.write_text(
+        render_config(
+            name=site,
+            ae_title=site.upper().replace("-", "_"),
+            port=port,
+            d_root=d,
+            e_root=e_root or folder / "e",
+            pki_dir=pki_dir,
+            partners=partners,
+            **settings,  # type: ignore[arg-type]
+        )
+    )
+    return GatewayProcess(folder.name, cfg, port, folder / "gateway.log", d)
 
 
 def cluster_table(node: str, lease: float) -> str:
