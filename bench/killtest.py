@@ -218,8 +218,9 @@ def _gateways(
     db_name: str,
     galera: GaleraCluster | None,
 ) -> dict[str, GatewayProcess]:
-    """The gateways, not yet started: A and B; or in the cluster form nodes a1, a2 (Galera members 1 and 2, one D:)
-    and b1, b2 (members 2 and 3, one D:)."""
+    """The gateways, not yet started: A and B; or in the cluster form nodes a1, a2 (preferring Galera members 1 and
+    2, one D:) and b1, b2 (members 2 and 3, one D:), each with every member in its URL (a member's death moves the
+    node's catalog to the next)."""
     procs: dict[str, GatewayProcess] = {}
     layout = (
         [("gateway-a", "a1", 1), ("gateway-a", "a2", 2), ("gateway-b", "b1", 2), ("gateway-b", "b2", 3)]
@@ -233,7 +234,8 @@ def _gateways(
         extra: dict[str, str] = {}
         tail = f'[audit]\nrepository = "127.0.0.1:{repo.port}"\napp_name = "{node}"\n'
         if galera is not None:
-            extra = {"database_url": galera.url(member, f"{db_name}_{site[-1]}")}
+            others = [m for m in (1, 2, 3) if m != member]  # the node's own member first, then the others
+            extra = {"database_url": galera.url(member, f"{db_name}_{site[-1]}", *others)}
             tail += cluster_table(node, LEASE)
         elif a.mariadb and site == "gateway-a":
             extra = {"database_url": f"mysql://root@127.0.0.1:3306/{db_name}"}

@@ -158,8 +158,8 @@ class Cluster(Solo):
             watch.cancel()
 
     async def _beat_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat)
+        while True:  # after a failed beat, the next comes sooner: the catalog may be back on another member
+            await asyncio.sleep(self.settings.heartbeat / (4 if self.last_error else 1))
             try:
                 await self.beat()
             except Exception as exc:

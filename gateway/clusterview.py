@@ -42,8 +42,8 @@ def text(view: Status) -> list[str]:
         out.append(
             f"  node {n['node']:<12} {'up' if n['alive'] else 'DOWN':<4} {n['host']}:{n['pid']:<8} "
             f"heartbeat {view.at - float(n['heartbeat']):.0f} s ago, {n['claims']} claims, "
-            f"sent {counters.get('sent_mails', 0)} ingested {counters.get('ingested_mails', 0)}; "
-            f"runs {', '.join(n['roles']) or 'no role'}"
+            f"sent {counters.get('sent_mails', 0)} ingested {counters.get('ingested_mails', 0)}, "
+            f"catalog on {counters.get('catalog_member') or '?'}; runs {', '.join(n['roles']) or 'no role'}"
         )
     return out
 
@@ -56,7 +56,7 @@ def html(view: Status) -> list[str]:
     out = [
         f"<h2>Cluster</h2><p>{_headline(c, _bad, escape)}</p>"
         "<table><tr><th>node</th><th>state</th><th>host</th><th>heartbeat</th><th>claims</th><th>sent</th>"
-        "<th>ingested</th><th>runs</th></tr>"
+        "<th>ingested</th><th>catalog on</th><th>runs</th></tr>"
     ]
     for n in c["nodes"]:
         counters = n.get("counters") or {}
@@ -65,6 +65,7 @@ def html(view: Status) -> list[str]:
             f"<td>{'up' if n['alive'] else 'DOWN'}</td><td>{escape(str(n['host']))}</td>"
             f"<td>{view.at - float(n['heartbeat']):.0f} s ago</td><td>{n['claims']}</td>"
             f"<td>{counters.get('sent_mails', 0)}</td><td>{counters.get('ingested_mails', 0)}</td>"
+            f"<td>{escape(str(counters.get('catalog_member') or '-'))}</td>"
             f"<td>{escape(', '.join(n['roles']) or '-')}</td></tr>"
         )
     out.append("</table>")
@@ -90,13 +91,13 @@ def services(view: Status) -> list[Service]:
         )
     ]
     for n in c["nodes"]:
-        age = view.at - float(n["heartbeat"])
+        age, counters = view.at - float(n["heartbeat"]), n.get("counters") or {}
         services.append(
             Service(
                 OK if n["alive"] else CRIT,
                 f"DMG Cluster node {n['node']}",
                 f"{'up' if n['alive'] else 'DOWN'}: heartbeat {age:.0f} s ago on {n['host']}; {n['claims']} claims;"
-                f" runs {', '.join(n['roles']) or 'no role'}",
+                f" catalog on {counters.get('catalog_member') or '?'}; runs {', '.join(n['roles']) or 'no role'}",
                 (Metric("heartbeat_age", round(age)), Metric("claims", int(n["claims"]))),
             )
         )

@@ -194,6 +194,7 @@ class Gateway(SharesContext):
             "ingested_mails": self.ingester.ingested,
             "quarantined_mails": self.ingester.quarantined,
             "dicom_port": self.scp.listener.listening,
+            "catalog_member": self.catalog.db.member_address,
         }
 
     async def reconcile_catalog(self) -> int:

@@ -162,3 +162,43 @@ def test_two_nodes_per_site_send_and_ingest_once_and_fail_over(  # type: ignore[
             gw.stop()
         if galera.size(1) < 3:
             galera.start_member(3)
+
+
+def test_a_node_goes_on_on_the_next_member_when_its_own_dies(  # type: ignore[no-untyped-def]
+    galera: GaleraCluster, mail, pki_dir: Path, tmp_path: Path
+) -> None:
+    """A node whose `[database] url` lists the members (its own first) keeps working when its own member dies:
+    DICOM is taken, the study leaves, and `status` says which member the node now uses."""
+    db = galera.create_database("dmg_member")
+    a1 = _node(
+        tmp_path, pki_dir, "gateway-a", "a1", galera.url(3, db, 2), [("gateway-b", "gateway-b", "TO_B")]
+    )
+    b = gateway_process(
+        tmp_path / "b", "gateway-b", pki_dir, [("gateway-a", "gateway-a", "TO_A")], poll_interval=1
+    )
+
+    def member_of_a1() -> str:
+        nodes = _status(a1)["cluster"]["nodes"]
+        return next(
+            n["counters"].get("catalog_member", "") for n in nodes if n["node"] == "a1" and n["alive"]
+        )
+
+    try:
+        a1.start(60)
+        b.start(60)
+        assert wait_for(member_of_a1, 30, 0.5, "a1's first heartbeat") == "127.0.0.1:3309"
+        galera.stop_member(3, kill=True)
+        study = make_study(tmp_path / "s", ct=4, mr=2, sc=1)
+        assert storescu(a1.port, "TO_B", tmp_path / "s").returncode == 0
+        wait_for(lambda: _complete(b, "in") == 1, 180, 1, "the study complete at B")
+        assert sum(s["instances"] for s in _status(b)["studies"]) == len(study)
+        wait_for(lambda: member_of_a1() == "127.0.0.1:3308", 30, 0.5, "a1's status naming member 2")
+        log = a1.log.read_text()
+        assert "catalog: now on member 127.0.0.1:3308 (was 127.0.0.1:3309)" in log
+        assert "closing the DICOM port" not in log, "the node never lost the catalog for long"
+        assert "catalog on 127.0.0.1:3308" in a1.cli("status")
+    finally:
+        a1.stop()
+        b.stop()
+        if galera.state(3) is None:
+            galera.start_member(3)

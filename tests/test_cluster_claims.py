@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.catalog import open_catalog
+from gateway.catalog.db import MysqlTarget
 from gateway.cluster import INGEST, ROLES, SEND, Cluster, cluster_view
 from gateway.config import ClusterSettings, ConfigError
 from gateway.core.queue import QueueState
@@ -128,6 +129,18 @@ def test_a_cluster_needs_the_shared_catalog_and_a_heartbeat_inside_the_lease(
     s = minimal_settings(tmp_path, pki_dir, cert, key, cluster={"node": "gw1", "lease": 12}, **mysql)
     assert s.cluster == ClusterSettings("gw1", 12.0, 4.0, 24.0)
     assert s.audit_dir == tmp_path / "e" / "audit" / "gw1", "each node its own audit chain"
+    members = {"database": {"url": "mysql://root@10.0.0.1:3306,10.0.0.2,[fd00::3]:3307/dmg"}}
+    s = minimal_settings(tmp_path, pki_dir, cert, key, cluster={"node": "gw1"}, **members)
+    assert MysqlTarget.parse(s.database_url).members == (
+        ("10.0.0.1", 3306),
+        ("10.0.0.2", 3306),
+        ("fd00::3", 3307),
+    ), "the Galera members, the node's own first"
+    with pytest.raises(ConfigError) as err:
+        minimal_settings(
+            tmp_path, pki_dir, cert, key, database={"url": "mysql://root@10.0.0.1:3306,db2:x/dmg"}
+        )
+    assert err.value.key == "database.url" and "'db2:x' is not host:port" in str(err.value)
     alone = minimal_settings(tmp_path, pki_dir, cert, key)
     assert alone.cluster is None and alone.node == "" and alone.audit_dir == tmp_path / "e" / "audit"
 
@@ -143,7 +156,7 @@ async def test_status_page_and_check_mk_show_each_node_and_a_dead_one(tmp_path: 
     outbox.prepare()
     try:
         a, b = _cluster(catalog, "a", outbox), _cluster(catalog, "b", outbox)
-        a.counters = lambda: {"sent_mails": 7, "ingested_mails": 2}
+        a.counters = lambda: {"sent_mails": 7, "ingested_mails": 2, "catalog_member": "10.0.0.2:3306"}
         await a.start()
         await b.start()
         now = time.time()
@@ -152,6 +165,8 @@ async def test_status_page_and_check_mk_show_each_node_and_a_dead_one(tmp_path: 
         view.cluster["galera"] = {"cluster_status": "Primary", "cluster_size": "3"}
         text = "\n".join(clusterview.text(view))
         assert "node a" in text and "up" in text and "sent 7 ingested 2" in text and "runs backup" in text
+        assert "catalog on 10.0.0.2:3306" in text, "which Galera member the node uses (its own may be down)"
+        assert "<td>10.0.0.2:3306</td>" in "".join(clusterview.html(view))
         states = {s.name: s.state for s in clusterview.services(view)}
         assert states == {"DMG Cluster": OK, "DMG Cluster node a": OK, "DMG Cluster node b": OK}
 

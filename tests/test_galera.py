@@ -5,8 +5,11 @@ leaves the other two working and rejoins with what it missed."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pymysql
 import pytest
@@ -18,13 +21,11 @@ from gateway.devtools.studies import make_study
 from gateway.storage import Storage
 from tests.conftest import wait_for
 
+T = TypeVar("T")
 
-@pytest.mark.asyncio
-async def test_the_catalog_runs_on_galera_and_a_killed_member_rejoins(
-    galera: GaleraCluster, tmp_path: Path
-) -> None:
-    assert galera.size() == 3
-    db = galera.create_database("dmg_galera")
+
+def _records(tmp_path: Path) -> list[InstanceRecord]:
+    """Three CT instances stored on a D: in `tmp_path`, as the catalog records them."""
     storage = Storage(tmp_path / "d")
     storage.prepare()
     records = []
@@ -36,6 +37,75 @@ async def test_the_catalog_runs_on_galera_and_a_killed_member_rejoins(
                 info, storage.relative(stored.path), stored.size, stored.sha256, "dicom", "", None, 1.0
             )
         )
+    return records
+
+
+async def _soon(
+    step: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str, timeout: float = 60
+) -> T:
+    """Repeat a catalog step as the gateway's stages do (a failed step is tried again) until `done` holds; bounded
+    in time."""
+    deadline = time.monotonic() + timeout
+    error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = await step()
+            if done(value):
+                return value
+        except pymysql.err.MySQLError as exc:
+            error = exc
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {error})")
+
+
+@pytest.mark.asyncio
+async def test_a_catalog_given_the_members_moves_on_when_its_member_dies_and_comes_home(
+    galera: GaleraCluster, tmp_path: Path
+) -> None:
+    """`[database] url` may list the Galera members, the one on the gateway's own machine first: when it dies the
+    catalog goes on on the next, and comes home when the first serves again. `status` names the member in use."""
+    db = galera.create_database("dmg_failover")
+    records = _records(tmp_path)
+    catalog = await open_catalog(galera.url(1, db, 2, 3))
+    try:
+        assert catalog.db.member_address == "127.0.0.1:3307"
+        assert await catalog.record_instances(records[:1]) == 1
+
+        galera.stop_member(1, kill=True)
+        # the first step after the death fails (its connection was to member 1); the next runs on member 2
+        await _soon(
+            lambda: catalog.record_instances(records[1:2]), lambda n: True, "a step on another member"
+        )
+        assert catalog.db.member_address == "127.0.0.1:3308"
+        for record in records[:2]:
+            assert await catalog.instance_path(record.info.sop_instance_uid) == record.path
+
+        galera.start_member(1)
+        catalog.db.home_check = 0.5  # the gateway looks every 30 s
+        await _soon(
+            lambda: catalog.instance_path(records[0].info.sop_instance_uid),
+            lambda _: catalog.db.member_address == "127.0.0.1:3307",
+            "the catalog back on member 1",
+        )
+        assert await catalog.record_instances(records[2:]) == 1
+        third = await open_catalog(galera.url(3, db))
+        try:
+            assert await third.instance_path(records[2].info.sop_instance_uid) == records[2].path
+        finally:
+            await third.close()
+    finally:
+        await catalog.close()
+        if galera.state(1) is None:  # the next test wants three members
+            galera.start_member(1)
+
+
+@pytest.mark.asyncio
+async def test_the_catalog_runs_on_galera_and_a_killed_member_rejoins(
+    galera: GaleraCluster, tmp_path: Path
+) -> None:
+    assert galera.size() == 3
+    db = galera.create_database("dmg_galera")
+    records = _records(tmp_path)
     first = await open_catalog(galera.url(1, db))  # every migration, on member 1
     third = await open_catalog(galera.url(3, db))
     try:

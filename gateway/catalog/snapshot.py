@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from gateway.catalog.base import CatalogBase
-from gateway.catalog.db import plain
+from gateway.catalog.db import MysqlTarget, plain
 from gateway.catalog.schema import TABLES
 
 
@@ -51,17 +50,10 @@ def sqlite_snapshot(db_path: Path, folder: Path, file_copy: Path) -> tuple[int, 
 
 
 async def mysql_snapshot(url: str, folder: Path) -> tuple[int, dict[str, int]]:
-    """All tables from one consistent InnoDB snapshot (the equivalent of mariadb-dump --single-transaction)."""
-    import aiomysql
-
-    u = urllib.parse.urlsplit(url)
-    conn = await aiomysql.connect(
-        host=u.hostname or "127.0.0.1",
-        port=u.port or 3306,
-        user=urllib.parse.unquote(u.username or "root"),
-        password=urllib.parse.unquote(u.password or ""),
-        db=u.path.lstrip("/"),
-    )
+    """All tables from one consistent InnoDB snapshot (the equivalent of mariadb-dump --single-transaction), on the
+    first of the URL's members that serves queries (a Galera member: after everything committed before it)."""
+    target = MysqlTarget.parse(url)
+    conn = await target.connect_any(target.database)
     try:
         async with conn.cursor() as cur:
             await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")

@@ -14,6 +14,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from gateway.catalog.db import MysqlTarget
 from gateway.config.model import (
     AuditSettings,
     BackupSettings,
@@ -165,6 +166,18 @@ def storage_section(root: Reader) -> dict[str, Any]:
     }
 
 
+def _database_url_problem(url: str) -> str | None:
+    if url.startswith("sqlite:///"):
+        return None
+    if not url.startswith("mysql://"):
+        return "must start with sqlite:/// or mysql://"
+    try:
+        MysqlTarget.parse(url)  # one server, or Galera members host:port,host:port in the order preferred
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def database_section(root: Reader, d_root: Path, file: Path) -> str:
     """[database]: the catalog URL (default: SQLite on D:)."""
     db = root.table_of("database", required=False)
@@ -172,9 +185,7 @@ def database_section(root: Reader, d_root: Path, file: Path) -> str:
         "url",
         str,
         f"sqlite:///{d_root / 'catalog.sqlite'}",
-        check=lambda v: (
-            None if v.startswith(("sqlite:///", "mysql://")) else "must start with sqlite:/// or mysql://"
-        ),
+        check=_database_url_problem,
     )
     db.done()
     if database_url.startswith("sqlite:///") and not Path(database_url[len("sqlite:///") :]).is_absolute():

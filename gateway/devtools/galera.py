@@ -48,9 +48,9 @@ class GaleraCluster:
         self.name = name
         self._procs: dict[int, subprocess.Popen[bytes]] = {}  # members this object started (reaped on stop)
 
-    def url(self, n: int, database: str = "") -> str:
-        """A catalog URL for member n."""
-        return f"mysql://root@127.0.0.1:{sql_port(n)}/{database}"
+    def url(self, n: int, database: str = "", *more: int) -> str:
+        """A catalog URL for member n (and members `more`, to move to in that order when n is gone)."""
+        return f"mysql://root@{','.join(f'127.0.0.1:{sql_port(m)}' for m in (n, *more))}/{database}"
 
     def create_database(self, prefix: str) -> str:
         """A new empty database (on member 1, replicated to all) named `prefix` and a random tail."""
