@@ -38,12 +38,13 @@ class RoutableInstance:
 
 class RoutingRoom(InstancesRoom):
     async def unrouted_studies(self, quiet_since: float) -> list[str]:
-        """Studies with instances not routed yet and no new instance since `quiet_since`, oldest first."""
+        """Studies with instances not routed yet and no new instance since `quiet_since` (neither received nor
+        indexed: a backlog indexed late is not a stable study), oldest first."""
         rows = await self.db.fetchall(
             """SELECT i.study_uid FROM instances i JOIN studies s ON s.study_uid = i.study_uid
-               WHERE i.routed_at IS NULL AND s.last_received <= ?
+               WHERE i.routed_at IS NULL AND s.last_received <= ? AND (s.indexed_at IS NULL OR s.indexed_at <= ?)
                GROUP BY i.study_uid ORDER BY MIN(i.received_at)""",
-            (quiet_since,),
+            (quiet_since, quiet_since),
         )
         return [str(r[0]) for r in rows]
 
