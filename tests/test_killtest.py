@@ -15,7 +15,7 @@ def test_thirty_kills_lose_and_duplicate_nothing(mail):  # type: ignore[no-untyp
         [sys.executable, str(ROOT / "bench" / "killtest.py"), "--kills", "30", "--settle", "240"],
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=1800,
     )
     report = r.stdout + r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1]
@@ -46,7 +46,7 @@ def test_thirty_kills_of_cluster_nodes_and_galera_members_lose_and_duplicate_not
         ],
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=2400,
     )
     report = r.stdout + r.stderr[-3000:]
     fields = dict(item.split("=") for item in r.stdout.strip().splitlines()[-1].split())
