@@ -8,6 +8,7 @@ dicom-mail-gateway resend -c gateway.toml --to PARTNER STUDY   queue a stored st
 dicom-mail-gateway audit  -c gateway.toml --patient ID | --study UID | --partner NAME [--also OTHER.toml]
                                                         the audit trail's history (several gateways: merged)
 dicom-mail-gateway audit  -c gateway.toml verify [DAY]    check the audit trail's hash chain
+dicom-mail-gateway cluster -c gateway.toml forget NODE    a cluster node removed for good leaves status and check_mk
 dicom-mail-gateway dev                                    dev certs + local mail cluster + loopback partner, then run
 
 
@@ -512,6 +513,28 @@ def cmd_resend(args: argparse.Namespace) -> int:
     return asyncio.run(_routing(_load(args.config), args.study, args.to, args.series))
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """`cluster forget NODE`: a node taken out of the cluster for good leaves status and check_mk."""
+    return asyncio.run(_forget_node(_load(args.config), args.node))
+
+
+async def _forget_node(settings: config.Settings, node: str) -> int:
+    from gateway.catalog import open_catalog
+    from gateway.operator import ActionRefused, OperatorActions
+    from gateway.storage import Storage
+
+    catalog = await open_catalog(settings.database_url)
+    try:
+        actions = OperatorActions(settings, Storage(settings.d_root), catalog, _auditor(settings))
+        print(await actions.forget_node(node, f"cli:{getpass.getuser()}"))
+        return 0
+    except ActionRefused as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    finally:
+        await catalog.close()
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """`audit verify [DAY]` or `audit --patient ID | --study UID | --partner NAME [--since] [--until]`."""
     from gateway.audit import AuditTrail
@@ -597,6 +620,11 @@ def main(argv: list[str] | None = None) -> int:
         help="another gateway's configuration on this machine: its trail too",
     )
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("cluster", help="cluster operations: forget a node removed for good")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("action", choices=["forget"])
+    p.add_argument("node", help="the node's name ([cluster] node)")
+    p.set_defaults(func=cmd_cluster)
     p = sub.add_parser("backup", help="back up configuration, certificates and catalog now")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_backup)

@@ -6,6 +6,10 @@ call this, and nothing else moves held items on an operator's behalf.
   released (there is nothing left to check).
 - resend: a stored study goes (again) to any partner, as a new transfer, whatever routing decided; instances whose
   files were purged after the PACS took them cannot go, and the partner's own exclusions still hold.
+- forget a cluster node: a node taken out of the cluster for good leaves `status` and check_mk (which would
+  otherwise show it DOWN for ever); refused while it is alive, holds its lock on D:, or left intake journals no
+  running node has indexed yet. Its lapsed claims go with it (what it left active is taken over by the spool's
+  state, not by the claim rows).
 - discard: a held or corrupt mail is given up for good (its bytes go, its record stays: inbound → `discarded`);
   a partner that asked for a receipt gets `deleted` ("refused by the operator"). An incomplete message/partial
   fragment group can be discarded the same way, by its key.
@@ -32,6 +36,7 @@ from gateway.fragments import FragmentStore
 from gateway.spool import Item, Spool
 from gateway.storage import Storage
 from gateway.untrusted import hold_lock
+from gateway.volume import lock_held, node_state
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +192,39 @@ class OperatorActions:
         return f"transfer {transfer_id}: {count} instances of study {study_uid} queued for {partner.name}" + (
             f" ({notes})" if notes else ""
         )
+
+    async def forget_node(self, node: str, who: str) -> str:
+        """Take a cluster node that is gone for good out of the catalog; returns what was done, in words."""
+        cluster = self.settings.cluster
+        if cluster is None:
+            raise ActionRefused("this gateway is not a cluster node ([cluster] is not configured)")
+        nodes = {str(n["node"]): n for n in await self.catalog.cluster_nodes()}
+        if node not in nodes:
+            raise ActionRefused(
+                f"no node {node!r} in the cluster (nodes: {', '.join(sorted(nodes)) or 'none'})"
+            )
+        now = time.time()
+        silent = now - float(nodes[node]["heartbeat"])
+        if silent <= cluster.lease:
+            raise ActionRefused(
+                f"node {node} is alive (heartbeat {silent:.0f} s ago): stop it, and forget it once its heartbeat "
+                f"is older than the lease ({cluster.lease:.0f} s)"
+            )
+        folder = self.storage.root / "nodes" / node
+        if lock_held(node_state(self.storage.root, node) / "gateway.lock"):
+            raise ActionRefused(f"a gateway process still holds node {node}'s lock on D: (stop it first)")
+        journals = sorted((folder / "intake").glob("journal*.jsonl"))
+        if journals:
+            raise ActionRefused(
+                f"node {node} left {len(journals)} intake journals that no running node has indexed yet: start a "
+                "node and try again after its first heartbeat"
+            )
+        dropped = await self.catalog.forget_node(node, now - cluster.lease)
+        if dropped is None:
+            raise ActionRefused(f"node {node} beat again meanwhile: it is alive")
+        log.warning("operator %s forgot cluster node %s (%d lapsed claims dropped)", who, node, dropped)
+        await self._audit("forget-node", node, who)
+        return f"node {node} forgotten ({dropped} lapsed claims dropped); its folder {folder} stays until you delete it"
 
     async def _tell_partner(self, mail_id: str, head: bytes) -> None:
         """`deleted` to the partner whose signed mail was discarded, if it asked for receipts (unauthenticated

@@ -6,6 +6,7 @@ items a dead node left active go back to incoming with the crash counted. And th
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -190,3 +191,60 @@ async def test_status_page_and_check_mk_show_each_node_and_a_dead_one(tmp_path: 
         )
     finally:
         await catalog.close()
+
+
+def test_a_node_removed_for_good_is_forgotten_by_the_cli_and_an_alive_one_is_not(  # type: ignore[no-untyped-def]
+    tmp_path: Path, pki_dir: Path, mariadb_url: str, capsys
+) -> None:
+    """`cluster forget NODE`: a node that is gone for good leaves status and check_mk (which showed it DOWN, CRIT,
+    for ever); a node that is alive, holds its lock on D:, or left journals nobody indexed yet, is kept."""
+    from gateway import cli
+    from gateway.devtools.devenv import cluster_table
+    from gateway.volume import hold_volume
+    from tests.conftest import write_config
+
+    cfg = write_config(tmp_path, pki_dir, cluster_table("a", 30), database_url=mariadb_url)
+    d = tmp_path / "d"
+
+    async def nodes_and_claims(beats: dict[str, float]) -> tuple[list[str], int]:
+        catalog = await open_catalog(mariadb_url)
+        try:
+            for node, when in beats.items():
+                await catalog.heartbeat(node, "host", 1, when, when, 30, {})
+                await catalog.take_claim(SEND, f"mail-of-{node}", node, when, 30)
+            names = [str(n["node"]) for n in await catalog.cluster_nodes()]
+            return names, len(await catalog.claims())
+        finally:
+            await catalog.close()
+
+    now = time.time()
+    assert asyncio.run(nodes_and_claims({"a": now, "b": now - 3600, "c": now - 5})) == (["a", "b", "c"], 3)
+
+    def forget(node: str) -> tuple[int, str]:
+        code = cli.main(["cluster", "-c", str(cfg), "forget", node])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    code, said = forget("c")
+    assert code == 1 and "node c is alive (heartbeat 5 s ago)" in said
+    code, said = forget("x")
+    assert code == 1 and "no node 'x' in the cluster (nodes: a, b, c)" in said
+
+    journal = d / "nodes" / "b" / "intake" / "journal-0-1.jsonl"
+    journal.parent.mkdir(parents=True)
+    journal.write_text("{}\n")
+    code, said = forget("b")
+    assert code == 1 and "left 1 intake journals that no running node has indexed yet" in said
+    journal.unlink()
+    fd = hold_volume(d, "b")  # a process of node b is still running (its heartbeat stopped: a hung catalog)
+    try:
+        code, said = forget("b")
+        assert code == 1 and "still holds node b's lock on D:" in said
+    finally:
+        os.close(fd)
+
+    code, said = forget("b")
+    assert code == 0 and "node b forgotten (1 lapsed claims dropped)" in said
+    assert asyncio.run(nodes_and_claims({})) == (["a", "c"], 2), "b's row and claim are gone, nobody else's"
+    code, said = forget("b")
+    assert code == 1 and "no node 'b'" in said

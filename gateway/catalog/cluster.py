@@ -115,6 +115,18 @@ class ClusterRoom(CatalogBase):
             )
         return [Claim(str(k), str(i), str(n), int(f), float(u)) for k, i, n, f, u in rows]
 
+    async def forget_node(self, node: str, silent_since: float) -> int | None:
+        """Remove a node for good: its row and its (lapsed) claims, in one transaction, only while its last
+        heartbeat is older than `silent_since` (a node that came back meanwhile is kept). How many claims went, or
+        None when the node was not removed."""
+        async with self.db.transaction() as tx:
+            removed = await tx.execute(
+                "DELETE FROM cluster_nodes WHERE node = ? AND heartbeat < ?", (node, silent_since)
+            )
+            if removed != 1:
+                return None
+            return await tx.execute("DELETE FROM claims WHERE node = ?", (node,))
+
     async def claims(self, kind: str | None = None) -> list[Claim]:
         """Every claim (of one kind), for take-over and status."""
         sql = "SELECT kind, item, node, fence, lease_until FROM claims"
