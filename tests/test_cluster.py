@@ -11,13 +11,14 @@ once, and the nodes rejoin when they come back."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from gateway.devtools.devenv import cluster_table, gateway_process
 from gateway.devtools.galera import GaleraCluster
 from gateway.devtools.process import GatewayProcess
 from gateway.devtools.studies import make_study
-from tests.conftest import CANARIES, storescu, wait_for
+from tests.conftest import CANARIES, ROOT, storescu, wait_for
 
 LEASE = 10  # seconds: short, so that take-over happens within the test's patience; longer than a Galera
 # member's stall while a dead peer is evicted (about 5 s)
@@ -200,5 +201,44 @@ def test_a_node_goes_on_on_the_next_member_when_its_own_dies(  # type: ignore[no
     finally:
         a1.stop()
         b.stop()
+        if galera.state(3) is None:
+            galera.start_member(3)
+
+
+def test_a_node_without_its_catalog_closes_its_dicom_port_for_the_virtual_ip_and_opens_it_again(  # type: ignore[no-untyped-def]
+    galera: GaleraCluster, mail, pki_dir: Path, tmp_path: Path
+) -> None:
+    """A node whose only Galera member is gone (a minority, as keepalived's check sees it): after `minority_grace`
+    it closes its DICOM port, so that `contrib/keepalived/dmg-check` fails and the virtual IP moves to a node that
+    can work; when the member is back the port opens again and takes studies."""
+    db = galera.create_database("dmg_minority")
+    a1 = _node(tmp_path, pki_dir, "gateway-a", "a1", galera.url(3, db), [("gateway-b", "gateway-b", "TO_B")])
+
+    def check() -> int:
+        script = ROOT / "contrib" / "keepalived" / "dmg-check"
+        return subprocess.run(
+            [str(script), "127.0.0.1", str(a1.port), "GATEWAY_A"], capture_output=True, timeout=60
+        ).returncode
+
+    try:
+        a1.start(60)
+        assert check() == 0, "a healthy node answers keepalived's C-ECHO"
+        galera.stop_member(3, kill=True)
+        # the lease lapses (roles stop), then minority_grace (2 × lease) passes without the catalog
+        wait_for(lambda: check() != 0, 6 * LEASE + 60, 1, "the DICOM port closed")
+        assert "cluster: catalog unreachable: closing the DICOM port" in a1.log.read_text()
+        galera.start_member(3)
+        wait_for(lambda: check() == 0, 180, 1, "the DICOM port open again")
+        assert "cluster: catalog back" in a1.log.read_text()
+        study = make_study(tmp_path / "s", ct=2, mr=1, sc=0)
+        assert storescu(a1.port, "TO_B", tmp_path / "s").returncode == 0, "studies are taken again"
+        wait_for(
+            lambda: sum(s["instances"] for s in _status(a1)["studies"]) == len(study),
+            60,
+            0.5,
+            "the study indexed in the catalog",
+        )
+    finally:
+        a1.stop()
         if galera.state(3) is None:
             galera.start_member(3)
