@@ -136,6 +136,10 @@ wsrep_provider_options="gmcast.listen_addr=tcp://127.0.0.1:{g};ist.recv_addr=127
         while time.monotonic() < deadline:
             if self.state(n) == "Synced":
                 return
+            if self._procs[n].poll() is not None:  # gave up (a port taken, a bad state file): say so at once
+                raise RuntimeError(
+                    f"Galera member n{n} exited ({self._procs[n].returncode}); see {self.folder / f'n{n}'}"
+                )
             time.sleep(0.5)
         raise RuntimeError(
             f"Galera member n{n} not Synced within {timeout:.0f} s; see {self.folder / f'n{n}'}"
@@ -149,6 +153,13 @@ wsrep_provider_options="gmcast.listen_addr=tcp://127.0.0.1:{g};ist.recv_addr=127
             return None
         try:
             with conn.cursor() as cur:
+                cur.execute("SELECT @@datadir")
+                datadir = Path(str(cur.fetchone()[0]))
+                if datadir.resolve() != (self.folder / f"n{n}" / "data").resolve():
+                    # another checkout's test cluster (or anything else) on our ports: never test against it
+                    raise RuntimeError(
+                        f"port {sql_port(n)} is held by another MariaDB (datadir {datadir}): stop it first"
+                    )
                 cur.execute("SHOW STATUS LIKE 'wsrep_local_state_comment'")
                 row = cur.fetchone()
             return str(row[1]) if row else None
