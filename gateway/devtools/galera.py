@@ -9,7 +9,8 @@ by hand, see docs/cluster.md): `mariadb-install-db` needs `--no-defaults` (Debia
 way), and the members run as `mysql` with data directories owned by it (as root, the joiner's rsync daemon drops
 to `nobody` and cannot write). Reads wait for the writes the cluster has committed (`wsrep_sync_wait=1`): without
 it, a row committed on one member may not be visible on another yet (apply is asynchronous; only certification is
-synchronous). Needs root, `mariadb-server` and `galera-4`.
+synchronous). A test cluster another checkout left on these ports is stopped first, as the mail cluster does;
+anything else on them is an error. Needs root, `mariadb-server` and `galera-4`.
 
     python -m gateway.devtools.galera up   --dir DIR
     python -m gateway.devtools.galera down --dir DIR
@@ -18,6 +19,7 @@ synchronous). Needs root, `mariadb-server` and `galera-4`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pwd
 import shutil
@@ -157,6 +159,7 @@ wsrep_provider_options="gmcast.listen_addr=tcp://127.0.0.1:{g};ist.recv_addr=127
                 datadir = Path(str(cur.fetchone()[0]))
                 if datadir.resolve() != (self.folder / f"n{n}" / "data").resolve():
                     # another checkout's test cluster (or anything else) on our ports: never test against it
+                    # (`up` stops another checkout's)
                     raise RuntimeError(
                         f"port {sql_port(n)} is held by another MariaDB (datadir {datadir}): stop it first"
                     )
@@ -179,6 +182,7 @@ wsrep_provider_options="gmcast.listen_addr=tcp://127.0.0.1:{g};ist.recv_addr=127
     def up(self) -> None:
         """Start every member (the first bootstraps the cluster); a running cluster is stopped first."""
         self.down()
+        self._take_over_other_cluster()
         self.folder.mkdir(parents=True, exist_ok=True)
         for n in range(1, MEMBERS + 1):
             self._prepare(n)
@@ -189,11 +193,38 @@ wsrep_provider_options="gmcast.listen_addr=tcp://127.0.0.1:{g};ist.recv_addr=127
         for n in range(2, MEMBERS + 1):
             self.start_member(n)
 
+    def _take_over_other_cluster(self) -> None:
+        """Stop a test cluster another checkout left on our ports (as the mail cluster does); anything else on
+        them is an error."""
+        for n in range(MEMBERS, 0, -1):
+            try:
+                conn = self.connect(n)
+            except pymysql.err.OperationalError:
+                continue
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT @@datadir")
+                    member = Path(str(cur.fetchone()[0])).parent
+            finally:
+                conn.close()
+            pid_file = member / "mysqld.pid"
+            if not (member / "my.cnf").exists() or not pid_file.exists():
+                raise RuntimeError(f"port {sql_port(n)} is held by a MariaDB that is no test cluster member")
+            pid = int(pid_file.read_text().strip())
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.2)
+
     def ensure_up(self) -> bool:
         """Use the cluster if every member is Synced already (the test session's), else start it; True when this
         call started it (and its caller should stop it)."""
-        if all(self.state(n) == "Synced" for n in range(1, MEMBERS + 1)):
-            return False
+        try:
+            if all(self.state(n) == "Synced" for n in range(1, MEMBERS + 1)):
+                return False
+        except RuntimeError:  # another checkout's cluster on our ports: `up` stops it
+            pass
         self.up()
         return True
 
