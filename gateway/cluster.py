@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 # stages that run on one node at a time, each under a claim of kind "role"
 ROLES = ("route", "package", "fetch", "forward", "receipts", "webindex", "housekeeping", "backup")
-# per-item claims: an outbound mail, an inbound mail, a fragment group's completion
-SEND, INGEST, GROUP = "send", "ingest", "group"
+# per-item claims: an outbound mail, an inbound mail, a fragment group's completion, a transfer's packaging (the
+# package role's holder takes it per transfer: a node that lost the role while paused cannot package beside it)
+SEND, INGEST, GROUP, PACKAGE = "send", "ingest", "group", "package"
 
 
 class Solo:

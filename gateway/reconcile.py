@@ -9,7 +9,7 @@ import time
 
 from gateway.catalog import Catalog
 from gateway.core.queue import QueueState
-from gateway.core.states import MailState
+from gateway.core.states import IllegalTransition, MailState
 from gateway.spool import Spool
 from gateway.storage import Storage
 
@@ -26,10 +26,16 @@ async def catalog_from_queues(outbox: Spool, inbox: Spool, catalog: Catalog) -> 
         mid = str(item.meta.get("message_id", ""))
         if await catalog.mail_state(mid) != MailState.QUEUED.value:
             continue
-        if item.state is QueueState.DONE:
-            await catalog.mark_mail_sent(mid, str(item.meta.get("node", "")), now)
-        else:
-            await catalog.fail_mail(mid, str(item.meta.get("reason", "set aside")), now)
+        try:
+            if item.state is QueueState.DONE:
+                await catalog.mark_mail_sent(mid, str(item.meta.get("node", "")), now)
+            else:
+                await catalog.fail_mail(mid, str(item.meta.get("reason", "set aside")), now)
+        except IllegalTransition as exc:
+            # the catalog's transfer says otherwise (an operator, or a defect): said, never a gateway that cannot
+            # start over one mail's record
+            log.error("start-up check: outbound mail %s is %s in the queue, but %s", item.id, item.state, exc)
+            continue
         fixed += 1
     for state in (QueueState.INCOMING, QueueState.DEFERRED, QueueState.HOLD, QueueState.CORRUPT):
         for item in inbox.items(state):

@@ -139,6 +139,7 @@ class Gateway(SharesContext):
             ),
         )
         gw.ingester.workers = gw.packager
+        gw.router.waiting = intake.waiting_studies  # acknowledged here, not indexed yet: not stable
         gw.scp.on_report = ctx.wakes.forwarder.set  # a PACS's commitment report came to our DICOM port
         gw.scp.on_association = auditor.association
         await auditor.start_up(keys.book, catalog)

@@ -188,3 +188,63 @@ async def test_mails_opened_side_by_side_are_stored_once_each_and_the_set_comple
     assert outcomes == sorted(["ingested"] * sent + ["duplicate"]), outcomes
     assert len(pair.b.inbox.items(QueueState.HOLD)) == 1
     assert not list(pair.b.storage.tmp.iterdir())
+
+
+async def test_a_second_packaging_of_a_transfer_never_fails_the_mails_the_first_queued(
+    pair_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a cluster a node that lost the packaging role while paused may package a transfer the node that took over
+    has packaged already. Its attempt is passed by (the transfer is no longer pending), or, if it got past that
+    look, fails without failing the transfer: the first set's mails go out, the transfer becomes sent, the partner
+    gets the study once, and a restart's start-up check finds nothing wrong."""
+    from gateway.core.states import TransferState
+    from gateway.reconcile import catalog_from_queues
+
+    pair = await pair_factory()
+    study = make_study(tmp_path / "study", ct=2, mr=1, sc=0, size=32)
+    await pair.send_study(study[0].parent)
+    [listed] = await pair.a.catalog.transfers_in_state("out", TransferState.PENDING)
+    tid = str(listed["id"])
+    assert await pair.a.packager.package_listed(listed)
+    assert (await pair.a.catalog.transfer(tid))["state"] == "packaged"
+
+    assert await pair.a.packager.package_listed(listed), "the stale listing: passed by"
+    # the injected fault: the look at the transfer's state came before the other node recorded its set
+    real = pair.a.catalog.transfer
+
+    async def stale(transfer_id: str):  # type: ignore[no-untyped-def]
+        found = await real(transfer_id)
+        return None if found is None else {**found, "state": "pending"}
+
+    monkeypatch.setattr(pair.a.catalog, "transfer", stale)
+    assert await pair.a.packager.package_listed(listed)
+    monkeypatch.undo()
+    assert (await pair.a.catalog.transfer(tid))["state"] == "packaged", "not failed by the second attempt"
+
+    assert await pair.a.sender.run_once() >= 1
+    assert (await pair.a.catalog.transfer(tid))["state"] == "sent"
+    assert await pair.b_receives_and_answers() >= 1
+    assert sorted(await pair.b.catalog.instance_paths(purged=False)).__len__() == len(study)
+    assert await catalog_from_queues(pair.a.outbox, pair.a.inbox, pair.a.catalog) == 0
+
+
+async def test_a_queue_the_catalog_disagrees_with_never_stops_a_start(pair_factory, tmp_path: Path) -> None:
+    """A sent mail whose transfer the catalog holds as failed (an illegal move): the start-up check says so in the
+    log and goes on, instead of a gateway that cannot start (and sends nothing) over one mail's record."""
+    from gateway.core.queue import QueueState
+    from gateway.core.states import TransferState
+    from gateway.reconcile import catalog_from_queues
+
+    pair = await pair_factory()
+    study = make_study(tmp_path / "study", ct=1, mr=0, sc=0, size=32)
+    await pair.send_study(study[0].parent)
+    [listed] = await pair.a.catalog.transfers_in_state("out", TransferState.PENDING)
+    assert await pair.a.packager.package_listed(listed)
+    [item] = pair.a.outbox.items(QueueState.INCOMING)
+    active = pair.a.outbox.move(item, QueueState.ACTIVE)
+    pair.a.outbox.move(active, QueueState.DONE)  # sent, and the gateway killed before the catalog heard of it
+    await pair.a.catalog.db.execute("UPDATE transfers SET state = 'failed' WHERE id = ?", (listed["id"],))
+    assert await catalog_from_queues(pair.a.outbox, pair.a.inbox, pair.a.catalog) == 0
+    assert await pair.a.catalog.mail_state(str(item.meta["message_id"])) == "queued", (
+        "left as it was, and said"
+    )

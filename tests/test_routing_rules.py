@@ -14,6 +14,7 @@ from gateway import config
 from gateway.catalog import InstanceRecord, open_catalog
 from gateway.core.dicominfo import read_info
 from gateway.core.routing import Facts, Hours, Pattern
+from gateway.core.states import TransferState
 from gateway.devtools import pki
 from gateway.devtools.studies import make_study
 from gateway.errors import ConfigError
@@ -194,7 +195,9 @@ async def test_the_route_stage_decides_each_new_instance_once_and_explains_it(
             )
         await catalog.record_instances(records)
         router = Router(stage_context(s, storage, catalog))
-        later = time.time() + s.stability_delay  # quiet since its indexing
+        now = time.time()
+        assert await router.run_once(now) == 0, "received long ago, but first seen now: not stable yet"
+        later = now + s.stability_delay
         assert await router.run_once(later) == 2  # one transfer each for b and c
         head, test = read_info(paths[0]).study_uid, read_info(tests[0]).study_uid
         routes = await catalog.routes_of(head)
@@ -203,7 +206,7 @@ async def test_the_route_stage_decides_each_new_instance_once_and_explains_it(
         assert routes[scout] == {"gateway-c": ("called AE title TO_C", routes[scout]["gateway-c"][1])}
         assert all(set(v) == {"gateway-b", "gateway-c"} for k, v in routes.items() if k != scout)
         assert await catalog.routes_of(test) == {}, "the test study stays here"
-        assert await router.run_once(later) == 0, "decided once"
+        assert await router.run_once(later + 1) == 0, "decided once"
 
         text = "\n".join(await explain(s.routing, catalog, s.d_root, head))
         assert "rule 2 'head to b and c' → gateway-b, gateway-c" in text
@@ -215,4 +218,135 @@ async def test_the_route_stage_decides_each_new_instance_once_and_explains_it(
         assert "decided on arrival: to no partner" in text
         assert "rule 5 'called AE title TO_C' → gateway-c\n  not evaluated (an earlier rule stopped)" in text
     finally:
+        await catalog.close()
+
+
+async def test_a_study_indexed_late_in_batches_leaves_in_one_transfer(tmp_path: Path, pki_dir: Path) -> None:
+    """Instances received long ago but indexed late (the catalog was away; a Galera member stalled its commits),
+    in two batches: the study is not stable until the router has seen its count unchanged for `stability_delay`,
+    nor while this node's intake still holds some of it, so it leaves in one transfer, not two."""
+    s = settings(tmp_path, pki_dir, "")
+    paths = make_study(tmp_path / "s", ct=5, mr=2, sc=0, size=16)
+    storage = Storage(s.d_root)
+    storage.prepare()
+    catalog = await open_catalog(s.database_url)
+    try:
+        records = []
+        for p in paths:
+            info = read_info(p)
+            r = storage.store_copy(p, info)
+            records.append(
+                InstanceRecord(
+                    info,
+                    storage.relative(r.path),
+                    r.size,
+                    r.sha256,
+                    "dicom",
+                    "CT1",
+                    None,
+                    1000.0,
+                    None,
+                    "TO_B",
+                )
+            )
+        study = records[0].info.study_uid
+        router = Router(stage_context(s, storage, catalog))
+
+        async def sizes() -> list[int]:
+            pending = await catalog.transfers_in_state("out", TransferState.PENDING)
+            return sorted([len(await catalog.transfer_instances(t["id"])) for t in pending])
+
+        delay = s.stability_delay
+        now = time.time()
+        await catalog.record_instances(records[:1])  # the first batch
+        assert await router.run_once(now) == 0
+        await catalog.record_instances(records[1:])  # the rest, a moment before the delay is over
+        assert await router.run_once(now + delay) == 0, "the count changed: quiet only from now on"
+        assert await router.run_once(now + 2 * delay) == 1
+        assert await sizes() == [len(paths)], "the whole study in one transfer"
+
+        # more of the same study from the modality: some of it still in this node's intake
+        more = make_study(tmp_path / "more", ct=3, mr=0, sc=0, size=16, seed=2)
+        late = []
+        for p in more:
+            ds = pydicom.dcmread(p)
+            ds.StudyInstanceUID = study
+            ds.save_as(p)
+            info = read_info(p)
+            r = storage.store_copy(p, info)
+            late.append(
+                InstanceRecord(
+                    info,
+                    storage.relative(r.path),
+                    r.size,
+                    r.sha256,
+                    "dicom",
+                    "CT1",
+                    None,
+                    2000.0,
+                    None,
+                    "TO_B",
+                )
+            )
+        await catalog.record_instances(late[:2])
+        router.waiting = lambda: {study}
+        t = now + 3 * delay
+        assert await router.run_once(t) == 0 and await router.run_once(t + 2 * delay) == 0, (
+            "waits for the intake"
+        )
+        await catalog.record_instances(late[2:])
+        router.waiting = frozenset
+        assert await router.run_once(t + 3 * delay) == 0, "the count changed when the last one was indexed"
+        assert await router.run_once(t + 4 * delay) == 1
+        assert await sizes() == [3, len(paths)], "the late instances in one transfer of their own"
+    finally:
+        await catalog.close()
+
+
+async def test_the_intake_tells_the_router_what_it_has_not_indexed_yet(tmp_path: Path, pki_dir: Path) -> None:
+    """The router's `waiting` is the intake's: a study stays waiting while a batch of it cannot be indexed (the
+    catalog away), and is free once the batch is in."""
+    import asyncio
+
+    from gateway.stages.receive import Intake, record_to_json
+
+    s = settings(tmp_path, pki_dir, "")
+    paths = make_study(tmp_path / "s", ct=2, mr=0, sc=0, size=16)
+    storage = Storage(s.d_root)
+    storage.prepare()
+    catalog = await open_catalog(s.database_url)
+    intake = Intake(storage, catalog, asyncio.Event())
+    intake.guard.base = intake.guard.cap = 0.01
+    real, away = catalog.record_instances, asyncio.Event()
+
+    async def flaky(records):  # type: ignore[no-untyped-def]
+        if not away.is_set():
+            raise ConnectionRefusedError("the catalog is away")
+        return await real(records)
+
+    catalog.record_instances = flaky  # type: ignore[method-assign]
+    indexer = asyncio.create_task(intake.index_forever())
+    try:
+        for p in paths:
+            info = read_info(p)
+            r = storage.store_copy(p, info)
+            rec = InstanceRecord(
+                info, storage.relative(r.path), r.size, r.sha256, "dicom", "CT1", None, 1000.0
+            )
+            intake.reported("r0", {"t": "stored", "r": record_to_json(rec), "o": "stored"})
+        study = read_info(paths[0]).study_uid
+        deadline = time.monotonic() + 10
+        while intake.guard.failures < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert intake.guard.failures >= 3, "the batch was tried and failed"
+        assert intake.waiting_studies() == {study}, "not indexed: waiting"
+        away.set()
+        deadline = time.monotonic() + 10
+        while intake.waiting_studies() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert intake.waiting_studies() == set(), "indexed: no longer waiting"
+        assert await catalog.unrouted_studies() == [(study, 2, 1000.0)]
+    finally:
+        indexer.cancel()
+        await asyncio.gather(indexer, return_exceptions=True)
         await catalog.close()

@@ -256,12 +256,7 @@ async def test_catalog_behaves_the_same_on_both_backends(catalog_url, tmp_path):
         assert await cat.record_instances(recs) == 5
         assert await cat.record_instances(recs) == 0, "indexing is idempotent"
         study = infos[0].study_uid
-        assert await cat.unrouted_studies(999.0) == [], "not stable before its last instance"
-        # received at 1000 but indexed only now (a catalog that was away): quiet since the indexing, not before
-        assert await cat.unrouted_studies(1000.0) == [], (
-            "indexed late: not stable for having been received long ago"
-        )
-        assert await cat.unrouted_studies(time.time()) == [study]
+        assert await cat.unrouted_studies() == [(study, 5, 1000.0)], "five instances waiting for routing"
         waiting = await cat.routable(study, unrouted_only=True)
         assert {i.sop_uid for i in waiting} == {i.sop_instance_uid for i in infos}
         decisions = {i.sop_uid: {"gateway-b": "rule b"} for i in waiting}
@@ -271,7 +266,7 @@ async def test_catalog_behaves_the_same_on_both_backends(catalog_url, tmp_path):
         many = {f"9.9.{n}": {"gateway-x": "bulk", "gateway-y": "bulk"} for n in range(450)}  # across chunks
         assert await cat.record_routes(many, 1000.7) == 900 and await cat.record_routes(many, 1000.8) == 0
         await cat.db.execute("DELETE FROM instance_routes WHERE rule_name = 'bulk'")
-        assert await cat.unrouted_studies(2000.0) == []
+        assert await cat.unrouted_studies() == []
         assert sorted(await cat.pending_routes()) == [(study, "gateway-b"), (study, "gateway-c")]
         assert await cat.create_out_transfer("t1", "gateway-b", study, 1001.0) == 5
         assert await cat.create_out_transfer("t0", "gateway-c", study, 1001.0) == 1
@@ -668,7 +663,7 @@ async def test_a_stage_whose_turn_keeps_failing_with_a_bug_stops_and_says_so(tmp
         router = Router(ctx)
         router.guard.base = router.guard.cap = 0.001
 
-        async def broken(quiet_since: float) -> list[str]:
+        async def broken() -> list[tuple[str, int, float]]:
             raise TypeError("a bug in a query")
 
         catalog.unrouted_studies = broken  # type: ignore[method-assign]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +37,10 @@ class InstancesRoom(CatalogBase):
         """Index stored instances (idempotent: a known SOP Instance UID is left as it is); return how many were new."""
         ig = self.db.dialect.insert_ignore
         new = 0
-        grown: set[str] = set()  # studies that got a new instance in this batch
         async with self.db.transaction() as tx:
             for r in records:
                 i = r.info
-                added = await tx.execute(
+                new += await tx.execute(
                     f"""{ig} INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, path,
                         size, sha256, source, origin, route, in_transfer, received_at, called_ae, peer, routed_at)
                         VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
@@ -65,9 +63,6 @@ class InstancesRoom(CatalogBase):
                         None if r.awaits_routing else r.received_at,
                     ),
                 )
-                new += added
-                if added:
-                    grown.add(i.study_uid)
                 # stored again after its file was purged: the row points at the new file
                 await tx.execute(
                     "UPDATE instances SET purged_at = NULL, path = ? WHERE sop_uid = ? AND purged_at IS NOT NULL",
@@ -84,11 +79,6 @@ class InstancesRoom(CatalogBase):
                 await tx.execute(
                     "UPDATE studies SET last_received = ? WHERE study_uid = ? AND last_received < ?",
                     (r.received_at, i.study_uid, r.received_at),
-                )
-            indexed_at = time.time()
-            for study_uid in sorted(grown):
-                await tx.execute(
-                    "UPDATE studies SET indexed_at = ? WHERE study_uid = ?", (indexed_at, study_uid)
                 )
         return new
 

@@ -134,6 +134,16 @@ class OutboundRoom(RoutingRoom):
         async with self.db.transaction() as tx:
             await self._move_transfer(tx, transfer_id, new, now, error)
 
+    async def fail_pending_transfer(self, transfer_id: str, now: float, error: str) -> bool:
+        """Packaging failed: the transfer fails, but only while it is still pending. False when it is no longer
+        (another cluster node packaged it meanwhile: its mails are queued, and this failure says nothing)."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetchall("SELECT state FROM transfers WHERE id = ?", (transfer_id,))
+            if not rows or rows[0][0] != TransferState.PENDING.value:
+                return False
+            await self._move_transfer(tx, transfer_id, TransferState.FAILED, now, error)
+            return True
+
     async def add_out_mails(
         self,
         transfer_id: str,

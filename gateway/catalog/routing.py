@@ -37,16 +37,15 @@ class RoutableInstance:
 
 
 class RoutingRoom(InstancesRoom):
-    async def unrouted_studies(self, quiet_since: float) -> list[str]:
-        """Studies with instances not routed yet and no new instance since `quiet_since` (neither received nor
-        indexed: a backlog indexed late is not a stable study), oldest first."""
+    async def unrouted_studies(self) -> list[tuple[str, int, float]]:
+        """Studies with instances not routed yet: (study, how many such instances, when the last instance was
+        received), oldest first."""
         rows = await self.db.fetchall(
-            """SELECT i.study_uid FROM instances i JOIN studies s ON s.study_uid = i.study_uid
-               WHERE i.routed_at IS NULL AND s.last_received <= ? AND (s.indexed_at IS NULL OR s.indexed_at <= ?)
-               GROUP BY i.study_uid ORDER BY MIN(i.received_at)""",
-            (quiet_since, quiet_since),
+            """SELECT i.study_uid, COUNT(*), s.last_received FROM instances i JOIN studies s ON s.study_uid = i.study_uid
+               WHERE i.routed_at IS NULL
+               GROUP BY i.study_uid, s.last_received ORDER BY MIN(i.received_at)"""
         )
-        return [str(r[0]) for r in rows]
+        return [(str(r[0]), int(r[1]), float(r[2])) for r in rows]
 
     async def study_first_seen(self, study_uid: str) -> float | None:
         """When the study's first instance arrived (routing's time windows look at this)."""

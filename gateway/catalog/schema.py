@@ -231,13 +231,6 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (kind, item))""",
         "CREATE INDEX ix_claims_node ON claims (node)",
     ],
-    # 9: when the catalog last learned of a new instance of a study. A study is stable when neither a modality nor
-    # the index added to it for `stability_delay`: instances received while the catalog was away are indexed
-    # late, perhaps in several batches, and must not look stable (and leave in two transfers) for having been
-    # received long ago
-    [
-        "ALTER TABLE studies ADD COLUMN indexed_at DOUBLE",
-    ],
 ]
 
 

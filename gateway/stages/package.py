@@ -27,6 +27,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from gateway import formats
+from gateway.cluster import PACKAGE
 from gateway.config import Partner
 from gateway.core import compress, deid, mailformat
 from gateway.core.states import TransferState
@@ -200,21 +201,18 @@ class Packager(Stage):
         """
         tid = str(transfer["id"])
         partner = self.settings.partner_by_name(str(transfer["partner"]))
-        now = time.time()
         if partner is None:
-            await self.catalog.set_transfer_state(
-                tid, TransferState.FAILED, now, f"partner {transfer['partner']} no longer configured"
-            )
+            await self._fail(tid, f"partner {transfer['partner']} no longer configured")
             return
         suspended = self.keys.book[partner.name].problem
         if suspended:
             reason = f"partner {partner.name} is suspended: {suspended}"
             log.error("transfer %s failed: %s", tid, reason)
-            await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, reason)
+            await self._fail(tid, reason)
             return
         instances = await self.catalog.transfer_instances(tid)
         if not instances:
-            await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, "transfer has no instances")
+            await self._fail(tid, "transfer has no instances")
             return
         folder = self.storage.outbox_staging / tid
         if folder.exists():
@@ -229,7 +227,7 @@ class Packager(Stage):
             except (OSError, ValueError, BrokenProcessPool) as exc:
                 reason = f"de-identification failed: {type(exc).__name__}"  # never the message: it may name the patient
                 log.error("transfer %s failed: %s", tid, reason)
-                await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, reason)
+                await self._fail(tid, reason)
                 shutil.rmtree(folder, ignore_errors=True)
                 return
         paths = await self._compress(partner, paths, folder / "work")
@@ -241,7 +239,7 @@ class Packager(Stage):
                 break
             except mailformat.MailFormatError as exc:
                 log.error("transfer %s failed: %s", tid, exc)
-                await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, str(exc))
+                await self._fail(tid, str(exc))
                 shutil.rmtree(folder, ignore_errors=True)
                 return
             except TooLarge as exc:
@@ -251,7 +249,7 @@ class Packager(Stage):
                         shutil.rmtree(item_dir)
         else:
             reason = "mails stay above the partner's size limit however the study is split"
-            await self.catalog.set_transfer_state(tid, TransferState.FAILED, now, reason)
+            await self._fail(tid, reason)
             shutil.rmtree(folder, ignore_errors=True)
             return
         shutil.rmtree(folder / "work", ignore_errors=True)
@@ -367,6 +365,60 @@ class Packager(Stage):
                 shutil.rmtree(folder, ignore_errors=True)
         return released
 
+    async def _claim(self, listed: dict[str, Any]) -> dict[str, Any] | None:
+        """The transfer, claimed for packaging and still pending (as another node may have packaged it since the
+        listing); None to pass it by."""
+        tid = str(listed["id"])
+        if await self.claims.take(PACKAGE, tid) is None:
+            return None
+        current = await self.catalog.transfer(tid)
+        if current is None or current["state"] != TransferState.PENDING.value:
+            await self.claims.release(PACKAGE, tid)
+            return None
+        return listed
+
+    async def _fail(self, tid: str, reason: str) -> None:
+        """Fail a transfer whose packaging failed, unless it is no longer pending: a node that lost its role while
+        paused and finds the set recorded by the node that took over must not fail the mails that one queued."""
+        if not await self.catalog.fail_pending_transfer(tid, time.time(), reason):
+            log.warning(
+                "transfer %s: packaged elsewhere meanwhile; this attempt (%s) is dropped", tid, reason
+            )
+
+    async def package_listed(self, listed: dict[str, Any]) -> bool:
+        """Package one transfer of the pending list, if this node gets its claim and it is still pending; a failure
+        fails the transfer (while pending) with the reason. False: stop this round (the disk or the catalog is
+        away; the transfer stays pending)."""
+        transfer = await self._claim(listed)
+        if transfer is None:
+            return True
+        tid = str(transfer["id"])
+        try:
+            await self.package(transfer)
+        except OSError as exc:
+            if exc.errno is not None and not isinstance(exc, FileNotFoundError):
+                # disk full or an I/O error: the transfer stays pending and is packaged again later
+                log.warning("transfer %s: packaging paused: %s", tid, exc.strerror or type(exc).__name__)
+                return False
+            reason = (
+                "an instance file is missing from storage"
+                if isinstance(exc, FileNotFoundError)
+                else f"packaging failed: {type(exc).__name__}: {exc}"
+            )
+            log.error("transfer %s failed: %s", tid, reason)
+            await self._fail(tid, reason)
+        except TRANSIENT_ERRORS as exc:
+            # the catalog away for a moment (a Galera member restarting, a lost connection): the transfer stays
+            # pending and is packaged again on the next turn
+            log.warning("transfer %s: packaging paused: %s", tid, type(exc).__name__)
+            return False
+        except Exception as exc:
+            log.exception("transfer %s: packaging failed", tid)
+            await self._fail(tid, f"packaging failed: {type(exc).__name__}: {exc}")
+        finally:
+            await self.claims.release(PACKAGE, tid)
+        return True
+
     async def run_forever(self) -> None:
         """Package pending transfers as they appear; never dies."""
         try:
@@ -379,41 +431,10 @@ class Packager(Stage):
             try:
                 pending = await self.catalog.transfers_in_state("out", TransferState.PENDING)
                 self.progress.packager.beat(bool(pending))
-                for transfer in pending:
+                for listed in pending:
                     self.progress.packager.done()
-                    try:
-                        await self.package(transfer)
-                    except OSError as exc:
-                        if exc.errno is not None and not isinstance(exc, FileNotFoundError):
-                            # disk full or an I/O error: the transfer stays pending and is packaged again later
-                            log.warning(
-                                "transfer %s: packaging paused: %s",
-                                transfer["id"],
-                                exc.strerror or type(exc).__name__,
-                            )
-                            break
-                        reason = (
-                            "an instance file is missing from storage"
-                            if isinstance(exc, FileNotFoundError)
-                            else f"packaging failed: {type(exc).__name__}: {exc}"
-                        )
-                        log.error("transfer %s failed: %s", transfer["id"], reason)
-                        await self.catalog.set_transfer_state(
-                            str(transfer["id"]), TransferState.FAILED, time.time(), reason
-                        )
-                    except TRANSIENT_ERRORS as exc:
-                        # the catalog away for a moment (a Galera member restarting, a lost connection): the
-                        # transfer stays pending and is packaged again on the next turn
-                        log.warning("transfer %s: packaging paused: %s", transfer["id"], type(exc).__name__)
+                    if not await self.package_listed(listed):
                         break
-                    except Exception as exc:
-                        log.exception("transfer %s: packaging failed", transfer["id"])
-                        await self.catalog.set_transfer_state(
-                            str(transfer["id"]),
-                            TransferState.FAILED,
-                            time.time(),
-                            f"packaging failed: {type(exc).__name__}: {exc}",
-                        )
                 else:
                     self.progress.packager.idle()
                 self.guard.ok()

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,7 @@ class Intake:
         self.received = 0
         self.duplicates = 0
         self.conflicts = 0
+        self._waiting: Counter[str] = Counter()  # study → its records acknowledged here, not yet indexed
         self.audit: Auditor | None = (
             None  # set by the service: "DICOM Instances Transferred" per sender and study
         )
@@ -268,7 +270,17 @@ class Intake:
         self.received += 1
         if event.get("o") == StoreOutcome.DUPLICATE.value:
             self.duplicates += 1
+        self._waiting[record.info.study_uid] += 1
         self.queue.put_nowait((receiver, record))
+
+    def waiting_studies(self) -> set[str]:
+        """Studies with instances acknowledged here but not indexed yet: the router does not call them stable."""
+        return set(self._waiting)
+
+    def _indexed(self, records: list[InstanceRecord]) -> None:
+        self._waiting.subtract(r.info.study_uid for r in records)
+        for study in [s for s, n in self._waiting.items() if n <= 0]:
+            del self._waiting[study]
 
     async def replay(self, journal: Path) -> int:
         """Index every record of a journal whose writer is gone, then delete it; return how many records."""
@@ -284,8 +296,12 @@ class Intake:
             )
         records = kept
         if records:
-            # the catalog away, or on Galera another node indexing the same rows (1213): wait and index again
-            new = await record("journal replay", lambda: self.catalog.record_instances(records))
+            self._waiting.update(r.info.study_uid for r in records)
+            try:
+                # the catalog away, or on Galera another node indexing the same rows (1213): wait and index again
+                new = await record("journal replay", lambda: self.catalog.record_instances(records))
+            finally:
+                self._indexed(records)  # or never will be by this call: nothing of them to route
             await self._audit(records, replay=True)
             log.info(
                 "intake journal %s: %d records replayed, %d were not yet indexed",
@@ -314,6 +330,7 @@ class Intake:
             while True:
                 try:
                     await self.catalog.record_instances([record for _, record in batch])
+                    self._indexed([record for _, record in batch])
                     # before the receivers may forget the journal lines: a crash here replays them (marked replay)
                     await self._audit([record for _, record in batch])
                     self.guard.ok()

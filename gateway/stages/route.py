@@ -1,7 +1,13 @@
 """Stage 2, route: when a study has been quiet for `stability_delay`, decide where its new instances go (the routing
 rules, `gateway.core.routing`) and open one outbound transfer per partner.
 
-A study is complete ("stable", as Orthanc calls it) when no instance arrived for `stability_delay` seconds. Then
+A study is complete ("stable", as Orthanc calls it) when no instance arrived for `stability_delay` seconds, the
+router has seen the number of its instances waiting for routing unchanged for as long, and none of its instances
+is still waiting in this node's intake (acknowledged to the modality, not yet in the catalog). The last two
+matter when the catalog was away: instances received long ago are then indexed late, perhaps in several batches
+(a Galera member stalls its commits for seconds while a dead peer is evicted), and must not make a study look
+stable, and leave in two transfers, for having been received long ago. The count is watched in memory: a router
+that starts (or a cluster node that takes the role) waits `stability_delay` before it routes anything. Then
 each instance received over DICOM and not routed yet is decided once: the headers the rules need are read, every
 rule is evaluated, and the decisions (instance → partners, with the rule) are stored with the instances marked
 routed, in one transaction. Transfers are made from stored decisions, so a crash between the two steps loses
@@ -20,7 +26,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import pydicom
@@ -64,6 +70,10 @@ class Router(Stage):
 
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
+        # study → (its instances waiting for routing, since when the router has seen that count)
+        self.seen: dict[str, tuple[int, float]] = {}
+        # studies with instances this node acknowledged but has not indexed yet (the intake's, set by the service)
+        self.waiting: Callable[[], Collection[str]] = frozenset
 
     @property
     def rules(self) -> RuleSet:
@@ -93,8 +103,20 @@ class Router(Stage):
 
     async def run_once(self, now: float) -> int:
         """Route every study that is stable at `now` and create its transfers; return how many transfers."""
-        for study_uid in await self.catalog.unrouted_studies(now - self.settings.stability_delay):
-            await self.route_study(study_uid, now)
+        quiet_since = now - self.settings.stability_delay
+        waiting = self.waiting()
+        seen: dict[str, tuple[int, float]] = {}
+        for study_uid, count, last_received in await self.catalog.unrouted_studies():
+            before = self.seen.get(study_uid)
+            seen[study_uid] = (count, before[1] if before is not None and before[0] == count else now)
+            if (
+                last_received <= quiet_since
+                and seen[study_uid][1] <= quiet_since
+                and study_uid not in waiting
+            ):
+                await self.route_study(study_uid, now)
+                del seen[study_uid]
+        self.seen = seen
         created = 0
         for study_uid, partner in await self.catalog.pending_routes():
             transfer_id = uuid.uuid4().hex
