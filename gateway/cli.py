@@ -28,6 +28,7 @@ import secrets
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from gateway.logsetup import setup_logging
 from gateway.report import outcome_text
 
 if TYPE_CHECKING:  # the commands import what they use when they run: `--help` stays quick
+    from gateway.operator import OperatorActions
     from gateway.status import Status
 
 log = logging.getLogger("gateway")
@@ -482,57 +484,54 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return _serve(settings)
 
 
-async def _routing(settings: config.Settings, study: str, partner: str | None, series: str | None) -> int:
-    """`route --explain` (partner None) or `resend`, against the catalog a running gateway uses too."""
+async def _operator(settings: config.Settings, act: Callable[[OperatorActions, str], Awaitable[str]]) -> int:
+    """One operator action against the catalog a running gateway uses too: what it did, or why it was refused."""
     from gateway.catalog import open_catalog
     from gateway.operator import ActionRefused, OperatorActions
-    from gateway.stages.route import explain
     from gateway.storage import Storage
 
     catalog = await open_catalog(settings.database_url)
     try:
-        if partner is None:
-            print("\n".join(await explain(settings.routing, catalog, settings.d_root, study)))
-            return 0
-
         actions = OperatorActions(settings, Storage(settings.d_root), catalog, _auditor(settings))
-        print(await actions.resend(study, partner, f"cli:{getpass.getuser()}", series))
+        print(await act(actions, f"cli:{getpass.getuser()}"))
         return 0
     except ActionRefused as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    finally:
+        await catalog.close()
+
+
+async def _explain(settings: config.Settings, study: str) -> int:
+    """`route --explain`, against the catalog a running gateway uses too."""
+    from gateway.catalog import open_catalog
+    from gateway.stages.route import explain
+
+    catalog = await open_catalog(settings.database_url)
+    try:
+        print("\n".join(await explain(settings.routing, catalog, settings.d_root, study)))
+        return 0
     finally:
         await catalog.close()
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    return asyncio.run(_routing(_load(args.config), args.explain, None, None))
+    return asyncio.run(_explain(_load(args.config), args.explain))
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    return asyncio.run(_routing(_load(args.config), args.study, args.to, args.series))
+    return asyncio.run(
+        _operator(
+            _load(args.config), lambda actions, who: actions.resend(args.study, args.to, who, args.series)
+        )
+    )
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     """`cluster forget NODE`: a node taken out of the cluster for good leaves status and check_mk."""
-    return asyncio.run(_forget_node(_load(args.config), args.node))
-
-
-async def _forget_node(settings: config.Settings, node: str) -> int:
-    from gateway.catalog import open_catalog
-    from gateway.operator import ActionRefused, OperatorActions
-    from gateway.storage import Storage
-
-    catalog = await open_catalog(settings.database_url)
-    try:
-        actions = OperatorActions(settings, Storage(settings.d_root), catalog, _auditor(settings))
-        print(await actions.forget_node(node, f"cli:{getpass.getuser()}"))
-        return 0
-    except ActionRefused as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    finally:
-        await catalog.close()
+    return asyncio.run(
+        _operator(_load(args.config), lambda actions, who: actions.forget_node(args.node, who))
+    )
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

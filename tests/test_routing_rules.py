@@ -64,6 +64,35 @@ def settings(tmp_path: Path, pki_dir: Path, rules: str = RULES) -> config.Settin
     )
 
 
+def stored(
+    storage: Storage,
+    paths: list[Path],
+    received_at: float,
+    called: str | None = None,
+    peer: str | None = None,
+) -> list[InstanceRecord]:
+    """Copy DICOM files into storage as a modality's C-STORE would (calling AE CT1), and their records."""
+    records = []
+    for p in paths:
+        info = read_info(p)
+        r = storage.store_copy(p, info)
+        records.append(
+            InstanceRecord(
+                info,
+                storage.relative(r.path),
+                r.size,
+                r.sha256,
+                "dicom",
+                "CT1",
+                None,
+                received_at,
+                called_ae=called,
+                peer=peer,
+            )
+        )
+    return records
+
+
 def facts(calling: str = "CT1", called: str = "GATEWAY_A", peer: str = "10.1.2.3", **attrs: str) -> Facts:
     return Facts(calling, called, peer, attrs)
 
@@ -174,25 +203,7 @@ async def test_the_route_stage_decides_each_new_instance_once_and_explains_it(
     storage.prepare()
     catalog = await open_catalog(s.database_url)
     try:
-        records = []
-        for p in paths + tests:
-            info = read_info(p)
-            r = storage.store_copy(p, info)
-            records.append(
-                InstanceRecord(
-                    info,
-                    storage.relative(r.path),
-                    r.size,
-                    r.sha256,
-                    "dicom",
-                    "CT1",
-                    None,
-                    1000.0,
-                    None,
-                    "TO_C",
-                    "10.9.9.9",
-                )
-            )
+        records = stored(storage, paths + tests, 1000.0, "TO_C", "10.9.9.9")
         await catalog.record_instances(records)
         router = Router(stage_context(s, storage, catalog))
         now = time.time()
@@ -231,24 +242,7 @@ async def test_a_study_indexed_late_in_batches_leaves_in_one_transfer(tmp_path: 
     storage.prepare()
     catalog = await open_catalog(s.database_url)
     try:
-        records = []
-        for p in paths:
-            info = read_info(p)
-            r = storage.store_copy(p, info)
-            records.append(
-                InstanceRecord(
-                    info,
-                    storage.relative(r.path),
-                    r.size,
-                    r.sha256,
-                    "dicom",
-                    "CT1",
-                    None,
-                    1000.0,
-                    None,
-                    "TO_B",
-                )
-            )
+        records = stored(storage, paths, 1000.0, "TO_B")
         study = records[0].info.study_uid
         router = Router(stage_context(s, storage, catalog))
 
@@ -267,27 +261,11 @@ async def test_a_study_indexed_late_in_batches_leaves_in_one_transfer(tmp_path: 
 
         # more of the same study from the modality: some of it still in this node's intake
         more = make_study(tmp_path / "more", ct=3, mr=0, sc=0, size=16, seed=2)
-        late = []
         for p in more:
             ds = pydicom.dcmread(p)
             ds.StudyInstanceUID = study
             ds.save_as(p)
-            info = read_info(p)
-            r = storage.store_copy(p, info)
-            late.append(
-                InstanceRecord(
-                    info,
-                    storage.relative(r.path),
-                    r.size,
-                    r.sha256,
-                    "dicom",
-                    "CT1",
-                    None,
-                    2000.0,
-                    None,
-                    "TO_B",
-                )
-            )
+        late = stored(storage, more, 2000.0, "TO_B")
         await catalog.record_instances(late[:2])
         router.waiting = lambda: {study}
         t = now + 3 * delay
@@ -327,12 +305,7 @@ async def test_the_intake_tells_the_router_what_it_has_not_indexed_yet(tmp_path:
     catalog.record_instances = flaky  # type: ignore[method-assign]
     indexer = asyncio.create_task(intake.index_forever())
     try:
-        for p in paths:
-            info = read_info(p)
-            r = storage.store_copy(p, info)
-            rec = InstanceRecord(
-                info, storage.relative(r.path), r.size, r.sha256, "dicom", "CT1", None, 1000.0
-            )
+        for rec in stored(storage, paths, 1000.0):
             intake.reported("r0", {"t": "stored", "r": record_to_json(rec), "o": "stored"})
         study = read_info(paths[0]).study_uid
         deadline = time.monotonic() + 10
