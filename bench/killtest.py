@@ -15,11 +15,13 @@ Last line: kills=K acknowledged=A delivered=D lost=L duplicates=U
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -295,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     galera = GaleraCluster(ROOT / ".dev" / "galera") if a.cluster else None
     started_galera = galera is not None and galera.ensure_up()
     procs = _gateways(a, work, pki_dir, repo, db_name, galera)
+
+    def leave_nothing_running() -> None:
+        """However the driver ends (an error, SIGTERM from a test that gave up), its gateways and the repository end
+        too: a gateway left running would take the next run's mail out of the shared mailboxes."""
+        for proc in procs.values():
+            proc.kill()
+        repo.stop()
+
+    atexit.register(leave_nothing_running)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that atexit runs
     for proc in procs.values():
         proc.start(a.start_timeout)
     sites = {site: [p for p in procs.values() if _site(p) == site] for site in ("gateway-a", "gateway-b")}

@@ -15,6 +15,7 @@ are kept for `status` and check_mk.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from gateway.core.inbound import Sender
 from gateway.core.smime import Identity
 from gateway.errors import ConfigError
 from gateway.volume import node_state
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -195,10 +198,16 @@ class Keys:
 def load_keys(settings: Settings) -> Keys:
     """The gateway's own identity, the checked address book and, when configured, the OpenPGP keyring.
 
-    The keyring under d_root/state/gnupg is rebuilt from the configuration at every start.
+    The keyring under d_root/state/gnupg is rebuilt from the configuration at every start. A partner suspended,
+    or whose keys expire within 30 days, is said in the log.
     """
     identity = Identity.load(settings.smime_cert.read_bytes(), settings.smime_key.read_bytes())
     book = load_address_book(settings)
+    for entry in book.expiry():
+        if entry["problem"]:
+            log.error("partner %s is suspended: %s", entry["partner"], entry["problem"])
+        elif entry["days_left"] is not None and float(entry["days_left"]) < 30:  # type: ignore[arg-type]
+            log.warning("partner %s: keys expire in %s days", entry["partner"], entry["days_left"])
     pgp = None
     if settings.pgp is not None:
         passphrase = os.environ.get(settings.pgp.passphrase_env, "") if settings.pgp.passphrase_env else ""

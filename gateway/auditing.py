@@ -204,8 +204,10 @@ class Auditor:
         )
 
     async def start_up(self, book: Any, catalog: Any) -> None:
-        """At the gateway's start: configuration changes since the last start, sent transfers without their event
-        (a crash came between), and the catalog's rows for the access events."""
+        """At the gateway's start, after the catalog was brought in line with the queues: configuration changes
+        since the last start, sent transfers without their event (a crash came between the last mail and its
+        event, or between the last mail and the catalog's record of it), and the catalog's rows for the access
+        events."""
         self.access.rows_of_study = catalog.study_audit_rows
         changes = await self.configuration_seen(book)
         if changes:

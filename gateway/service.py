@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import signal
 import ssl
 import time
@@ -84,23 +85,17 @@ class Gateway(SharesContext):
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     loop_watch: LoopWatch = field(default_factory=LoopWatch)
     audit_forwarder: AuditForwarder | None = None
+    volume_lock: int = -1  # the kernel lock on D: (or this node's part of it), held until `close`
 
     @classmethod
     async def create(cls, settings: Settings) -> Gateway:
         """Build every stage and recover the state a previous run left."""
-        hold_volume(
-            settings.d_root, settings.node
-        )  # first: nothing on D: is touched while another runs there
+        lock = hold_volume(settings.d_root, settings.node)  # first: before anything on D: is touched
         storage = Storage(settings.d_root, settings.min_free, settings.min_free_inodes, settings.node)
         removed = storage.prepare()
         if removed:
             log.info("removed %d temp files left by an interrupted write", removed)
         keys = await asyncio.to_thread(load_keys, settings)
-        for entry in keys.book.expiry():
-            if entry["problem"]:
-                log.error("partner %s is suspended: %s", entry["partner"], entry["problem"])
-            elif entry["days_left"] is not None and float(entry["days_left"]) < 30:  # type: ignore[arg-type]
-                log.warning("partner %s: keys expire in %s days", entry["partner"], entry["days_left"])
         catalog = await open_catalog(settings.database_url)
         tls = mail_client_context(settings.mail)
         outbox, inbox = Spool(storage.outbox, storage.tmp), Spool(storage.inbox, storage.tmp)
@@ -137,14 +132,16 @@ class Gateway(SharesContext):
             renderers=RenderWorkers(
                 settings.web.render_workers, settings.web.render_timeout, settings.web.render_memory
             ),
+            volume_lock=lock,
         )
         gw.ingester.workers = gw.packager
         gw.router.waiting = intake.waiting_studies  # acknowledged here, not indexed yet: not stable
         gw.scp.on_report = ctx.wakes.forwarder.set  # a PACS's commitment report came to our DICOM port
         gw.scp.on_association = auditor.association
-        await auditor.start_up(keys.book, catalog)
         gw.join_cluster()
         await gw.recover()
+        # after the reconciliation: a transfer it completes (a crash kept its last mail from the catalog) is audited
+        await auditor.start_up(keys.book, catalog)
         return gw
 
     def join_cluster(self) -> None:
@@ -397,12 +394,16 @@ class Gateway(SharesContext):
             await self.close()
 
     async def close(self) -> None:
-        """Give back what `create` took: the worker processes, the catalog connection, GnuPG's working home."""
+        """Give back what `create` took: the worker processes, the catalog connection, GnuPG's working home, and
+        last the lock on D: (another gateway may start on it now)."""
         self.packager.close()
         await self.renderers.close()
         await self.catalog.close()
         if self.keys.pgp is not None:
             self.keys.pgp.close()
+        if self.volume_lock >= 0:
+            os.close(self.volume_lock)
+            self.volume_lock = -1
 
 
 class _Stop(Exception):

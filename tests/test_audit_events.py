@@ -124,6 +124,39 @@ async def test_a_sent_transfer_whose_event_a_crash_cut_off_gets_it_at_start(
 
 
 @pytest.mark.asyncio
+async def test_a_transfer_whose_last_mail_a_crash_kept_from_the_catalog_gets_its_event_at_start(
+    pair_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Killed after the mail server took the last mail and the queue said so, before the catalog heard of it: the
+    start-up reconciliation records the mail as sent, completing the transfer, and the trail gets its event."""
+    from gateway.core.queue import QueueState
+    from gateway.core.states import TransferState
+    from gateway.service import Gateway
+
+    pair = await pair_factory()
+    a = pair.a
+    make_study(tmp_path / "study", ct=2, mr=0, sc=0, size=16)
+    await pair.send_study(tmp_path / "study")
+    [listed] = await a.catalog.transfers_in_state("out", TransferState.PENDING)
+    assert await a.packager.package_listed(listed)
+    [item] = a.outbox.items(QueueState.INCOMING)
+    a.outbox.move(a.outbox.move(item, QueueState.ACTIVE), QueueState.DONE, drop_content=True)
+    settings = a.settings
+    await a.close()  # the kill: the catalog still says queued, no event was written
+    again = await Gateway.create(settings)
+    try:
+        assert await again.catalog.mail_state(str(item.meta["message_id"])) == "sent"
+        trail = again.ctx.audit.trail
+        [sent] = [
+            r for d in trail.days() for r in trail.records(d) if r.key.startswith(f"out:{listed['id']}")
+        ]
+        assert sent.replay and "sent by mail to partner gateway-b" in sent.xml and CANARY_ID in sent.xml
+        assert sound(trail)
+    finally:
+        await again.close()
+
+
+@pytest.mark.asyncio
 async def test_a_flood_of_associations_costs_a_bounded_number_of_events(pair_factory) -> None:  # type: ignore[no-untyped-def]
     pair = await pair_factory()
     auditor = pair.a.ctx.audit
