@@ -212,18 +212,34 @@ class Auditor:
         changes = await self.configuration_seen(book)
         if changes:
             log.info("configuration: %d changes since the last start (in the audit trail)", len(changes))
+        await self.catch_up(catalog)
+
+    async def catch_up(self, catalog: Any) -> int:
+        """The transfers of the last day that the catalog holds as sent, each given its event if it has none
+        (at start-up, and in a cluster after a node's lapsed work was brought in line with the queues)."""
         caught = await self.catch_up_sent(
             await catalog.sent_transfers_since(time.time() - 86400), catalog.transfer_audit_rows
         )
         if caught:
             log.info("audit trail: %d sent transfers recorded after a crash", caught)
+        return caught
+
+    def _recorded(self, keys: set[str]) -> set[str]:
+        """Those of the keys this gateway's trail has or, in a cluster, any node's (one chain per node on E:;
+        the node that completed a transfer wrote its event in its own)."""
+        have = self.trail.recorded(keys)
+        if self.settings.cluster is not None:
+            for folder in sorted(self.trail.folder.parent.iterdir()):
+                if folder.is_dir() and folder != self.trail.folder and (folder / ".lock").exists():
+                    have |= AuditTrail(folder, folder.name).recorded(keys - have)
+        return have
 
     async def catch_up_sent(self, transfers: list[tuple[str, str, str]], rows_of: Any) -> int:
-        """At start-up: a transfer whose last mail was recorded as sent just before a crash may lack its event
-        (it is written after the catalog says the transfer is complete). Each (transfer, partner, study) without
-        one gets it now, marked as replayed. `rows_of(transfer)` gives its audit rows."""
+        """A transfer whose last mail was recorded as sent just before a crash may lack its event (it is written
+        after the catalog says the transfer is complete). Each (transfer, partner, study) without one gets it now,
+        marked as replayed. `rows_of(transfer)` gives its audit rows."""
         keys = {f"out:{t[0]}:{t[2]}" for t in transfers}
-        have = await asyncio.to_thread(self.trail.recorded, keys) if keys else set()
+        have = await asyncio.to_thread(self._recorded, keys) if keys else set()
         missing = [t for t in transfers if f"out:{t[0]}:{t[2]}" not in have]
         if not missing:
             return 0

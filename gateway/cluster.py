@@ -91,6 +91,8 @@ class Cluster(Solo):
         self.taken_over = 0
         self.d_root: Path | None = None  # with `replay`: a dead node's intake journals are indexed here
         self.replay: Callable[[Path], Awaitable[int]] | None = None
+        # with the lapsed claims of items no longer active: brings the catalog in line with the queues
+        self.finish: Callable[[], Awaitable[int]] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -229,8 +231,33 @@ class Cluster(Solo):
             if moved:
                 self.wake(kind)
         self.taken_over += moved
+        await self._finish_lapsed()
         await self._adopt_journals()
         return moved
+
+    async def _finish_lapsed(self) -> None:
+        """A node that died after an item's last step on disk and before the catalog's record of it (a mail the
+        server took is done in the queue, still queued in the catalog) left a lapsed claim on an item no longer
+        active; nobody would ever record it. Such claims are taken and dropped, then `finish` brings the catalog
+        in line with the queues, as a start does (and the audit trail gets the transfers it completes)."""
+        if self.finish is None:
+            return
+        now, dropped = time.time(), 0
+        for kind, spool in self.spools.items():
+            for claim in await self.catalog.claims(kind):
+                if claim.node == self.node or claim.lease_until >= now:
+                    continue
+                current = await asyncio.to_thread(spool.find, claim.item)
+                if current is not None and current.state is QueueState.ACTIVE:
+                    continue  # put back by the take-over (after it, nobody else's claim lapsed on it)
+                if await self.take(kind, claim.item) is not None:
+                    await self.release(kind, claim.item)
+                    dropped += 1
+        if dropped:
+            fixed = await self.finish()
+            log.warning(
+                "cluster: %d lapsed claims of items no longer active dropped; %d recorded", dropped, fixed
+            )
 
     async def _adopt_journals(self) -> None:
         """A node that died acknowledged instances its catalog may not have indexed yet: its intake journals

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from gateway.catalog import Catalog
 from gateway.core.queue import QueueState
@@ -16,8 +17,10 @@ from gateway.storage import Storage
 log = logging.getLogger(__name__)
 
 
-async def catalog_from_queues(outbox: Spool, inbox: Spool, catalog: Catalog) -> int:
-    """The queues are the truth for mails: record what the catalog missed (a crash between disk and catalog)."""
+async def catalog_from_queues(outbox: Spool, inbox: Spool, catalog: Catalog, audit: Any = None) -> int:
+    """The queues are the truth for mails: record what the catalog missed (a crash between disk and catalog).
+    With `audit` (an `Auditor`), a transfer this completes gets its event too (at a start, `Auditor.start_up`
+    does that after this)."""
     fixed = 0
     now = time.time()
     for item in (
@@ -50,6 +53,8 @@ async def catalog_from_queues(outbox: Spool, inbox: Spool, catalog: Catalog) -> 
                 reason = str(item.meta.get("reason", "set aside"))
                 await catalog.finish_in_mail(item.id, MailState.QUARANTINED, now, error=reason)
                 fixed += 1
+    if fixed and audit is not None:
+        await audit.catch_up(catalog)
     return fixed
 
 

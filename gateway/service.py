@@ -151,6 +151,7 @@ class Gateway(SharesContext):
         if not isinstance(self.claims, Cluster):
             return
         self.claims.d_root, self.claims.replay = self.storage.root, self.intake.replay
+        self.claims.finish = lambda: self.reconcile_catalog(self.ctx.audit)  # a lapsed node's items
         self.claims.on_minority = self.scp.pause
         self.claims.counters = self.node_counters
         self.claims.wake = lambda kind: (self.wakes.sender if kind == SEND else self.wakes.ingest).set()
@@ -195,9 +196,9 @@ class Gateway(SharesContext):
             "catalog_member": self.catalog.db.member_address,
         }
 
-    async def reconcile_catalog(self) -> int:
+    async def reconcile_catalog(self, audit: Auditor | None = None) -> int:
         """The queues are the truth for mails: record what the catalog missed (a crash between disk and catalog)."""
-        return await catalog_from_queues(self.outbox, self.inbox, self.catalog)
+        return await catalog_from_queues(self.outbox, self.inbox, self.catalog, audit)
 
     async def reconcile_storage(self) -> dict[str, int]:
         """Compare stored files with catalog rows and report differences (runs in the background after start)."""

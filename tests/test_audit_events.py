@@ -157,6 +157,30 @@ async def test_a_transfer_whose_last_mail_a_crash_kept_from_the_catalog_gets_its
 
 
 @pytest.mark.asyncio
+async def test_a_cluster_node_never_writes_again_what_another_node_wrote(
+    pair_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The start-up catch-up on a cluster node looks into every node's chain on E: (a transfer is audited by the
+    node that completed it), so a restart does not write the cluster's last day of transfers again."""
+    from gateway.config import ClusterSettings
+
+    pair = await pair_factory()
+    a = pair.a
+    make_study(tmp_path / "study", ct=2, mr=0, sc=0, size=16)
+    await pair.send_study(tmp_path / "study")
+    assert await pair.a_sends() >= 1
+
+    def node(name: str) -> Auditor:
+        settings = dataclasses.replace(a.settings, cluster=ClusterSettings(name))
+        return Auditor(AuditTrail(settings.audit_dir, name), settings, a.storage.root)
+
+    n1, n2 = node("n1"), node("n2")
+    assert await n1.catch_up(a.catalog) == 1, "as if n1 had sent it and died before its event"
+    assert await n2.catch_up(a.catalog) == 0, "n1's chain has it"
+    assert await n1.catch_up(a.catalog) == 0
+
+
+@pytest.mark.asyncio
 async def test_a_flood_of_associations_costs_a_bounded_number_of_events(pair_factory) -> None:  # type: ignore[no-untyped-def]
     pair = await pair_factory()
     auditor = pair.a.ctx.audit

@@ -248,3 +248,50 @@ def test_a_node_removed_for_good_is_forgotten_by_the_cli_and_an_alive_one_is_not
     assert asyncio.run(nodes_and_claims({})) == (["a", "c"], 2), "b's row and claim are gone, nobody else's"
     code, said = forget("b")
     assert code == 1 and "no node 'b'" in said
+
+
+@pytest.mark.asyncio
+async def test_a_mail_a_dead_node_sent_but_never_recorded_is_recorded_and_audited_by_another(
+    pair_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Node x dies after the mail server took a transfer's last mail and its queue said so, before the catalog
+    heard of it; x never comes back. Node y finds x's lapsed claim on an item no longer active and brings the
+    catalog in line with the queues: the mail and its transfer are sent, with their event, once."""
+    from gateway.core.states import TransferState
+    from gateway.devtools.studies import make_study
+    from gateway.reconcile import catalog_from_queues
+
+    pair = await pair_factory()
+    a = pair.a
+    make_study(tmp_path / "study", ct=2, mr=0, sc=0, size=16)
+    await pair.send_study(tmp_path / "study")
+    [listed] = await a.catalog.transfers_in_state("out", TransferState.PENDING)
+    assert await a.packager.package_listed(listed)
+    x, y = _cluster(a.catalog, "x", a.outbox, lease=0.4), _cluster(a.catalog, "y", a.outbox, lease=0.4)
+    await x.start()
+    [item] = a.outbox.items(QueueState.INCOMING)
+    claimed = await x.take_item(a.outbox, SEND, item)
+    assert claimed is not None
+    a.outbox.move(
+        a.outbox.move(claimed, QueueState.ACTIVE), QueueState.DONE, drop_content=True
+    )  # then x dies
+    y.finish = lambda: catalog_from_queues(a.outbox, a.inbox, a.catalog, a.ctx.audit)
+    mail = str(item.meta["message_id"])
+    await y.start()
+    assert await a.catalog.mail_state(mail) == "queued", "x's lease runs: its work stays with it"
+    deadline = time.monotonic() + 10
+    while await a.catalog.mail_state(mail) == "queued" and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)  # x beats no more; its lease runs out
+        await y.beat()
+    assert await a.catalog.mail_state(mail) == "sent"
+    assert await a.catalog.transfers_in_state("out", TransferState.SENT)
+    trail = a.ctx.audit.trail
+
+    def sent_events() -> list[str]:
+        return [
+            r.key for d in trail.days() for r in trail.records(d) if r.key.startswith(f"out:{listed['id']}")
+        ]
+
+    assert len(sent_events()) == 1
+    await y.beat()
+    assert len(sent_events()) == 1 and await a.catalog.claims(SEND) == [], "the claim is gone: done once"
