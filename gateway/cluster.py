@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, Claim
 from gateway.config import ClusterSettings
 from gateway.core.queue import QueueState, after_crash, is_due
 from gateway.spool import Item, Spool
@@ -77,6 +77,9 @@ class Cluster(Solo):
         self.catalog = catalog
         self.spools = spools  # claim kind → the queue its items are in (send: outbox, ingest: inbox)
         self.held: dict[tuple[str, str], int] = {}  # (kind, item) → fence
+        # claims not given back because the catalog failed us (a member died under the statement): the heartbeat
+        # renews every claim of ours, so such a claim would hold its item for ever; the next beat gives it back
+        self.unreleased: dict[tuple[str, str], int | None] = {}
         self.valid_until = 0.0  # our claims count until then (the last renewal's lease, less one beat)
         self.last_ok = 0.0
         self.last_error = ""
@@ -122,6 +125,7 @@ class Cluster(Solo):
         self.valid_until = now + self.settings.lease - self.settings.heartbeat
         self.last_ok, self.last_error = now, ""
         self.held = {(c.kind, c.item): c.fence for c in claims}
+        await self._give_back(claims)
         for role in ROLES:
             if ("role", role) not in self.held:
                 await self.take("role", role)
@@ -181,16 +185,37 @@ class Cluster(Solo):
     async def take(self, kind: str, item: str) -> int | None:
         if not self.healthy and kind != "role":
             return None
-        fence = await self.catalog.take_claim(kind, item, self.node, time.time(), self.settings.lease)
+        try:
+            fence = await self.catalog.take_claim(kind, item, self.node, time.time(), self.settings.lease)
+        except BaseException:
+            if kind != "role":  # it may have committed with its answer lost: nobody would work on the item
+                self.unreleased[(kind, item)] = None
+            raise
         if fence is not None:
             self.held[(kind, item)] = fence
+            self.unreleased.pop((kind, item), None)  # an earlier take of it never committed after all
         return fence
 
     async def release(self, kind: str, item: str) -> None:
         fence = self.held.pop((kind, item), None)
         if fence is not None:
-            with contextlib.suppress(Exception):  # not given back: it lapses with the lease
+            try:
                 await self.catalog.release_claim(kind, item, self.node, fence)
+            except BaseException as exc:
+                self.unreleased[(kind, item)] = fence  # given back by the next beat
+                if not isinstance(exc, Exception):
+                    raise
+
+    async def _give_back(self, renewed: list[Claim]) -> None:
+        """The claims a failed release or a take with a lost answer left behind, given back now (a claim that
+        is not ours any more, or never was, is forgotten)."""
+        fences = {(c.kind, c.item): c.fence for c in renewed}
+        for key, fence in list(self.unreleased.items()):
+            if key in fences and fence in (None, fences[key]):
+                await self.catalog.release_claim(key[0], key[1], self.node, fences[key])
+                self.held.pop(key, None)
+                log.info("cluster: claim on %s %s given back after a failed release", *key)
+            del self.unreleased[key]
 
     def mine(self, kind: str, item: str) -> bool:
         return (kind, item) in self.held and self.healthy

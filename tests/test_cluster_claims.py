@@ -295,3 +295,49 @@ async def test_a_mail_a_dead_node_sent_but_never_recorded_is_recorded_and_audite
     assert len(sent_events()) == 1
     await y.beat()
     assert len(sent_events()) == 1 and await a.catalog.claims(SEND) == [], "the claim is gone: done once"
+
+
+@pytest.mark.asyncio
+async def test_a_claim_the_catalog_failed_to_give_back_is_given_back_by_the_next_beat(tmp_path: Path) -> None:
+    """A Galera member dies under a release (or under a take whose commit went through and whose answer was
+    lost): the node's heartbeat would renew that claim for ever, and nobody, the node included, would ever
+    work on the mail again. The next beat gives it back."""
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    cat_a, cat_b = await open_catalog(url), await open_catalog(url)
+    outbox = Spool(tmp_path / "d" / "spool" / "outbox", tmp_path / "d" / "tmp")
+    outbox.prepare()
+    (tmp_path / "d" / "tmp").mkdir(parents=True)
+    real_release, real_take = cat_a.release_claim, cat_a.take_claim
+
+    async def member_died(*_: object) -> bool:  # the injected fault: the connection went with the member
+        raise ConnectionResetError("member gone")
+
+    async def answer_lost(*args: object) -> int | None:
+        await real_take(*args)  # type: ignore[arg-type]
+        raise ConnectionResetError("member gone after the commit")
+
+    try:
+        a, b = _cluster(cat_a, "a", outbox), _cluster(cat_b, "b", outbox)
+        await a.start()
+        await b.start()
+        m1 = outbox.put("t1.00001", b"mail", {"message_id": "<1@x>"})
+        m2 = outbox.put("t2.00001", b"mail", {"message_id": "<2@x>"})
+        assert await a.take_item(outbox, SEND, m1) is not None
+        cat_a.release_claim = member_died  # type: ignore[method-assign]
+        await a.release(SEND, m1.id)  # the mail was deferred; its claim could not be given back
+        cat_a.release_claim, cat_a.take_claim = real_release, answer_lost  # type: ignore[method-assign]
+        with pytest.raises(ConnectionResetError):
+            await a.take_item(outbox, SEND, m2)
+        cat_a.take_claim = real_take  # type: ignore[method-assign]
+        for item in (m1, m2):
+            assert await a.take_item(outbox, SEND, item) is None, "still a's in the catalog"
+            assert await b.take_item(outbox, SEND, item) is None
+        await a.beat()
+        assert await a.catalog.claims(SEND) == [], "given back, not renewed"
+        assert (
+            await b.take_item(outbox, SEND, m1) is not None
+            and await a.take_item(outbox, SEND, m2) is not None
+        )
+    finally:
+        await cat_a.close()
+        await cat_b.close()
