@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from gateway import cli, config
+from gateway.core.queue import QueueState
 from gateway.core.states import TransferState
 from gateway.devtools.devenv import render_config
 from gateway.service import Gateway
+from gateway.spool import Item
 from tests import fakemail
 from tests.ports import free_port
 
@@ -69,6 +72,15 @@ class Pair:
     async def send_study(self, folder: Path) -> None:
         """What `dicom-mail-gateway send --to gateway-b FOLDER` does at A."""
         assert await cli._send(self.a.settings, "gateway-b", [str(folder)]) == 0
+
+    async def a_packages(self, folder: Path) -> tuple[dict[str, Any], Item]:
+        """The study in `folder` sent to gateway-b and packaged at A into one mail: its transfer as listed, and the
+        mail waiting in A's outbox."""
+        await self.send_study(folder)
+        [listed] = await self.a.catalog.transfers_in_state("out", TransferState.PENDING)
+        assert await self.a.packager.package_listed(listed)
+        [item] = self.a.outbox.items(QueueState.INCOMING)
+        return listed, item
 
     async def a_sends(self) -> int:
         for transfer in await self.a.catalog.transfers_in_state("out", TransferState.PENDING):

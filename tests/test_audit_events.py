@@ -130,16 +130,12 @@ async def test_a_transfer_whose_last_mail_a_crash_kept_from_the_catalog_gets_its
     """Killed after the mail server took the last mail and the queue said so, before the catalog heard of it: the
     start-up reconciliation records the mail as sent, completing the transfer, and the trail gets its event."""
     from gateway.core.queue import QueueState
-    from gateway.core.states import TransferState
     from gateway.service import Gateway
 
     pair = await pair_factory()
     a = pair.a
     make_study(tmp_path / "study", ct=2, mr=0, sc=0, size=16)
-    await pair.send_study(tmp_path / "study")
-    [listed] = await a.catalog.transfers_in_state("out", TransferState.PENDING)
-    assert await a.packager.package_listed(listed)
-    [item] = a.outbox.items(QueueState.INCOMING)
+    listed, item = await pair.a_packages(tmp_path / "study")
     a.outbox.move(a.outbox.move(item, QueueState.ACTIVE), QueueState.DONE, drop_content=True)
     settings = a.settings
     await a.close()  # the kill: the catalog still says queued, no event was written

@@ -264,12 +264,9 @@ async def test_a_mail_a_dead_node_sent_but_never_recorded_is_recorded_and_audite
     pair = await pair_factory()
     a = pair.a
     make_study(tmp_path / "study", ct=2, mr=0, sc=0, size=16)
-    await pair.send_study(tmp_path / "study")
-    [listed] = await a.catalog.transfers_in_state("out", TransferState.PENDING)
-    assert await a.packager.package_listed(listed)
+    listed, item = await pair.a_packages(tmp_path / "study")
     x, y = _cluster(a.catalog, "x", a.outbox, lease=0.4), _cluster(a.catalog, "y", a.outbox, lease=0.4)
     await x.start()
-    [item] = a.outbox.items(QueueState.INCOMING)
     claimed = await x.take_item(a.outbox, SEND, item)
     assert claimed is not None
     a.outbox.move(

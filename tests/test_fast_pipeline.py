@@ -232,15 +232,11 @@ async def test_a_queue_the_catalog_disagrees_with_never_stops_a_start(pair_facto
     """A sent mail whose transfer the catalog holds as failed (an illegal move): the start-up check says so in the
     log and goes on, instead of a gateway that cannot start (and sends nothing) over one mail's record."""
     from gateway.core.queue import QueueState
-    from gateway.core.states import TransferState
     from gateway.reconcile import catalog_from_queues
 
     pair = await pair_factory()
     study = make_study(tmp_path / "study", ct=1, mr=0, sc=0, size=32)
-    await pair.send_study(study[0].parent)
-    [listed] = await pair.a.catalog.transfers_in_state("out", TransferState.PENDING)
-    assert await pair.a.packager.package_listed(listed)
-    [item] = pair.a.outbox.items(QueueState.INCOMING)
+    listed, item = await pair.a_packages(study[0].parent)
     active = pair.a.outbox.move(item, QueueState.ACTIVE)
     pair.a.outbox.move(active, QueueState.DONE)  # sent, and the gateway killed before the catalog heard of it
     await pair.a.catalog.db.execute("UPDATE transfers SET state = 'failed' WHERE id = ?", (listed["id"],))
